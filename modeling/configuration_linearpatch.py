@@ -1,0 +1,124 @@
+# Hub-side file: `save_pretrained` copies it into every checkpoint, where it is imported by `trust_remote_code` on
+# machines that have never installed `linearpatch`. It may import only torch / transformers / huggingface_hub.
+"""Configuration of a layer-pruned Llama model carrying LinearPatch matrices."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+
+def contiguous_gaps(pruned_layers: list[int]) -> list[tuple[int, int]]:
+    """Split sorted pruned layer indices into maximal contiguous half-open blocks `[start, end)`.
+
+    Example: `[0, 1, 5, 6, 7]` -> `[(0, 2), (5, 8)]`.
+    """
+    gaps: list[tuple[int, int]] = []
+    for index in sorted(pruned_layers):
+        if gaps and gaps[-1][1] == index:
+            gaps[-1] = (gaps[-1][0], index + 1)
+        else:
+            gaps.append((index, index + 1))
+    return gaps
+
+
+def patch_positions_for(pruned_layers: list[int]) -> list[int]:
+    """Where each gap's patch sits, in the numbering of the kept layers.
+
+    The patch of gap `[s, e)` transforms the residual stream that enters original layer `e`, i.e. kept layer
+    `e - (number of pruned layers before e)`. A position equal to the number of kept layers means "the input of the
+    final norm" (the gap reaches the last layer).
+    """
+    positions = []
+    removed_before = 0
+    for start, end in contiguous_gaps(pruned_layers):
+        removed_before += end - start
+        positions.append(end - removed_before)
+    return positions
+
+
+@strict
+class LinearPatchConfig(LlamaConfig):
+    r"""
+    Configuration of a Llama model from which whole decoder layers were removed, with one LinearPatch matrix per
+    contiguous gap. `num_hidden_layers` is the number of *kept* layers, so the model's KV cache and layer indices are
+    those of the pruned model.
+
+    Args:
+        original_num_hidden_layers (`int`, *optional*):
+            Number of decoder layers of the dense model. Defaults to `num_hidden_layers + len(pruned_layers)`.
+        pruned_layers (`list[int]`, *optional*, defaults to `[]`):
+            Original (dense) indices of the removed decoder layers.
+        patch_positions (`list[int]`, *optional*):
+            Kept-layer indices whose input is multiplied by a patch; `num_hidden_layers` means the input of the final
+            norm. Defaults to one patch after each contiguous gap of `pruned_layers`. An empty list means plain
+            pruning (no patch).
+        keep_patch_in_fp32 (`bool`, *optional*, defaults to `True`):
+            Keep the patch weights in fp32 and apply them in fp32 when the rest of the model is bf16/fp16.
+        base_model (`str`, *optional*):
+            Identifier of the dense model the checkpoint was pruned from (metadata only).
+        selection_metric (`str`, *optional*):
+            How the pruned layers were chosen, e.g. `cosine`, `block-influence`, `manual` (metadata only).
+        patch_kind (`str`, *optional*):
+            How the patches were made, e.g. `hadamard`, `diag`, `identity`, `distilled` (metadata only).
+
+    Example:
+
+    ```python
+    >>> from linearpatch.modeling import LinearPatchConfig
+    >>> config = LinearPatchConfig(num_hidden_layers=25, pruned_layers=[20, 21, 22, 23, 24])
+    >>> config.original_num_hidden_layers, config.patch_positions
+    (30, [20])
+    ```"""
+
+    model_type = "linearpatch_llama"
+
+    original_num_hidden_layers: int | None = None
+    pruned_layers: list[int] | None = None
+    patch_positions: list[int] | None = None
+    keep_patch_in_fp32: bool = True
+    base_model: str | None = None
+    selection_metric: str | None = None
+    patch_kind: str | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.pruned_layers is None:
+            self.pruned_layers = []
+        self.pruned_layers = sorted(self.pruned_layers)
+        if self.original_num_hidden_layers is None:
+            self.original_num_hidden_layers = self.num_hidden_layers + len(self.pruned_layers)
+        if self.patch_positions is None:
+            self.patch_positions = patch_positions_for(self.pruned_layers)
+        super().__post_init__(**kwargs)
+
+    def validate_pruning(self):
+        """Part of `@strict` validation: the pruning metadata must describe a model that can exist."""
+        total = self.original_num_hidden_layers
+        pruned = self.pruned_layers
+        if len(set(pruned)) != len(pruned):
+            raise ValueError(f"`pruned_layers` has duplicate indices: {pruned}. List each removed layer once.")
+        bad = [index for index in pruned if not 0 <= index < total]
+        if bad:
+            raise ValueError(
+                f"`pruned_layers` has indices {bad} outside the dense model's layers 0..{total - 1} "
+                f"(`original_num_hidden_layers`={total})."
+            )
+        if len(pruned) >= total:
+            raise ValueError(
+                f"`pruned_layers` removes all {total} layers; keep at least one decoder layer."
+            )
+        if self.num_hidden_layers != total - len(pruned):
+            raise ValueError(
+                f"`num_hidden_layers`={self.num_hidden_layers} but `original_num_hidden_layers`={total} minus "
+                f"{len(pruned)} `pruned_layers` leaves {total - len(pruned)}: the config disagrees with itself."
+            )
+        positions = self.patch_positions
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"`patch_positions` has duplicates: {positions}.")
+        bad = [p for p in positions if not 0 <= p <= self.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"`patch_positions` {bad} do not exist: valid positions are 0..{self.num_hidden_layers} "
+                f"(kept layer inputs, and {self.num_hidden_layers} for the final norm's input)."
+            )
+
+
+__all__ = ["LinearPatchConfig", "contiguous_gaps", "patch_positions_for"]
