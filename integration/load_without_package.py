@@ -1,5 +1,8 @@
 """Run as a script: load checkpoints with trust_remote_code in a process where `linearpatch` cannot be imported.
 
+This is how a user without the package sees a checkpoint; `checkpoints.logits_without_package` runs it by file path
+(never as `linearpatch.…`, which would import the package). It imports only torch, safetensors and transformers.
+
 usage: load_without_package.py INPUTS.safetensors OUTPUTS.safetensors CHECKPOINT [CHECKPOINT ...]
 """
 

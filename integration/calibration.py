@@ -1,0 +1,205 @@
+"""One streaming calibration pass over the dense model, keeping only the statistics LinearPatch needs.
+
+Notation (METHOD.md): X_l is the residual-stream input of decoder layer l (before its input norm) for l < L, and X_L
+is the input of the final norm. Per window the pass keeps, for every layer l:
+
+- the per-channel mean |X_l| and mean |X_l H| (Hadamard-rotated) -> `[windows, L + 1, C]`;
+- sums of the per-token hidden-axis cosine (and angular distance) between X_l and X_{l+k} for the requested
+  distances k -> `[L + 1, len(distances)]`;
+- for requested blocks (s, e), the Gram matrices X_s^T X_s and X_s^T X_e (C x C, for the least-squares baseline).
+
+Only the last `max(distance) + 1` layer inputs of the current batch are held at any time, so memory does not grow
+with the number of windows beyond O(L x C x windows) of statistics.
+"""
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from linearpatch.modeling.hadamard import hadamard_transform
+
+from .data import TokenWindows
+
+
+@dataclass
+class CalibrationStatistics:
+    r"""
+    Statistics of one calibration pass.
+
+    Args:
+        num_layers (`int`): L, the dense model's decoder layers.
+        distances (`list[int]`): the layer distances k for which cosines were accumulated.
+        cosine (`torch.Tensor` of shape `(L + 1, len(distances))`): mean over tokens of cos(X_l[t], X_{l+k}[t]);
+            NaN where l + k > L.
+        angular (`torch.Tensor`, same shape): mean over tokens of arccos(cos) / pi.
+        channel_abs_mean (`torch.Tensor` of shape `(windows, L + 1, C)`): per-window mean over tokens of |X_l|.
+        rotated_abs_mean (`torch.Tensor`, same shape): per-window mean over tokens of |X_l H|.
+        gram (`dict`): `(s, e) -> (X_s^T X_s, X_s^T X_e)` in float64, summed over calibration tokens.
+        num_tokens (`int`): calibration tokens seen.
+        data (`dict`): description of the calibration windows (source, sizes, seed, hash).
+        seconds (`float`): wall time of the pass.
+    """
+
+    num_layers: int
+    distances: list[int]
+    cosine: torch.Tensor
+    angular: torch.Tensor
+    channel_abs_mean: torch.Tensor
+    rotated_abs_mean: torch.Tensor
+    gram: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    num_tokens: int = 0
+    data: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def block_cosine(self, distance: int) -> torch.Tensor:
+        """Mean cosine between X_s and X_{s+distance} for every start s = 0..L-distance."""
+        return self.cosine[: self.num_layers - distance + 1, self.distances.index(distance)]
+
+    def block_angular(self, distance: int) -> torch.Tensor:
+        """Mean angular distance between X_s and X_{s+distance} for every start s = 0..L-distance."""
+        return self.angular[: self.num_layers - distance + 1, self.distances.index(distance)]
+
+    def block_influence(self) -> torch.Tensor:
+        """ShortGPT Block Influence of each layer: BI_l = 1 - mean_t cos(X_l[t], X_{l+1}[t]), l = 0..L-1."""
+        return 1.0 - self.cosine[: self.num_layers, self.distances.index(1)]
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook: layers after it would be computed for nothing."""
+
+
+@torch.no_grad()
+def calibrate(
+    model,
+    windows: TokenWindows | torch.Tensor,
+    distances: list[int] | tuple[int, ...] = (1,),
+    regression_blocks: list[tuple[int, int]] | tuple = (),
+    batch_size: int = 1,
+    progress: bool = True,
+    last_layer: int | None = None,
+) -> CalibrationStatistics:
+    """Run the dense Llama `model` once over `windows` and return [`CalibrationStatistics`].
+
+    The model's own forward is used (its attention mask, RoPE and attention kernel), with pre-hooks on each decoder
+    layer and the final norm that update the statistics as each X_l passes and then drop it once no later distance
+    needs it. The LM head is never run.
+
+    Args:
+        model: a dense `LlamaForCausalLM` (or its `.model`).
+        windows (`TokenWindows` or `torch.LongTensor` of shape `(num_windows, seq_len)`): calibration tokens.
+        distances (`tuple[int]`, *optional*, defaults to `(1,)`): layer distances k for cosine statistics; 1 is
+            always included (Block Influence needs it).
+        regression_blocks (`list[tuple[int, int]]`, *optional*): blocks (s, e) for which to sum Gram matrices.
+        batch_size (`int`, *optional*, defaults to 1): windows per forward.
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar with ETA.
+        last_layer (`int`, *optional*): stop the forward once X_{last_layer} is recorded (statistics of later
+            layers stay zero); defaults to L, the final norm's input.
+    """
+    base = getattr(model, "model", model)
+    layers = base.layers
+    num_layers = len(layers)
+    input_ids = windows.input_ids if isinstance(windows, TokenWindows) else windows
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
+        raise ValueError(
+            f"Calibration needs a non-empty (windows, seq_len) tensor; got shape {tuple(input_ids.shape)}."
+        )
+    distances = sorted({1, *distances})
+    if distances[-1] > num_layers:
+        raise ValueError(f"Distance {distances[-1]} exceeds the model's {num_layers} layers.")
+    regression_blocks = [tuple(block) for block in regression_blocks]
+    keep = max(distances + [end - start for start, end in regression_blocks])
+    if last_layer is None:
+        last_layer = num_layers
+    if not 0 <= last_layer <= num_layers:
+        raise ValueError(f"last_layer={last_layer} is outside 0..{num_layers}.")
+    hidden_size = base.config.hidden_size
+    device = next(base.parameters()).device
+
+    num_windows = input_ids.shape[0]
+    cosine_sum = torch.zeros(num_layers + 1, len(distances), dtype=torch.float64)
+    angular_sum = torch.zeros_like(cosine_sum)
+    token_count = 0
+    channel_abs = torch.zeros(num_windows, num_layers + 1, hidden_size, dtype=torch.float32)
+    rotated_abs = torch.zeros_like(channel_abs)
+    gram = {
+        block: (
+            torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device),
+            torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device),
+        )
+        for block in regression_blocks
+    }
+
+    recent: OrderedDict[int, torch.Tensor] = OrderedDict()
+    batch_slice = slice(0, 0)
+
+    def record(index: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.float()
+        channel_abs[batch_slice, index] = hidden.abs().mean(dim=1).cpu()
+        rotated_abs[batch_slice, index] = hadamard_transform(hidden).abs().mean(dim=1).cpu()
+        for column, distance in enumerate(distances):
+            earlier = recent.get(index - distance)
+            if earlier is None:
+                continue
+            cos = torch.nn.functional.cosine_similarity(earlier, hidden, dim=-1).double()
+            cosine_sum[index - distance, column] += cos.sum().cpu()
+            angular_sum[index - distance, column] += (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).sum().cpu()
+        for (start, end), (xtx, xty) in gram.items():
+            if end == index:
+                source = recent[start].reshape(-1, hidden_size).double()
+                xtx += source.T @ source
+                xty += source.T @ hidden.reshape(-1, hidden_size).double()
+        recent[index] = hidden
+        while len(recent) > keep + 1:
+            recent.popitem(last=False)
+        if index == last_layer:
+            raise _StopForward
+
+    def hook_for(index: int):
+        def hook(module, args, kwargs):
+            record(index, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(base.norm.register_forward_pre_hook(hook_for(num_layers), with_kwargs=True))
+    started = time.perf_counter()
+    try:
+        bar = tqdm(total=num_windows, desc="calibration", unit="window", disable=not progress)
+        for first in range(0, num_windows, batch_size):
+            batch = input_ids[first : first + batch_size].to(device)
+            batch_slice = slice(first, first + batch.shape[0])
+            recent.clear()
+            try:
+                base(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+            token_count += batch.numel()
+            bar.update(batch.shape[0])
+        bar.close()
+    finally:
+        for handle in handles:
+            handle.remove()
+        recent.clear()
+
+    counts = torch.full_like(cosine_sum, float(token_count))
+    for column, distance in enumerate(distances):
+        counts[num_layers - distance + 1 :, column] = float("nan")
+    return CalibrationStatistics(
+        num_layers=num_layers,
+        distances=distances,
+        cosine=cosine_sum / counts,
+        angular=angular_sum / counts,
+        channel_abs_mean=channel_abs,
+        rotated_abs_mean=rotated_abs,
+        gram={block: (xtx.cpu(), xty.cpu()) for block, (xtx, xty) in gram.items()},
+        num_tokens=token_count,
+        data=windows.describe() if isinstance(windows, TokenWindows) else {"num_windows": num_windows},
+        seconds=time.perf_counter() - started,
+    )
+
+
+__all__ = ["CalibrationStatistics", "calibrate"]

@@ -1,0 +1,203 @@
+"""Text for calibration, distillation and evaluation: local files, `datasets` names, or corpora embedded offline.
+
+Embedded corpora come from installed packages, so the whole flow runs without the Hub:
+
+- `wikipedia-calibration` / `wikipedia-eval`: 105 real Wikipedia articles from the gensim wheel, split *by article*
+  (every fifth article is evaluation), so calibration/training text and evaluation text never overlap;
+- `lee-news`: the Lee news corpus from gensim (300 short articles, evaluation only);
+- `pydoc`: Python's own documentation topics (stdlib `pydoc_data`).
+"""
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models import cache_dir
+
+WIKIPEDIA_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+EVAL_EVERY = 5  # every fifth Wikipedia article is held out for evaluation
+
+
+def _wikipedia_articles() -> list[str]:
+    """The gensim wheel's Wikipedia articles as plain text, extracted once and cached as JSON."""
+    cached = cache_dir() / "corpora" / "wikipedia-articles.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+        from gensim.test.utils import datapath
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "The embedded Wikipedia corpus needs gensim: `pip install 'linearpatch[embedded]'`."
+        ) from error
+    import bz2
+
+    articles = []
+    with bz2.open(datapath(WIKIPEDIA_DUMP), "rt", encoding="utf-8") as stream:
+        for title, text, _ in extract_pages(stream):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            body = "\n".join(line.strip() for line in filter_wiki(text).splitlines() if line.strip())
+            if len(body) > 200:
+                articles.append(f"{title}\n{body}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staging = cached.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(articles))
+    staging.replace(cached)
+    return articles
+
+
+def _lee_news() -> list[str]:
+    from gensim.test.utils import datapath
+
+    return [line.strip() for line in Path(datapath("lee_background.cor")).read_text().splitlines() if line.strip()]
+
+
+def _pydoc_topics() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+EMBEDDED_CORPORA: dict[str, Callable[[], list[str]]] = {
+    "wikipedia-calibration": lambda: [
+        a for i, a in enumerate(_wikipedia_articles()) if i % EVAL_EVERY != EVAL_EVERY - 1
+    ],
+    "wikipedia-eval": lambda: [a for i, a in enumerate(_wikipedia_articles()) if i % EVAL_EVERY == EVAL_EVERY - 1],
+    "lee-news": _lee_news,
+    "pydoc": _pydoc_topics,
+}
+
+
+def load_texts(source: str, text_field: str = "text") -> list[str]:
+    """Documents of `source`: an embedded corpus name, a local `.txt` / `.jsonl` / `.json` file, or a `datasets`
+    name written `NAME[:CONFIG][:SPLIT]` (e.g. `wikitext:wikitext-2-raw-v1:train`, needs Hub access).
+
+    Raises:
+        ValueError: if the source yields no text.
+    """
+    if source in EMBEDDED_CORPORA:
+        texts = EMBEDDED_CORPORA[source]()
+    elif Path(source).is_file():
+        path = Path(source)
+        if path.suffix in (".jsonl", ".json"):
+            from datasets import load_dataset
+
+            dataset = load_dataset("json", data_files=str(path), split="train")
+            if text_field not in dataset.column_names:
+                raise ValueError(f"{path} has no {text_field!r} field (fields: {dataset.column_names}).")
+            texts = list(dataset[text_field])
+        else:
+            texts = path.read_text(encoding="utf-8").split("\n\n")
+    else:
+        from datasets import load_dataset
+
+        name, config, split = (source.split(":") + [None, None])[:3]
+        try:
+            dataset = load_dataset(name, config, split=split or "train")
+        except Exception as error:
+            raise ValueError(
+                f"Cannot load text from {source!r}: not an embedded corpus ({', '.join(EMBEDDED_CORPORA)}), not a "
+                f"local file, and `datasets` failed ({type(error).__name__}: {error})."
+            ) from error
+        texts = list(dataset[text_field])
+    texts = [text for text in texts if text and text.strip()]
+    if not texts:
+        raise ValueError(f"The text source {source!r} is empty: give a file or dataset with non-empty text.")
+    return texts
+
+
+def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """All documents tokenised and concatenated, each followed by EOS so that windows may cross documents."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(separator)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@dataclass
+class TokenWindows:
+    """Fixed-length token windows and where they came from.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(num_windows, seq_len)`): the windows.
+        source (`str`): the text source they were cut from.
+        sampling (`str`): `random` (seeded start offsets, the paper's calibration) or `chunked` (consecutive,
+            non-overlapping windows from the start: the paper's perplexity protocol).
+        seed (`int`): seed of the random offsets.
+        total_tokens (`int`): tokens in the whole source.
+    """
+
+    input_ids: torch.Tensor
+    source: str
+    sampling: str
+    seed: int
+    total_tokens: int
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the token ids: identifies the exact data (for caches and model cards)."""
+        return hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        num_windows, seq_len = self.input_ids.shape
+        return dict(
+            source=self.source,
+            sampling=self.sampling,
+            num_windows=num_windows,
+            seq_len=seq_len,
+            seed=self.seed,
+            source_tokens=self.total_tokens,
+            sha256=self.fingerprint,
+        )
+
+
+def token_windows(
+    source: str,
+    tokenizer,
+    num_windows: int | None,
+    seq_len: int,
+    seed: int = 0,
+    sampling: str = "random",
+) -> TokenWindows:
+    """Cut `num_windows` windows of `seq_len` tokens from `source` (see [`load_texts`]).
+
+    `random` draws start offsets with `seed` (the paper's calibration sampling); `chunked` takes consecutive
+    non-overlapping windows from the start (the paper's perplexity protocol); `num_windows=None` with `chunked`
+    takes every full window.
+
+    Raises:
+        ValueError: if the source has fewer than `seq_len + 1` tokens, or the arguments are not positive.
+    """
+    if seq_len < 2 or (num_windows is not None and num_windows < 1):
+        raise ValueError(f"Need seq_len >= 2 and num_windows >= 1, got seq_len={seq_len}, num_windows={num_windows}.")
+    stream = _token_stream(load_texts(source), tokenizer)
+    if len(stream) < seq_len + 1:
+        raise ValueError(
+            f"The text source {source!r} has only {len(stream)} tokens, fewer than one window of {seq_len}: "
+            f"use a shorter --seq-len or more text."
+        )
+    if sampling == "chunked":
+        available = len(stream) // seq_len
+        count = available if num_windows is None else min(num_windows, available)
+        windows = stream[: count * seq_len].view(count, seq_len)
+    elif sampling == "random":
+        if num_windows is None:
+            raise ValueError("Random sampling needs a number of windows.")
+        rng = random.Random(seed)
+        starts = [rng.randrange(0, len(stream) - seq_len) for _ in range(num_windows)]
+        windows = torch.stack([stream[start : start + seq_len] for start in starts])
+    else:
+        raise ValueError(f"Unknown sampling {sampling!r}: use 'random' or 'chunked'.")
+    return TokenWindows(windows.contiguous(), source, sampling, seed, len(stream))
+
+
+__all__ = ["EMBEDDED_CORPORA", "TokenWindows", "load_texts", "token_windows"]

@@ -1,0 +1,118 @@
+"""Every CLI command, run as a user types it (in-process through `main`, and once through the console script)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from linearpatch.cli import main
+from linearpatch.integration.checkpoints import logits_without_package
+
+
+def test_console_script_help():
+    # The console script installed next to this interpreter (the venv's bin/), as a user would run it.
+    script = Path(sys.executable).parent / "linearpatch"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("prune",):
+        assert command in result.stdout
+
+
+def test_prune_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    output = tmp_path / "pruned"
+    code = main(
+        [
+            "prune",
+            str(tiny_checkpoint),
+            "--num-layers",
+            "2",
+            "--num-samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--output",
+            str(output),
+            "--eval-windows",
+            "2",
+            "--eval-seq-len",
+            "32",
+        ]
+    )
+    assert code == 0
+    report = json.loads((output / "linearpatch_report.json").read_text())
+    assert report["metric"] == "cosine" and len(report["pruned_layers"]) == 2
+    assert set(map(int, report["candidate_scores"])) == set(range(5))
+    assert report["calibration"]["num_windows"] == 4 and report["calibration"]["seq_len"] == 32
+    assert set(report["evaluation"]) == {"dense", "pruned"}
+    assert (output / "tokenizer.json").exists() and (output / "modeling_linearpatch.py").exists()
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.pruned_layers == report["pruned_layers"]
+    assert "Pruned layers" in capsys.readouterr().out
+
+
+def test_prune_refuses_to_overwrite_and_bad_layers(tiny_checkpoint, tmp_path, capsys):
+    output = tmp_path / "existing"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    assert main(["prune", str(tiny_checkpoint), "--layers", "2-3", "--output", str(output)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (output / "keep.txt").read_text() == "precious"
+    assert (
+        main(["prune", str(tiny_checkpoint), "--layers", "2-9", "--patch", "none", "--output", str(tmp_path / "x")])
+        == 2
+    )
+    assert "out of range" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_checkpoint),
+                "--layers",
+                "2-3",
+                "--patch",
+                "none",
+                "--output",
+                str(output),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert not (output / "keep.txt").exists() and (output / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+@pytest.mark.slow
+def test_prune_smollm2_with_defaults_loads_without_package(tmp_path, smollm2_tokenizer):
+    output = tmp_path / "smol-pruned"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "linearpatch.cli",
+            "prune",
+            "smollm2-135m",
+            "--num-layers",
+            "5",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((output / "linearpatch_report.json").read_text())
+    assert report["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert len(report["candidate_scores"]) == 26 and report["calibration"]["num_windows"] == 32
+    print("linearpatch prune smollm2-135m --num-layers 5:", report["pruned_layers"], f"{report['seconds']} s")
+    input_ids = smollm2_tokenizer("Layer pruning makes models cheaper.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(output)(input_ids).logits
+    (got,) = logits_without_package([output], input_ids)
+    assert (want - got).abs().max().item() <= 1e-5
