@@ -59,6 +59,73 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from linearpatch.integration.checkpoints import atomic_directory, check_output
+    from linearpatch.integration.data import token_windows
+    from linearpatch.integration.distill import build_cache_in_subprocess, distill
+    from linearpatch.integration.models import cache_dir, load_model
+
+    check_output(args.output, args.overwrite)
+    device = args.device or _default_device()
+    # The student (pruned checkpoint) is the only model this process loads; the teacher runs in a child process.
+    student, tokenizer = load_model(args.checkpoint, dtype=args.dtype, device=device)
+    if student.config.model_type != "linearpatch_llama":
+        raise ValueError(f"{args.checkpoint} is not a LinearPatch checkpoint; run `linearpatch prune` first.")
+    windows = token_windows(args.data, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
+    cache_root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher-cache"
+    cache = build_cache_in_subprocess(args.teacher, windows.input_ids, cache_root, args.top_k, device, args.dtype)
+    work_dir = Path(args.work_dir or f"{args.output}.work")
+    overrides = dict(
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=args.bf16,
+        activation_checkpointing=args.activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        use_cpu=device == "cpu",
+    )
+    if args.max_steps:
+        overrides["max_steps"] = args.max_steps
+    model = distill(
+        student, cache, work_dir, args.temperature, resume_from_checkpoint=args.resume or None, **overrides
+    )
+    recipe = dict(
+        teacher=args.teacher,
+        top_k=args.top_k,
+        data=windows.describe(),
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        temperature=args.temperature,
+        cache=cache.manifest["key"],
+        bytes_per_token=cache.bytes_per_token,
+    )
+    with atomic_directory(args.output, args.overwrite) as staging:
+        if args.adapter_only:
+            model.peft_config["default"].base_model_name_or_path = args.checkpoint
+            model.save_pretrained(staging)
+        else:
+            merged = model.merge_and_unload()
+            merged.config.patch_kind = f"{merged.config.patch_kind or 'hadamard'}+distilled"
+            merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "linearpatch_distill.json").write_text(json.dumps(recipe, indent=2))
+    kind = "adapter" if args.adapter_only else "merged checkpoint"
+    print(
+        f"Distilled {cache.num_windows} windows ({cache.bytes_per_token} cache bytes/token); {kind} in {args.output}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from linearpatch import __version__
 
@@ -88,6 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_model_options(prune)
     prune.set_defaults(handler=cmd_prune)
+
+    distill = commands.add_parser("distill", help="train only the patches from the dense model's top-K logits")
+    distill.add_argument("checkpoint", help="a LinearPatch checkpoint (from `linearpatch prune`)")
+    distill.add_argument("--teacher", required=True, help="the dense model (run once, in a separate process)")
+    distill.add_argument("--output", required=True)
+    distill.add_argument("--top-k", type=int, default=100)
+    distill.add_argument("--data", default="wikipedia-calibration", help="training text (embedded, file, datasets)")
+    distill.add_argument("--num-samples", type=int, default=256, help="training windows (paper: 5000)")
+    distill.add_argument("--seq-len", type=int, default=512, help="tokens per window (paper: 2048)")
+    distill.add_argument("--epochs", type=float, default=1.0)
+    distill.add_argument("--lr", type=float, default=1e-4)
+    distill.add_argument("--batch-size", type=int, default=1)
+    distill.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    distill.add_argument("--max-steps", type=int, default=0)
+    distill.add_argument("--temperature", type=float, default=1.0)
+    distill.add_argument("--seed", type=int, default=1, help="window sampling and training seed")
+    distill.add_argument("--bf16", action="store_true")
+    distill.add_argument("--activation-checkpointing", action="store_true")
+    distill.add_argument("--save-steps", type=int, default=0, help="Trainer checkpoint every N steps (for --resume)")
+    distill.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --work-dir")
+    distill.add_argument("--work-dir", help="Trainer checkpoints (default: OUTPUT.work)")
+    distill.add_argument("--cache-dir", help="teacher cache root (default: ~/.cache/linearpatch/teacher-cache)")
+    distill.add_argument("--adapter-only", action="store_true", help="write only the PEFT adapter, not merged")
+    distill.add_argument("--overwrite", action="store_true")
+    _add_model_options(distill)
+    distill.set_defaults(handler=cmd_distill)
     return parser
 
 

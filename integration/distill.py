@@ -1,0 +1,209 @@
+"""Patch-only distillation from an offline top-K teacher cache, under a stock `transformers.Trainer`.
+
+The student is the pruned model with every weight frozen except the LinearPatch matrices (a PEFT LN-tuning adapter
+targeted at the `linear_patch` modules, so stock PEFT can save, load and merge it). The loss is the forward KL from
+the teacher to the student restricted to the teacher's K stored indices, both renormalised over those K.
+
+Multi-GPU: the same script runs under `accelerate launch` or `torchrun` (Trainer handles the distribution), e.g.
+`accelerate launch -m linearpatch.cli distill CKPT --teacher MODEL --output OUT`.
+"""
+
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import Trainer, TrainingArguments
+
+from .teacher_cache import TeacherCacheDataset, TopKTeacherCache
+
+
+def top_k_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Forward KL(teacher || student) over the teacher's top-K indices, mean over tokens.
+
+    With `p = softmax(teacher_values / T)` (the teacher renormalised over its K entries) and
+    `q = softmax(student_logits[..., indices] / T)` (the student renormalised over the same K), the loss is
+    `mean_t sum_j p_j (log p_j - log q_j)`. Temperature 1 is the paper's setting.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(..., vocab)`): student logits.
+        teacher_values (`torch.Tensor` of shape `(..., K)`): teacher log-probabilities (or logits) at the indices.
+        teacher_indices (`torch.LongTensor` of shape `(..., K)`): vocabulary indices.
+        temperature (`float`, *optional*, defaults to 1.0): softening temperature.
+        mask (`torch.Tensor` of shape `(...)`, *optional*): 1 for tokens that count.
+    """
+    student = student_logits.float().gather(-1, teacher_indices) / temperature
+    log_q = torch.log_softmax(student, dim=-1)
+    log_p = torch.log_softmax(teacher_values.float() / temperature, dim=-1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def get_patch_peft_model(model, adapter_name: str = "default", base_model_name_or_path: str | None = None):
+    """Wrap a `LinearPatchForCausalLM` so that the patch matrices are the only trainable parameters.
+
+    Uses PEFT's LN-tuning method (a trainable full copy of each targeted module) on the `linear_patch` modules, so
+    the adapter saves as a small safetensors file and loads with stock `PeftModel.from_pretrained` /
+    `AutoPeftModelForCausalLM`; `merge_and_unload()` swaps the trained patches back in.
+
+    Args:
+        model (`LinearPatchForCausalLM`): the pruned model (with at least one patch).
+        adapter_name (`str`, *optional*, defaults to `"default"`).
+        base_model_name_or_path (`str`, *optional*): recorded in the adapter config; set it to the pruned
+            model's Hub id before pushing, never a local path.
+    """
+    from peft import LNTuningConfig, get_peft_model
+
+    if not any(name.endswith("linear_patch") for name, _ in model.named_modules()):
+        raise ValueError("The model has no LinearPatch to train (it was pruned with patch='none').")
+    config = LNTuningConfig(target_modules=["linear_patch"], task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        # PEFT warns that LN tuning on a non-norm module is "at your own risk": a full trainable copy is exactly
+        # what we want for a C x C patch.
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    if base_model_name_or_path is not None:
+        peft_model.peft_config[adapter_name].base_model_name_or_path = base_model_name_or_path
+    return peft_model
+
+
+def collate_teacher_batch(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack cache examples (equal-length windows) into a batch."""
+    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+class TopKDistillationTrainer(Trainer):
+    """A `Trainer` whose loss is [`top_k_kl_loss`] against the cached teacher (columns `teacher_values`,
+    `teacher_indices`); logits predict the next token, aligned with the teacher's per-position distributions."""
+
+    def __init__(self, *args, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature = temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_values = inputs.pop("teacher_values")
+        teacher_indices = inputs.pop("teacher_indices")
+        outputs = model(input_ids=inputs["input_ids"], use_cache=False)
+        loss = top_k_kl_loss(outputs.logits, teacher_values, teacher_indices, self.temperature)
+        return (loss, outputs) if return_outputs else loss
+
+
+def distillation_arguments(output_dir: str | Path, **overrides) -> TrainingArguments:
+    """The paper's recipe as `TrainingArguments`: AdamW lr 1e-4, weight decay 1e-4, cosine decay to lr/20, batch 1,
+    one epoch. Any standard argument can be overridden (gradient accumulation, bf16, checkpointing, logging...)."""
+    values = dict(
+        output_dir=str(output_dir),
+        learning_rate=1e-4,
+        weight_decay=1e-4,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 1 / 20},
+        per_device_train_batch_size=1,
+        num_train_epochs=1,
+        optim="adamw_torch",
+        remove_unused_columns=False,  # the teacher columns are not forward() arguments
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def build_cache_in_subprocess(
+    teacher: str,
+    input_ids: torch.Tensor,
+    cache_root: str | Path,
+    top_k: int,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> TopKTeacherCache:
+    """Build (or reuse/resume) the teacher cache in a child process, so the teacher never enters this one."""
+    with tempfile.TemporaryDirectory(prefix="linearpatch-teacher-") as scratch:
+        windows = Path(scratch) / "windows.safetensors"
+        result = Path(scratch) / "cache-path.txt"
+        save_file({"input_ids": input_ids.contiguous()}, str(windows))
+        command = [
+            sys.executable,
+            "-m",
+            "linearpatch.integration.teacher_cache",
+            teacher,
+            str(windows),
+            str(cache_root),
+            "--top-k",
+            str(top_k),
+            "--dtype",
+            dtype,
+            "--result",
+            str(result),
+        ]
+        if device:
+            command += ["--device", device]
+        subprocess.run(command, check=True)
+        return TopKTeacherCache.open(result.read_text().strip())
+
+
+def distill(
+    student,
+    cache: TopKTeacherCache,
+    output_dir: str | Path,
+    temperature: float = 1.0,
+    resume_from_checkpoint: str | bool | None = None,
+    callbacks: list | None = None,
+    **training_overrides,
+):
+    """Train only the patches of `student` (a `LinearPatchForCausalLM`) on `cache`; return the trained PEFT model.
+
+    Args:
+        student: the pruned model; it is wrapped by [`get_patch_peft_model`] unless it already is a PEFT model.
+        cache (`TopKTeacherCache`): from [`build_teacher_cache`].
+        output_dir: Trainer output (checkpoints).
+        temperature (`float`, *optional*, defaults to 1.0).
+        resume_from_checkpoint (`str` or `bool`, *optional*): passed to `Trainer.train`.
+        callbacks (`list`, *optional*): Trainer callbacks.
+        **training_overrides: any `TrainingArguments` field.
+    """
+    from peft import PeftModel
+
+    model = student if isinstance(student, PeftModel) else get_patch_peft_model(student)
+    if cache.manifest["vocab_size"] != model.config.vocab_size:
+        raise ValueError(
+            f"The teacher cache has vocabulary {cache.manifest['vocab_size']} but the student has "
+            f"{model.config.vocab_size}: teacher and student must share a tokenizer."
+        )
+    trainer = TopKDistillationTrainer(
+        model=model,
+        args=distillation_arguments(output_dir, **training_overrides),
+        train_dataset=TeacherCacheDataset(cache),
+        data_collator=collate_teacher_batch,
+        temperature=temperature,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return model
+
+
+__all__ = [
+    "TopKDistillationTrainer",
+    "build_cache_in_subprocess",
+    "collate_teacher_batch",
+    "distill",
+    "distillation_arguments",
+    "get_patch_peft_model",
+    "top_k_kl_loss",
+]

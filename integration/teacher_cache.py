@@ -1,0 +1,272 @@
+"""Offline top-K teacher cache: run the dense model once, store per-token top-K log-probabilities and indices.
+
+The training process never holds the teacher: it reads these shards. A cache folder is named by a hash of everything
+that determines its content (teacher weights and config, token windows, K, value dtype), so a changed input never
+reuses a stale cache. Shards are written atomically and listed in `manifest.json` with their SHA-256; a build
+resumes after the last complete shard, and a corrupt or truncated shard is detected and rebuilt, never trained on.
+
+Run as `python -m linearpatch.integration.teacher_cache TEACHER WINDOWS.safetensors CACHE_ROOT --top-k K` to build
+a cache in a separate process (what `linearpatch distill` does).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def index_dtype(vocab_size: int) -> torch.dtype:
+    """Smallest integer dtype that holds every vocabulary index (int16, uint16 or int32; never int64)."""
+    if vocab_size <= 2**15:
+        return torch.int16
+    if vocab_size <= 2**16:
+        return torch.uint16
+    return torch.int32
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of the model's config and every weight's bytes: the teacher's identity."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(teacher_fingerprint: str, input_ids: torch.Tensor, top_k: int, value_dtype: torch.dtype) -> str:
+    """Hash of all the cache's inputs (teacher, exact token windows (so also seed and length), K, value dtype)."""
+    digest = hashlib.sha256()
+    for part in (teacher_fingerprint, str(tuple(input_ids.shape)), str(top_k), str(value_dtype), str(FORMAT_VERSION)):
+        digest.update(part.encode())
+    digest.update(input_ids.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+@dataclass
+class TopKTeacherCache:
+    r"""
+    A finished cache folder: `shard-XXXXX.safetensors` files holding `input_ids` (int32), `values` (top-K teacher
+    log-probabilities, fp16/bf16) and `indices` (smallest integer type), each `[windows, seq_len, K]`.
+
+    Args:
+        path (`Path`): the cache folder.
+        manifest (`dict`): its manifest (inputs, shards with SHA-256, sizes).
+    """
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> "TopKTeacherCache":
+        """Open a complete cache; with `verify`, every shard's SHA-256 is checked.
+
+        Raises:
+            ValueError: if the cache is incomplete or a shard is missing or corrupt.
+        """
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.exists():
+            raise ValueError(f"{path} is not a teacher cache (no {MANIFEST}).")
+        manifest = json.loads(manifest_path.read_text())
+        if not manifest.get("complete"):
+            raise ValueError(f"The teacher cache {path} is incomplete; build it again to resume.")
+        if verify:
+            for shard in manifest["shards"]:
+                file = path / shard["file"]
+                if not file.exists() or _sha256_file(file) != shard["sha256"]:
+                    raise ValueError(f"Teacher cache shard {file} is missing or corrupt; rebuild the cache.")
+        return cls(path, manifest)
+
+    @property
+    def num_windows(self) -> int:
+        return sum(shard["windows"] for shard in self.manifest["shards"])
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.manifest["bytes_per_token"]
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def shard_files(self) -> list[Path]:
+        return [self.path / shard["file"] for shard in self.manifest["shards"]]
+
+
+def build_teacher_cache(
+    teacher,
+    input_ids: torch.Tensor,
+    cache_root: str | Path,
+    top_k: int = 100,
+    shard_windows: int = 64,
+    batch_size: int = 1,
+    value_dtype: torch.dtype = torch.float16,
+    teacher_fingerprint: str | None = None,
+    progress: bool = True,
+) -> TopKTeacherCache:
+    """Run `teacher` over `input_ids` `[windows, seq_len]` once and store the top-`top_k` log-probabilities.
+
+    Returns the cache at `cache_root/<key>`, reusing it if complete; otherwise resumes after the last shard whose
+    hash checks out (rebuilding corrupt ones).
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+        raise ValueError(f"Teacher cache needs a non-empty (windows, seq_len) tensor; got {tuple(input_ids.shape)}.")
+    vocab_size = teacher.config.vocab_size
+    if not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k={top_k} must be in 1..{vocab_size} (the vocabulary size).")
+    teacher_fingerprint = teacher_fingerprint or model_fingerprint(teacher)
+    key = cache_key(teacher_fingerprint, input_ids, top_k, value_dtype)
+    path = Path(cache_root) / key
+    path.mkdir(parents=True, exist_ok=True)
+    indices_dtype = index_dtype(vocab_size)
+    num_windows, seq_len = input_ids.shape
+    plan = [(start, min(start + shard_windows, num_windows)) for start in range(0, num_windows, shard_windows)]
+    manifest_path = path / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    done = {shard["file"]: shard for shard in manifest.get("shards", [])}
+    value_bytes = torch.finfo(value_dtype).bits // 8
+    index_bytes = torch.iinfo(indices_dtype).bits // 8
+    manifest = dict(
+        format=FORMAT_VERSION,
+        key=key,
+        teacher=teacher_fingerprint,
+        teacher_name=getattr(teacher.config, "_name_or_path", ""),
+        vocab_size=vocab_size,
+        top_k=top_k,
+        num_windows=num_windows,
+        seq_len=seq_len,
+        value_dtype=str(value_dtype).removeprefix("torch."),
+        index_dtype=str(indices_dtype).removeprefix("torch."),
+        bytes_per_token=top_k * (value_bytes + index_bytes),
+        full_vocabulary_bytes_per_token=vocab_size * value_bytes,
+        shards=[],
+        complete=False,
+    )
+    device = next(teacher.parameters()).device
+    bar = tqdm(total=num_windows, desc="teacher top-k cache", unit="window", disable=not progress)
+    for number, (start, end) in enumerate(plan):
+        name = f"shard-{number:05d}.safetensors"
+        previous = done.get(name)
+        file = path / name
+        if (
+            previous
+            and previous["windows"] == end - start
+            and file.exists()
+            and _sha256_file(file) == previous["sha256"]
+        ):
+            manifest["shards"].append(previous)
+            bar.update(end - start)
+            continue
+        values, indices = [], []
+        with torch.no_grad():
+            for first in range(start, end, batch_size):
+                batch = input_ids[first : min(first + batch_size, end)].to(device)
+                log_probs = torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
+                top = log_probs.topk(top_k, dim=-1)
+                values.append(top.values.to(value_dtype).cpu())
+                indices.append(top.indices.to(torch.int32).cpu().to(indices_dtype))
+                bar.update(batch.shape[0])
+        tensors = {
+            "input_ids": input_ids[start:end].to(torch.int32).contiguous(),
+            "values": torch.cat(values).contiguous(),
+            "indices": torch.cat(indices).contiguous(),
+        }
+        staging = file.with_suffix(f".{os.getpid()}.tmp")
+        save_file(tensors, str(staging))
+        staging.replace(file)
+        manifest["shards"].append(dict(file=name, windows=end - start, sha256=_sha256_file(file)))
+        _write_manifest(manifest_path, manifest)  # after each shard: an interrupted build resumes from here
+    bar.close()
+    manifest["complete"] = True
+    _write_manifest(manifest_path, manifest)
+    return TopKTeacherCache.open(path, verify=False)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(manifest, indent=2))
+    staging.replace(path)
+
+
+class TeacherCacheDataset(torch.utils.data.Dataset):
+    """Windows of a [`TopKTeacherCache`] as training examples: `input_ids`, `teacher_values`, `teacher_indices`.
+
+    Shards are opened lazily (memory-mapped by safetensors), so the dataset costs no memory up front.
+    """
+
+    def __init__(self, cache: TopKTeacherCache):
+        self.cache = cache
+        self.locations = []
+        for shard_index, shard in enumerate(cache.manifest["shards"]):
+            self.locations.extend((shard_index, row) for row in range(shard["windows"]))
+        self._files = cache.shard_files()
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        shard_index, row = self.locations[index]
+        with safe_open(str(self._files[shard_index]), framework="pt") as shard:
+            return {
+                "input_ids": shard.get_slice("input_ids")[row].to(torch.long),
+                "teacher_values": shard.get_slice("values")[row].float(),
+                "teacher_indices": shard.get_slice("indices")[row].to(torch.long),
+            }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build a cache in this (separate) process: the teacher lives and dies here."""
+    parser = argparse.ArgumentParser(description="Build an offline top-K teacher cache.")
+    parser.add_argument("teacher")
+    parser.add_argument("windows", help="safetensors file with an `input_ids` [windows, seq_len] tensor")
+    parser.add_argument("cache_root")
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--shard-windows", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--result", help="write the cache folder's path to this file")
+    args = parser.parse_args(argv)
+    from .models import load_model
+
+    teacher, _ = load_model(args.teacher, dtype=args.dtype, device=args.device)
+    input_ids = load_file(args.windows)["input_ids"]
+    cache = build_teacher_cache(teacher, input_ids, args.cache_root, args.top_k, args.shard_windows, args.batch_size)
+    print(
+        f"teacher cache: {cache.path} ({cache.num_windows} windows, {cache.bytes_per_token} bytes/token; "
+        f"full vocabulary would be {cache.manifest['full_vocabulary_bytes_per_token']})"
+    )
+    if args.result:
+        Path(args.result).write_text(str(cache.path))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "TeacherCacheDataset",
+    "TopKTeacherCache",
+    "build_teacher_cache",
+    "cache_key",
+    "index_dtype",
+    "model_fingerprint",
+]
