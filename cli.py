@@ -126,6 +126,59 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from linearpatch.integration.checkpoints import atomic_directory, check_output
+    from linearpatch.integration.report import comparison, evaluate_model, markdown_table, to_json
+
+    if args.output:
+        check_output(args.output, args.overwrite)
+    options = dict(
+        tasks=args.tasks,
+        limit=args.limit or None,
+        corpora=args.ppl_corpus,
+        perplexity_windows=args.ppl_windows,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    baseline = evaluate_model(args.baseline, **options)
+    evaluations = [evaluate_model(name, **options) for name in args.models]
+    data = comparison(evaluations, baseline)
+    data["settings"] = {key: value for key, value in options.items() if key not in ("device",)}
+    table = markdown_table(data)
+    print(table)
+    if args.output:
+        with atomic_directory(args.output, args.overwrite) as staging:
+            (Path(staging) / "linearpatch_eval.json").write_text(to_json(data))
+            (Path(staging) / "linearpatch_eval.md").write_text(table)
+        print(f"Wrote {args.output}/linearpatch_eval.json and .md")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from linearpatch.integration.data import token_windows
+    from linearpatch.integration.models import embedded_name_for, load_model
+    from linearpatch.integration.plots import write_report_plots
+
+    patched, tokenizer = load_model(args.checkpoint, dtype="float32", device=args.device)
+    if patched.config.model_type != "linearpatch_llama":
+        raise ValueError(f"{args.checkpoint} is not a LinearPatch checkpoint.")
+    dense_name = args.dense or embedded_name_for(patched.config.base_model)
+    if not dense_name:
+        raise ValueError("The checkpoint does not record its dense model; pass --dense MODEL.")
+    dense, _ = load_model(dense_name, dtype="float32", device=args.device)
+    windows = token_windows(args.data, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
+    write_report_plots(dense, patched, windows.input_ids, args.checkpoint)
+    print(
+        "Wrote cosine_heatmap.png, layer_magnitudes.png, cut_mismatch.png and linearpatch_plots.json "
+        f"to {args.checkpoint}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from linearpatch import __version__
 
@@ -181,6 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--overwrite", action="store_true")
     _add_model_options(distill)
     distill.set_defaults(handler=cmd_distill)
+
+    evaluate = commands.add_parser("eval", help="compare models: lm-eval accuracy, retained performance, perplexity")
+    evaluate.add_argument("models", nargs="+", help="models to compare (folders, Hub ids, smollm2-135m)")
+    evaluate.add_argument("--baseline", required=True, help="the dense model")
+    evaluate.add_argument(
+        "--tasks",
+        nargs="*",
+        default=["wiki_next_sentence", "mmlu_dev_offline"],
+        help="lm-eval tasks: the offline ones, or lm-eval names (arc_easy, piqa, ...) with Hub access",
+    )
+    evaluate.add_argument("--limit", type=int, default=200, help="documents per task (0 = all)")
+    evaluate.add_argument("--ppl-corpus", nargs="*", default=["wikipedia-eval", "lee-news"])
+    evaluate.add_argument("--ppl-windows", type=int, default=16)
+    evaluate.add_argument("--seq-len", type=int, default=512, help="perplexity window length (paper: 2048)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--output", help="folder for linearpatch_eval.json and linearpatch_eval.md")
+    evaluate.add_argument("--overwrite", action="store_true")
+    _add_model_options(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    report = commands.add_parser("report", help="write the selection heatmap and magnitude plots next to a checkpoint")
+    report.add_argument("checkpoint")
+    report.add_argument("--dense", help="the dense model (default: the checkpoint's base_model when available)")
+    report.add_argument("--data", default="wikipedia-eval")
+    report.add_argument("--num-samples", type=int, default=8)
+    report.add_argument("--seq-len", type=int, default=256)
+    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--device", default=None)
+    report.set_defaults(handler=cmd_report)
     return parser
 
 

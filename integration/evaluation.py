@@ -44,4 +44,39 @@ def corpus_perplexity(
     )
 
 
-__all__ = ["chunked_perplexity", "corpus_perplexity"]
+def lm_eval_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int = 8,
+    include_path: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval on an in-memory model; return `{task: {"acc": .., "acc_norm": .., ...}}` (stderr dropped).
+
+    Offline tasks (see `tasks.OFFLINE_TASKS`) are built on first use; other names are lm-eval's own tasks (they
+    download their data from the Hub).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from .tasks import OFFLINE_TASKS, build_offline_tasks
+
+    offline = [task for task in tasks if task in OFFLINE_TASKS]
+    include = include_path or (str(build_offline_tasks()) if offline else None)
+    manager = TaskManager(include_path=include, include_defaults=len(offline) < len(tasks))
+    device = str(next(model.parameters()).device)
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", device=device, batch_size=batch_size)
+    results = simple_evaluate(model=wrapped, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    scores = {}
+    for task, values in results["results"].items():
+        scores[task] = {
+            key.split(",")[0]: float(value)
+            for key, value in values.items()
+            if "," in key and "stderr" not in key and isinstance(value, int | float)
+        }
+    return scores
+
+
+__all__ = ["chunked_perplexity", "corpus_perplexity", "lm_eval_tasks"]

@@ -97,6 +97,14 @@ def base_model_id(name_or_path: str) -> str:
     return spec.hub_id if spec else name_or_path
 
 
+def embedded_name_for(model_id: str | None) -> str | None:
+    """The embedded name whose Hub id is `model_id` (so a recorded `base_model` loads offline), else `model_id`."""
+    for name, spec in EMBEDDED_MODELS.items():
+        if spec.hub_id == model_id:
+            return name
+    return model_id
+
+
 def load_model(
     name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, **kwargs
 ) -> tuple[PreTrainedModel, object]:

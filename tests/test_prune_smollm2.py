@@ -49,3 +49,17 @@ def test_cosine_choice_on_smollm2_is_reported(smollm2, calibration):
     best = max(scores, key=scores.get)
     assert report.pruned_layers == list(range(best, best + 5))
     print("cosine (LLM-Streamline) scores for n=5:", {k: round(v, 4) for k, v in scores.items()}, "->", best)
+
+
+def test_next_sentence_task_separates_dense_from_plain_pruned(smollm2):
+    from linearpatch.integration.evaluation import lm_eval_tasks
+    from linearpatch.modeling import prune_layers
+
+    model, tokenizer = smollm2
+    plain = prune_layers(model, BLOCK, add_patches=False)
+    dense_scores = lm_eval_tasks(model, tokenizer, ["wiki_next_sentence"], limit=60, batch_size=16)
+    plain_scores = lm_eval_tasks(plain, tokenizer, ["wiki_next_sentence"], limit=60, batch_size=16)
+    dense, pruned = dense_scores["wiki_next_sentence"], plain_scores["wiki_next_sentence"]
+    print("wiki_next_sentence (60 docs, chance 0.25): dense", dense, "plain pruned 20..24", pruned)
+    assert dense["acc_norm"] >= 0.40  # far above chance (0.25)
+    assert dense["acc_norm"] - pruned["acc_norm"] >= 0.10

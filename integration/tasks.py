@@ -1,0 +1,122 @@
+"""Offline lm-eval tasks built from installed packages, so the whole evaluation flow runs without the Hub.
+
+- `wiki_next_sentence`: given two sentences of a held-out Wikipedia article (never used for calibration or
+  distillation), pick the true next sentence among four (the others are drawn from other held-out articles).
+- `mmlu_dev_offline`: the MMLU dev questions that ship inside lm-eval's own chain-of-thought prompt file, asked as
+  plain 4-way multiple choice (answer letter).
+
+Users with Hub access pass the paper's task names instead (arc_easy, arc_challenge, boolq, hellaswag, piqa,
+winogrande, wsc273, race, copa, mmlu).
+"""
+
+import json
+import random
+import re
+from pathlib import Path
+
+from .data import load_texts
+from .models import cache_dir
+
+OFFLINE_TASKS = ("wiki_next_sentence", "mmlu_dev_offline")
+PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande", "wsc273", "race", "copa")
+TASKS_VERSION = 1
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+_MULTIPLE_CHOICE_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: "{delimiter}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {version}
+"""
+
+
+def _sentences(article: str) -> list[str]:
+    body = " ".join(article.split("\n")[1:])  # drop the title line
+    # Keep prose sentences: list items, headings and table/template residue make the task about markup.
+    return [
+        s.strip()
+        for s in _SENTENCE_END.split(body)
+        if 40 <= len(s.strip()) <= 300 and not any(mark in s for mark in "*=|{}[]")
+    ]
+
+
+def next_sentence_documents(num_documents: int = 500, seed: int = 0) -> list[dict]:
+    """Multiple-choice documents from the held-out Wikipedia articles (see module docstring)."""
+    rng = random.Random(seed)
+    articles = [_sentences(article) for article in load_texts("wikipedia-eval")]
+    articles = [sentences for sentences in articles if len(sentences) >= 4]
+    documents = []
+    per_article = max(1, num_documents // len(articles) + 1)
+    for index, sentences in enumerate(articles):
+        others = [s for j, other in enumerate(articles) if j != index for s in other]
+        starts = rng.sample(range(len(sentences) - 2), min(per_article, len(sentences) - 2))
+        for start in starts:
+            choices = rng.sample(others, 3) + [sentences[start + 2]]
+            rng.shuffle(choices)
+            documents.append(
+                dict(
+                    context=f"{sentences[start]} {sentences[start + 1]}",
+                    choices=choices,
+                    label=choices.index(sentences[start + 2]),
+                )
+            )
+    rng.shuffle(documents)
+    return documents[:num_documents]
+
+
+def mmlu_dev_documents() -> list[dict]:
+    """The MMLU dev questions from lm-eval's `flan_cot_fewshot/_cot_prompts.json`, as 4-way multiple choice."""
+    import lm_eval
+
+    prompts = json.loads((Path(lm_eval.__file__).parent / "tasks/mmlu/flan_cot_fewshot/_cot_prompts.json").read_text())
+    options = re.compile(r"\(A\) (.+?) \(B\) (.+?) \(C\) (.+?) \(D\) (.+)$", re.S)
+    documents = []
+    for subject, text in sorted(prompts.items()):
+        for block in text.split("\n\nQ: ")[1:]:
+            question_and_options, _, answer = block.partition("\nA: ")
+            question, _, option_text = question_and_options.rpartition("\n")
+            found, letter = options.search(option_text), re.search(r"answer is \(([ABCD])\)", answer)
+            if not (found and letter and question.strip()):
+                continue
+            choices = [choice.strip() for choice in found.groups()]
+            lines = [f"{'ABCD'[i]}. {choice}" for i, choice in enumerate(choices)]
+            context = f"Subject: {subject.replace('_', ' ')}\n{question.strip()}\n" + "\n".join(lines) + "\nAnswer:"
+            documents.append(dict(context=context, choices=["A", "B", "C", "D"], label="ABCD".index(letter[1])))
+    return documents
+
+
+def build_offline_tasks(directory: str | Path | None = None, num_documents: int = 500) -> Path:
+    """Write the offline tasks' JSONL data and lm-eval YAMLs to `directory` (default: the linearpatch cache) and
+    return it, for `--include_path` / `TaskManager(include_path=...)`. Built once, reused after."""
+    directory = Path(directory) if directory else cache_dir() / f"lm_eval_tasks-v{TASKS_VERSION}-{num_documents}"
+    if all((directory / f"{task}.yaml").exists() for task in OFFLINE_TASKS):
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    builders = {
+        "wiki_next_sentence": (lambda: next_sentence_documents(num_documents), " "),
+        "mmlu_dev_offline": (mmlu_dev_documents, " "),
+    }
+    for task, (build, delimiter) in builders.items():
+        data = directory / f"{task}.jsonl"
+        data.write_text("".join(json.dumps(document) + "\n" for document in build()))
+        yaml = _MULTIPLE_CHOICE_YAML.format(task=task, data=data, delimiter=delimiter, version=TASKS_VERSION)
+        (directory / f"{task}.yaml").write_text(yaml)
+    return directory
+
+
+__all__ = ["OFFLINE_TASKS", "PAPER_TASKS", "build_offline_tasks", "mmlu_dev_documents", "next_sentence_documents"]

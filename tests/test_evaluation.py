@@ -1,0 +1,206 @@
+"""Perplexity, lm-eval integration, retained performance, comparison report and plots."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_patch, tiny_llama
+
+from linearpatch.integration.calibration import calibrate
+from linearpatch.integration.evaluation import chunked_perplexity, lm_eval_tasks
+from linearpatch.integration.plots import cosine_matrix, write_report_plots
+from linearpatch.integration.report import (
+    ModelEvaluation,
+    average_accuracy,
+    comparison,
+    markdown_table,
+    retained_performance,
+)
+from linearpatch.integration.tasks import OFFLINE_TASKS, build_offline_tasks, mmlu_dev_documents
+from linearpatch.modeling import prune_layers
+
+
+def test_chunked_perplexity_is_exp_mean_nll():
+    model = tiny_llama()
+    windows = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(0))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            log_probs = torch.log_softmax(model(window[None]).logits[0].double(), -1)
+            for position in range(len(window) - 1):
+                nll -= log_probs[position, window[position + 1]].item()
+                count += 1
+    assert chunked_perplexity(model, windows) == pytest.approx(math.exp(nll / count), rel=1e-6)
+    assert chunked_perplexity(model, windows, batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-6)
+
+
+def _evaluation(name, scores, parameters=100):
+    return ModelEvaluation(name, parameters, 4, tasks={t: dict(acc=v) for t, v in scores.items()})
+
+
+def test_retained_performance_is_mean_of_ratios():
+    dense = _evaluation("dense", {"a": 0.80, "b": 0.20})
+    pruned = _evaluation("pruned", {"a": 0.40, "b": 0.20}, parameters=75)
+    # mean of ratios: (0.5 + 1.0) / 2 = 75%; ratio of means would be 0.30 / 0.50 = 60%.
+    assert retained_performance(pruned, dense) == pytest.approx(75.0)
+    assert average_accuracy(pruned) == pytest.approx(30.0)
+    normed = ModelEvaluation("n", 1, 1, tasks={"a": dict(acc=0.1, acc_norm=0.4), "b": dict(acc=0.2)})
+    assert retained_performance(normed, dense) == pytest.approx(100 * (0.4 / 0.8 + 0.2 / 0.2) / 2)
+    with pytest.raises(ValueError, match="not evaluated on 'c'"):
+        retained_performance(_evaluation("x", {"c": 0.5}), dense)
+    data = comparison([pruned], dense)
+    assert data["models"][1]["parameter_ratio"] == 0.75
+    table = markdown_table(data)
+    assert "| pruned | - | 0.0M (0.750) | 40.00 | 20.00 | 30.00 | 75.00 |" in table
+
+
+def test_offline_tasks_are_built_from_installed_packages(tmp_path):
+    directory = build_offline_tasks(tmp_path, num_documents=50)
+    for task in OFFLINE_TASKS:
+        assert (directory / f"{task}.yaml").exists()
+    documents = [json.loads(line) for line in (directory / "wiki_next_sentence.jsonl").read_text().splitlines()]
+    assert len(documents) == 50
+    assert all(len(d["choices"]) == 4 and 0 <= d["label"] < 4 for d in documents)
+    assert {d["label"] for d in documents} == {0, 1, 2, 3}
+    assert len(mmlu_dev_documents()) > 250
+
+
+def test_lm_eval_in_memory_on_tiny_model(tmp_path, smollm2_tokenizer):
+    model = tiny_llama(vocab_size=len(smollm2_tokenizer))
+    scores = lm_eval_tasks(
+        model,
+        smollm2_tokenizer,
+        ["wiki_next_sentence"],
+        limit=8,
+        batch_size=4,
+        include_path=str(build_offline_tasks(tmp_path, num_documents=20)),
+    )
+    assert set(scores["wiki_next_sentence"]) >= {"acc", "acc_norm"}
+    assert 0.0 <= scores["wiki_next_sentence"]["acc"] <= 1.0
+
+
+def test_lm_eval_cli_runs_on_saved_patched_checkpoint(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    patched = prune_layers(dense, [2, 3], patches=[random_patch(64, 1)])
+    patched.save_pretrained(tmp_path / "patched")
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(tmp_path / "patched")
+    tasks = build_offline_tasks(tmp_path / "tasks", num_documents=20)
+    lm_eval = Path(sys.executable).parent / "lm-eval"
+    result = subprocess.run(
+        [
+            str(lm_eval),
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={tmp_path / 'patched'},trust_remote_code=True,dtype=float32",
+            "--tasks",
+            "wiki_next_sentence",
+            "--include_path",
+            str(tasks),
+            "--limit",
+            "4",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert results, result.stdout[-2000:]
+    data = json.loads(results[0].read_text())
+    assert "acc,none" in data["results"]["wiki_next_sentence"]
+
+
+def test_plots_show_the_statistics(tmp_path):
+    dense = tiny_llama(seed=2)
+    windows = torch.randint(3, 256, (3, 12), generator=torch.Generator().manual_seed(1))
+    patched = prune_layers(dense, [2, 3], patches=[random_patch(64, 4)])
+    data = write_report_plots(dense, patched, windows, tmp_path)
+    for name in ("cosine_heatmap.png", "layer_magnitudes.png", "cut_mismatch.png", "linearpatch_plots.json"):
+        assert (tmp_path / name).stat().st_size > 1000
+    # Heatmap = the calibration cosines (every pair), symmetric with unit diagonal.
+    statistics = calibrate(dense, windows, distances=range(1, 7), progress=False)
+    heatmap = torch.tensor(data["cosine_heatmap"]["cosine"], dtype=torch.float64)
+    assert torch.allclose(heatmap, cosine_matrix(statistics)) and torch.allclose(heatmap, heatmap.T)
+    assert heatmap[1, 3].item() == pytest.approx(statistics.block_cosine(2)[1].item())
+    # Magnitudes: dense curve equals mean |X_l| from the calibration pass; the patched curve differs only after
+    # the cut (the patch scales the stream entering layer 4).
+    dense_curve = data["layer_magnitudes"]["dense"]
+    expected = statistics.channel_abs_mean.mean(dim=(0, 2))
+    assert dense_curve["layers"] == list(range(7))
+    assert torch.allclose(torch.tensor(dense_curve["magnitude"]), expected, rtol=1e-5)
+    plain, patched_curve = data["layer_magnitudes"]["plain pruned"], data["layer_magnitudes"]["patched"]
+    assert plain["layers"] == patched_curve["layers"] == [0, 1, 4, 5, 6]
+    assert plain["magnitude"][:2] == pytest.approx(dense_curve["magnitude"][:2], rel=1e-5)
+    assert patched_curve["magnitude"][2] != pytest.approx(plain["magnitude"][2], rel=1e-3)
+    # Cut mismatch: before = dense X_2 per channel, target = dense X_4, after = X_2 @ P.
+    cut = data["cut_mismatch"][0]
+    assert cut["gap"] == [2, 4]
+    assert torch.allclose(torch.tensor(cut["target"]), statistics.channel_abs_mean[:, 4].mean(0), rtol=1e-5)
+    assert torch.allclose(torch.tensor(cut["before"]), statistics.channel_abs_mean[:, 2].mean(0), rtol=1e-4)
+
+
+def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capsys):
+    from linearpatch.cli import main
+
+    pruned = tmp_path / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_checkpoint),
+                "--layers",
+                "1-2",
+                "--num-samples",
+                "4",
+                "--seq-len",
+                "32",
+                "--output",
+                str(pruned),
+            ]
+        )
+        == 0
+    )
+    output = tmp_path / "eval"
+    assert (
+        main(
+            [
+                "eval",
+                str(pruned),
+                "--baseline",
+                str(tiny_checkpoint),
+                "--tasks",
+                "wiki_next_sentence",
+                "--limit",
+                "4",
+                "--ppl-corpus",
+                "lee-news",
+                "--ppl-windows",
+                "2",
+                "--seq-len",
+                "64",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
+    data = json.loads((output / "linearpatch_eval.json").read_text())
+    assert [row["name"] for row in data["models"]] == [str(tiny_checkpoint), str(pruned)]
+    assert data["models"][1]["pruned_layers"] == [1, 2] and data["models"][1]["parameter_ratio"] < 1
+    assert "lee-news" in data["models"][1]["perplexity"]
+    assert "RP %" in (output / "linearpatch_eval.md").read_text()
+    assert main(["report", str(pruned), "--dense", str(tiny_checkpoint), "--num-samples", "2", "--seq-len", "32"]) == 0
+    assert (pruned / "cut_mismatch.png").exists() and (pruned / "linearpatch_plots.json").exists()
