@@ -179,6 +179,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from linearpatch.hub_tools import push_to_hub
+
+    url = push_to_hub(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        base_model=args.base_model,
+    )
+    print(f"Pushed {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from linearpatch.hub_tools import pull
+
+    print(pull(args.repo_id, args.local_dir, revision=args.revision))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from linearpatch import __version__
 
@@ -263,15 +285,32 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--device", default=None)
     report.set_defaults(handler=cmd_report)
+
+    push = commands.add_parser("push", help="validate a checkpoint or adapter, write its card, push in one commit")
+    push.add_argument("folder")
+    push.add_argument("repo_id", help="org/name")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch (default main)")
+    push.add_argument("--commit-message")
+    push.add_argument("--base-model", help="Hub id of the model it was made from (required for a local adapter)")
+    push.set_defaults(handler=cmd_push)
+
+    pull = commands.add_parser("pull", help="download, verify and summarise a LinearPatch repo (works offline)")
+    pull.add_argument("repo_id")
+    pull.add_argument("local_dir", nargs="?", help="copy into this folder instead of only the HF cache")
+    pull.add_argument("--revision")
+    pull.set_defaults(handler=cmd_pull)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
         return args.handler(args)
-    except (ValueError, FileExistsError, RuntimeError) as error:
+    except (ValueError, FileExistsError, RuntimeError, HfHubHTTPError) as error:
         print(f"linearpatch {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -63,6 +63,12 @@ def save_checkpoint(
     return Path(output)
 
 
+def _absolute(checkpoint: str) -> str:
+    prefix = "adapter:" if checkpoint.startswith("adapter:") else ""
+    target = checkpoint[len(prefix) :]
+    return prefix + (str(Path(target).resolve()) if Path(target).exists() else target)
+
+
 def logits_without_package(
     checkpoints: list[str | Path], input_ids: torch.Tensor, env: dict | None = None, timeout: float = 900
 ) -> list[torch.Tensor]:
@@ -81,7 +87,7 @@ def logits_without_package(
         # A private modules cache: a stale copy of the modeling files from an earlier checkpoint must not be reused.
         process_env = {**os.environ, "HF_MODULES_CACHE": str(Path(scratch) / "modules"), **(env or {})}
         # The child runs in `scratch`: local folders must be absolute, repo ids stay as they are.
-        targets = [str(Path(c).resolve()) if Path(c).exists() else str(c) for c in checkpoints]
+        targets = [_absolute(str(c)) for c in checkpoints]
         result = subprocess.run(
             [sys.executable, str(LOAD_WITHOUT_PACKAGE), str(inputs), str(outputs), *targets],
             capture_output=True,

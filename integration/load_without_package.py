@@ -4,6 +4,8 @@ This is how a user without the package sees a checkpoint; `checkpoints.logits_wi
 (never as `linearpatch.…`, which would import the package). It imports only torch, safetensors and transformers.
 
 usage: load_without_package.py INPUTS.safetensors OUTPUTS.safetensors CHECKPOINT [CHECKPOINT ...]
+       load_without_package.py --import-only CHECKPOINT
+A CHECKPOINT written `adapter:PATH_OR_REPO` is a PEFT adapter, loaded with AutoPeftModelForCausalLM and merged.
 """
 
 import importlib.abc
@@ -24,18 +26,39 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 
+def import_only(checkpoint: str) -> None:
+    """Resolve every auto_map class of a local checkpoint (config and modeling files), without loading weights."""
+    import json
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    auto_map = json.loads((Path(checkpoint) / "config.json").read_text())["auto_map"]
+    for reference in auto_map.values():
+        get_class_from_dynamic_module(reference, checkpoint)
+
+
 def main() -> None:
-    inputs, outputs, *checkpoints = sys.argv[1:]
     try:
         import linearpatch  # noqa: F401
     except ModuleNotFoundError:
         pass
     else:
-        raise SystemExit("linearpatch is importable; the test would prove nothing")
+        raise SystemExit("linearpatch is importable; the check would prove nothing")
+    if sys.argv[1] == "--import-only":
+        import_only(sys.argv[2])
+        return
+    inputs, outputs, *checkpoints = sys.argv[1:]
     input_ids = load_file(inputs)["input_ids"]
     results = {}
     for index, checkpoint in enumerate(checkpoints):
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+        if checkpoint.startswith("adapter:"):  # a PEFT adapter of a LinearPatch checkpoint, loaded with stock PEFT
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(checkpoint[len("adapter:") :], trust_remote_code=True)
+            model = model.merge_and_unload().eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
         assert "linearpatch" not in type(model).__module__.split(".")[0], type(model).__module__
         assert model.config.model_type == "linearpatch_llama", model.config.model_type
         for name, parameter in model.named_parameters():

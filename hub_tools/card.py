@@ -1,0 +1,149 @@
+"""The model card as a pure function of a checkpoint folder's config and reports."""
+
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+from safetensors import safe_open
+
+from .validate import CheckpointInfo, InvalidCheckpointError, find_local_paths, is_repo_id
+
+TRANSFORMERS_RANGE = ">=5.0,<6"
+KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def parameter_counts(info: CheckpointInfo) -> dict[str, int]:
+    """Parameters of the pruned model, of its patches, and of the dense model it came from (from the safetensors
+    headers: no weights are loaded). Tied embeddings are counted once."""
+    total = patches = per_layer = 0
+    for name in info.files:
+        if not name.endswith(".safetensors"):
+            continue
+        with safe_open(str(info.path / name), framework="pt") as weights:
+            for key in weights.keys():
+                count = 1
+                for size in weights.get_slice(key).get_shape():
+                    count *= size
+                total += count
+                if "linear_patch" in key:
+                    patches += count
+                elif key.startswith("model.layers.0."):
+                    per_layer += count
+    dense = total - patches + per_layer * len(info.config.get("pruned_layers", []))
+    return {"pruned": total, "patches": patches, "dense": dense}
+
+
+def model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
+    """Build the card of a validated folder (see `validate_folder`) to be pushed as `repo_id`.
+
+    Raises:
+        InvalidCheckpointError: if the card would reveal a local filesystem path.
+    """
+    if info.kind == "adapter":
+        card = _adapter_card(info, repo_id)
+    else:
+        card = _model_card(info, repo_id)
+    leaks = find_local_paths(str(card))
+    if leaks:
+        raise InvalidCheckpointError(
+            f"The model card would reveal local paths {leaks[:3]}: pass --base-model ORG/NAME (the Hub id of the "
+            "model this was made from) or fix the recorded metadata before pushing."
+        )
+    return card
+
+
+def _usage(repo_id: str, adapter: bool) -> str:
+    if adapter:
+        return (
+            "```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+            "model = model.merge_and_unload()  # a plain LinearPatch checkpoint again\n```\n"
+        )
+    return (
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+        f"Needs `transformers{TRANSFORMERS_RANGE}` and `torch`; the `linearpatch` package is not required "
+        "(the modeling code ships in this repository and imports only torch and transformers).\n"
+    )
+
+
+def _model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
+    config = info.config
+    base_model = config.get("base_model")
+    pruned = config.get("pruned_layers", [])
+    counts = parameter_counts(info)
+    report = _read_json(info.path / "linearpatch_report.json") or {}
+    distill = _read_json(info.path / "linearpatch_distill.json")
+    evaluation = (
+        (info.path / "linearpatch_eval.md").read_text() if (info.path / "linearpatch_eval.md").exists() else None
+    )
+    data = ModelCardData(
+        base_model=base_model if is_repo_id(base_model) else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=KNOWN_LICENSES.get(base_model),
+        tags=["linearpatch", "custom_code", "layer-pruning", "llama"],
+    )
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A layer-pruned {'`' + base_model + '`' if base_model else 'Llama model'} revived with "
+        "[LinearPatch](https://arxiv.org/abs/2505.24680): one C x C matrix on the residual stream after each gap.",
+        "",
+        "## Pruning",
+        "",
+        f"- Removed decoder layers: `{pruned}` of {config.get('original_num_hidden_layers')} "
+        f"({config.get('num_hidden_layers')} kept)",
+        f"- Selection metric: `{config.get('selection_metric')}`; patch: `{config.get('patch_kind')}` at kept-layer "
+        f"positions `{config.get('patch_positions')}` (applied as `h @ P`)",
+        f"- Parameters: {counts['pruned'] / 1e6:.1f}M vs {counts['dense'] / 1e6:.1f}M dense "
+        f"({100 * (1 - counts['pruned'] / counts['dense']):.1f}% fewer; patches add {counts['patches'] / 1e6:.2f}M)",
+    ]
+    calibration = report.get("calibration") or {}
+    if calibration:
+        source = calibration.get("source", "")
+        source = Path(source).name if Path(source).exists() else source
+        lines.append(
+            f"- Calibration: {calibration.get('num_windows')} windows x {calibration.get('seq_len')} tokens of "
+            f"`{source}` (seed {calibration.get('seed')}, sha256 `{calibration.get('sha256', '')[:16]}`)"
+        )
+    if distill:
+        data_info = distill.get("data", {})
+        lines += [
+            "",
+            "## Distillation",
+            "",
+            f"Only the patches were trained, by top-{distill['top_k']} logit distillation from "
+            f"`{distill['teacher'] if is_repo_id(distill['teacher']) else base_model}` on "
+            f"{data_info.get('num_windows')} windows x {data_info.get('seq_len')} tokens; lr {distill['lr']}, "
+            f"{distill['epochs']} epoch(s), temperature {distill['temperature']}.",
+        ]
+    if evaluation:
+        lines += ["", "## Evaluation", "", evaluation.strip()]
+    lines += ["", "## Usage", "", _usage(repo_id, adapter=False)]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _adapter_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
+    base = info.config["base_model_name_or_path"]
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation="adapter",
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=["linearpatch", "custom_code", "peft", "ln_tuning"],
+    )
+    body = (
+        f"# {repo_id.split('/')[-1]}\n\nA PEFT adapter holding trained LinearPatch matrices for [`{base}`]"
+        f"(https://huggingface.co/{base}): only the patches were trained (top-K logit distillation).\n\n"
+        f"## Usage\n\n{_usage(repo_id, adapter=True)}"
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+__all__ = ["model_card", "parameter_counts"]

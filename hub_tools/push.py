@@ -1,0 +1,80 @@
+"""Push a validated LinearPatch checkpoint or adapter to the Hub, in one commit, with a generated model card."""
+
+import json
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi
+
+from .card import model_card
+from .validate import InvalidCheckpointError, is_repo_id, validate_folder
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    base_model: str | None = None,
+    token: str | None = None,
+) -> str:
+    r"""
+    Validate `folder`, generate its model card and push everything as a single commit to `repo_id`.
+
+    One commit means an interrupted push leaves no partial revision: either every file lands or none does, and
+    running it again is safe.
+
+    Args:
+        folder (`str` or `Path`): a LinearPatch checkpoint (from `linearpatch prune`/`distill`) or PEFT adapter.
+        repo_id (`str`): `org/name`.
+        private (`bool`, *optional*, defaults to `False`): create the repository private.
+        revision (`str`, *optional*): branch to push to (created if missing); default `main`.
+        commit_message (`str`, *optional*).
+        base_model (`str`, *optional*): Hub id of the model this was made from; required for an adapter whose
+            `base_model_name_or_path` is a local path, and overrides a checkpoint's recorded `base_model`.
+        token (`str`, *optional*): Hub token (default: the logged-in one).
+
+    Returns:
+        `str`: the commit URL.
+    """
+    folder = Path(folder)
+    if not is_repo_id(repo_id):
+        raise InvalidCheckpointError(f"{repo_id!r} is not a Hub repo id (org/name).")
+    if base_model is not None and not is_repo_id(base_model):
+        raise InvalidCheckpointError(f"--base-model {base_model!r} must be a Hub repo id (org/name).")
+    overrides: dict[str, bytes] = {}
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.exists() and base_model:
+        values = json.loads(adapter_config.read_text())
+        values["base_model_name_or_path"] = base_model
+        overrides["adapter_config.json"] = json.dumps(values, indent=2).encode()
+    info = validate_folder(folder, adapter_config_override=overrides.get("adapter_config.json"))
+    if info.kind == "model" and base_model:
+        info.config["base_model"] = base_model
+        values = json.loads((folder / "config.json").read_text())
+        values["base_model"] = base_model
+        overrides["config.json"] = json.dumps(values, indent=2).encode()
+    card = model_card(info, repo_id)
+    overrides["README.md"] = str(card).encode()
+
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=overrides.get(name, str(folder / name)))
+        for name in info.files
+        if name not in ("README.md",)
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=overrides["README.md"]))
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    kind = "adapter" if info.kind == "adapter" else "LinearPatch checkpoint"
+    commit = api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message or f"Upload {kind} ({len(operations)} files) with linearpatch",
+        revision=revision,
+    )
+    return commit.commit_url
+
+
+__all__ = ["push_to_hub"]

@@ -1,0 +1,138 @@
+"""What a pushable (or freshly pulled) LinearPatch folder must hold, checked before anything leaves the machine."""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MODELING_FILES = ("configuration_linearpatch.py", "modeling_linearpatch.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LOCAL_PATH = re.compile(
+    r"(?<![\w/.:-])(?:/(?:home|root|tmp|Users|mnt|var|data|work|opt|scratch)\b[^\s\"']*|~/[^\s\"']*|[A-Za-z]:\\[^\s\"']*)"
+)
+
+
+class InvalidCheckpointError(ValueError):
+    """The folder cannot be pushed (or a pulled snapshot is not what was pushed)."""
+
+
+@dataclass
+class CheckpointInfo:
+    r"""
+    What a LinearPatch folder is.
+
+    Args:
+        path (`Path`): the folder.
+        kind (`str`): `model` (a full LinearPatch checkpoint) or `adapter` (a PEFT adapter of one).
+        config (`dict`): `config.json` (model) or `adapter_config.json` (adapter).
+        files (`list[str]`): every file, relative to `path`.
+    """
+
+    path: Path
+    kind: str
+    config: dict
+    files: list[str] = field(default_factory=list)
+
+
+def is_repo_id(value: str | None) -> bool:
+    """`org/name` on the Hub (not a local path)."""
+    return bool(value) and bool(_REPO_ID.match(value)) and not Path(value).exists()
+
+
+def find_local_paths(text: str) -> list[str]:
+    """Absolute filesystem paths (home, tmp, drive letters ...) mentioned in `text`."""
+    return _LOCAL_PATH.findall(text)
+
+
+def validate_folder(
+    path: str | Path, check_import: bool = True, adapter_config_override: bytes | None = None
+) -> CheckpointInfo:
+    """Check a LinearPatch checkpoint or adapter folder; return what it is.
+
+    A model needs `config.json` with `model_type: linearpatch_llama` and `auto_map`, safetensors weights (no pickle
+    files at all), both modeling files importable without linearpatch installed, and a tokenizer. An adapter needs
+    `adapter_config.json`, `adapter_model.safetensors` and a Hub repo id as `base_model_name_or_path`
+    (`adapter_config_override` is the adapter config that will be pushed instead of the file's).
+
+    Raises:
+        InvalidCheckpointError: naming what is missing or wrong, and how to fix it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InvalidCheckpointError(f"{path} is not a folder.")
+    files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and ".cache" not in f.parts)
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise InvalidCheckpointError(
+            f"{path} holds pickle files {pickles}: only safetensors are pushed (pickles can run code when loaded). "
+            "Re-save with `save_pretrained(..., safe_serialization=True)` and delete them."
+        )
+    if (path / "adapter_config.json").exists():
+        config = json.loads(adapter_config_override or (path / "adapter_config.json").read_text())
+        if "adapter_model.safetensors" not in files:
+            raise InvalidCheckpointError(f"{path} is an adapter without adapter_model.safetensors.")
+        base = config.get("base_model_name_or_path")
+        if not is_repo_id(base):
+            raise InvalidCheckpointError(
+                f"The adapter's base_model_name_or_path is {base!r}, not a Hub repo id: push the pruned model first "
+                "and pass its repo id as --base-model ORG/NAME."
+            )
+        return CheckpointInfo(path, "adapter", config, files)
+    if not (path / "config.json").exists():
+        raise InvalidCheckpointError(f"{path} has no config.json: not a checkpoint.")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "linearpatch_llama":
+        raise InvalidCheckpointError(
+            f"{path} is a {config.get('model_type')!r} model, not linearpatch_llama: "
+            "prune it with `linearpatch prune`."
+        )
+    if not any(f.endswith(".safetensors") for f in files):
+        raise InvalidCheckpointError(f"{path} has no safetensors weights (model.safetensors).")
+    missing = [name for name in MODELING_FILES if name not in files]
+    auto_map = config.get("auto_map", {})
+    if missing or "AutoModelForCausalLM" not in auto_map:
+        raise InvalidCheckpointError(
+            f"{path} lacks the remote-code files {missing or ''} or auto_map: users without linearpatch could not "
+            "load it. Re-save it with linearpatch installed (`save_pretrained` copies them)."
+        )
+    if not any(name in files for name in TOKENIZER_FILES):
+        raise InvalidCheckpointError(f"{path} has no tokenizer: save it with `tokenizer.save_pretrained(path)`.")
+    if check_import:
+        check_remote_code_imports(path)
+    return CheckpointInfo(path, "model", config, files)
+
+
+def check_remote_code_imports(path: Path) -> None:
+    """Import the folder's `auto_map` classes with `trust_remote_code` in a process without linearpatch."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from linearpatch.integration.checkpoints import LOAD_WITHOUT_PACKAGE
+
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "HF_MODULES_CACHE": str(Path(scratch) / "modules")}
+        result = subprocess.run(
+            [sys.executable, str(LOAD_WITHOUT_PACKAGE), "--import-only", str(path.resolve())],
+            capture_output=True,
+            text=True,
+            cwd=scratch,
+            env=env,
+            timeout=300,
+        )
+    if result.returncode != 0:
+        raise InvalidCheckpointError(
+            f"The modeling files in {path} do not import without linearpatch:\n{result.stderr[-2000:]}"
+        )
+
+
+__all__ = [
+    "CheckpointInfo",
+    "InvalidCheckpointError",
+    "find_local_paths",
+    "is_repo_id",
+    "validate_folder",
+]
