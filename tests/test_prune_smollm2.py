@@ -63,3 +63,21 @@ def test_next_sentence_task_separates_dense_from_plain_pruned(smollm2):
     print("wiki_next_sentence (60 docs, chance 0.25): dense", dense, "plain pruned 20..24", pruned)
     assert dense["acc_norm"] >= 0.40  # far above chance (0.25)
     assert dense["acc_norm"] - pruned["acc_norm"] >= 0.10
+
+
+def test_small_distillation_improves_on_the_training_free_patch(smollm2, calibration, tmp_path):
+    """CI-sized version of the distillation budget (the full one is `python -m bench --sections quality`)."""
+    from linearpatch.integration.distill import distill
+    from linearpatch.integration.teacher_cache import build_teacher_cache
+
+    model, tokenizer = smollm2
+    _, statistics = calibration
+    patched, _ = prune(model, tokenizer, layers=BLOCK, statistics=statistics, progress=False)
+    held_out = token_windows("wikipedia-eval", tokenizer, 8, 256, sampling="chunked")
+    before = chunked_perplexity(patched, held_out)
+    train = token_windows("wikipedia-calibration", tokenizer, 24, 256, seed=1)
+    cache = build_teacher_cache(model, train.input_ids, tmp_path / "cache", top_k=100, progress=False)
+    trained = distill(patched, cache, tmp_path / "run", learning_rate=3e-4, disable_tqdm=True, use_cpu=True)
+    after = chunked_perplexity(trained.merge_and_unload(), held_out)
+    print(f"distillation on 24 x 256 tokens: held-out perplexity {before:.1f} -> {after:.1f}")
+    assert after < 0.95 * before
