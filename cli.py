@@ -49,6 +49,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 for source in args.eval_corpus
             }
     save_checkpoint(pruned, tokenizer, args.output, args.overwrite, {"linearpatch_report.json": report.to_json()})
+    if args.plots:
+        from linearpatch.integration.data import token_windows
+        from linearpatch.integration.plots import write_report_plots
+
+        windows = token_windows("wikipedia-eval", tokenizer, 8, min(256, args.seq_len or 256), seed=args.seed)
+        write_report_plots(model, pruned, windows.input_ids, args.output)
     print(f"Pruned layers {report.pruned_layers} of {report.num_dense_layers} ({report.metric}, patch {report.patch})")
     if report.candidate_scores:
         best = sorted(report.candidate_scores.items(), key=lambda item: item[1], reverse=args.metric == "cosine")[:5]
@@ -129,11 +135,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from linearpatch.integration.checkpoints import atomic_directory, check_output
+    from linearpatch.integration.checkpoints import check_output, write_files_atomically
     from linearpatch.integration.report import comparison, evaluate_model, markdown_table, to_json
 
+    names = {"linearpatch_eval.json", "linearpatch_eval.md"}
     if args.output:
-        check_output(args.output, args.overwrite)
+        for name in names:
+            check_output(Path(args.output) / name, args.overwrite)
     options = dict(
         tasks=args.tasks,
         limit=args.limit or None,
@@ -151,10 +159,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     table = markdown_table(data)
     print(table)
     if args.output:
-        with atomic_directory(args.output, args.overwrite) as staging:
-            (Path(staging) / "linearpatch_eval.json").write_text(to_json(data))
-            (Path(staging) / "linearpatch_eval.md").write_text(table)
-        print(f"Wrote {args.output}/linearpatch_eval.json and .md")
+        # Into any folder, a checkpoint's own included: `linearpatch push` puts the table on the model card.
+        write_files_atomically(
+            args.output, {"linearpatch_eval.json": to_json(data), "linearpatch_eval.md": table}, args.overwrite
+        )
+        print(f"Wrote linearpatch_eval.json and linearpatch_eval.md to {args.output}")
     return 0
 
 
@@ -226,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval-windows", type=int, default=0, help="also report held-out perplexity on N windows")
     prune.add_argument("--eval-seq-len", type=int, default=512)
     prune.add_argument("--eval-corpus", nargs="+", default=["wikipedia-eval", "lee-news"])
+    prune.add_argument("--plots", action="store_true", help="also write the report plots (see `linearpatch report`)")
     prune.add_argument("--output", required=True, help="checkpoint folder to write")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_model_options(prune)
@@ -271,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ppl-windows", type=int, default=16)
     evaluate.add_argument("--seq-len", type=int, default=512, help="perplexity window length (paper: 2048)")
     evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--output", help="folder for linearpatch_eval.json and linearpatch_eval.md")
+    evaluate.add_argument(
+        "--output", help="folder for linearpatch_eval.json/.md (a checkpoint folder: push shows it on the card)"
+    )
     evaluate.add_argument("--overwrite", action="store_true")
     _add_model_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)

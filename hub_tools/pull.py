@@ -8,20 +8,14 @@ from pathlib import Path
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.constants import HF_HUB_OFFLINE
 
+from linearpatch.integration.checkpoints import sha256_file
+
 from .validate import CheckpointInfo, InvalidCheckpointError, validate_folder
 
 
 def git_blob_sha1(path: Path) -> str:
     """The git object id of a file (what the Hub reports for files not stored in LFS)."""
     digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
@@ -37,7 +31,7 @@ def verify_against_hub(repo_id: str, folder: Path, revision: str | None = None, 
         if not local.exists():
             raise InvalidCheckpointError(f"{sibling.rfilename} of {repo_id} is missing from the download.")
         if sibling.lfs is not None:
-            ok = sha256(local) == sibling.lfs.sha256
+            ok = sha256_file(local) == sibling.lfs.sha256
         else:
             ok = sibling.blob_id is None or git_blob_sha1(local) == sibling.blob_id
         if not ok:
@@ -55,7 +49,7 @@ def verify_against_cache(folder: Path) -> int:
             continue
         blob = Path(os.path.realpath(link))
         expected = blob.name
-        actual = sha256(blob) if len(expected) == 64 else git_blob_sha1(blob)
+        actual = sha256_file(blob) if len(expected) == 64 else git_blob_sha1(blob)
         if actual != expected:
             raise InvalidCheckpointError(f"Cached file {link.name} is corrupt (hash {actual} != {expected}).")
         checked += 1

@@ -1,6 +1,7 @@
 """Writing outputs without losing anything: build in a temporary sibling folder, then rename into place."""
 
 import contextlib
+import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +18,15 @@ LOAD_WITHOUT_PACKAGE = Path(__file__).with_name("load_without_package.py")
 
 class OutputExistsError(FileExistsError):
     """The output path exists and overwriting was not asked for."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_output(path: str | Path, overwrite: bool) -> Path:
@@ -48,6 +58,19 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_files_atomically(directory: str | Path, files: dict[str, str], overwrite: bool = False) -> None:
+    """Write text files into `directory` (created if needed), each through a temporary file and a rename; refuse to
+    replace an existing file unless `overwrite`. Nothing is written if any target exists."""
+    directory = Path(directory)
+    for name in files:
+        check_output(directory / name, overwrite)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        staging = directory / f".{name}.{os.getpid()}.tmp"
+        staging.write_text(text)
+        staging.replace(directory / name)
 
 
 def save_checkpoint(
@@ -104,4 +127,12 @@ def logits_without_package(
     return [loaded[f"logits_{index}"] for index in range(len(checkpoints))]
 
 
-__all__ = ["OutputExistsError", "atomic_directory", "check_output", "logits_without_package", "save_checkpoint"]
+__all__ = [
+    "OutputExistsError",
+    "atomic_directory",
+    "check_output",
+    "logits_without_package",
+    "save_checkpoint",
+    "sha256_file",
+    "write_files_atomically",
+]

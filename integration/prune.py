@@ -104,11 +104,15 @@ def prune(
     if explicit is None and not 1 <= num_layers < total:
         raise ValueError(f"Cannot prune {num_layers} of {total} layers: choose 1..{total - 1}.")
 
+    def calibration_windows() -> TokenWindows:
+        if isinstance(calibration, TokenWindows):
+            return calibration
+        return token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed, sampling="random")
+
     needs_statistics = explicit is None or patch != "none"
+    windows = None
     if statistics is None and needs_statistics:
-        windows = calibration
-        if not isinstance(windows, TokenWindows):
-            windows = token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed, sampling="random")
+        windows = calibration_windows()
         regression = [tuple(g) for g in contiguous_gaps(explicit)] if explicit and patch == "lstsq" else []
         distances = (1, num_layers) if explicit is None else (1,)
         statistics = calibrate(model, windows, distances, regression, batch_size=batch_size, progress=progress)
@@ -123,7 +127,13 @@ def prune(
     if patch == "lstsq" and any(gap not in statistics.gram for gap in gaps):
         # The gaps were only known after selection: a second, shorter pass for their Gram matrices.
         extra = calibrate(
-            model, windows, (1,), gaps, batch_size=batch_size, progress=progress, last_layer=max(e for _, e in gaps)
+            model,
+            windows or calibration_windows(),
+            (1,),
+            gaps,
+            batch_size=batch_size,
+            progress=progress,
+            last_layer=max(e for _, e in gaps),
         )
         statistics.gram.update(extra.gram)
 

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .checkpoints import sha256_file
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -41,14 +43,6 @@ def model_fingerprint(model) -> str:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -92,7 +86,7 @@ class TopKTeacherCache:
         if verify:
             for shard in manifest["shards"]:
                 file = path / shard["file"]
-                if not file.exists() or _sha256_file(file) != shard["sha256"]:
+                if not file.exists() or sha256_file(file) != shard["sha256"]:
                     raise ValueError(f"Teacher cache shard {file} is missing or corrupt; rebuild the cache.")
         return cls(path, manifest)
 
@@ -170,7 +164,7 @@ def build_teacher_cache(
             previous
             and previous["windows"] == end - start
             and file.exists()
-            and _sha256_file(file) == previous["sha256"]
+            and sha256_file(file) == previous["sha256"]
         ):
             manifest["shards"].append(previous)
             bar.update(end - start)
@@ -192,7 +186,7 @@ def build_teacher_cache(
         staging = file.with_suffix(f".{os.getpid()}.tmp")
         save_file(tensors, str(staging))
         staging.replace(file)
-        manifest["shards"].append(dict(file=name, windows=end - start, sha256=_sha256_file(file)))
+        manifest["shards"].append(dict(file=name, windows=end - start, sha256=sha256_file(file)))
         _write_manifest(manifest_path, manifest)  # after each shard: an interrupted build resumes from here
     bar.close()
     manifest["complete"] = True

@@ -40,6 +40,7 @@ def test_prune_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
             "2",
             "--eval-seq-len",
             "32",
+            "--plots",
         ]
     )
     assert code == 0
@@ -49,6 +50,9 @@ def test_prune_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
     assert report["calibration"]["num_windows"] == 4 and report["calibration"]["seq_len"] == 32
     assert set(report["evaluation"]) == {"dense", "pruned"}
     assert (output / "tokenizer.json").exists() and (output / "modeling_linearpatch.py").exists()
+    plots = json.loads((output / "linearpatch_plots.json").read_text())
+    assert plots["cosine_heatmap"]["pruned_layers"] == report["pruned_layers"]
+    assert (output / "layer_magnitudes.png").stat().st_size > 1000
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.pruned_layers == report["pruned_layers"]
     assert "Pruned layers" in capsys.readouterr().out

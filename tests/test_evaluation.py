@@ -173,34 +173,33 @@ def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capsys):
         )
         == 0
     )
-    output = tmp_path / "eval"
-    assert (
-        main(
-            [
-                "eval",
-                str(pruned),
-                "--baseline",
-                str(tiny_checkpoint),
-                "--tasks",
-                "wiki_next_sentence",
-                "--limit",
-                "4",
-                "--ppl-corpus",
-                "lee-news",
-                "--ppl-windows",
-                "2",
-                "--seq-len",
-                "64",
-                "--output",
-                str(output),
-            ]
-        )
-        == 0
-    )
-    data = json.loads((output / "linearpatch_eval.json").read_text())
+    arguments = [
+        "eval",
+        str(pruned),
+        "--baseline",
+        str(tiny_checkpoint),
+        "--tasks",
+        "wiki_next_sentence",
+        "--limit",
+        "4",
+        "--ppl-corpus",
+        "lee-news",
+        "--ppl-windows",
+        "2",
+        "--seq-len",
+        "64",
+        "--output",
+        str(pruned),
+    ]
+    assert main(arguments) == 0
+    data = json.loads((pruned / "linearpatch_eval.json").read_text())
     assert [row["name"] for row in data["models"]] == [str(tiny_checkpoint), str(pruned)]
     assert data["models"][1]["pruned_layers"] == [1, 2] and data["models"][1]["parameter_ratio"] < 1
     assert "lee-news" in data["models"][1]["perplexity"]
-    assert "RP %" in (output / "linearpatch_eval.md").read_text()
+    assert "RP %" in (pruned / "linearpatch_eval.md").read_text()
+    assert (pruned / "model.safetensors").exists()  # written beside the checkpoint, which stays whole
+    before = (pruned / "linearpatch_eval.json").read_text()
+    assert main(arguments) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (pruned / "linearpatch_eval.json").read_text() == before
     assert main(["report", str(pruned), "--dense", str(tiny_checkpoint), "--num-samples", "2", "--seq-len", "32"]) == 0
     assert (pruned / "cut_mismatch.png").exists() and (pruned / "linearpatch_plots.json").exists()
