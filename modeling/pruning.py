@@ -86,6 +86,9 @@ def pruned_config(dense_config, pruned_layers: list[int], add_patches: bool = Tr
     values.update({key: value for key, value in metadata.items() if value is not None})
     config = LinearPatchConfig(**values)
     config.architectures = ["LinearPatchForCausalLM"]
+    # save_pretrained adds the entries of the saved class (AutoConfig, AutoModelForCausalLM) to this map; naming
+    # the base model too lets `AutoModel.from_pretrained(..., trust_remote_code=True)` work without the package.
+    config.auto_map = {"AutoModel": "modeling_linearpatch.LinearPatchModel"}
     return config
 
 

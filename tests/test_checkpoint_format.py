@@ -45,7 +45,11 @@ def test_contract_table_reloads_without_package(tmp_path):
             expected.append(pruned(input_ids).logits.float())
         pruned.save_pretrained(tmp_path / name)
         saved = json.loads((tmp_path / name / "config.json").read_text())
-        assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_linearpatch.LinearPatchForCausalLM"
+        assert saved["auto_map"] == {
+            "AutoConfig": "configuration_linearpatch.LinearPatchConfig",
+            "AutoModel": "modeling_linearpatch.LinearPatchModel",
+            "AutoModelForCausalLM": "modeling_linearpatch.LinearPatchForCausalLM",
+        }
         assert (tmp_path / name / "modeling_linearpatch.py").exists()
         assert (tmp_path / name / "configuration_linearpatch.py").exists()
         checkpoints.append(tmp_path / name)
