@@ -113,10 +113,13 @@ def plot_layer_magnitudes(models: dict, input_ids: torch.Tensor, path: Path) -> 
 
 
 @torch.no_grad()
-def cut_mismatch(dense, patched, input_ids: torch.Tensor) -> list[dict]:
+def cut_mismatch(
+    dense, patched, input_ids: torch.Tensor, statistics: CalibrationStatistics | None = None
+) -> list[dict]:
     """Per-channel mean |.| at each cut [s, e): the dense target X_e, the pruned stream before the patch (X_s) and
     after it (X_s P). Channels are those of the residual stream (Figure 1)."""
-    statistics = calibrate(dense, input_ids, distances=(1,), progress=False)
+    if statistics is None:  # the dense per-channel magnitudes of these windows; reuse a pass over them if given
+        statistics = calibrate(dense, input_ids, distances=(1,), progress=False)
     target = statistics.channel_abs_mean.mean(dim=0)  # [L + 1, C]
     gaps = contiguous_gaps(list(patched.config.pruned_layers))
     modules = [
@@ -152,14 +155,16 @@ def cut_mismatch(dense, patched, input_ids: torch.Tensor) -> list[dict]:
     ]
 
 
-def plot_cut_mismatch(dense, patched, input_ids: torch.Tensor, path: Path) -> list[dict]:
+def plot_cut_mismatch(
+    dense, patched, input_ids: torch.Tensor, path: Path, statistics: CalibrationStatistics | None = None
+) -> list[dict]:
     """Plot [`cut_mismatch`]: one panel per cut, channels sorted by the dense target magnitude."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = cut_mismatch(dense, patched, input_ids)
+    data = cut_mismatch(dense, patched, input_ids, statistics)
     figure, axes = plt.subplots(len(data), 1, figsize=(7, 3 * len(data)), squeeze=False)
     for axis, cut in zip(axes[:, 0], data, strict=True):
         order = torch.tensor(cut["target"]).argsort()
@@ -188,7 +193,7 @@ def write_report_plots(dense, patched, input_ids: torch.Tensor, directory: str |
         "layer_magnitudes": plot_layer_magnitudes(
             {"dense": dense, "plain pruned": plain, "patched": patched}, input_ids, directory / "layer_magnitudes.png"
         ),
-        "cut_mismatch": plot_cut_mismatch(dense, patched, input_ids, directory / "cut_mismatch.png")
+        "cut_mismatch": plot_cut_mismatch(dense, patched, input_ids, directory / "cut_mismatch.png", statistics)
         if patched.config.patch_positions
         else [],
     }
