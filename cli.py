@@ -1,190 +1,142 @@
-"""The `linearpatch` command line: prune, distill, eval, report, push, pull."""
+"""The `linearpatch` command line: prune, distill, eval, report, push, pull.
+
+Each command parses its options, calls one function (in `linearpatch.integration` or `linearpatch.hub_tools`) and
+prints what it returns. Bad input ends with one line on stderr that names the problem and the fix (exit 2); an
+interrupt (Ctrl-C, SIGTERM) says what was and was not written (exit 130).
+"""
 
 import argparse
+import signal
 import sys
 
-import torch
 
-DEVICE_DEFAULTS = {"cpu": dict(num_samples=32, seq_len=512), "cuda": dict(num_samples=128, seq_len=2048)}
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (`--num-samples 0` is a mistake, not a request for the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (0 switches the feature off)."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from linearpatch.integration.checkpoints import check_output, save_checkpoint
-    from linearpatch.integration.evaluation import corpus_perplexity
-    from linearpatch.integration.models import base_model_id, load_model
-    from linearpatch.integration.prune import prune
-    from linearpatch.integration.selection import parse_layers
+    from linearpatch.integration.pruning import parse_layers, prune_checkpoint
 
-    check_output(args.output, args.overwrite)
-    device = args.device or _default_device()
-    defaults = DEVICE_DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    pruned, report = prune(
-        model,
-        tokenizer,
+    report = prune_checkpoint(
+        args.model,
+        args.output,
         num_layers=args.num_layers,
         layers=parse_layers(args.layers) if args.layers else None,
         metric=args.metric,
         patch=args.patch,
         calibration=args.calibration,
-        num_samples=args.num_samples or defaults["num_samples"],
-        seq_len=args.seq_len or defaults["seq_len"],
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
         seed=args.seed,
         batch_size=args.batch_size,
-        base_model=base_model_id(args.model),
+        dtype=args.dtype,
+        device=args.device,
+        base_model=args.base_model,
+        eval_windows=args.eval_windows,
+        eval_seq_len=args.eval_seq_len,
+        eval_corpora=args.eval_corpus,
+        plots=args.plots,
+        overwrite=args.overwrite,
     )
-    if args.eval_windows:
-        for name, candidate in (("dense", model), ("pruned", pruned)):
-            report.evaluation[name] = {
-                source: corpus_perplexity(candidate, tokenizer, source, args.eval_windows, args.eval_seq_len)
-                for source in args.eval_corpus
-            }
-    save_checkpoint(pruned, tokenizer, args.output, args.overwrite, {"linearpatch_report.json": report.to_json()})
-    if args.plots:
-        from linearpatch.integration.data import token_windows
-        from linearpatch.integration.plots import write_report_plots
-
-        windows = token_windows("wikipedia-eval", tokenizer, 8, min(256, args.seq_len or 256), seed=args.seed)
-        write_report_plots(model, pruned, windows.input_ids, args.output)
     print(f"Pruned layers {report.pruned_layers} of {report.num_dense_layers} ({report.metric}, patch {report.patch})")
     if report.candidate_scores:
-        best = sorted(report.candidate_scores.items(), key=lambda item: item[1], reverse=args.metric == "cosine")[:5]
-        print("Top candidates:", ", ".join(f"{start}: {score:.4f}" for start, score in best))
+        print("Top candidates:", ", ".join(f"{start}: {score:.4f}" for start, score in report.top_candidates()))
     for name, values in report.evaluation.items():
         print(f"  {name:>6} perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
-    print(f"Saved to {args.output} (report: linearpatch_report.json)")
+    print(f"Saved to {report.output} (report: linearpatch_report.json{', plots' if args.plots else ''})")
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
+    from linearpatch.integration.distillation import distill_checkpoint
 
-    from linearpatch.integration.checkpoints import atomic_directory, check_output
-    from linearpatch.integration.data import token_windows
-    from linearpatch.integration.distill import build_cache_in_subprocess, distill
-    from linearpatch.integration.models import cache_dir, load_model
-
-    check_output(args.output, args.overwrite)
-    device = args.device or _default_device()
-    # The student (pruned checkpoint) is the only model this process loads; the teacher runs in a child process.
-    student, tokenizer = load_model(args.checkpoint, dtype=args.dtype, device=device)
-    if student.config.model_type != "linearpatch_llama":
-        raise ValueError(f"{args.checkpoint} is not a LinearPatch checkpoint; run `linearpatch prune` first.")
-    windows = token_windows(args.data, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
-    cache_root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher-cache"
-    cache = build_cache_in_subprocess(args.teacher, windows.input_ids, cache_root, args.top_k, device, args.dtype)
-    work_dir = Path(args.work_dir or f"{args.output}.work")
-    overrides = dict(
-        learning_rate=args.lr,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        seed=args.seed,
-        data_seed=args.seed,
-        bf16=args.bf16,
-        activation_checkpointing=args.activation_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        use_cpu=device == "cpu",
-    )
-    if args.max_steps:
-        overrides["max_steps"] = args.max_steps
-    model = distill(
-        student, cache, work_dir, args.temperature, resume_from_checkpoint=args.resume or None, **overrides
-    )
-    recipe = dict(
-        teacher=args.teacher,
+    report = distill_checkpoint(
+        args.checkpoint,
+        args.teacher,
+        args.output,
         top_k=args.top_k,
-        data=windows.describe(),
+        data=args.data,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=args.max_steps,
         temperature=args.temperature,
-        cache=cache.manifest["key"],
-        bytes_per_token=cache.bytes_per_token,
+        seed=args.seed,
+        bf16=args.bf16,
+        activation_checkpointing=args.activation_checkpointing,
+        save_steps=args.save_steps,
+        resume=args.resume,
+        work_dir=args.work_dir,
+        cache_dir=args.cache_dir,
+        adapter_only=args.adapter_only,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
     )
-    with atomic_directory(args.output, args.overwrite) as staging:
-        if args.adapter_only:
-            model.peft_config["default"].base_model_name_or_path = args.checkpoint
-            model.save_pretrained(staging)
-        else:
-            merged = model.merge_and_unload()
-            merged.config.patch_kind = f"{merged.config.patch_kind or 'hadamard'}+distilled"
-            merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "linearpatch_distill.json").write_text(json.dumps(recipe, indent=2))
-    kind = "adapter" if args.adapter_only else "merged checkpoint"
+    loss = f", final loss {report.train_loss:.4f}" if report.train_loss is not None else ""
     print(
-        f"Distilled {cache.num_windows} windows ({cache.bytes_per_token} cache bytes/token); {kind} in {args.output}"
+        f"Distilled {report.data['num_windows']} windows in {report.steps} steps{loss} "
+        f"({report.bytes_per_token} cache bytes/token); {report.kind} written to {report.output}"
     )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from linearpatch.integration.evaluation import compare_models
 
-    from linearpatch.integration.checkpoints import check_output, write_files_atomically
-    from linearpatch.integration.report import comparison, evaluate_model, markdown_table, to_json
-
-    names = {"linearpatch_eval.json", "linearpatch_eval.md"}
-    if args.output:
-        for name in names:
-            check_output(Path(args.output) / name, args.overwrite)
-    options = dict(
+    result = compare_models(
+        args.models,
+        args.baseline,
         tasks=args.tasks,
-        limit=args.limit or None,
+        limit=args.limit,
         corpora=args.ppl_corpus,
         perplexity_windows=args.ppl_windows,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         dtype=args.dtype,
         device=args.device,
+        output=args.output,
+        overwrite=args.overwrite,
     )
-    baseline = evaluate_model(args.baseline, **options)
-    evaluations = [evaluate_model(name, **options) for name in args.models]
-    data = comparison(evaluations, baseline)
-    data["settings"] = {key: value for key, value in options.items() if key not in ("device",)}
-    table = markdown_table(data)
-    print(table)
-    if args.output:
-        # Into any folder, a checkpoint's own included: `linearpatch push` puts the table on the model card.
-        write_files_atomically(
-            args.output, {"linearpatch_eval.json": to_json(data), "linearpatch_eval.md": table}, args.overwrite
-        )
-        print(f"Wrote linearpatch_eval.json and linearpatch_eval.md to {args.output}")
+    print(result.table)
+    print(f"Took {result.seconds / 60:.1f} min (estimated {result.estimate_seconds / 60:.1f}).")
+    if result.written:
+        print(f"Wrote {', '.join(result.written)}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from linearpatch.integration.data import token_windows
-    from linearpatch.integration.models import embedded_name_for, load_model
-    from linearpatch.integration.plots import write_report_plots
+    from linearpatch.integration.evaluation import plot_checkpoint
 
-    patched, tokenizer = load_model(args.checkpoint, dtype="float32", device=args.device)
-    if patched.config.model_type != "linearpatch_llama":
-        raise ValueError(f"{args.checkpoint} is not a LinearPatch checkpoint.")
-    dense_name = args.dense or embedded_name_for(patched.config.base_model)
-    if not dense_name:
-        raise ValueError("The checkpoint does not record its dense model; pass --dense MODEL.")
-    dense, _ = load_model(dense_name, dtype="float32", device=args.device)
-    windows = token_windows(args.data, tokenizer, args.num_samples, args.seq_len, seed=args.seed)
-    write_report_plots(dense, patched, windows.input_ids, args.checkpoint)
-    print(
-        "Wrote cosine_heatmap.png, layer_magnitudes.png, cut_mismatch.png and linearpatch_plots.json "
-        f"to {args.checkpoint}"
+    written = plot_checkpoint(
+        args.checkpoint,
+        dense=args.dense,
+        data=args.data,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
     )
+    print(f"Wrote {', '.join(path.name for path in written)} to {args.checkpoint}")
     return 0
 
 
@@ -210,65 +162,105 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from linearpatch import __version__
 
+    # Choices live with the code that implements them; importing these modules is cheap (no models, no lm-eval).
+    from linearpatch.integration.defaults import CALIBRATION, DISTILLATION, PERPLEXITY, TASK_LIMIT
+    from linearpatch.integration.pruning.patches import PATCH_KINDS
+    from linearpatch.integration.pruning.selection import METRICS
+
+    def sizes(table) -> str:
+        return (
+            f"{table['cpu'].num_samples} x {table['cpu'].seq_len} on CPU, {table['cuda'].num_samples} x "
+            f"{table['cuda'].seq_len} on GPU, {table['quick'].num_samples} x {table['quick'].seq_len} with "
+            "LINEARPATCH_QUICK=1"
+        )
+
+    formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="linearpatch",
         description="Prune decoder layers of Llama-family LLMs and revive them with LinearPatch.",
+        epilog="LINEARPATCH_QUICK=1 shrinks every default size to a smoke test; explicit flags still win.",
     )
     parser.add_argument("--version", action="version", version=f"linearpatch {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    prune = commands.add_parser("prune", help="drop layers and fit a training-free LinearPatch per gap")
+    prune = commands.add_parser(
+        "prune", help="drop layers and fit a training-free LinearPatch per gap", formatter_class=formatter
+    )
     prune.add_argument("model", help="dense model: smollm2-135m (embedded), a local folder, or a Hub id")
     which = prune.add_mutually_exclusive_group(required=True)
-    which.add_argument("--num-layers", type=int, help="how many layers to drop (chosen by --metric)")
+    which.add_argument("--num-layers", type=positive_int, help="how many layers to drop (chosen by --metric)")
     which.add_argument("--layers", help="explicit layers, e.g. 20-24 or 3,7,9 (dense indices)")
-    prune.add_argument("--metric", default="cosine", choices=["cosine", "angular", "block-influence"])
-    prune.add_argument("--patch", default="hadamard", choices=["hadamard", "diag", "scalar", "lstsq", "none"])
-    prune.add_argument("--calibration", default="wikipedia-calibration", help="embedded corpus, file or datasets name")
-    prune.add_argument("--num-samples", type=int, help="calibration windows (default 32 on CPU, 128 on GPU)")
-    prune.add_argument("--seq-len", type=int, help="tokens per window (default 512 on CPU, 2048 on GPU)")
-    prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--batch-size", type=int, default=1)
-    prune.add_argument("--eval-windows", type=int, default=0, help="also report held-out perplexity on N windows")
-    prune.add_argument("--eval-seq-len", type=int, default=512)
-    prune.add_argument("--eval-corpus", nargs="+", default=["wikipedia-eval", "lee-news"])
-    prune.add_argument("--plots", action="store_true", help="also write the report plots (see `linearpatch report`)")
-    prune.add_argument("--output", required=True, help="checkpoint folder to write")
+    prune.add_argument("--metric", default="cosine", choices=METRICS, help="how --num-layers chooses the block")
+    prune.add_argument("--patch", default="hadamard", choices=PATCH_KINDS, help="patch kind fitted per gap")
+    prune.add_argument(
+        "--calibration", default="wikipedia-calibration", help="embedded corpus, .txt/.jsonl file or datasets name"
+    )
+    prune.add_argument("--num-samples", type=positive_int, help=f"calibration windows (default: {sizes(CALIBRATION)})")
+    prune.add_argument("--seq-len", type=positive_int, help="tokens per calibration window (default: see above)")
+    prune.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    prune.add_argument("--batch-size", type=positive_int, default=1, help="windows per calibration forward")
+    prune.add_argument(
+        "--base-model", help="Hub id to record as the dense model (default: the model's own Hub id, if any)"
+    )
+    prune.add_argument(
+        "--eval-windows", type=non_negative_int, default=0, help="also report held-out perplexity on N windows"
+    )
+    prune.add_argument("--eval-seq-len", type=positive_int, help="tokens per evaluation window (default: as eval)")
+    prune.add_argument(
+        "--eval-corpus", nargs="+", default=["wikipedia-eval", "lee-news"], help="corpora for --eval-windows"
+    )
+    prune.add_argument("--plots", action="store_true", help="also write the figures of `linearpatch report`")
+    prune.add_argument("--output", required=True, help="checkpoint folder to create")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_model_options(prune)
     prune.set_defaults(handler=cmd_prune)
 
-    distill = commands.add_parser("distill", help="train only the patches from the dense model's top-K logits")
+    distill = commands.add_parser(
+        "distill", help="train only the patches from the dense model's top-K logits", formatter_class=formatter
+    )
     distill.add_argument("checkpoint", help="a LinearPatch checkpoint (from `linearpatch prune`)")
     distill.add_argument("--teacher", required=True, help="the dense model (run once, in a separate process)")
-    distill.add_argument("--output", required=True)
-    distill.add_argument("--top-k", type=int, default=100)
-    distill.add_argument("--data", default="wikipedia-calibration", help="training text (embedded, file, datasets)")
-    distill.add_argument("--num-samples", type=int, default=256, help="training windows (paper: 5000)")
-    distill.add_argument("--seq-len", type=int, default=512, help="tokens per window (paper: 2048)")
-    distill.add_argument("--epochs", type=float, default=1.0)
-    distill.add_argument("--lr", type=float, default=1e-4)
-    distill.add_argument("--batch-size", type=int, default=1)
-    distill.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    distill.add_argument("--max-steps", type=int, default=0)
-    distill.add_argument("--temperature", type=float, default=1.0)
+    distill.add_argument("--output", required=True, help="folder for the merged checkpoint (or the adapter)")
+    distill.add_argument("--top-k", type=positive_int, default=100, help="teacher log-probabilities kept per token")
+    distill.add_argument(
+        "--data", default="wikipedia-calibration", help="training text (embedded corpus, file, datasets name)"
+    )
+    distill.add_argument("--num-samples", type=positive_int, help=f"training windows (default: {sizes(DISTILLATION)})")
+    distill.add_argument("--seq-len", type=positive_int, help="tokens per training window (default: see above)")
+    distill.add_argument("--epochs", type=float, default=1.0, help="passes over the training windows")
+    distill.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (cosine decay to lr/20)")
+    distill.add_argument("--batch-size", type=positive_int, default=1, help="windows per device per step")
+    distill.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="steps per update")
+    distill.add_argument("--max-steps", type=non_negative_int, default=0, help="stop after N steps (0: no limit)")
+    distill.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     distill.add_argument("--seed", type=int, default=1, help="window sampling and training seed")
-    distill.add_argument("--bf16", action="store_true")
-    distill.add_argument("--activation-checkpointing", action="store_true")
-    distill.add_argument("--save-steps", type=int, default=0, help="Trainer checkpoint every N steps (for --resume)")
+    distill.add_argument("--bf16", action="store_true", help="train in bf16 mixed precision (GPU)")
+    distill.add_argument("--activation-checkpointing", action="store_true", help="trade compute for memory")
+    distill.add_argument(
+        "--save-steps", type=non_negative_int, default=0, help="Trainer checkpoint every N steps (for --resume)"
+    )
     distill.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --work-dir")
-    distill.add_argument("--work-dir", help="Trainer checkpoints (default: OUTPUT.work)")
+    distill.add_argument(
+        "--work-dir", help="Trainer checkpoints with --save-steps (default: OUTPUT.work beside the output)"
+    )
     distill.add_argument("--cache-dir", help="teacher cache root (default: ~/.cache/linearpatch/teacher-cache)")
     distill.add_argument("--adapter-only", action="store_true", help="write only the PEFT adapter, not merged")
-    distill.add_argument("--overwrite", action="store_true")
+    distill.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_model_options(distill)
     distill.set_defaults(handler=cmd_distill)
 
-    evaluate = commands.add_parser("eval", help="compare models: lm-eval accuracy, retained performance, perplexity")
-    evaluate.add_argument("models", nargs="+", help="models to compare (folders, Hub ids, smollm2-135m)")
+    evaluate = commands.add_parser(
+        "eval", help="compare models: lm-eval accuracy, retained performance, perplexity", formatter_class=formatter
+    )
+    evaluate.add_argument("models", nargs="+", help="models to compare (folders, adapters, Hub ids, smollm2-135m)")
     evaluate.add_argument("--baseline", required=True, help="the dense model")
     evaluate.add_argument(
         "--tasks",
@@ -276,55 +268,91 @@ def build_parser() -> argparse.ArgumentParser:
         default=["wiki_next_sentence", "mmlu_dev_offline"],
         help="lm-eval tasks: the offline ones, or lm-eval names (arc_easy, piqa, ...) with Hub access",
     )
-    evaluate.add_argument("--limit", type=int, default=200, help="documents per task (0 = all)")
-    evaluate.add_argument("--ppl-corpus", nargs="*", default=["wikipedia-eval", "lee-news"])
-    evaluate.add_argument("--ppl-windows", type=int, default=16)
-    evaluate.add_argument("--seq-len", type=int, default=512, help="perplexity window length (paper: 2048)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument(
+        "--limit",
+        type=int,
+        default=-1,
+        help=f"documents per task (-1: {TASK_LIMIT['cpu']} on CPU, all on GPU, {TASK_LIMIT['quick']} quick; 0: all)",
+    )
+    evaluate.add_argument(
+        "--ppl-corpus", nargs="*", default=["wikipedia-eval", "lee-news"], help="corpora for chunked perplexity"
+    )
+    evaluate.add_argument(
+        "--ppl-windows", type=positive_int, help=f"windows per corpus (default: {sizes(PERPLEXITY)})"
+    )
+    evaluate.add_argument("--seq-len", type=positive_int, help="perplexity window length (paper: 2048)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size")
     evaluate.add_argument(
         "--output", help="folder for linearpatch_eval.json/.md (a checkpoint folder: push shows it on the card)"
     )
-    evaluate.add_argument("--overwrite", action="store_true")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace existing linearpatch_eval files")
     _add_model_options(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
-    report = commands.add_parser("report", help="write the selection heatmap and magnitude plots next to a checkpoint")
-    report.add_argument("checkpoint")
+    report = commands.add_parser(
+        "report",
+        help="write the selection heatmap and magnitude plots next to a checkpoint",
+        formatter_class=formatter,
+    )
+    report.add_argument("checkpoint", help="a LinearPatch checkpoint folder")
     report.add_argument("--dense", help="the dense model (default: the checkpoint's base_model when available)")
-    report.add_argument("--data", default="wikipedia-eval")
-    report.add_argument("--num-samples", type=int, default=8)
-    report.add_argument("--seq-len", type=int, default=256)
-    report.add_argument("--seed", type=int, default=0)
-    report.add_argument("--device", default=None)
+    report.add_argument("--data", default="wikipedia-eval", help="text for the windows")
+    report.add_argument("--num-samples", type=positive_int, default=8, help="windows")
+    report.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window")
+    report.add_argument("--seed", type=int, default=0, help="seed of the window offsets")
+    report.add_argument("--overwrite", action="store_true", help="replace figures already in the folder")
+    report.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     report.set_defaults(handler=cmd_report)
 
-    push = commands.add_parser("push", help="validate a checkpoint or adapter, write its card, push in one commit")
-    push.add_argument("folder")
+    push = commands.add_parser(
+        "push", help="validate a checkpoint or adapter, write its card, push in one commit", formatter_class=formatter
+    )
+    push.add_argument("folder", help="a checkpoint or adapter folder")
     push.add_argument("repo_id", help="org/name")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--revision", help="branch (default main)")
-    push.add_argument("--commit-message")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch (default: main)")
+    push.add_argument("--commit-message", help="commit message (default: says what was uploaded)")
     push.add_argument("--base-model", help="Hub id of the model it was made from (required for a local adapter)")
     push.set_defaults(handler=cmd_push)
 
-    pull = commands.add_parser("pull", help="download, verify and summarise a LinearPatch repo (works offline)")
-    pull.add_argument("repo_id")
+    pull = commands.add_parser(
+        "pull", help="download, verify and summarise a LinearPatch repo (works offline)", formatter_class=formatter
+    )
+    pull.add_argument("repo_id", help="org/name")
     pull.add_argument("local_dir", nargs="?", help="copy into this folder instead of only the HF cache")
-    pull.add_argument("--revision")
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
     pull.set_defaults(handler=cmd_pull)
     return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = text.splitlines()
+    return lines[0] + (" (...)" if len(lines) > 1 else "")
+
+
+def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, clean staging folders, report
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from huggingface_hub.errors import HfHubHTTPError
+    from linearpatch.common.errors import LinearPatchError
+    from linearpatch.common.files import ledger
 
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.handler(args)
-    except (ValueError, FileExistsError, RuntimeError, HfHubHTTPError) as error:
-        print(f"linearpatch {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\nlinearpatch {args.command}: interrupted; {ledger.summary()}.", file=sys.stderr)
+        return 130
+    except (LinearPatchError, ValueError, OSError) as error:
+        # User-facing errors (bad input, missing files, Hub failures) get one line; bugs keep their traceback.
+        print(f"linearpatch {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import linearpatch
-from linearpatch.integration.calibration import calibrate
 from linearpatch.integration.data import token_windows
 from linearpatch.integration.models import load_model
+from linearpatch.integration.pruning.calibration import calibrate
 from linearpatch.modeling import LinearPatch, prune_state_dict
 
 RESULTS = Path(__file__).parent / "results"
@@ -200,7 +200,7 @@ def _peak_rss_of_calibration(seq_len: int, total_tokens: int, device: str) -> di
         "import torch\n"
         "from bench.__main__ import PeakRss\n"
         "from linearpatch.integration.models import load_model\n"
-        "from linearpatch.integration.calibration import calibrate\n"
+        "from linearpatch.integration.pruning.calibration import calibrate\n"
         f"model, _ = load_model('smollm2-135m', device={device!r})\n"
         f"ids = torch.randint(3, 49152, ({total_tokens // seq_len}, {seq_len}))\n"
         "with torch.no_grad(): model.model(ids[:1, :8])\n"
@@ -242,8 +242,8 @@ def bench_calibration(device: str, quick: bool) -> dict:
 
 
 def bench_distillation(device: str, quick: bool) -> dict:
-    from linearpatch.integration.distill import get_patch_peft_model, top_k_kl_loss
-    from linearpatch.integration.teacher_cache import index_dtype
+    from linearpatch.integration.distillation.teacher_cache import index_dtype
+    from linearpatch.integration.distillation.trainer import get_patch_peft_model, top_k_kl_loss
 
     model, _ = load_model("smollm2-135m", device=device)
     seq_len = 128 if quick else 256
@@ -309,9 +309,9 @@ def bench_checkpoint(device: str, quick: bool) -> dict:
 def bench_quality(device: str, quick: bool, windows: int = 300, seq_len: int = 512, lr: float = 3e-4) -> dict:
     """Issue-4 budget: distill SmolLM2 (layers 20..24 removed) on `windows` Wikipedia windows disjoint from the
     evaluation articles, and compare held-out perplexity with the training-free Hadamard patch."""
-    from linearpatch.integration.distill import distill
-    from linearpatch.integration.evaluation import chunked_perplexity
-    from linearpatch.integration.teacher_cache import build_teacher_cache
+    from linearpatch.integration.distillation.teacher_cache import build_teacher_cache
+    from linearpatch.integration.distillation.trainer import distill
+    from linearpatch.integration.evaluation.perplexity import chunked_perplexity
 
     started = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m", device=device)

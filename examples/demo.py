@@ -14,11 +14,12 @@ import argparse
 import torch
 
 import linearpatch
-from linearpatch.integration.checkpoints import check_output, logits_without_package, save_checkpoint
+from linearpatch.common.files import check_output
+from linearpatch.common.remote_check import logits_without_package
 from linearpatch.integration.data import token_windows
-from linearpatch.integration.evaluation import chunked_perplexity
-from linearpatch.integration.models import DEFAULT_MODEL, base_model_id, load_model
-from linearpatch.integration.selection import parse_layers
+from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+from linearpatch.integration.models import DEFAULT_MODEL, base_model_id, load_model, save_checkpoint
+from linearpatch.integration.pruning.selection import parse_layers
 
 
 def main() -> None:

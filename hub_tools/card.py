@@ -6,7 +6,9 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
-from .validate import CheckpointInfo, InvalidCheckpointError, find_local_paths, is_repo_id
+from linearpatch.common.names import is_repo_id
+
+from .validate import CheckpointInfo, InvalidCheckpointError, find_local_paths
 
 TRANSFORMERS_RANGE = ">=5.0,<6"
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0"}

@@ -8,8 +8,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.constants import HF_HUB_OFFLINE
 
-from linearpatch.integration.checkpoints import sha256_file
+from linearpatch.common.files import sha256_file
 
+from .connection import hub_errors
 from .validate import CheckpointInfo, InvalidCheckpointError, validate_folder
 
 
@@ -103,11 +104,12 @@ def pull(repo_id: str, local_dir: str | Path | None = None, revision: str | None
     Returns:
         `PullSummary`
     """
-    path = Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir, token=token))
-    if HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        verified = verify_against_cache(path)
-    else:
-        verified = verify_against_hub(repo_id, path, revision, token)
+    with hub_errors("pull", repo_id):
+        path = Path(snapshot_download(repo_id, revision=revision, local_dir=local_dir, token=token))
+        if HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            verified = verify_against_cache(path)
+        else:
+            verified = verify_against_hub(repo_id, path, revision, token)
     info = validate_folder(path)
     return PullSummary(repo_id, path, info.kind, verified, _describe(info))
 

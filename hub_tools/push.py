@@ -5,8 +5,11 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
+from linearpatch.common.names import is_repo_id
+
 from .card import model_card
-from .validate import InvalidCheckpointError, is_repo_id, validate_folder
+from .connection import hub_errors
+from .validate import InvalidCheckpointError, validate_folder
 
 
 def push_to_hub(
@@ -64,16 +67,17 @@ def push_to_hub(
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=overrides["README.md"]))
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
     kind = "adapter" if info.kind == "adapter" else "LinearPatch checkpoint"
-    commit = api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or f"Upload {kind} ({len(operations)} files) with linearpatch",
-        revision=revision,
-    )
+    with hub_errors("push to", repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload {kind} ({len(operations)} files) with linearpatch",
+            revision=revision,
+        )
     return commit.commit_url
 
 

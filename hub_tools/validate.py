@@ -5,16 +5,22 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.names import is_repo_id
+from linearpatch.common.remote_check import check_remote_code_imports
+from linearpatch.modeling.configuration_linearpatch import LinearPatchConfig
+
+CHECKPOINT_MODEL_TYPE = LinearPatchConfig.model_type
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODELING_FILES = ("configuration_linearpatch.py", "modeling_linearpatch.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOCAL_PATH = re.compile(
     r"(?<![\w/.:-])(?:/(?:home|root|tmp|Users|mnt|var|data|work|opt|scratch)\b[^\s\"']*|~/[^\s\"']*|[A-Za-z]:\\[^\s\"']*)"
 )
 
 
-class InvalidCheckpointError(ValueError):
+class InvalidCheckpointError(LinearPatchError):
     """The folder cannot be pushed (or a pulled snapshot is not what was pushed)."""
 
 
@@ -34,11 +40,6 @@ class CheckpointInfo:
     kind: str
     config: dict
     files: list[str] = field(default_factory=list)
-
-
-def is_repo_id(value: str | None) -> bool:
-    """`org/name` on the Hub (not a local path)."""
-    return bool(value) and bool(_REPO_ID.match(value)) and not Path(value).exists()
 
 
 def find_local_paths(text: str) -> list[str]:
@@ -83,9 +84,9 @@ def validate_folder(
     if not (path / "config.json").exists():
         raise InvalidCheckpointError(f"{path} has no config.json: not a checkpoint.")
     config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") != "linearpatch_llama":
+    if config.get("model_type") != CHECKPOINT_MODEL_TYPE:
         raise InvalidCheckpointError(
-            f"{path} is a {config.get('model_type')!r} model, not linearpatch_llama: "
+            f"{path} is a {config.get('model_type')!r} model, not {CHECKPOINT_MODEL_TYPE}: "
             "prune it with `linearpatch prune`."
         )
     if not any(f.endswith(".safetensors") for f in files):
@@ -100,39 +101,16 @@ def validate_folder(
     if not any(name in files for name in TOKENIZER_FILES):
         raise InvalidCheckpointError(f"{path} has no tokenizer: save it with `tokenizer.save_pretrained(path)`.")
     if check_import:
-        check_remote_code_imports(path)
+        try:
+            check_remote_code_imports(path)
+        except LinearPatchError as error:
+            raise InvalidCheckpointError(str(error)) from error
     return CheckpointInfo(path, "model", config, files)
-
-
-def check_remote_code_imports(path: Path) -> None:
-    """Import the folder's `auto_map` classes with `trust_remote_code` in a process without linearpatch."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    from linearpatch.integration.checkpoints import LOAD_WITHOUT_PACKAGE
-
-    with tempfile.TemporaryDirectory() as scratch:
-        env = {**os.environ, "HF_MODULES_CACHE": str(Path(scratch) / "modules")}
-        result = subprocess.run(
-            [sys.executable, str(LOAD_WITHOUT_PACKAGE), "--import-only", str(path.resolve())],
-            capture_output=True,
-            text=True,
-            cwd=scratch,
-            env=env,
-            timeout=300,
-        )
-    if result.returncode != 0:
-        raise InvalidCheckpointError(
-            f"The modeling files in {path} do not import without linearpatch:\n{result.stderr[-2000:]}"
-        )
 
 
 __all__ = [
     "CheckpointInfo",
     "InvalidCheckpointError",
     "find_local_paths",
-    "is_repo_id",
     "validate_folder",
 ]

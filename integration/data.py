@@ -10,13 +10,15 @@ Embedded corpora come from installed packages, so the whole flow runs without th
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.files import write_text_atomically
 
 from .models import cache_dir
 
@@ -47,9 +49,7 @@ def _wikipedia_articles() -> list[str]:
             if len(body) > 200:
                 articles.append(f"{title}\n{body}")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    staging = cached.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(json.dumps(articles))
-    staging.replace(cached)
+    write_text_atomically(cached, json.dumps(articles))
     return articles
 
 
@@ -91,7 +91,7 @@ def load_texts(source: str, text_field: str = "text") -> list[str]:
 
             dataset = load_dataset("json", data_files=str(path), split="train")
             if text_field not in dataset.column_names:
-                raise ValueError(f"{path} has no {text_field!r} field (fields: {dataset.column_names}).")
+                raise LinearPatchError(f"{path} has no {text_field!r} field (fields: {dataset.column_names}).")
             texts = list(dataset[text_field])
         else:
             texts = path.read_text(encoding="utf-8").split("\n\n")
@@ -102,14 +102,15 @@ def load_texts(source: str, text_field: str = "text") -> list[str]:
         try:
             dataset = load_dataset(name, config, split=split or "train")
         except Exception as error:
-            raise ValueError(
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise LinearPatchError(
                 f"Cannot load text from {source!r}: not an embedded corpus ({', '.join(EMBEDDED_CORPORA)}), not a "
-                f"local file, and `datasets` failed ({type(error).__name__}: {error})."
+                f"local file, and `datasets` failed ({type(error).__name__}: {first_line}). Check the name."
             ) from error
         texts = list(dataset[text_field])
     texts = [text for text in texts if text and text.strip()]
     if not texts:
-        raise ValueError(f"The text source {source!r} is empty: give a file or dataset with non-empty text.")
+        raise LinearPatchError(f"The text source {source!r} is empty: give a file or dataset with non-empty text.")
     return texts
 
 

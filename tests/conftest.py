@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real Llama models built in-process, the real SmolLM2, and a package-free loader process."""
+"""Session fixtures: the Hugging Face environment (offline, private caches), the real SmolLM2, tiny checkpoints."""
 
 import os
 import tempfile
@@ -13,39 +13,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-
-def tiny_llama(num_layers: int = 6, tied: bool = True, hidden_size: int = 64, seed: int = 0, **overrides):
-    """A real (random-weight) LlamaForCausalLM small enough to run in milliseconds."""
-    torch.manual_seed(seed)
-    values = dict(
-        vocab_size=256,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    values.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**values)).eval()
-    # Random init gives near-identical layers; spread the norms so that layer choice and scales are not degenerate.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight.uniform_(0.5, 2.0)
-            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
-    return model
-
-
-def random_patch(size: int, seed: int, scale: float = 0.2) -> torch.Tensor:
-    """A non-symmetric matrix near the identity, to tell `h @ P` from `h @ P.T`."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.eye(size) + scale * torch.randn(size, size, generator=generator)
+from helpers import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")

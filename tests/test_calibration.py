@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 
-from linearpatch.integration.calibration import calibrate
-from linearpatch.integration.patches import estimate_patch
-from linearpatch.integration.prune import prune
-from linearpatch.integration.selection import candidate_scores, parse_layers, select_layers
-from linearpatch.modeling.hadamard import hadamard_matrix
+from linearpatch.integration.pruning import prune
+from linearpatch.integration.pruning.calibration import calibrate
+from linearpatch.integration.pruning.hadamard import hadamard_matrix
+from linearpatch.integration.pruning.patches import estimate_patch
+from linearpatch.integration.pruning.selection import candidate_scores, parse_layers, select_layers
 
 NUM_LAYERS = 6
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import random_patch, tiny_llama
+from helpers import random_patch, tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from linearpatch.integration.checkpoints import logits_without_package
+from linearpatch.common.remote_check import logits_without_package
 from linearpatch.modeling import (
     LinearPatchConfig,
     LinearPatchForCausalLM,

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from linearpatch.cli import main
-from linearpatch.integration.checkpoints import logits_without_package
+from linearpatch.common.remote_check import logits_without_package
 
 
 def test_console_script_help():

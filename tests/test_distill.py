@@ -5,17 +5,17 @@ import math
 
 import pytest
 import torch
-from conftest import random_patch, tiny_llama
+from helpers import random_patch, tiny_llama
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from linearpatch.integration.checkpoints import logits_without_package
-from linearpatch.integration.distill import distill, get_patch_peft_model, top_k_kl_loss
-from linearpatch.integration.teacher_cache import (
+from linearpatch.common.remote_check import logits_without_package
+from linearpatch.integration.distillation.teacher_cache import (
     TeacherCacheDataset,
     TopKTeacherCache,
     build_teacher_cache,
     index_dtype,
 )
+from linearpatch.integration.distillation.trainer import distill, get_patch_peft_model, top_k_kl_loss
 from linearpatch.modeling import prune_layers
 
 

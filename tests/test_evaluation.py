@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_patch, tiny_llama
+from helpers import random_patch, tiny_llama
 
-from linearpatch.integration.calibration import calibrate
-from linearpatch.integration.evaluation import chunked_perplexity, lm_eval_tasks
-from linearpatch.integration.plots import cosine_matrix, write_report_plots
-from linearpatch.integration.report import (
+from linearpatch.integration.evaluation.comparison import (
     ModelEvaluation,
     average_accuracy,
     comparison,
     markdown_table,
     retained_performance,
 )
-from linearpatch.integration.tasks import OFFLINE_TASKS, build_offline_tasks, mmlu_dev_documents
+from linearpatch.integration.evaluation.figures import cosine_matrix, write_report_plots
+from linearpatch.integration.evaluation.perplexity import chunked_perplexity, lm_eval_tasks
+from linearpatch.integration.evaluation.tasks import OFFLINE_TASKS, build_offline_tasks, mmlu_dev_documents
+from linearpatch.integration.pruning.calibration import calibrate
 from linearpatch.modeling import prune_layers
 
 

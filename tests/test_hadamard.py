@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from linearpatch.modeling.hadamard import SUPPORTED_BASES, factor_hidden_size, hadamard_matrix, hadamard_transform
+from linearpatch.integration.pruning.hadamard import (
+    SUPPORTED_BASES,
+    factor_hidden_size,
+    hadamard_matrix,
+    hadamard_transform,
+)
 
 
 @pytest.mark.parametrize("base", SUPPORTED_BASES)

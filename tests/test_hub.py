@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_patch
+from helpers import random_patch
 from hub_server import start_hub_server
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from linearpatch.common.remote_check import logits_without_package
 from linearpatch.hub_tools import InvalidCheckpointError, model_card, push_to_hub, validate_folder
-from linearpatch.integration.checkpoints import logits_without_package
 from linearpatch.modeling import prune_layers
 
 
@@ -92,7 +92,7 @@ def test_full_checkpoint_round_trip(hub, patched_checkpoint, tmp_path):
 
 
 def test_adapter_round_trip(hub, patched_checkpoint, tmp_path):
-    from linearpatch.integration.distill import get_patch_peft_model
+    from linearpatch.integration.distillation.trainer import get_patch_peft_model
 
     state, endpoint = hub
     path, _ = patched_checkpoint

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from linearpatch.integration.calibration import calibrate
 from linearpatch.integration.data import token_windows
-from linearpatch.integration.evaluation import chunked_perplexity
-from linearpatch.integration.prune import prune
+from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+from linearpatch.integration.pruning import prune
+from linearpatch.integration.pruning.calibration import calibrate
 
 pytestmark = pytest.mark.slow
 BLOCK = list(range(20, 25))
@@ -52,7 +52,7 @@ def test_cosine_choice_on_smollm2_is_reported(smollm2, calibration):
 
 
 def test_next_sentence_task_separates_dense_from_plain_pruned(smollm2):
-    from linearpatch.integration.evaluation import lm_eval_tasks
+    from linearpatch.integration.evaluation.perplexity import lm_eval_tasks
     from linearpatch.modeling import prune_layers
 
     model, tokenizer = smollm2
@@ -67,8 +67,8 @@ def test_next_sentence_task_separates_dense_from_plain_pruned(smollm2):
 
 def test_small_distillation_improves_on_the_training_free_patch(smollm2, calibration, tmp_path):
     """CI-sized version of the distillation budget (the full one is `python -m bench --sections quality`)."""
-    from linearpatch.integration.distill import distill
-    from linearpatch.integration.teacher_cache import build_teacher_cache
+    from linearpatch.integration.distillation.teacher_cache import build_teacher_cache
+    from linearpatch.integration.distillation.trainer import distill
 
     model, tokenizer = smollm2
     _, statistics = calibration

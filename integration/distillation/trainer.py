@@ -8,15 +8,13 @@ Multi-GPU: the same script runs under `accelerate launch` or `torchrun` (Trainer
 `accelerate launch -m linearpatch.cli distill CKPT --teacher MODEL --output OUT`.
 """
 
-import subprocess
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
+
+from linearpatch.common.errors import CheckpointMismatchError
 
 from .teacher_cache import TeacherCacheDataset, TopKTeacherCache
 
@@ -113,7 +111,7 @@ def distillation_arguments(output_dir: str | Path, **overrides) -> TrainingArgum
         num_train_epochs=1,
         optim="adamw_torch",
         remove_unused_columns=False,  # the teacher columns are not forward() arguments
-        logging_steps=10,
+        logging_steps=0.02,  # a ratio of the total steps: about 50 loss lines, and every step of a short run
         save_strategy="no",
         report_to=[],
         seed=0,
@@ -125,39 +123,6 @@ def distillation_arguments(output_dir: str | Path, **overrides) -> TrainingArgum
     return TrainingArguments(**values)
 
 
-def build_cache_in_subprocess(
-    teacher: str,
-    input_ids: torch.Tensor,
-    cache_root: str | Path,
-    top_k: int,
-    device: str | None = None,
-    dtype: str = "float32",
-) -> TopKTeacherCache:
-    """Build (or reuse/resume) the teacher cache in a child process, so the teacher never enters this one."""
-    with tempfile.TemporaryDirectory(prefix="linearpatch-teacher-") as scratch:
-        windows = Path(scratch) / "windows.safetensors"
-        result = Path(scratch) / "cache-path.txt"
-        save_file({"input_ids": input_ids.contiguous()}, str(windows))
-        command = [
-            sys.executable,
-            "-m",
-            "linearpatch.integration.teacher_cache",
-            teacher,
-            str(windows),
-            str(cache_root),
-            "--top-k",
-            str(top_k),
-            "--dtype",
-            dtype,
-            "--result",
-            str(result),
-        ]
-        if device:
-            command += ["--device", device]
-        subprocess.run(command, check=True)
-        return TopKTeacherCache.open(result.read_text().strip())
-
-
 def distill(
     student,
     cache: TopKTeacherCache,
@@ -165,6 +130,7 @@ def distill(
     temperature: float = 1.0,
     resume_from_checkpoint: str | bool | None = None,
     callbacks: list | None = None,
+    return_history: bool = False,
     **training_overrides,
 ):
     """Train only the patches of `student` (a `LinearPatchForCausalLM`) on `cache`; return the trained PEFT model.
@@ -176,13 +142,15 @@ def distill(
         temperature (`float`, *optional*, defaults to 1.0).
         resume_from_checkpoint (`str` or `bool`, *optional*): passed to `Trainer.train`.
         callbacks (`list`, *optional*): Trainer callbacks.
+        return_history (`bool`, *optional*, defaults to `False`): also return the Trainer's log history (losses,
+            learning rates).
         **training_overrides: any `TrainingArguments` field.
     """
     from peft import PeftModel
 
     model = student if isinstance(student, PeftModel) else get_patch_peft_model(student)
     if cache.manifest["vocab_size"] != model.config.vocab_size:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"The teacher cache has vocabulary {cache.manifest['vocab_size']} but the student has "
             f"{model.config.vocab_size}: teacher and student must share a tokenizer."
         )
@@ -195,12 +163,11 @@ def distill(
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    return model
+    return (model, trainer.state.log_history) if return_history else model
 
 
 __all__ = [
     "TopKDistillationTrainer",
-    "build_cache_in_subprocess",
     "collate_teacher_batch",
     "distill",
     "distillation_arguments",

@@ -14,8 +14,11 @@ import random
 import re
 from pathlib import Path
 
-from .data import load_texts
-from .models import cache_dir
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.files import write_files_atomically
+
+from ..data import load_texts
+from ..models import cache_dir
 
 OFFLINE_TASKS = ("wiki_next_sentence", "mmlu_dev_offline")
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande", "wsc273", "race", "copa")
@@ -106,17 +109,48 @@ def build_offline_tasks(directory: str | Path | None = None, num_documents: int 
     directory = Path(directory) if directory else cache_dir() / f"lm_eval_tasks-v{TASKS_VERSION}-{num_documents}"
     if all((directory / f"{task}.yaml").exists() for task in OFFLINE_TASKS):
         return directory
-    directory.mkdir(parents=True, exist_ok=True)
     builders = {
         "wiki_next_sentence": (lambda: next_sentence_documents(num_documents), " "),
         "mmlu_dev_offline": (mmlu_dev_documents, " "),
     }
+    files = {}
     for task, (build, delimiter) in builders.items():
+        files[f"{task}.jsonl"] = "".join(json.dumps(document) + "\n" for document in build())
         data = directory / f"{task}.jsonl"
-        data.write_text("".join(json.dumps(document) + "\n" for document in build()))
-        yaml = _MULTIPLE_CHOICE_YAML.format(task=task, data=data, delimiter=delimiter, version=TASKS_VERSION)
-        (directory / f"{task}.yaml").write_text(yaml)
+        files[f"{task}.yaml"] = _MULTIPLE_CHOICE_YAML.format(
+            task=task, data=data, delimiter=delimiter, version=TASKS_VERSION
+        )
+    # Each file through a temporary one and a rename, data before YAML: a half-built task is never picked up.
+    write_files_atomically(directory, files, overwrite=True)
     return directory
 
 
-__all__ = ["OFFLINE_TASKS", "PAPER_TASKS", "build_offline_tasks", "mmlu_dev_documents", "next_sentence_documents"]
+def task_manager(tasks: list[str], include_path: str | Path | None = None):
+    """An lm-eval `TaskManager` that knows `tasks`: the offline ones (built on first use) and, for any other name,
+    lm-eval's own registry.
+
+    Raises:
+        LinearPatchError: for a task name neither knows, before any model is loaded.
+    """
+    from lm_eval.tasks import TaskManager
+
+    offline = [task for task in tasks if task in OFFLINE_TASKS]
+    include = str(include_path) if include_path else (str(build_offline_tasks()) if offline else None)
+    manager = TaskManager(include_path=include, include_defaults=len(offline) < len(tasks))
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise LinearPatchError(
+            f"Unknown lm-eval task(s) {', '.join(unknown)}: use the offline tasks ({', '.join(OFFLINE_TASKS)}) or "
+            f"lm-eval task names such as {', '.join(PAPER_TASKS[:4])} (those need Hub access)."
+        )
+    return manager
+
+
+__all__ = [
+    "OFFLINE_TASKS",
+    "task_manager",
+    "PAPER_TASKS",
+    "build_offline_tasks",
+    "mmlu_dev_documents",
+    "next_sentence_documents",
+]

@@ -2,9 +2,8 @@
 
 import torch
 
-from linearpatch.modeling.hadamard import hadamard_matrix
-
 from .calibration import CalibrationStatistics
+from .hadamard import hadamard_matrix
 
 PATCH_KINDS = ("hadamard", "diag", "scalar", "lstsq", "none")
 _EPS = 1e-12

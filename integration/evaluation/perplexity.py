@@ -5,7 +5,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .data import TokenWindows, token_windows
+from ..data import TokenWindows, token_windows
 
 
 @torch.no_grad()
@@ -57,18 +57,23 @@ def lm_eval_tasks(
     Offline tasks (see `tasks.OFFLINE_TASKS`) are built on first use; other names are lm-eval's own tasks (they
     download their data from the Hub).
     """
+    from unittest import mock
+
+    import lm_eval.loggers.utils
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    from .tasks import OFFLINE_TASKS, build_offline_tasks
+    from .tasks import task_manager
 
-    offline = [task for task in tasks if task in OFFLINE_TASKS]
-    include = include_path or (str(build_offline_tasks()) if offline else None)
-    manager = TaskManager(include_path=include, include_defaults=len(offline) < len(tasks))
+    manager = task_manager(tasks, include_path)
     device = str(next(model.parameters()).device)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", device=device, batch_size=batch_size)
-    results = simple_evaluate(model=wrapped, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    # lm-eval records the git commit of the current directory by running `git describe`, which prints "fatal: not a
+    # git repository" outside one; that commit says nothing about the models evaluated here.
+    with mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", lambda: None):
+        results = simple_evaluate(
+            model=wrapped, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False
+        )
     scores = {}
     for task, values in results["results"].items():
         scores[task] = {

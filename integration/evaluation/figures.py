@@ -1,24 +1,39 @@
 """Figures (matplotlib PNG): the cosine heatmap used for selection, per-layer activation magnitudes of dense /
 plain-pruned / patched models (paper Figure 4), and per-channel magnitude mismatch at each cut (paper Figure 1).
 
-Every plotting function returns the data it drew, so tests check the numbers rather than pixels.
+Every plotting function returns the data it drew and the figure's labels (`figure`: title, axis labels, legend
+entries), so tests check the numbers and the labelling rather than pixels.
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from linearpatch.common.files import staging_path, write_text_atomically
 from linearpatch.modeling import contiguous_gaps
 
-from .calibration import CalibrationStatistics, calibrate
+from ..pruning.calibration import CalibrationStatistics, calibrate
 
 
-def _save_figure(figure, path: Path) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    figure.savefig(staging, dpi=110, bbox_inches="tight")
+def _save_figure(figure, path: Path) -> dict:
+    """Save atomically; return the labels a reader relies on (per axis: title, x/y labels, legend entries)."""
+    staging = staging_path(path)
+    figure.savefig(staging, dpi=110, bbox_inches="tight", format="png")
     staging.replace(path)
+    axes = [axis for axis in figure.axes if axis.get_label() != "<colorbar>"]
+    return {
+        "axes": [
+            {
+                "title": axis.get_title(),
+                "xlabel": axis.get_xlabel(),
+                "ylabel": axis.get_ylabel(),
+                "legend": [text.get_text() for text in axis.get_legend().get_texts()] if axis.get_legend() else [],
+            }
+            for axis in axes
+        ]
+    }
 
 
 def cosine_matrix(statistics: CalibrationStatistics) -> torch.Tensor:
@@ -41,15 +56,30 @@ def plot_cosine_heatmap(statistics: CalibrationStatistics, path: Path, pruned_la
     matrix = cosine_matrix(statistics)
     figure, axis = plt.subplots(figsize=(6, 5))
     image = axis.imshow(matrix.numpy(), cmap="viridis", vmin=min(0.0, float(matrix.min())), vmax=1.0)
-    for start, end in contiguous_gaps(list(pruned_layers)):
-        axis.add_patch(plt.Rectangle((start - 0.5, end - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    for number, (start, end) in enumerate(contiguous_gaps(list(pruned_layers))):
+        # Cell (s, e): the similarity of the stream before and after the removed block [s, e).
+        axis.add_patch(
+            plt.Rectangle(
+                (end - 0.5, start - 0.5),
+                1,
+                1,
+                fill=False,
+                edgecolor="red",
+                linewidth=2,
+                label=None if number else "removed block: cos(X_s, X_e)",
+            )
+        )
     axis.set_xlabel("layer input j (L = final norm)")
     axis.set_ylabel("layer input i")
     axis.set_title("cos(X_i, X_j), mean over calibration tokens")
-    figure.colorbar(image)
-    _save_figure(figure, path)
+    if pruned_layers:
+        axis.legend(loc="lower left", fontsize="small")
+    colorbar = figure.colorbar(image)
+    colorbar.ax.set_label("<colorbar>")
+    colorbar.set_label("mean cosine")
+    labels = _save_figure(figure, path)
     plt.close(figure)
-    return {"cosine": matrix.tolist(), "pruned_layers": list(pruned_layers)}
+    return {"cosine": matrix.tolist(), "pruned_layers": list(pruned_layers), "figure": labels}
 
 
 @torch.no_grad()
@@ -88,7 +118,7 @@ def kept_positions(model) -> list[int]:
     return [index for index in range(total) if index not in pruned] + [total]
 
 
-def plot_layer_magnitudes(models: dict, input_ids: torch.Tensor, path: Path) -> dict:
+def plot_layer_magnitudes(models: dict, input_ids: torch.Tensor, path: Path, progress: bool = False) -> dict:
     """Per-layer mean |h| of each model in `models` (name -> model) against dense layer indices (Figure 4)."""
     import matplotlib
 
@@ -97,17 +127,18 @@ def plot_layer_magnitudes(models: dict, input_ids: torch.Tensor, path: Path) -> 
 
     data = {}
     figure, axis = plt.subplots(figsize=(7, 4))
-    for name, model in models.items():
+    for name, model in tqdm(models.items(), desc="layer magnitudes", unit="model", disable=not progress):
         data[name] = {"layers": kept_positions(model), "magnitude": layer_magnitudes(model, input_ids)}
         axis.plot(data[name]["layers"], data[name]["magnitude"], marker="o", markersize=3, label=name)
     pruned = {index for model in models.values() for index in getattr(model.config, "pruned_layers", None) or []}
-    for start, end in contiguous_gaps(sorted(pruned)):  # the removed layers, in grey as in the paper
-        axis.axvspan(start - 0.5, end - 0.5, color="grey", alpha=0.2)
+    for number, (start, end) in enumerate(contiguous_gaps(sorted(pruned))):  # removed layers in grey (the paper's)
+        axis.axvspan(start - 0.5, end - 0.5, color="grey", alpha=0.2, label=None if number else "removed layers")
     axis.set_yscale("log")
+    axis.set_title("Residual-stream magnitude entering each layer (paper Figure 4)")
     axis.set_xlabel("dense layer index (input of layer; last = final norm)")
-    axis.set_ylabel("mean |h|")
+    axis.set_ylabel("mean |h| (log scale)")
     axis.legend()
-    _save_figure(figure, path)
+    data["figure"] = _save_figure(figure, path)
     plt.close(figure)
     return data
 
@@ -166,41 +197,104 @@ def plot_cut_mismatch(
 
     data = cut_mismatch(dense, patched, input_ids, statistics)
     figure, axes = plt.subplots(len(data), 1, figsize=(7, 3 * len(data)), squeeze=False)
+    # The dense target is drawn last, thick and dashed, so the patched curve that follows it cannot hide it.
+    styles = (
+        ("before", "pruned, no patch (X_s)", dict(color="tab:orange", linewidth=1, alpha=0.8)),
+        ("after", "patched (X_s P)", dict(color="tab:green", linewidth=1, alpha=0.9)),
+        ("target", "dense (X_e, the target)", dict(color="black", linewidth=1.6, linestyle="--", zorder=3)),
+    )
     for axis, cut in zip(axes[:, 0], data, strict=True):
         order = torch.tensor(cut["target"]).argsort()
-        for key, label in (("target", "dense X_e (target)"), ("before", "pruned, no patch"), ("after", "patched")):
-            axis.plot(torch.tensor(cut[key])[order].numpy(), label=label, linewidth=1)
+        for key, label, style in styles:
+            axis.plot(torch.tensor(cut[key])[order].numpy(), label=label, **style)
         axis.set_yscale("log")
         axis.set_title(f"channel magnitudes at the cut of layers [{cut['gap'][0]}, {cut['gap'][1]})")
         axis.set_xlabel("channel (sorted by target magnitude)")
+        axis.set_ylabel("mean |h| per channel (log scale)")
         axis.legend()
-    _save_figure(figure, path)
+    labels = _save_figure(figure, path)
     plt.close(figure)
+    for cut in data:
+        cut["figure"] = labels
     return data
 
 
-def write_report_plots(dense, patched, input_ids: torch.Tensor, directory: str | Path) -> dict:
-    """All three figures (and their data, `linearpatch_plots.json`) for a patched model, written into `directory`."""
+PLOT_FILES = ("cosine_heatmap.png", "layer_magnitudes.png", "cut_mismatch.png", "linearpatch_plots.json")
+
+
+def write_report_plots(dense, patched, input_ids: torch.Tensor, directory: str | Path, progress: bool = False) -> dict:
+    """All three figures (and their data, `linearpatch_plots.json`) for a patched model, written into `directory`.
+
+    Cost: one dense pass with every layer distance, then one forward per window of the plain-pruned and patched
+    models (and one more of the patched for the cut mismatch); `progress` shows each step.
+    """
     from linearpatch.modeling import prune_layers
 
     directory = Path(directory)
-    statistics = calibrate(dense, input_ids, distances=range(1, dense.config.num_hidden_layers + 1), progress=False)
+    statistics = calibrate(dense, input_ids, distances=range(1, dense.config.num_hidden_layers + 1), progress=progress)
     plain = prune_layers(dense, patched.config.pruned_layers, add_patches=False)
     data = {
         "cosine_heatmap": plot_cosine_heatmap(
             statistics, directory / "cosine_heatmap.png", patched.config.pruned_layers
         ),
         "layer_magnitudes": plot_layer_magnitudes(
-            {"dense": dense, "plain pruned": plain, "patched": patched}, input_ids, directory / "layer_magnitudes.png"
+            {"dense": dense, "plain pruned": plain, "patched": patched},
+            input_ids,
+            directory / "layer_magnitudes.png",
+            progress=progress,
         ),
         "cut_mismatch": plot_cut_mismatch(dense, patched, input_ids, directory / "cut_mismatch.png", statistics)
         if patched.config.patch_positions
         else [],
     }
-    staging = directory / f".linearpatch_plots.json.{os.getpid()}.tmp"
-    staging.write_text(json.dumps(data))
-    staging.replace(directory / "linearpatch_plots.json")
+    write_text_atomically(directory / "linearpatch_plots.json", json.dumps(data))
     return data
+
+
+def plot_checkpoint(
+    checkpoint: str,
+    dense: str | None = None,
+    data: str = "wikipedia-eval",
+    num_samples: int = 8,
+    seq_len: int = 256,
+    seed: int = 0,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """`linearpatch report`: the figures of a saved checkpoint, written beside it (see [`write_report_plots`]).
+
+    Args:
+        checkpoint (`str`): a LinearPatch checkpoint folder.
+        dense (`str`, *optional*): its dense model (default: the `base_model` it records, if it can be resolved).
+        data (`str`, *optional*, defaults to `"wikipedia-eval"`): text for the windows.
+        overwrite (`bool`, *optional*, defaults to `False`): replace figures already in the folder.
+
+    Returns:
+        `list[Path]`: the files written.
+    """
+    from linearpatch.common.errors import LinearPatchError
+    from linearpatch.common.files import check_output
+
+    from ..data import token_windows
+    from ..models import embedded_name_for, load_config, load_model, load_tokenizer, resolve_device
+
+    device = resolve_device(device)
+    config = load_config(checkpoint, kind="checkpoint")
+    dense = dense or embedded_name_for(config.base_model)
+    if not dense:
+        raise LinearPatchError(f"{checkpoint} does not record its dense model; pass --dense MODEL.")
+    load_config(dense, kind="dense")
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise LinearPatchError(f"{checkpoint} is not a local folder: pull it first (`linearpatch pull`).")
+    for name in PLOT_FILES:
+        check_output(folder / name, overwrite)
+    windows = token_windows(data, load_tokenizer(checkpoint), num_samples, seq_len, seed=seed)
+    patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
+    dense_model, _ = load_model(dense, device=device, kind="dense")
+    write_report_plots(dense_model, patched, windows.input_ids, folder, progress=progress)
+    return [folder / name for name in PLOT_FILES]
 
 
 __all__ = [
@@ -208,6 +302,7 @@ __all__ = [
     "cut_mismatch",
     "kept_positions",
     "layer_magnitudes",
+    "plot_checkpoint",
     "plot_cosine_heatmap",
     "plot_cut_mismatch",
     "plot_layer_magnitudes",

@@ -5,8 +5,8 @@ that determines its content (teacher weights and config, token windows, K, value
 reuses a stale cache. Shards are written atomically and listed in `manifest.json` with their SHA-256; a build
 resumes after the last complete shard, and a corrupt or truncated shard is detected and rebuilt, never trained on.
 
-Run as `python -m linearpatch.integration.teacher_cache TEACHER WINDOWS.safetensors CACHE_ROOT --top-k K` to build
-a cache in a separate process (what `linearpatch distill` does).
+Run as `python -m linearpatch.integration.distillation.teacher_cache TEACHER WINDOWS.safetensors CACHE_ROOT --top-k K`
+to build a cache in a separate process (what `linearpatch distill` does).
 """
 
 import argparse
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoints import sha256_file
+from linearpatch.common.files import clean_stale_staging, sha256_file, staging_path, write_text_atomically
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -130,6 +130,7 @@ def build_teacher_cache(
     key = cache_key(teacher_fingerprint, input_ids, top_k, value_dtype)
     path = Path(cache_root) / key
     path.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(path)  # half-written shards of a killed build
     indices_dtype = index_dtype(vocab_size)
     num_windows, seq_len = input_ids.shape
     plan = [(start, min(start + shard_windows, num_windows)) for start in range(0, num_windows, shard_windows)]
@@ -183,9 +184,9 @@ def build_teacher_cache(
             "values": torch.cat(values).contiguous(),
             "indices": torch.cat(indices).contiguous(),
         }
-        staging = file.with_suffix(f".{os.getpid()}.tmp")
+        staging = staging_path(file)
         save_file(tensors, str(staging))
-        staging.replace(file)
+        os.replace(staging, file)
         manifest["shards"].append(dict(file=name, windows=end - start, sha256=sha256_file(file)))
         _write_manifest(manifest_path, manifest)  # after each shard: an interrupted build resumes from here
     bar.close()
@@ -195,9 +196,7 @@ def build_teacher_cache(
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    staging = path.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(json.dumps(manifest, indent=2))
-    staging.replace(path)
+    write_text_atomically(path, json.dumps(manifest, indent=2))
 
 
 class TeacherCacheDataset(torch.utils.data.Dataset):
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--result", help="write the cache folder's path to this file")
     args = parser.parse_args(argv)
-    from .models import load_model
+    from ..models import load_model
 
     teacher, _ = load_model(args.teacher, dtype=args.dtype, device=args.device)
     input_ids = load_file(args.windows)["input_ids"]

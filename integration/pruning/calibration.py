@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from linearpatch.modeling.hadamard import hadamard_transform
-
-from .data import TokenWindows
+from ..data import TokenWindows
+from .hadamard import hadamard_transform
 
 
 @dataclass

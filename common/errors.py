@@ -1,0 +1,30 @@
+"""The errors that mean "the input is wrong": the CLI prints their message as one line, never a traceback."""
+
+
+class LinearPatchError(ValueError):
+    """Bad input to linearpatch; the message names the problem and the fix."""
+
+
+class OutputExistsError(LinearPatchError, FileExistsError):
+    """The output path exists and overwriting was not asked for."""
+
+
+class ModelNotFoundError(LinearPatchError, FileNotFoundError):
+    """A model name that is neither embedded, a local folder, nor reachable on the Hub."""
+
+
+class UnsupportedModelError(LinearPatchError):
+    """The model's architecture is not one linearpatch can prune."""
+
+
+class CheckpointMismatchError(LinearPatchError):
+    """Weights, adapter or teacher that do not belong to the model they are loaded with."""
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "LinearPatchError",
+    "ModelNotFoundError",
+    "OutputExistsError",
+    "UnsupportedModelError",
+]

@@ -1,0 +1,241 @@
+"""Writing outputs without losing anything: build in a temporary sibling, then rename into place.
+
+Every output of linearpatch (checkpoint folders, reports, cache shards, plots) goes through this module:
+
+- a staging sibling named `.{name}.tmp-{pid}-{random}` is filled, then renamed onto the target in one step that
+  refuses an existing target (Linux `renameat2(RENAME_NOREPLACE)`), so two runs with the same output never both
+  "succeed": the second fails with [`OutputExistsError`] and the first one's output stays;
+- staging folders left by a killed run (their process is gone) are removed on the next run into the same folder;
+- folders are created with the permissions the umask gives, not `mkdtemp`'s 0700;
+- a ledger records what was written and what was being written, so an interrupted command can say so.
+"""
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LinearPatchError, OutputExistsError
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+@dataclass
+class OutputLedger:
+    """What this process has finished writing, what it is writing now, and partial results kept for a resume."""
+
+    written: list[str] = field(default_factory=list)
+    in_progress: list[str] = field(default_factory=list)
+    partial: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for an interrupted run: what exists, what does not, what resumes."""
+        parts = [f"written: {', '.join(self.written)}" if self.written else "nothing was written"]
+        if self.in_progress:
+            parts.append(f"not written (unfinished, removed): {', '.join(self.in_progress)}")
+        parts += [f"{path}: {note}" for path, note in self.partial.items()]
+        return "; ".join(parts)
+
+
+ledger = OutputLedger()
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any expensive work) if `path` exists and `overwrite` is false."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it.")
+    return path
+
+
+def refuse_overlap(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output that is, contains, or lies inside any of `inputs` (role -> local path).
+
+    Writing a pruned model over (or into) the dense model, the teacher, the checkpoint being distilled or the teacher
+    cache would destroy the input, with `--overwrite` even before the new output exists.
+
+    Raises:
+        LinearPatchError: naming the clashing input and what to do.
+    """
+    target = Path(output).expanduser().resolve()
+    for role, source in inputs.items():
+        if source is None or not Path(source).expanduser().exists():
+            continue  # a Hub id or an embedded name that is not converted yet: nothing local to protect
+        source = Path(source).expanduser().resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = "is" if target == source else ("is inside" if source in target.parents else "contains")
+            raise LinearPatchError(
+                f"The output {output} {relation} the {role} {source}: that would overwrite the input. "
+                "Choose an output folder outside it."
+            )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_staging(directory: str | Path) -> list[Path]:
+    """Remove staging leftovers (`.*.tmp-PID-*`, `.*.old-PID-*`) of processes that no longer run in `directory`."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        match = _STAGING.match(entry.name)
+        if match and int(match["pid"]) != os.getpid() and not _process_alive(int(match["pid"])):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def staging_path(path: str | Path, kind: str = "tmp") -> Path:
+    """A fresh sibling name for `path` that [`clean_stale_staging`] recognises once this process is gone."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+_libc = None
+
+
+def rename_no_replace(source: Path, target: Path) -> None:
+    """Rename `source` to `target`, failing with [`OutputExistsError`] if `target` exists (atomically on Linux)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.renameat2  # noqa: B018  (probe: glibc >= 2.28)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        at_fdcwd, rename_noreplace = -100, 1
+        result = _libc.renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), rename_noreplace)
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise OutputExistsError(
+                f"{target} was created by another run while this one worked; its output was kept and this run's "
+                "was discarded. Choose another --output, or pass --overwrite to replace it."
+            )
+        if code not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code), str(target))
+    # No renameat2: a plain rename still refuses a non-empty folder, and the window is as small as it gets.
+    if target.exists():
+        raise OutputExistsError(f"{target} was created by another run while this one worked; choose another --output.")
+    os.rename(source, target)
+
+
+def _make_directory(path: Path) -> None:
+    path.mkdir(parents=True)
+    path.chmod(0o777 & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it becomes `path` in one rename.
+
+    Without `overwrite`, an existing `path` (also one created by another run meanwhile) is never replaced. If the
+    block fails, the temporary folder is removed and an existing `path` is left as it was.
+
+    Raises:
+        OutputExistsError: if `path` exists and `overwrite` is false, before or after the block.
+    """
+    path = check_output(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(path.parent)
+    staging = staging_path(path)
+    _make_directory(staging)
+    ledger.in_progress.append(str(path))
+    try:
+        yield staging
+        if overwrite and path.exists():
+            retired = staging_path(path, "old")
+            os.rename(path, retired)
+            try:
+                rename_no_replace(staging, path)
+            except BaseException:
+                os.rename(retired, path)  # put the old output back rather than lose both
+                raise
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            rename_no_replace(staging, path)
+        ledger.written.append(str(path))
+    finally:
+        ledger.in_progress.remove(str(path))
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomically(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Write one text file through a temporary sibling and a rename (readers never see half a file)."""
+    path = Path(path)
+    staging = staging_path(path)
+    staging.write_text(text)
+    try:
+        if overwrite:
+            os.replace(staging, path)
+        else:
+            rename_no_replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
+
+
+def write_files_atomically(directory: str | Path, files: dict[str, str], overwrite: bool = False) -> None:
+    """Write text files into `directory` (created if needed), each through a temporary file and a rename; refuse to
+    replace an existing file unless `overwrite`. Nothing is written if any target exists."""
+    directory = Path(directory)
+    for name in files:
+        check_output(directory / name, overwrite)
+    if not directory.exists():
+        _make_directory(directory)
+    clean_stale_staging(directory)
+    for name, text in files.items():
+        write_text_atomically(directory / name, text, overwrite)
+        ledger.written.append(str(directory / name))
+
+
+__all__ = [
+    "OutputLedger",
+    "atomic_directory",
+    "check_output",
+    "clean_stale_staging",
+    "ledger",
+    "refuse_overlap",
+    "rename_no_replace",
+    "sha256_file",
+    "staging_path",
+    "write_files_atomically",
+    "write_text_atomically",
+]

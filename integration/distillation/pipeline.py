@@ -1,0 +1,316 @@
+"""`linearpatch distill` end to end: check every input, build the teacher cache in a child process, train only the
+patches under `transformers.Trainer`, save a merged checkpoint or a PEFT adapter atomically.
+
+The teacher never enters the training process: it runs in a child that dies with its parent (Linux
+`PR_SET_PDEATHSIG`), writing its top-K cache shard by shard, so an interrupted run resumes from the last shard.
+"""
+
+import ctypes
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
+from linearpatch.common.files import (
+    atomic_directory,
+    check_output,
+    clean_stale_staging,
+    ledger,
+    refuse_overlap,
+    staging_path,
+)
+
+from ..data import token_windows
+from ..defaults import distillation_sizes
+from .adapter import base_identity, write_adapter_record
+from .teacher_cache import MANIFEST, TopKTeacherCache
+from .trainer import distill
+
+DISTILL_RECORD = "linearpatch_distill.json"
+
+
+@dataclass
+class DistillReport:
+    r"""
+    What `distill_checkpoint` did (saved as `linearpatch_distill.json` beside the result; the model card reads it).
+
+    Args:
+        teacher (`str`): the dense model. top_k (`int`): K. data (`dict`): the training windows.
+        epochs (`float`), lr (`float`), batch_size (`int`), gradient_accumulation_steps (`int`),
+        temperature (`float`): the recipe.
+        cache (`str`): the teacher cache's key. bytes_per_token (`int`): its size per token.
+        output (`str`): where the result was written. kind (`str`): `merged` or `adapter`.
+        train_loss (`float`): mean training loss. steps (`int`): optimiser steps.
+    """
+
+    teacher: str
+    top_k: int
+    data: dict
+    epochs: float
+    lr: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    temperature: float
+    cache: str
+    bytes_per_token: int
+    output: str = ""
+    kind: str = "merged"
+    train_loss: float | None = None
+    steps: int = 0
+    log: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent dies, even by SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+def build_cache_in_subprocess(
+    teacher: str,
+    input_ids: torch.Tensor,
+    cache_root: str | Path,
+    top_k: int,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> TopKTeacherCache:
+    """Build (or reuse/resume) the teacher cache in a child process, so the teacher never enters this one.
+
+    The child is ended if this process ends (interrupt, kill); the token windows it reads are staged inside
+    `cache_root` and removed after, or by the next run if this one was killed.
+    """
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(cache_root)
+    scratch = staging_path(cache_root / "teacher-input")
+    scratch.mkdir()
+    try:
+        windows, result = scratch / "windows.safetensors", scratch / "cache-path.txt"
+        save_file({"input_ids": input_ids.contiguous()}, str(windows))
+        command = [sys.executable, "-m", "linearpatch.integration.distillation.teacher_cache", teacher, str(windows)]
+        command += [str(cache_root), "--top-k", str(top_k), "--dtype", dtype, "--result", str(result)]
+        if device:
+            command += ["--device", device]
+        child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        try:
+            code = child.wait()
+        except BaseException:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            partial = [p for p in cache_root.glob(f"*/{MANIFEST}")]
+            if partial:
+                ledger.partial[str(cache_root)] = (
+                    "the teacher cache keeps its finished shards and resumes on the next run"
+                )
+            raise
+        if code != 0:
+            raise LinearPatchError(f"Building the teacher cache failed (exit {code}); see the messages above.")
+        return TopKTeacherCache.open(result.read_text().strip())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_teacher_matches(teacher: str, student_config, student_tokenizer) -> None:
+    """Refuse a teacher whose vocabulary differs from the student's, from configs and tokenizers only.
+
+    Raises:
+        CheckpointMismatchError: naming both vocabularies.
+    """
+    from ..models import load_config, load_tokenizer
+
+    teacher_config = load_config(teacher, kind="dense")
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise CheckpointMismatchError(
+            f"The teacher {teacher} has a vocabulary of {teacher_config.vocab_size} tokens, the student "
+            f"{student_config.vocab_size}: distillation compares logits token by token, so use the dense model the "
+            f"checkpoint was pruned from ({student_config.base_model or 'see its config'})."
+        )
+    if load_tokenizer(teacher).get_vocab() != student_tokenizer.get_vocab():
+        raise CheckpointMismatchError(
+            f"The teacher {teacher} and the student have different tokenizers (same size, different tokens): use the "
+            "dense model the checkpoint was pruned from."
+        )
+
+
+def distill_checkpoint(
+    checkpoint: str,
+    teacher: str,
+    output: str | Path,
+    top_k: int = 100,
+    data: str = "wikipedia-calibration",
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    epochs: float = 1.0,
+    lr: float = 1e-4,
+    batch_size: int = 1,
+    gradient_accumulation_steps: int = 1,
+    max_steps: int = 0,
+    temperature: float = 1.0,
+    seed: int = 1,
+    bf16: bool = False,
+    activation_checkpointing: bool = False,
+    save_steps: int = 0,
+    resume: bool = False,
+    work_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    adapter_only: bool = False,
+    dtype: str = "float32",
+    device: str | None = None,
+    overwrite: bool = False,
+) -> DistillReport:
+    r"""
+    `linearpatch distill`: train only the patches of `checkpoint` from `teacher`'s top-K logits and save the result.
+
+    Args:
+        checkpoint (`str`): a LinearPatch checkpoint (folder or Hub id).
+        teacher (`str`): the dense model it was pruned from.
+        output (`str` or `Path`): folder for the merged checkpoint (or the adapter with `adapter_only`).
+        num_samples (`int`, *optional*), seq_len (`int`, *optional*): training windows (defaults: see
+            `linearpatch.integration.defaults`).
+        save_steps (`int`, *optional*, defaults to 0): keep a Trainer checkpoint every N steps in `work_dir`
+            (default `OUTPUT.work`, beside the output), so that `resume=True` continues an interrupted run; the
+            work folder is removed once the output is written.
+        cache_dir (`str` or `Path`, *optional*): teacher cache root (default `~/.cache/linearpatch/teacher-cache`).
+        Other arguments: the recipe (paper: AdamW lr 1e-4, weight decay 1e-4, cosine to lr/20, batch 1, one epoch).
+
+    Returns:
+        `DistillReport`
+    """
+    from ..models import cache_dir as default_cache_dir
+    from ..models import (
+        load_config,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_model,
+        save_tokenizer,
+        write_checkpoint_files,
+    )
+
+    output = Path(output)
+    check_output(output, overwrite)
+    device = resolve_device(device)
+    for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("top_k", top_k)):
+        if value is not None and value < 1:
+            raise LinearPatchError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+    student_config = load_config(checkpoint, kind="checkpoint")
+    if not student_config.patch_positions:
+        raise LinearPatchError(f"{checkpoint} was pruned without patches (patch 'none'): there is nothing to train.")
+    if not 1 <= top_k <= student_config.vocab_size:
+        raise LinearPatchError(f"--top-k {top_k} must be in 1..{student_config.vocab_size} (the vocabulary size).")
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "teacher-cache"
+    work_dir = Path(work_dir) if work_dir else output.with_name(f"{output.name}.work")
+    refuse_overlap(
+        output,
+        {
+            "checkpoint": resolve_model(checkpoint),
+            "teacher": resolve_model(teacher),
+            "teacher cache": cache_root,
+            "work folder": work_dir if work_dir.exists() else None,
+        },
+    )
+    if resume and not work_dir.exists():
+        raise LinearPatchError(f"--resume: there is no work folder {work_dir} to resume from; run without --resume.")
+    student_tokenizer = load_tokenizer(checkpoint)
+    check_teacher_matches(teacher, student_config, student_tokenizer)
+    sizes = distillation_sizes(device)
+    windows = token_windows(
+        data, student_tokenizer, num_samples or sizes.num_samples, seq_len or sizes.seq_len, seed=seed
+    )
+
+    cache = build_cache_in_subprocess(teacher, windows.input_ids, cache_root, top_k, device, dtype)
+    # The student (pruned checkpoint) is the only model this process loads.
+    student, tokenizer = load_model(checkpoint, dtype=dtype, device=device, kind="checkpoint")
+    identity = base_identity(student)
+    keep_work = bool(save_steps) or resume
+    overrides = dict(
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        use_cpu=device == "cpu",
+    )
+    if max_steps:
+        overrides["max_steps"] = max_steps
+    trainer_dir = work_dir if keep_work else staging_path(output.parent / f"{output.name}.work")
+    try:
+        model, history = distill(
+            student,
+            cache,
+            trainer_dir,
+            temperature,
+            resume_from_checkpoint=resume or None,
+            return_history=True,
+            **overrides,
+        )
+    finally:
+        if not keep_work:
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    summary = next((entry for entry in history if "train_loss" in entry), {})
+    report = DistillReport(
+        teacher=teacher,
+        top_k=top_k,
+        data=windows.describe(),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        temperature=temperature,
+        cache=cache.manifest["key"],
+        bytes_per_token=cache.bytes_per_token,
+        output=str(output),
+        kind="adapter" if adapter_only else "merged",
+        train_loss=summary.get("train_loss", losses[-1] if losses else None),
+        steps=max((entry.get("step", 0) for entry in history), default=0),
+        log=[entry for entry in history if "loss" in entry],
+    )
+    with atomic_directory(output, overwrite) as staging:
+        if adapter_only:
+            base = resolve_model(checkpoint)
+            local = Path(base).exists()
+            base_path = str(Path(base).resolve()) if local else checkpoint
+            # A local path works on this machine; `linearpatch push --base-model ORG/NAME` replaces it for the Hub.
+            model.peft_config["default"].base_model_name_or_path = base_path
+            model.save_pretrained(staging)
+            write_adapter_record(staging, identity, None if local else checkpoint, base_path)
+            save_tokenizer(tokenizer, staging)
+            (staging / DISTILL_RECORD).write_text(report.to_json())
+        else:
+            merged = model.merge_and_unload()
+            merged.config.patch_kind = f"{merged.config.patch_kind or 'hadamard'}+distilled"
+            write_checkpoint_files(staging, merged, tokenizer, {DISTILL_RECORD: report.to_json()})
+    if keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the result is safe; the Trainer checkpoints are not needed
+    return report
+
+
+__all__ = [
+    "DISTILL_RECORD",
+    "DistillReport",
+    "build_cache_in_subprocess",
+    "check_teacher_matches",
+    "distill_checkpoint",
+]

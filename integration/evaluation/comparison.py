@@ -1,0 +1,292 @@
+"""Side-by-side comparison of dense, pruned, patched and distilled models: accuracy, retained performance, PPL."""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from linearpatch.common.files import check_output, write_files_atomically
+
+from ..data import token_windows
+from ..defaults import perplexity_sizes, task_limit
+from ..models import load_config, load_model, load_tokenizer, resolve_device
+from .perplexity import chunked_perplexity, corpus_perplexity, lm_eval_tasks
+from .tasks import OFFLINE_TASKS, task_manager
+
+EVAL_FILES = ("linearpatch_eval.json", "linearpatch_eval.md")
+DEFAULT_TASKS = ("wiki_next_sentence", "mmlu_dev_offline")
+DEFAULT_PERPLEXITY_CORPORA = ("wikipedia-eval", "lee-news")
+# Tokens one multiple-choice request scores, roughly (context plus one choice) for the offline tasks.
+_TOKENS_PER_REQUEST = 60
+_CHOICES = 4
+
+
+@dataclass
+class ModelEvaluation:
+    r"""
+    Evaluation of one model.
+
+    Args:
+        name (`str`): what the user passed (path, Hub id or embedded name).
+        parameters (`int`): parameter count (tied weights counted once).
+        num_layers (`int`): decoder layers the model runs.
+        pruned_layers (`list[int]`): dense indices it dropped (empty for a dense model).
+        patch_kind (`str`): how its patches were made, if any.
+        tasks (`dict[str, dict[str, float]]`): lm-eval metrics per task (`acc`, `acc_norm` where defined).
+        perplexity (`dict[str, float]`): chunked perplexity per corpus.
+    """
+
+    name: str
+    parameters: int
+    num_layers: int
+    pruned_layers: list[int] = field(default_factory=list)
+    patch_kind: str | None = None
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    perplexity: dict[str, float] = field(default_factory=dict)
+
+
+def primary_accuracy(metrics: dict[str, float]) -> float:
+    """`acc_norm` where the task defines it, else `acc` (the paper's convention)."""
+    return metrics["acc_norm"] if "acc_norm" in metrics else metrics["acc"]
+
+
+def average_accuracy(evaluation: ModelEvaluation) -> float:
+    """Mean over tasks of the primary accuracy, in percent."""
+    values = [primary_accuracy(metrics) for metrics in evaluation.tasks.values()]
+    return 100.0 * sum(values) / len(values) if values else float("nan")
+
+
+def retained_performance(evaluation: ModelEvaluation, baseline: ModelEvaluation) -> float:
+    """RP = mean over tasks of (model accuracy / dense accuracy) x 100: the mean of ratios, not the ratio of means.
+
+    Raises:
+        ValueError: if a task is missing from the baseline, or the baseline scores 0 on it.
+    """
+    ratios = []
+    for task, metrics in evaluation.tasks.items():
+        if task not in baseline.tasks:
+            raise ValueError(f"The baseline was not evaluated on {task!r}; evaluate both on the same tasks.")
+        dense = primary_accuracy(baseline.tasks[task])
+        if dense == 0:
+            raise ValueError(f"The baseline scores 0 on {task!r}: retained performance is undefined.")
+        ratios.append(primary_accuracy(metrics) / dense)
+    return 100.0 * sum(ratios) / len(ratios) if ratios else float("nan")
+
+
+def evaluate_model(
+    name: str,
+    tasks: list[str],
+    limit: int | None = None,
+    corpora: list[str] = (),
+    perplexity_windows: int = 16,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str | None = None,
+    loaded: tuple | None = None,
+) -> ModelEvaluation:
+    """Load `name` (embedded name, folder, adapter folder or Hub id) and evaluate it on `tasks` (lm-eval) and
+    `corpora` (PPL); `loaded` is an already loaded `(model, tokenizer)` of `name`."""
+    model, tokenizer = loaded or load_model(name, dtype=dtype, device=device)
+    config = model.config
+    evaluation = ModelEvaluation(
+        name=name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        num_layers=config.num_hidden_layers,
+        pruned_layers=list(getattr(config, "pruned_layers", None) or []),
+        patch_kind=getattr(config, "patch_kind", None),
+    )
+    if tasks:
+        evaluation.tasks = lm_eval_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
+    for corpus in corpora:
+        evaluation.perplexity[corpus] = corpus_perplexity(model, tokenizer, corpus, perplexity_windows, seq_len)
+    return evaluation
+
+
+def comparison(evaluations: list[ModelEvaluation], baseline: ModelEvaluation) -> dict:
+    """The comparison as JSON-ready data: every model's figures plus average, RP and parameter ratio."""
+    rows = []
+    for evaluation in [baseline, *evaluations]:
+        row = asdict(evaluation)
+        row["average"] = average_accuracy(evaluation)
+        row["retained_performance"] = None
+        if evaluation.tasks:
+            try:
+                row["retained_performance"] = retained_performance(evaluation, baseline)
+            except ValueError as error:  # e.g. the baseline scored 0 on a task: say so instead of failing the run
+                row["retained_performance_note"] = str(error)
+        row["parameter_ratio"] = evaluation.parameters / baseline.parameters
+        rows.append(row)
+    return {"baseline": baseline.name, "models": rows}
+
+
+def markdown_table(data: dict) -> str:
+    """Render [`comparison`] data as a Markdown table (accuracies in percent)."""
+    rows = data["models"]
+    tasks = sorted({task for row in rows for task in row["tasks"]})
+    corpora = sorted({corpus for row in rows for corpus in row["perplexity"]})
+    header = ["model", "dropped layers", "params (ratio)"]
+    for task in tasks:
+        metrics = sorted({m for row in rows for m in row["tasks"].get(task, {}) if m in ("acc", "acc_norm")})
+        header += [f"{task} {metric}" for metric in metrics]
+    header += ["avg", "RP %"] + [f"PPL {corpus}" for corpus in corpora]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row["name"],
+            ",".join(map(str, row["pruned_layers"])) or "-",
+            f"{row['parameters'] / 1e6:.1f}M ({row['parameter_ratio']:.3f})",
+        ]
+        for task in tasks:
+            metrics = sorted({m for r in rows for m in r["tasks"].get(task, {}) if m in ("acc", "acc_norm")})
+            cells += [f"{100 * row['tasks'][task][m]:.2f}" if task in row["tasks"] else "-" for m in metrics]
+        cells.append(f"{row['average']:.2f}" if tasks else "-")
+        cells.append(f"{row['retained_performance']:.2f}" if row["retained_performance"] is not None else "-")
+        cells += [f"{row['perplexity'][c]:.2f}" if c in row["perplexity"] else "-" for c in corpora]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(data: dict) -> str:
+    return json.dumps(data, indent=2)
+
+
+@dataclass
+class ModelComparison:
+    r"""
+    The result of `linearpatch eval`: every model beside the dense baseline.
+
+    Args:
+        data (`dict`): [`comparison`] data plus `settings` (JSON as written to `linearpatch_eval.json`).
+        table (`str`): the Markdown table (`linearpatch_eval.md`).
+        estimate_seconds (`float`): the up-front estimate of the run's time.
+        seconds (`float`): what it took.
+        written (`list[str]`): files written.
+    """
+
+    data: dict
+    table: str
+    estimate_seconds: float = 0.0
+    seconds: float = 0.0
+    written: list[str] = field(default_factory=list)
+
+
+def _measure_tokens_per_second(model, seq_len: int) -> float:
+    window = torch.randint(0, model.config.vocab_size, (1, min(seq_len, 256)), device=next(model.parameters()).device)
+    with torch.no_grad():
+        model(window, use_cache=False)  # warm-up
+        started = time.perf_counter()
+        model(window, use_cache=False)
+    return window.numel() / max(time.perf_counter() - started, 1e-6)
+
+
+def compare_models(
+    models: list[str],
+    baseline: str,
+    tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
+    limit: int | None = -1,
+    corpora: list[str] | tuple[str, ...] = DEFAULT_PERPLEXITY_CORPORA,
+    perplexity_windows: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> ModelComparison:
+    r"""
+    `linearpatch eval`: evaluate the dense baseline and each model on the same tasks and corpora, side by side.
+
+    Every input (devices, models, task names, corpora, output files) is checked before the first model is loaded,
+    and an estimate of the run's time is logged once the baseline is loaded.
+
+    Args:
+        models (`list[str]`): pruned, patched or distilled checkpoints (folders, adapter folders or Hub ids).
+        baseline (`str`): the dense model.
+        tasks (`list[str]`): lm-eval tasks (the offline ones work without the Hub).
+        limit (`int`, *optional*): documents per task; `-1` for the device's default (100 on CPU), `None` or 0 for
+            all.
+        perplexity_windows (`int`, *optional*), seq_len (`int`, *optional*): chunked perplexity windows per corpus
+            (defaults: see `linearpatch.integration.defaults`).
+        output (`str` or `Path`, *optional*): folder for `linearpatch_eval.json` and `.md` (a checkpoint's own
+            folder works: `linearpatch push` puts the table on its card).
+        log (`callable`, *optional*, defaults to `print`): where progress lines go.
+
+    Returns:
+        `ModelComparison`
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    if output is not None:
+        for name in EVAL_FILES:
+            check_output(Path(output) / name, overwrite)
+    for name in (baseline, *models):
+        if not (Path(name) / "adapter_config.json").exists():
+            load_config(name)
+    limit = task_limit(device) if limit == -1 else (limit or None)
+    sizes = perplexity_sizes(device)
+    perplexity_windows = perplexity_windows or sizes.num_samples
+    seq_len = seq_len or sizes.seq_len
+    if tasks:
+        task_manager(list(tasks))
+    tokenizer = load_tokenizer(baseline)
+    windows = {
+        corpus: token_windows(corpus, tokenizer, perplexity_windows, seq_len, sampling="chunked") for corpus in corpora
+    }
+
+    dense = load_model(baseline, dtype=dtype, device=device)
+    known = [task for task in tasks if task in OFFLINE_TASKS]
+    requests = len(known) * (limit or 500) * _CHOICES
+    tokens = requests * _TOKENS_PER_REQUEST + sum(w.input_ids.numel() for w in windows.values())
+    estimate = (1 + len(models)) * tokens / _measure_tokens_per_second(dense[0], seq_len)
+    unknown = "" if len(known) == len(tasks) else " plus the Hub tasks"
+    log(
+        f"Evaluating {1 + len(models)} models: {requests} lm-eval requests{unknown} and "
+        f"{sum(len(w.input_ids) for w in windows.values())} perplexity windows each; estimated "
+        f"{estimate / 60:.1f} min on {device} (lower --limit / --ppl-windows to go faster)."
+    )
+
+    def evaluate(name: str, loaded=None) -> ModelEvaluation:
+        log(f"[{time.perf_counter() - started:.0f}s] evaluating {name}")
+        model, model_tokenizer = loaded or load_model(name, dtype=dtype, device=device)
+        evaluation = evaluate_model(
+            name, list(tasks), limit, [], batch_size=batch_size, loaded=(model, model_tokenizer)
+        )
+        for corpus, corpus_windows in windows.items():
+            evaluation.perplexity[corpus] = chunked_perplexity(model, corpus_windows, progress=True)
+        return evaluation
+
+    baseline_result = evaluate(baseline, dense)
+    del dense
+    results = [evaluate(name) for name in models]
+    data = comparison(results, baseline_result)
+    data["settings"] = dict(
+        tasks=list(tasks),
+        limit=limit,
+        corpora=list(corpora),
+        perplexity_windows=perplexity_windows,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    result = ModelComparison(data, markdown_table(data), estimate, time.perf_counter() - started)
+    if output is not None:
+        write_files_atomically(output, {EVAL_FILES[0]: to_json(data), EVAL_FILES[1]: result.table}, overwrite)
+        result.written = [str(Path(output) / name) for name in EVAL_FILES]
+    return result
+
+
+__all__ = [
+    "ModelComparison",
+    "ModelEvaluation",
+    "compare_models",
+    "average_accuracy",
+    "comparison",
+    "evaluate_model",
+    "markdown_table",
+    "primary_accuracy",
+    "retained_performance",
+]

@@ -1,0 +1,21 @@
+"""Pruning: the calibration pass, block selection, patch estimation (Hadamard and the baselines), `prune`."""
+
+from .calibration import CalibrationStatistics, calibrate
+from .patches import PATCH_KINDS, estimate_patch
+from .pipeline import PruneReport, check_prune_arguments, prune, prune_checkpoint
+from .selection import METRICS, candidate_scores, parse_layers, select_layers
+
+__all__ = [
+    "METRICS",
+    "PATCH_KINDS",
+    "CalibrationStatistics",
+    "PruneReport",
+    "calibrate",
+    "candidate_scores",
+    "check_prune_arguments",
+    "estimate_patch",
+    "parse_layers",
+    "prune",
+    "prune_checkpoint",
+    "select_layers",
+]
