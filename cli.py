@@ -29,6 +29,18 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default, unless the help text already says it (or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # `is`, not `in`: 0 == False, and a default of 0 is worth showing.
+        shown = action.option_strings and not any(action.default is x for x in (None, False, argparse.SUPPRESS))
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from linearpatch.integration.pruning import parse_layers, prune_checkpoint
 
@@ -171,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     from linearpatch import __version__
 
     # Choices live with the code that implements them; importing these modules is cheap (no models, no lm-eval).
-    from linearpatch.integration.defaults import CALIBRATION, DISTILLATION, PERPLEXITY, TASK_LIMIT
+    from linearpatch.integration.defaults import CALIBRATION, DISTILLATION, FIGURES, PERPLEXITY, TASK_LIMIT
     from linearpatch.integration.pruning.patches import PATCH_KINDS
     from linearpatch.integration.pruning.selection import METRICS
 
@@ -182,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
             "LINEARPATCH_QUICK=1"
         )
 
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="linearpatch",
         description="Prune decoder layers of Llama-family LLMs and revive them with LinearPatch.",
@@ -297,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("checkpoint", help="a LinearPatch checkpoint folder")
     report.add_argument("--dense", help="the dense model (default: the checkpoint's base_model when available)")
     report.add_argument("--data", default="wikipedia-eval", help="text for the windows")
-    report.add_argument("--num-samples", type=positive_int, default=8, help="windows")
-    report.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window")
+    report.add_argument("--num-samples", type=positive_int, help=f"windows (default: {sizes(FIGURES)})")
+    report.add_argument("--seq-len", type=positive_int, help="tokens per window (default: see above)")
     report.add_argument("--seed", type=int, default=0, help="seed of the window offsets")
     report.add_argument("--overwrite", action="store_true", help="replace figures already in the folder")
     report.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -341,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     from linearpatch.common.errors import LinearPatchError
     from linearpatch.common.files import ledger
 
+    ledger.reset()
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.handler(args)

@@ -35,6 +35,12 @@ class OutputLedger:
     in_progress: list[str] = field(default_factory=list)
     partial: dict[str, str] = field(default_factory=dict)
 
+    def reset(self) -> None:
+        """Forget earlier commands (each CLI command starts with an empty ledger)."""
+        self.written.clear()
+        self.in_progress.clear()
+        self.partial.clear()
+
     def summary(self) -> str:
         """One line for an interrupted run: what exists, what does not, what resumes."""
         parts = [f"written: {', '.join(self.written)}" if self.written else "nothing was written"]

@@ -18,7 +18,7 @@ from linearpatch.common.files import check_output
 from linearpatch.common.remote_check import logits_without_package
 from linearpatch.integration.data import token_windows
 from linearpatch.integration.evaluation.perplexity import chunked_perplexity
-from linearpatch.integration.models import DEFAULT_MODEL, base_model_id, load_model, save_checkpoint
+from linearpatch.integration.models import DEFAULT_MODEL
 from linearpatch.integration.pruning.selection import parse_layers
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     check_output(args.output, args.overwrite)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = linearpatch.load_model(args.model)
     calibration = token_windows("wikipedia-calibration", tokenizer, args.num_samples, args.seq_len, seed=0)
     layers = None if args.num_layers else parse_layers(args.layers)
     patched, report = linearpatch.prune(
@@ -44,7 +44,6 @@ def main() -> None:
         num_layers=args.num_layers,
         layers=layers,
         calibration=calibration,
-        base_model=base_model_id(args.model),
     )
     plain = linearpatch.prune_layers(model, report.pruned_layers, add_patches=False)
     print(
@@ -69,9 +68,7 @@ def main() -> None:
         print(f"LinearPatch improves plain pruning {rows['plain pruned'][c] / rows['LinearPatch'][c]:.2f}x on {c}")
 
     report.evaluation = rows
-    save_checkpoint(
-        patched, tokenizer, args.output, args.overwrite, extra_files={"linearpatch_report.json": report.to_json()}
-    )
+    linearpatch.save_checkpoint(patched, tokenizer, args.output, args.overwrite, report=report)
     input_ids = evaluation["wikipedia-eval"].input_ids[:1, :128]
     with torch.no_grad():
         expected = patched(input_ids).logits

@@ -28,6 +28,9 @@ class Sizes:
 CALIBRATION = {"cpu": Sizes(32, 512), "cuda": Sizes(128, 2048), "quick": Sizes(4, 64)}
 DISTILLATION = {"cpu": Sizes(256, 512), "cuda": Sizes(5000, 2048), "quick": Sizes(4, 64)}
 PERPLEXITY = {"cpu": Sizes(8, 512), "cuda": Sizes(64, 2048), "quick": Sizes(2, 64)}
+# Figures (`linearpatch report`, `prune --plots`): one dense pass with every layer distance, then a forward of each
+# model per window.
+FIGURES = {"cpu": Sizes(8, 256), "cuda": Sizes(32, 1024), "quick": Sizes(2, 64)}
 # lm-eval documents per task: 100 four-way questions are 400 requests per model, about 2 minutes for SmolLM2 on 2 CPU
 # cores; the full offline tasks would take 5x longer.
 TASK_LIMIT = {"cpu": 100, "cuda": 0, "quick": 8}
@@ -64,6 +67,11 @@ def perplexity_sizes(device: str | torch.device | None = None) -> Sizes:
     return PERPLEXITY[_profile(device)]
 
 
+def figure_sizes(device: str | torch.device | None = None) -> Sizes:
+    """Windows for the figures of `linearpatch report` and `prune --plots`."""
+    return FIGURES[_profile(device)]
+
+
 def task_limit(device: str | torch.device | None = None) -> int | None:
     """lm-eval documents per task for `device` (`None`: every document)."""
     return TASK_LIMIT[_profile(device)] or None
@@ -74,6 +82,7 @@ __all__ = [
     "calibration_sizes",
     "default_device",
     "distillation_sizes",
+    "figure_sizes",
     "perplexity_sizes",
     "quick",
     "task_limit",

@@ -223,8 +223,8 @@ def load_config(name_or_path: str, kind: str | None = None):
 
 
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of a model (never runs remote code: a LinearPatch checkpoint's tokenizer is a stock one)."""
-    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    """The tokenizer of a model. It never runs remote code: a LinearPatch checkpoint's tokenizer is a stock one."""
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=False)
 
 
 def load_model(
@@ -274,8 +274,7 @@ def load_model(
             ) from error
         raise
     model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(path)
 
 
 def save_checkpoint(
@@ -314,22 +313,9 @@ def write_checkpoint_files(folder: Path, model, tokenizer=None, files: dict[str,
     folder; see [`save_checkpoint`] for the atomic version."""
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
-        save_tokenizer(tokenizer, folder)
+        tokenizer.save_pretrained(folder)
     for name, text in (files or {}).items():
         (folder / name).write_text(text)
-
-
-def save_tokenizer(tokenizer, folder: str | Path) -> None:
-    """Save a tokenizer so that it loads without remote code, also from a folder whose config has `auto_map`."""
-    tokenizer.save_pretrained(folder)
-    # Without `tokenizer_class`, AutoTokenizer reads config.json, finds `auto_map` and asks "run custom code? [y/N]"
-    # (or fails without trust_remote_code), although the tokenizer is a stock one. Naming its class avoids that.
-    config_path = Path(folder) / "tokenizer_config.json"
-    if config_path.exists():
-        values = json.loads(config_path.read_text())
-        if not values.get("tokenizer_class"):
-            values["tokenizer_class"] = "PreTrainedTokenizerFast"
-            config_path.write_text(json.dumps(values, indent=2))
 
 
 __all__ = [
@@ -345,6 +331,5 @@ __all__ = [
     "resolve_device",
     "resolve_model",
     "save_checkpoint",
-    "save_tokenizer",
     "write_checkpoint_files",
 ]

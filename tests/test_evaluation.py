@@ -152,8 +152,24 @@ def test_plots_show_the_statistics(tmp_path):
     assert torch.allclose(torch.tensor(cut["before"]), statistics.channel_abs_mean[:, 2].mean(0), rtol=1e-4)
 
 
-def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capsys):
+def test_figures_are_labelled(tmp_path):
+    dense = tiny_llama(seed=2)
+    windows = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    data = write_report_plots(dense, prune_layers(dense, [2, 3], patches=[random_patch(64, 4)]), windows, tmp_path)
+    (heatmap,) = data["cosine_heatmap"]["figure"]["axes"]
+    assert heatmap["legend"] == ["removed block: cos(X_s, X_e)"] and heatmap["title"]
+    (magnitudes,) = data["layer_magnitudes"]["figure"]["axes"]
+    assert magnitudes["title"] and magnitudes["ylabel"]
+    assert magnitudes["legend"] == ["dense", "plain pruned", "patched", "removed layers"]
+    (cut,) = data["cut_mismatch"][0]["figure"]["axes"]
+    assert cut["ylabel"] and cut["xlabel"] and cut["title"]
+    assert cut["legend"][-1].startswith("dense")  # drawn last, on top of the patched curve that follows it
+
+
+def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capfd, monkeypatch):
     from linearpatch.cli import main
+
+    monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval must not print "fatal: not a git repository"
 
     pruned = tmp_path / "pruned"
     assert (
@@ -192,6 +208,8 @@ def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capsys):
         str(pruned),
     ]
     assert main(arguments) == 0
+    out, err = capfd.readouterr()
+    assert "fatal" not in err and "estimated" in out and "RP %" in out
     data = json.loads((pruned / "linearpatch_eval.json").read_text())
     assert [row["name"] for row in data["models"]] == [str(tiny_checkpoint), str(pruned)]
     assert data["models"][1]["pruned_layers"] == [1, 2] and data["models"][1]["parameter_ratio"] < 1
@@ -199,7 +217,11 @@ def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capsys):
     assert "RP %" in (pruned / "linearpatch_eval.md").read_text()
     assert (pruned / "model.safetensors").exists()  # written beside the checkpoint, which stays whole
     before = (pruned / "linearpatch_eval.json").read_text()
-    assert main(arguments) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(arguments) == 2 and "already exists; pass --overwrite" in capfd.readouterr().err
     assert (pruned / "linearpatch_eval.json").read_text() == before
-    assert main(["report", str(pruned), "--dense", str(tiny_checkpoint), "--num-samples", "2", "--seq-len", "32"]) == 0
+    report = ["report", str(pruned), "--dense", str(tiny_checkpoint), "--num-samples", "2", "--seq-len", "32"]
+    assert main(report) == 0
     assert (pruned / "cut_mismatch.png").exists() and (pruned / "linearpatch_plots.json").exists()
+    assert "calibration" in capfd.readouterr().err  # progress of the long steps
+    assert main(report) == 2 and "pass --overwrite" in capfd.readouterr().err
+    assert main([*report, "--overwrite"]) == 0

@@ -112,8 +112,7 @@ def build_cache_in_subprocess(
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
-            partial = [p for p in cache_root.glob(f"*/{MANIFEST}")]
-            if partial:
+            if any(cache_root.glob(f"*/{MANIFEST}")):
                 ledger.partial[str(cache_root)] = (
                     "the teacher cache keeps its finished shards and resumes on the next run"
                 )
@@ -198,7 +197,6 @@ def distill_checkpoint(
         load_tokenizer,
         resolve_device,
         resolve_model,
-        save_tokenizer,
         write_checkpoint_files,
     )
 
@@ -229,9 +227,9 @@ def distill_checkpoint(
     student_tokenizer = load_tokenizer(checkpoint)
     check_teacher_matches(teacher, student_config, student_tokenizer)
     sizes = distillation_sizes(device)
-    windows = token_windows(
-        data, student_tokenizer, num_samples or sizes.num_samples, seq_len or sizes.seq_len, seed=seed
-    )
+    num_samples = sizes.num_samples if num_samples is None else num_samples
+    seq_len = sizes.seq_len if seq_len is None else seq_len
+    windows = token_windows(data, student_tokenizer, num_samples, seq_len, seed=seed)
 
     cache = build_cache_in_subprocess(teacher, windows.input_ids, cache_root, top_k, device, dtype)
     # The student (pruned checkpoint) is the only model this process loads.
@@ -296,7 +294,7 @@ def distill_checkpoint(
             model.peft_config["default"].base_model_name_or_path = base_path
             model.save_pretrained(staging)
             write_adapter_record(staging, identity, None if local else checkpoint, base_path)
-            save_tokenizer(tokenizer, staging)
+            tokenizer.save_pretrained(staging)
             (staging / DISTILL_RECORD).write_text(report.to_json())
         else:
             merged = model.merge_and_unload()

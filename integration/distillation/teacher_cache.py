@@ -252,7 +252,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the parent reports the interrupt; finished shards stay for the resume
+        raise SystemExit(130) from None
 
 
 __all__ = [

@@ -228,8 +228,8 @@ def compare_models(
             load_config(name)
     limit = task_limit(device) if limit == -1 else (limit or None)
     sizes = perplexity_sizes(device)
-    perplexity_windows = perplexity_windows or sizes.num_samples
-    seq_len = seq_len or sizes.seq_len
+    perplexity_windows = sizes.num_samples if perplexity_windows is None else perplexity_windows
+    seq_len = sizes.seq_len if seq_len is None else seq_len
     if tasks:
         task_manager(list(tasks))
     tokenizer = load_tokenizer(baseline)

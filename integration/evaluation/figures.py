@@ -255,8 +255,8 @@ def plot_checkpoint(
     checkpoint: str,
     dense: str | None = None,
     data: str = "wikipedia-eval",
-    num_samples: int = 8,
-    seq_len: int = 256,
+    num_samples: int | None = None,
+    seq_len: int | None = None,
     seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
@@ -268,6 +268,8 @@ def plot_checkpoint(
         checkpoint (`str`): a LinearPatch checkpoint folder.
         dense (`str`, *optional*): its dense model (default: the `base_model` it records, if it can be resolved).
         data (`str`, *optional*, defaults to `"wikipedia-eval"`): text for the windows.
+        num_samples (`int`, *optional*), seq_len (`int`, *optional*): the windows (defaults: see
+            `linearpatch.integration.defaults`).
         overwrite (`bool`, *optional*, defaults to `False`): replace figures already in the folder.
 
     Returns:
@@ -277,6 +279,7 @@ def plot_checkpoint(
     from linearpatch.common.files import check_output
 
     from ..data import token_windows
+    from ..defaults import figure_sizes
     from ..models import embedded_name_for, load_config, load_model, load_tokenizer, resolve_device
 
     device = resolve_device(device)
@@ -290,6 +293,9 @@ def plot_checkpoint(
         raise LinearPatchError(f"{checkpoint} is not a local folder: pull it first (`linearpatch pull`).")
     for name in PLOT_FILES:
         check_output(folder / name, overwrite)
+    sizes = figure_sizes(device)
+    num_samples = sizes.num_samples if num_samples is None else num_samples
+    seq_len = sizes.seq_len if seq_len is None else seq_len
     windows = token_windows(data, load_tokenizer(checkpoint), num_samples, seq_len, seed=seed)
     patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
     dense_model, _ = load_model(dense, device=device, kind="dense")

@@ -59,6 +59,7 @@ def lm_eval_tasks(
     """
     from unittest import mock
 
+    import lm_eval.evaluator
     import lm_eval.loggers.utils
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -70,7 +71,11 @@ def lm_eval_tasks(
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", device=device, batch_size=batch_size)
     # lm-eval records the git commit of the current directory by running `git describe`, which prints "fatal: not a
     # git repository" outside one; that commit says nothing about the models evaluated here.
-    with mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", lambda: None):
+    no_git = lambda: None  # noqa: E731
+    with (
+        mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", no_git),
+        mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", no_git),
+    ):
         results = simple_evaluate(
             model=wrapped, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False
         )

@@ -14,7 +14,7 @@ from linearpatch.common.files import atomic_directory, check_output, refuse_over
 from linearpatch.modeling import LinearPatchForCausalLM, contiguous_gaps, normalize_pruned_layers, prune_layers
 
 from ..data import TokenWindows, token_windows
-from ..defaults import calibration_sizes, perplexity_sizes
+from ..defaults import calibration_sizes, figure_sizes, perplexity_sizes
 from .calibration import CalibrationStatistics, calibrate
 from .hadamard import factor_hidden_size
 from .patches import PATCH_KINDS, estimate_patch, scale_summary
@@ -152,7 +152,11 @@ def prune(
         if isinstance(calibration, TokenWindows):
             return calibration
         return token_windows(
-            calibration, tokenizer, num_samples or sizes.num_samples, seq_len or sizes.seq_len, seed=seed
+            calibration,
+            tokenizer,
+            sizes.num_samples if num_samples is None else num_samples,
+            sizes.seq_len if seq_len is None else seq_len,
+            seed=seed,
         )
 
     needs_statistics = explicit is None or patch != "none"
@@ -267,18 +271,22 @@ def prune_checkpoint(
     refuse_overlap(output, {"dense model": resolve_model(model)})
     explicit = check_prune_arguments(num_layers, layers, metric, patch, config.num_hidden_layers, config.hidden_size)
     sizes = calibration_sizes(device)
-    num_samples, seq_len = num_samples or sizes.num_samples, seq_len or sizes.seq_len
+    num_samples = sizes.num_samples if num_samples is None else num_samples
+    seq_len = sizes.seq_len if seq_len is None else seq_len
     tokenizer = load_tokenizer(model)
     needs_calibration = explicit is None or patch != "none"
     windows = token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed) if needs_calibration else None
-    eval_seq_len = eval_seq_len or perplexity_sizes(device).seq_len
+    eval_seq_len = perplexity_sizes(device).seq_len if eval_seq_len is None else eval_seq_len
     evaluation_windows = {}
     if eval_windows:
         evaluation_windows = {
             corpus: token_windows(corpus, tokenizer, eval_windows, eval_seq_len, sampling="chunked")
             for corpus in eval_corpora
         }
-    plot_windows = token_windows("wikipedia-eval", tokenizer, 8, min(256, seq_len), seed=seed) if plots else None
+    figures = figure_sizes(device)
+    plot_windows = None
+    if plots:
+        plot_windows = token_windows("wikipedia-eval", tokenizer, figures.num_samples, figures.seq_len, seed=seed)
 
     dense, tokenizer = load_model(model, dtype=dtype, device=device, kind="dense")
     pruned, report = prune(

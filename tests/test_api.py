@@ -1,0 +1,62 @@
+"""The Python API as the README shows it (issue #10, finding 8): one public name per step, the same defaults as the
+CLI, and a `base_model` that another machine can resolve."""
+
+import json
+import shutil
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import linearpatch
+from linearpatch.cli import main
+from linearpatch.integration.defaults import CALIBRATION
+
+
+def test_public_names_resolve_lazily():
+    for name in ("load_model", "prune", "save_checkpoint", "prune_layers", "LinearPatchForCausalLM", "PruneReport"):
+        assert callable(getattr(linearpatch, name)), name
+
+
+def test_api_and_cli_use_the_same_default_calibration(tiny_checkpoint, tmp_path):
+    dense, tokenizer = linearpatch.load_model(str(tiny_checkpoint), device="cpu")
+    _, report = linearpatch.prune(dense, tokenizer, num_layers=2, progress=False)
+    cpu = CALIBRATION["cpu"]
+    assert (report.calibration["num_windows"], report.calibration["seq_len"]) == (cpu.num_samples, cpu.seq_len)
+    assert main(["prune", str(tiny_checkpoint), "--num-layers", "2", "--output", str(tmp_path / "cli")]) == 0
+    from_cli = json.loads((tmp_path / "cli" / "linearpatch_report.json").read_text())
+    assert from_cli["calibration"] == {
+        **from_cli["calibration"],
+        "num_windows": cpu.num_samples,
+        "seq_len": cpu.seq_len,
+    }
+    assert from_cli["calibration"]["sha256"] == report.calibration["sha256"]  # the very same windows
+
+
+def test_save_checkpoint_writes_model_tokenizer_and_report(tiny_checkpoint, tmp_path):
+    dense, tokenizer = linearpatch.load_model(str(tiny_checkpoint))
+    pruned, report = linearpatch.prune(dense, tokenizer, layers=[1, 2], num_samples=2, seq_len=16, progress=False)
+    folder = linearpatch.save_checkpoint(pruned, tokenizer, tmp_path / "saved", report=report)
+    assert json.loads((folder / "linearpatch_report.json").read_text())["pruned_layers"] == [1, 2]
+    assert (
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=False)("a b c").input_ids
+        == tokenizer("a b c").input_ids
+    )
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(folder)(ids).logits, pruned(ids).logits)
+
+
+def test_base_model_records_what_another_machine_can_resolve(tiny_checkpoint, tmp_path):
+    # A Hub download (HF cache layout) records its repo id, not the cache path.
+    snapshot = tmp_path / "hub" / "models--some-org--tiny-llama" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_checkpoint, snapshot)
+    dense, tokenizer = linearpatch.load_model(str(snapshot))
+    pruned, report = linearpatch.prune(dense, tokenizer, layers=[2], num_samples=2, seq_len=16, progress=False)
+    assert pruned.config.base_model == report.base_model == "some-org/tiny-llama"
+    # A plain local folder has no identity elsewhere: nothing is recorded (not a path), unless --base-model says so.
+    quick = ["--layers", "2", "--num-samples", "2", "--seq-len", "16"]
+    assert main(["prune", str(tiny_checkpoint), *quick, "--output", str(tmp_path / "local")]) == 0
+    assert json.loads((tmp_path / "local" / "config.json").read_text()).get("base_model") is None
+    output = str(tmp_path / "named")
+    assert main(["prune", str(tiny_checkpoint), *quick, "--base-model", "org/dense", "--output", output]) == 0
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["base_model"] == "org/dense"
