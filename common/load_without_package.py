@@ -5,7 +5,10 @@ This is how a user without the package sees a checkpoint; `checkpoints.logits_wi
 
 usage: load_without_package.py INPUTS.safetensors OUTPUTS.safetensors CHECKPOINT [CHECKPOINT ...]
        load_without_package.py --import-only CHECKPOINT
-A CHECKPOINT written `adapter:PATH_OR_REPO` is a PEFT adapter, loaded with AutoPeftModelForCausalLM and merged.
+A CHECKPOINT is loaded with AutoModelForCausalLM and trust_remote_code, unless prefixed:
+  `adapter:PATH_OR_REPO`  a PEFT adapter, loaded with AutoPeftModelForCausalLM and merged;
+  `base-bf16:PATH`        the base model (AutoModel, as vLLM builds it) in bf16; its last hidden state is returned;
+  `stock:PATH`            an exported stock-architecture folder, loaded *without* trust_remote_code.
 """
 
 import importlib.abc
@@ -52,20 +55,33 @@ def main() -> None:
     input_ids = load_file(inputs)["input_ids"]
     results = {}
     for index, checkpoint in enumerate(checkpoints):
-        if checkpoint.startswith("adapter:"):  # a PEFT adapter of a LinearPatch checkpoint, loaded with stock PEFT
+        kind, _, target = checkpoint.partition(":")
+        if kind not in ("adapter", "base-bf16", "stock"):
+            kind, target = "model", checkpoint
+        if kind == "adapter":  # a PEFT adapter of a LinearPatch checkpoint, loaded with stock PEFT
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(checkpoint[len("adapter:") :], trust_remote_code=True)
-            model = model.merge_and_unload().eval()
+            model = AutoPeftModelForCausalLM.from_pretrained(target, trust_remote_code=True).merge_and_unload()
+        elif kind == "base-bf16":
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(target, trust_remote_code=True, dtype=torch.bfloat16)
+        elif kind == "stock":
+            model = AutoModelForCausalLM.from_pretrained(target)
+            assert model.config.model_type != "linearpatch_llama" and not getattr(model.config, "auto_map", None)
         else:
-            model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+            model = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True)
+        model.eval()
         assert "linearpatch" not in type(model).__module__.split(".")[0], type(model).__module__
-        assert model.config.model_type == "linearpatch_llama", model.config.model_type
-        for name, parameter in model.named_parameters():
-            if "linear_patch" in name and model.config.keep_patch_in_fp32:
-                assert parameter.dtype == torch.float32, (name, parameter.dtype)
+        if kind != "stock":
+            assert model.config.model_type == "linearpatch_llama", model.config.model_type
+            for name, parameter in model.named_parameters():
+                if "linear_patch" in name and model.config.keep_patch_in_fp32:
+                    assert parameter.dtype == torch.float32, (name, parameter.dtype)
         with torch.no_grad():
-            results[f"logits_{index}"] = model(input_ids).logits.float().contiguous()
+            output = model(input_ids)
+        values = output.last_hidden_state if kind == "base-bf16" else output.logits
+        results[f"logits_{index}"] = values.float().contiguous()
     save_file(results, outputs)
     assert not any(name == "linearpatch" or name.startswith("linearpatch.") for name in sys.modules)
 

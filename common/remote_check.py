@@ -16,7 +16,8 @@ LOAD_WITHOUT_PACKAGE = Path(__file__).with_name("load_without_package.py")
 
 
 def _absolute(checkpoint: str) -> str:
-    prefix = "adapter:" if checkpoint.startswith("adapter:") else ""
+    kind, separator, target = checkpoint.partition(":")
+    prefix = f"{kind}:" if separator and kind in ("adapter", "base-bf16", "stock") else ""
     target = checkpoint[len(prefix) :]
     return prefix + (str(Path(target).resolve()) if Path(target).exists() else target)
 
@@ -41,7 +42,9 @@ def logits_without_package(
     Python process where `linearpatch` cannot be imported, and return its logits for `input_ids` (as fp32).
 
     `checkpoints` may be local folders, Hub repo ids (resolved by that process, e.g. through `HF_ENDPOINT` or the HF
-    cache), or `adapter:PATH` for a PEFT adapter (loaded with stock PEFT and merged).
+    cache), `adapter:PATH` for a PEFT adapter (loaded with stock PEFT and merged), `base-bf16:PATH` for the base
+    model in bf16 (its last hidden state is returned), or `stock:PATH` for an exported folder loaded without
+    `trust_remote_code`.
 
     Raises:
         RuntimeError: with the child's output if loading fails there.

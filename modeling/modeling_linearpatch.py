@@ -5,6 +5,7 @@
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -36,7 +37,9 @@ class LinearPatch(nn.Module):
 
     def __init__(self, hidden_size: int, compute_in_fp32: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        # fp32 whatever the default dtype (a model built in bf16 included), as `_keep_in_fp32_modules_strict` promises.
+        dtype = torch.float32 if compute_in_fp32 else None
+        self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size, dtype=dtype))
         self.compute_in_fp32 = compute_in_fp32
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -85,26 +88,43 @@ class LinearPatchPreTrainedModel(LlamaPreTrainedModel):
     _no_split_modules = ["LinearPatchDecoderLayer"]
     _can_record_outputs = {"hidden_states": LinearPatchDecoderLayer, "attentions": LlamaAttention}
 
+    def __init__(self, config: LinearPatchConfig, *inputs, **kwargs):
+        # Not `super().__init__`: in the subclasses' MRO that is LlamaModel/LlamaForCausalLM, which would build every
+        # Llama layer only for it to be replaced.
+        PreTrainedModel.__init__(self, config, *inputs, **kwargs)
+        # Every LinearPatch class (the base `LinearPatchModel` that vLLM builds, too) keeps its patches in fp32 when
+        # loaded in bf16/fp16, unless the config opts out.
+        self._keep_in_fp32_modules_strict = ["linear_patch"] if config.keep_patch_in_fp32 else []
+
     def _init_weights(self, module):
         super()._init_weights(module)
         # A checkpoint without a patch would be refused by `from_pretrained`; a fresh model starts as plain pruning.
+        # `copy_` of an eye made on the weight's own device also works on `meta` (`eye_` builds on the CPU).
         if isinstance(module, LinearPatch):
-            init.eye_(module.weight)
+            weight = module.weight
+            init.copy_(weight, torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device))
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        # transformers only warns about missing/unexpected weights and initialises the missing ones at random. For a
-        # pruned checkpoint that is silent corruption (a truncated file, or a config that does not match the
-        # weights), so refuse instead.
+        # transformers only warns about missing/unexpected weights and initialises the missing ones at random. For the
+        # decoder and its patches that is silent corruption (a truncated file, or a config that does not match the
+        # weights), so refuse it. The head follows transformers' contract: a base-model checkpoint loaded with a head
+        # reports the new head as missing, a causal-LM checkpoint loaded as the base model drops its head, and
+        # `ignore_mismatched_sizes=True` re-initialises a resized embedding or head.
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        resizable = ("lm_head.", "embed_tokens.") if kwargs.get("ignore_mismatched_sizes") else ()
         problems = []
-        if info["missing_keys"]:
-            problems.append(f"weights missing from the checkpoint: {sorted(info['missing_keys'])[:8]}")
-        if info["unexpected_keys"]:
-            problems.append(f"weights the config has no place for: {sorted(info['unexpected_keys'])[:8]}")
-        if info["mismatched_keys"]:
-            problems.append(f"weights of the wrong shape: {sorted(info['mismatched_keys'])[:8]}")
+        missing = [key for key in info["missing_keys"] if not key.startswith("lm_head.")]
+        if missing:
+            problems.append(f"weights missing from the checkpoint: {sorted(missing)[:8]}")
+        unexpected = [key for key in info["unexpected_keys"] if not key.startswith("lm_head.")]
+        if unexpected:
+            problems.append(f"weights the config has no place for: {sorted(unexpected)[:8]}")
+        mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
+        mismatched = [key for key in mismatched if not any(part in key for part in resizable)]
+        if mismatched:
+            problems.append(f"weights of the wrong shape: {sorted(mismatched)[:8]}")
         if problems:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise ValueError(
@@ -139,8 +159,6 @@ class LinearPatchForCausalLM(LinearPatchPreTrainedModel, LlamaForCausalLM):
         self.model = LinearPatchModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Loading a bf16/fp16 checkpoint keeps the patches in fp32 unless the config opts out.
-        self._keep_in_fp32_modules_strict = ["linear_patch"] if config.keep_patch_in_fp32 else []
         self.post_init()
 
 

@@ -33,3 +33,24 @@ def random_patch(size: int, seed: int, scale: float = 0.2) -> torch.Tensor:
     """A non-symmetric matrix near the identity, to tell `h @ P` from `h @ P.T`."""
     generator = torch.Generator().manual_seed(seed)
     return torch.eye(size) + scale * torch.randn(size, size, generator=generator)
+
+
+# The checkpoint contract table: gaps at the start, middle and end, two gaps, tied and untied heads, fp32 and bf16.
+CASES = {
+    "tied-fp32-middle": dict(tied=True, dtype=torch.float32, layers=[2, 3]),
+    "untied-fp32-start": dict(tied=False, dtype=torch.float32, layers=[0, 1]),
+    "tied-fp32-end": dict(tied=True, dtype=torch.float32, layers=[4, 5]),
+    "untied-fp32-two-gaps": dict(tied=False, dtype=torch.float32, layers=[1, 4, 5]),
+    "tied-bf16-middle": dict(tied=True, dtype=torch.bfloat16, layers=[2, 3]),
+    "untied-bf16-start-and-end": dict(tied=False, dtype=torch.bfloat16, layers=[0, 5]),
+}
+
+
+def build_case(tied, dtype, layers, seed=0):
+    """A dense tiny Llama and its pruned LinearPatch model with random non-symmetric patches (one per gap)."""
+    from linearpatch.modeling import contiguous_gaps, prune_layers
+
+    dense = tiny_llama(num_layers=6, tied=tied, seed=seed).to(dtype)
+    num_gaps = len(contiguous_gaps(layers))
+    patches = [random_patch(dense.config.hidden_size, seed=10 + index) for index in range(num_gaps)]
+    return dense, prune_layers(dense, layers, patches=patches, base_model="tiny", selection_metric="manual")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import random_patch, tiny_llama
+from helpers import CASES, build_case, random_patch, tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -17,23 +17,6 @@ from linearpatch.modeling import (
     prune_layers,
     prune_state_dict,
 )
-
-# The contract table: every row must survive save -> load-without-the-package with identical logits.
-CASES = {
-    "tied-fp32-middle": dict(tied=True, dtype=torch.float32, layers=[2, 3]),
-    "untied-fp32-start": dict(tied=False, dtype=torch.float32, layers=[0, 1]),
-    "tied-fp32-end": dict(tied=True, dtype=torch.float32, layers=[4, 5]),
-    "untied-fp32-two-gaps": dict(tied=False, dtype=torch.float32, layers=[1, 4, 5]),
-    "tied-bf16-middle": dict(tied=True, dtype=torch.bfloat16, layers=[2, 3]),
-    "untied-bf16-start-and-end": dict(tied=False, dtype=torch.bfloat16, layers=[0, 5]),
-}
-
-
-def build_case(tied, dtype, layers, seed=0):
-    dense = tiny_llama(num_layers=6, tied=tied, seed=seed).to(dtype)
-    num_gaps = len(contiguous_gaps(layers))
-    patches = [random_patch(dense.config.hidden_size, seed=10 + index) for index in range(num_gaps)]
-    return dense, prune_layers(dense, layers, patches=patches, base_model="tiny", selection_metric="manual")
 
 
 def test_contract_table_reloads_without_package(tmp_path):

@@ -1,0 +1,167 @@
+"""The model classes against transformers' model contract (issue #11): the checks of transformers' common model tests
+that apply to a pruned Llama with patches, run as one table over the checkpoint fixtures."""
+
+import json
+
+import pytest
+import torch
+from helpers import CASES, build_case, random_patch, tiny_llama
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, LlamaModel
+
+from linearpatch.common.remote_check import logits_without_package
+from linearpatch.modeling import LinearPatchConfig, LinearPatchForCausalLM, LinearPatchModel, prune_layers
+
+INPUT_IDS = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def saved_cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    saved = {}
+    for name, case in CASES.items():
+        _, pruned = build_case(**case)
+        pruned.save_pretrained(root / name)
+        saved[name] = (root / name, pruned, case)
+    return saved
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_save_load_round_trip_and_keep_in_fp32(saved_cases, name):
+    path, pruned, case = saved_cases[name]
+    for cls in (LinearPatchForCausalLM, LinearPatchModel):
+        loaded = cls.from_pretrained(path, dtype=case["dtype"])
+        patches = [p for n, p in loaded.named_parameters() if "linear_patch" in n]
+        assert patches and all(p.dtype == torch.float32 for p in patches), cls.__name__
+        others = [p for n, p in loaded.named_parameters() if "linear_patch" not in n]
+        assert all(p.dtype == case["dtype"] for p in others), cls.__name__
+    loaded = LinearPatchForCausalLM.from_pretrained(path, dtype=case["dtype"])
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUT_IDS).logits, pruned(INPUT_IDS).logits)
+
+
+def test_base_model_in_bf16_keeps_patches_fp32_without_the_package(saved_cases):
+    path, pruned, _ = saved_cases["tied-fp32-middle"]
+    (hidden,) = logits_without_package([f"base-bf16:{path}"], INPUT_IDS)  # AutoModel, as vLLM builds it
+    reference = LinearPatchModel.from_pretrained(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(hidden, reference(INPUT_IDS).last_hidden_state.float())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_model_built_in_bf16_hardcodes_fp32_patches(keep):
+    config = build_case(**CASES["tied-fp32-middle"])[1].config
+    config.keep_patch_in_fp32 = keep
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = LinearPatchForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    assert model.model.layers[2].linear_patch.weight.dtype == (torch.float32 if keep else torch.bfloat16)
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert ("linear_patch" in model._keep_in_fp32_modules_strict) == keep
+    assert ("linear_patch" in model.model._keep_in_fp32_modules_strict) == keep
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_meta_device_init_then_identity_patches(name):
+    config = build_case(**CASES[name])[1].config
+    with torch.device("meta"):
+        model = LinearPatchForCausalLM(config)
+    assert all(p.is_meta for p in model.parameters())
+    fresh = LinearPatchForCausalLM(config)  # built normally, a fresh model starts as plain pruning
+    for n, p in fresh.named_parameters():
+        if "linear_patch" in n:
+            assert torch.equal(p, torch.eye(config.hidden_size)), n
+
+
+def test_missing_head_is_reported_not_refused_and_corruption_still_is(tmp_path):
+    pruned = prune_layers(tiny_llama(tied=False), [2, 3], patches=[random_patch(64, 1)])
+    pruned.model.save_pretrained(tmp_path / "base")  # a base-model checkpoint: no head
+    model, info = LinearPatchForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight"} or list(info["missing_keys"]) == ["lm_head.weight"]
+    assert torch.equal(model.model.layers[2].linear_patch.weight, pruned.model.layers[2].linear_patch.weight)
+    pruned.save_pretrained(tmp_path / "full")  # a causal-LM checkpoint loaded as the base model drops its head
+    base = LinearPatchModel.from_pretrained(tmp_path / "full")
+    assert torch.equal(base.norm.weight, pruned.model.norm.weight)
+    assert LinearPatchForCausalLM.from_pretrained(tmp_path / "full", ignore_mismatched_sizes=True) is not None
+    # A mis-shaped decoder weight is corruption, whatever ignore_mismatched_sizes says.
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"] = weights["model.layers.1.mlp.up_proj.weight"][:-1].contiguous()
+    save_file(weights, tmp_path / "full" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="(?i)shape|size"):
+        LinearPatchForCausalLM.from_pretrained(tmp_path / "full", ignore_mismatched_sizes=True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sdpa_equals_eager(saved_cases, name):
+    path, _, case = saved_cases[name]
+    tolerance = 1e-5 if case["dtype"] == torch.float32 else 3e-2
+    with torch.no_grad():
+        sdpa = LinearPatchForCausalLM.from_pretrained(path, attn_implementation="sdpa")(INPUT_IDS).logits
+        eager = LinearPatchForCausalLM.from_pretrained(path, attn_implementation="eager")(INPUT_IDS).logits
+    assert (sdpa.float() - eager.float()).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "fp32" in n])
+def test_left_padded_batch_equals_single(saved_cases, name):
+    path, _, _ = saved_cases[name]
+    model = LinearPatchForCausalLM.from_pretrained(path)
+    short, long = INPUT_IDS[0, :6], INPUT_IDS[1]
+    batch = torch.stack([torch.cat([torch.zeros(4, dtype=torch.long), short]), long])
+    mask = torch.stack(
+        [torch.cat([torch.zeros(4, dtype=torch.long), torch.ones(6, dtype=torch.long)]), torch.ones(10)]
+    )
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask).logits
+        alone = model(short[None]).logits
+        generated = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        single = model.generate(short[None], max_new_tokens=5, do_sample=False)
+    assert (padded[0, 4:] - alone[0]).abs().max().item() <= 1e-4
+    assert torch.equal(generated[0, 4:], single[0])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cache_equals_no_cache(saved_cases, name):
+    path, _, _ = saved_cases[name]
+    model = LinearPatchForCausalLM.from_pretrained(path)
+    prompt = INPUT_IDS[:1, :5]
+    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize(
+    "ours, llama",
+    [(LinearPatchModel, LlamaModel), (LinearPatchForCausalLM, LlamaForCausalLM)],
+    ids=["model", "causal-lm"],
+)
+def test_constructors_do_not_drift_from_llama(ours, llama):
+    """Our `__init__`s restate Llama's (to build each layer once): any attribute or submodule Llama adds must exist
+    here too, so a transformers upgrade that changes Llama fails this test instead of dropping it silently."""
+    values = build_case(**CASES["untied-fp32-two-gaps"])[1].config.to_dict()
+    config = LinearPatchConfig(**{k: v for k, v in values.items() if k not in ("model_type", "architectures")})
+    plain = llama_config_for(config)
+    ours_model, llama_model = ours(config), llama(plain)
+    assert set(vars(llama_model)) <= set(vars(ours_model)), set(vars(llama_model)) - set(vars(ours_model))
+    llama_modules = {n for n, _ in llama_model.named_modules()}
+    our_modules = {n for n, _ in ours_model.named_modules() if "linear_patch" not in n}
+    assert llama_modules == our_modules, llama_modules ^ our_modules
+    ours_by_name = dict(ours_model.named_modules())
+    for name, module in llama_model.named_modules():
+        assert isinstance(ours_by_name[name], type(module)), name  # every Llama module, or a subclass of it
+
+
+def llama_config_for(config):
+    from transformers import LlamaConfig
+
+    keep = {k: v for k, v in config.to_dict().items() if k in LlamaConfig().to_dict() and k != "model_type"}
+    return LlamaConfig(**keep)
+
+
+def test_config_json_is_what_the_contract_promises(saved_cases):
+    path, pruned, _ = saved_cases["untied-fp32-two-gaps"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "linearpatch_llama" and config["num_hidden_layers"] == 3
+    assert config["pruned_layers"] == [1, 4, 5] and config["patch_positions"] == [1, 3]
