@@ -1,4 +1,4 @@
-"""The `linearpatch` command line: prune, distill, eval, report, push, pull.
+"""The `linearpatch` command line: prune, distill, eval, report, export, push, pull.
 
 Each command parses its options, calls one function (in `linearpatch.integration` or `linearpatch.hub_tools`) and
 prints what it returns. Bad input ends with one line on stderr that names the problem and the fix (exit 2); an
@@ -152,6 +152,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from linearpatch.integration.export import export_checkpoint
+
+    report = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        fold=args.fold,
+        calibration=args.calibration,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        eval_corpora=args.eval_corpus,
+        eval_windows=args.eval_windows,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    for fold in report.folds:
+        exact = "exact" if fold["exact"] else f"approximate (fit error {fold.get('relative_error', 0):.3f})"
+        print(f"patch before kept layer {fold['position']}: {fold['how']}, {exact}")
+    corpora = list(next(iter(report.perplexity.values())))
+    print("| model | " + " | ".join(corpora) + " |\n|---|" + "---|" * len(corpora))
+    for name, values in report.perplexity.items():
+        print(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
+    print(f"Wrote a stock LlamaForCausalLM (no remote code) to {report.output} (report: linearpatch_export.json)")
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from linearpatch.hub_tools import push_to_hub
 
@@ -181,9 +208,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from linearpatch import __version__
+    from linearpatch.integration.defaults import CALIBRATION, DISTILLATION, FIGURES, PERPLEXITY, TASK_LIMIT
 
     # Choices live with the code that implements them; importing these modules is cheap (no models, no lm-eval).
-    from linearpatch.integration.defaults import CALIBRATION, DISTILLATION, FIGURES, PERPLEXITY, TASK_LIMIT
+    from linearpatch.integration.export import FOLDS
     from linearpatch.integration.pruning.patches import PATCH_KINDS
     from linearpatch.integration.pruning.selection import METRICS
 
@@ -315,6 +343,34 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--overwrite", action="store_true", help="replace figures already in the folder")
     report.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     report.set_defaults(handler=cmd_report)
+
+    export = commands.add_parser(
+        "export",
+        help="fold the patches into a stock LlamaForCausalLM for engines without remote code",
+        formatter_class=formatter,
+    )
+    export.add_argument("checkpoint", help="a LinearPatch checkpoint")
+    export.add_argument("--output", required=True, help="folder for the stock-architecture model")
+    export.add_argument(
+        "--fold",
+        default="down-proj",
+        choices=FOLDS,
+        help="down-proj: least-squares fold into the previous layer's MLP; scalar: Prune&Comp scaling (exact for "
+        "scalar patches); a gap at layer 0 is always folded exactly into the embeddings",
+    )
+    export.add_argument("--calibration", default="wikipedia-calibration", help="text for the down-proj fit")
+    export.add_argument("--num-samples", type=positive_int, help=f"fit windows (default: {sizes(CALIBRATION)})")
+    export.add_argument("--seq-len", type=positive_int, help="tokens per fit window (default: see above)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the fit window offsets")
+    export.add_argument(
+        "--eval-corpus", nargs="*", default=["wikipedia-eval", "lee-news"], help="held-out perplexity corpora"
+    )
+    export.add_argument(
+        "--eval-windows", type=positive_int, help=f"held-out windows per corpus (default: {sizes(PERPLEXITY)})"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    export.set_defaults(handler=cmd_export)
 
     push = commands.add_parser(
         "push", help="validate a checkpoint or adapter, write its card, push in one commit", formatter_class=formatter

@@ -47,6 +47,8 @@ def model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
     """
     if info.kind == "adapter":
         card = _adapter_card(info, repo_id)
+    elif info.kind == "export":
+        card = _export_card(info, repo_id)
     else:
         card = _model_card(info, repo_id)
     leaks = find_local_paths(str(card))
@@ -128,6 +130,60 @@ def _model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
     if evaluation:
         lines += ["", "## Evaluation", "", evaluation.strip()]
     lines += ["", "## Usage", "", _usage(repo_id, adapter=False)]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
+    export = _read_json(info.path / "linearpatch_export.json")
+    base_model = export.get("base_model")
+    source = export.get("source") if is_repo_id(export.get("source")) else None
+    data = ModelCardData(
+        base_model=base_model if is_repo_id(base_model) else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=KNOWN_LICENSES.get(base_model),
+        tags=["linearpatch", "layer-pruning", "llama"],
+    )
+    origin = f"the LinearPatch checkpoint `{source}`" if source else "a LinearPatch checkpoint"
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A stock `LlamaForCausalLM` (no remote code) exported from {origin} of "
+        f"{'`' + base_model + '`' if base_model else 'a Llama model'}: decoder layers `{export.get('pruned_layers')}` "
+        f"were removed and the LinearPatch matrices folded into the weights with the `{export.get('fold')}` fold.",
+        "",
+        "**This is a folded approximation of the patched checkpoint**: a patch before the first layer, or a scalar "
+        "patch, folds exactly; any other patch is approximated (see the perplexity table).",
+        "",
+        "## Folds",
+        "",
+    ]
+    lines += [
+        f"- before kept layer {fold['position']}: {fold['how']} ({'exact' if fold['exact'] else 'approximate'})"
+        for fold in export.get("folds", [])
+    ]
+    perplexity = export.get("perplexity", {})
+    if perplexity:
+        corpora = list(next(iter(perplexity.values())))
+        lines += [
+            "",
+            "## Held-out perplexity",
+            "",
+            "| model | " + " | ".join(corpora) + " |",
+            "|---|" + "---|" * len(corpora),
+        ]
+        lines += [
+            f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |"
+            for name, values in perplexity.items()
+        ]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```',
+    ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 

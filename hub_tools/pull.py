@@ -1,6 +1,7 @@
 """Pull a LinearPatch checkpoint or adapter, verify it byte for byte, and summarise it."""
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,15 @@ class PullSummary:
 def _describe(info: CheckpointInfo) -> dict:
     if info.kind == "adapter":
         return {"base model": info.config["base_model_name_or_path"], "targets": info.config.get("target_modules")}
+    if info.kind == "export":
+        export = json.loads((info.path / "linearpatch_export.json").read_text())
+        return {
+            "architecture": f"{info.config.get('architectures')} (stock, no remote code)",
+            "kept layers": info.config.get("num_hidden_layers"),
+            "pruned layers": export.get("pruned_layers"),
+            "fold": export.get("fold"),
+            "base model": export.get("base_model"),
+        }
     from linearpatch.modeling import LinearPatchForCausalLM
 
     model = LinearPatchForCausalLM.from_pretrained(info.path)  # refuses weights that do not match the config

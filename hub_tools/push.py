@@ -67,7 +67,7 @@ def push_to_hub(
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=overrides["README.md"]))
     api = HfApi(token=token)
-    kind = "adapter" if info.kind == "adapter" else "LinearPatch checkpoint"
+    kind = {"adapter": "adapter", "export": "stock-architecture export"}.get(info.kind, "LinearPatch checkpoint")
     with hub_errors("push to", repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":

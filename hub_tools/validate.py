@@ -11,6 +11,7 @@ from linearpatch.common.remote_check import check_remote_code_imports
 from linearpatch.modeling.configuration_linearpatch import LinearPatchConfig
 
 CHECKPOINT_MODEL_TYPE = LinearPatchConfig.model_type
+EXPORT_RECORD = "linearpatch_export.json"  # written by `linearpatch export` (integration/export.py)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODELING_FILES = ("configuration_linearpatch.py", "modeling_linearpatch.py")
@@ -31,7 +32,8 @@ class CheckpointInfo:
 
     Args:
         path (`Path`): the folder.
-        kind (`str`): `model` (a full LinearPatch checkpoint) or `adapter` (a PEFT adapter of one).
+        kind (`str`): `model` (a full LinearPatch checkpoint), `adapter` (a PEFT adapter of one) or `export` (a
+            stock-architecture folder written by `linearpatch export`).
         config (`dict`): `config.json` (model) or `adapter_config.json` (adapter).
         files (`list[str]`): every file, relative to `path`.
     """
@@ -84,6 +86,12 @@ def validate_folder(
     if not (path / "config.json").exists():
         raise InvalidCheckpointError(f"{path} has no config.json: not a checkpoint.")
     config = json.loads((path / "config.json").read_text())
+    if EXPORT_RECORD in files:  # `linearpatch export`: a stock architecture, no remote code by design
+        if config.get("auto_map") or config.get("model_type") == CHECKPOINT_MODEL_TYPE:
+            raise InvalidCheckpointError(f"{path} has {EXPORT_RECORD} but is not a stock-architecture model.")
+        if not any(f.endswith(".safetensors") for f in files) or not any(name in files for name in TOKENIZER_FILES):
+            raise InvalidCheckpointError(f"{path} lacks safetensors weights or a tokenizer; export it again.")
+        return CheckpointInfo(path, "export", config, files)
     if config.get("model_type") != CHECKPOINT_MODEL_TYPE:
         raise InvalidCheckpointError(
             f"{path} is a {config.get('model_type')!r} model, not {CHECKPOINT_MODEL_TYPE}: "

@@ -68,6 +68,7 @@ def test_cli_holds_no_training_saving_or_evaluation_logic():
         "distill_checkpoint",
         "compare_models",
         "plot_checkpoint",
+        "export_checkpoint",
         "push_to_hub",
         "pull",
     }
@@ -75,7 +76,7 @@ def test_cli_holds_no_training_saving_or_evaluation_logic():
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("linearpatch."):
             imported |= {alias.name for alias in node.names}
-    choices = {"CALIBRATION", "DISTILLATION", "FIGURES", "PERPLEXITY", "TASK_LIMIT", "PATCH_KINDS", "METRICS"}
+    choices = {"CALIBRATION", "DISTILLATION", "FIGURES", "PERPLEXITY", "TASK_LIMIT", "PATCH_KINDS", "METRICS", "FOLDS"}
     assert imported <= entry_points | choices | {"LinearPatchError", "ledger"}, imported - entry_points - choices
 
 

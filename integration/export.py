@@ -1,0 +1,309 @@
+"""Export a LinearPatch checkpoint to the stock Llama architecture, for engines that refuse remote code.
+
+A patch `h <- h P` on the residual stream cannot be folded exactly into the neighbouring weights in general (RMSNorm
+commutes only with scalars and orthogonal maps), so the export folds it, exactly where it can and approximately
+elsewhere, and measures what that costs:
+
+- a gap at layer 0: the patch acts on the token embeddings, so `embed_tokens <- embed_tokens @ P` is exact (the head
+  is untied first if it was tied);
+- `scalar` (Prune&Comp): a scalar patch r before kept layer p equals dividing every `o_proj` and `down_proj` of the
+  kept layers from p on by r: the stream after the gap is then the patched one divided by r, and every later layer
+  and the final norm read it through a scale-invariant RMSNorm. Exact up to RMSNorm's eps (relative error about
+  eps / mean(h^2) of the stream after the gap, which is large in real models, so below 1e-6 there); for any other
+  patch r is its mean scale `trace(P) / C` (an approximation). Dividing after the gap rather than multiplying the
+  embeddings and the layers before it keeps the eps error away from the small early-layer streams;
+- `down-proj` (ReplaceMe-style): the patched stream entering kept layer p is `(a + m) P`, with `a` the stream after
+  the attention of layer p-1 and `m` its MLP output. A C x C matrix T fitted by ridge least squares on calibration
+  text so that `a + m T ~= (a + m) P` is folded into that layer's `down_proj` (`W <- T^T W`).
+
+`linearpatch_export.json` beside the weights records held-out perplexity of the patched checkpoint, the export and
+plain pruning, side by side.
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.initialization import no_init_weights
+
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.files import atomic_directory, check_output, refuse_overlap
+
+from .data import token_windows
+from .defaults import calibration_sizes, perplexity_sizes
+
+FOLDS = ("down-proj", "scalar")
+EXPORT_RECORD = "linearpatch_export.json"
+# Config fields that only a LinearPatch checkpoint has.
+_LINEARPATCH_FIELDS = (
+    "original_num_hidden_layers",
+    "pruned_layers",
+    "patch_positions",
+    "keep_patch_in_fp32",
+    "base_model",
+    "selection_metric",
+    "patch_kind",
+    "auto_map",
+    "architectures",
+    "model_type",
+    "transformers_version",
+)
+
+
+@dataclass
+class ExportReport:
+    r"""
+    What `export_checkpoint` did (saved as `linearpatch_export.json`).
+
+    Args:
+        source (`str`): the LinearPatch checkpoint's Hub id, when it has one. fold (`str`): `down-proj` or `scalar`.
+        base_model (`str`): the dense model the checkpoint was pruned from.
+        pruned_layers (`list[int]`), patch_positions (`list[int]`): from the checkpoint.
+        folds (`list[dict]`): per patch: position, how it was folded, and whether exactly.
+        perplexity (`dict`): held-out perplexity per corpus of `patched`, `export` and `plain` pruning.
+        calibration (`dict`): the windows `down-proj` was fitted on.
+        output (`str`), seconds (`float`).
+    """
+
+    source: str | None
+    fold: str
+    base_model: str | None
+    pruned_layers: list[int]
+    patch_positions: list[int]
+    folds: list[dict] = field(default_factory=list)
+    perplexity: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    output: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _patch_matrices(model) -> dict[int, torch.Tensor]:
+    """Kept-layer position -> P (float64) of a LinearPatch model."""
+    config = model.config
+    patches = {}
+    for position in config.patch_positions:
+        owner = model.model.norm if position == config.num_hidden_layers else model.model.layers[position]
+        patches[position] = owner.linear_patch.weight.detach().double()
+    return patches
+
+
+def stock_config(config) -> LlamaConfig:
+    """The plain `LlamaConfig` of a LinearPatch config: same kept layers, no LinearPatch fields, no remote code."""
+    values = {key: value for key, value in config.to_dict().items() if key not in _LINEARPATCH_FIELDS}
+    stock = LlamaConfig(**values)
+    stock.architectures = ["LlamaForCausalLM"]
+    return stock
+
+
+@torch.no_grad()
+def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, m) of kept layer `position - 1` for every token of `input_ids`: the stream after its attention and its
+    MLP output, in float64, `[tokens, C]`."""
+    layer = model.model.layers[position - 1]
+    captured = {}
+
+    def before_mlp(module, args):
+        captured.setdefault("a", []).append(args[0].detach())
+
+    def mlp_output(module, args, output):
+        captured.setdefault("m", []).append(output.detach())
+
+    # The post-attention norm reads the residual after attention; the MLP's output is what down_proj produced.
+    handles = [
+        layer.post_attention_layernorm.register_forward_pre_hook(before_mlp),
+        layer.mlp.register_forward_hook(mlp_output),
+    ]
+    try:
+        for window in input_ids:
+            model.model(input_ids=window[None].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    size = model.config.hidden_size
+    a = torch.cat([x.reshape(-1, size) for x in captured["a"]]).double().cpu()
+    m = torch.cat([x.reshape(-1, size) for x in captured["m"]]).double().cpu()
+    return a, m
+
+
+def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, ridge: float = 1e-3) -> tuple[dict, list]:
+    """The state dict of the stock Llama equivalent of the LinearPatch `model` with every patch folded (see the
+    module docstring), and a description of each fold.
+
+    Args:
+        model (`LinearPatchForCausalLM`): the patched model (not modified).
+        fold (`str`): `down-proj` or `scalar`.
+        input_ids (`torch.LongTensor`, *optional*): calibration windows, needed by `down-proj` for gaps after layer 0.
+        ridge (`float`, *optional*, defaults to 1e-3): `down-proj` regulariser, relative to the mean diagonal of
+            m^T m.
+    """
+    if fold not in FOLDS:
+        raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
+    config = model.config
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".linear_patch." not in k}
+    dtype = state["model.embed_tokens.weight"].dtype
+    patches = _patch_matrices(model)
+    if config.tie_word_embeddings:  # the head's own copy; only a fold at layer 0 makes it differ (and unties)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    described = []
+    for position in sorted(patches):
+        patch = patches[position]
+        size = patch.shape[0]
+        if position == 0:
+            embed = state["model.embed_tokens.weight"]
+            state["model.embed_tokens.weight"] = (embed.double() @ patch).to(dtype)
+            described.append(dict(position=0, how="embed_tokens @ P", exact=True))
+            continue
+        scalar = torch.allclose(patch, patch.diagonal().mean() * torch.eye(size, dtype=patch.dtype), atol=1e-6)
+        if fold == "scalar" or scalar and fold == "down-proj":
+            ratio = float(patch.diagonal().mean())
+            for index in range(position, config.num_hidden_layers):
+                for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+                    key = f"model.layers.{index}.{name}"
+                    state[key] = (state[key].double() / ratio).to(dtype)
+            how = f"o_proj and down_proj from kept layer {position} on divided by the scalar {ratio:.6g}"
+            described.append(dict(position=position, how=how, exact=scalar))
+            continue
+        if input_ids is None:
+            raise LinearPatchError("The down-proj fold needs calibration windows (input_ids).")
+        a, m = _stream_at(model, position, input_ids)
+        patched = (a + m) @ patch
+        target = patched - a
+        # Every later layer reads the stream through RMSNorm, so what matters is each token's error relative to its
+        # own norm; unweighted least squares would fit the few massive-activation tokens and nothing else.
+        weight = 1.0 / patched.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
+        gram = m.T @ (m * weight)
+        damping = ridge * gram.diagonal().mean()
+        transform = torch.linalg.solve(gram + damping * torch.eye(size, dtype=gram.dtype), m.T @ (target * weight))
+        key = f"model.layers.{position - 1}.mlp.down_proj.weight"
+        state[key] = (transform.T @ state[key].double()).to(dtype)
+        residual = float(((m @ transform - target) * weight.sqrt()).norm() / (target * weight.sqrt()).norm())
+        described.append(
+            dict(
+                position=position, how=f"down_proj of kept layer {position - 1}", exact=False, relative_error=residual
+            )
+        )
+    return state, sorted(described, key=lambda item: item["position"])
+
+
+def export_model(
+    model, fold: str = "down-proj", input_ids: torch.Tensor | None = None
+) -> tuple[LlamaForCausalLM, list]:
+    """A stock `LlamaForCausalLM` equivalent (exactly or approximately, see [`fold_state_dict`]) to `model`."""
+    state, described = fold_state_dict(model, fold, input_ids)
+    config = stock_config(model.config)
+    # Still tied unless the embeddings were folded (a gap at layer 0), which needs the head's own copy.
+    untie = 0 in model.config.patch_positions
+    config.tie_word_embeddings = model.config.tie_word_embeddings and not untie
+    config.dtype = state["model.embed_tokens.weight"].dtype
+    with torch.device(state["model.embed_tokens.weight"].device), no_init_weights():
+        stock = LlamaForCausalLM(config)
+    missing, unexpected = stock.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise LinearPatchError(f"Folded weights do not fit a stock Llama: missing {missing}, unexpected {unexpected}.")
+    if config.tie_word_embeddings:
+        stock.tie_weights()
+    stock.generation_config = model.generation_config
+    return stock.eval(), described
+
+
+def export_checkpoint(
+    checkpoint: str,
+    output: str | Path,
+    fold: str = "down-proj",
+    calibration: str = "wikipedia-calibration",
+    num_samples: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
+    eval_corpora: tuple[str, ...] | list[str] = ("wikipedia-eval", "lee-news"),
+    eval_windows: int | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExportReport:
+    r"""
+    `linearpatch export`: write a plain `LlamaForCausalLM` folder (`model_type: llama`, no `auto_map`, no remote code)
+    that any engine loads, with the patches folded into the weights, and measure what the fold costs.
+
+    Args:
+        checkpoint (`str`): a LinearPatch checkpoint.
+        output (`str` or `Path`): the folder to create.
+        fold (`str`, *optional*, defaults to `"down-proj"`): `down-proj` (least-squares fold into the previous layer's
+            MLP) or `scalar` (Prune&Comp; exact for scalar patches). A gap at layer 0 is always folded exactly into
+            the embeddings.
+        calibration (`str`), num_samples (`int`), seq_len (`int`), seed (`int`): text for the `down-proj` fit.
+        eval_corpora (`list[str]`), eval_windows (`int`): held-out perplexity of patched, export and plain pruning.
+
+    Returns:
+        `ExportReport`
+    """
+    from .evaluation.perplexity import chunked_perplexity
+    from .models import (
+        load_config,
+        load_model,
+        load_tokenizer,
+        portable_model_id,
+        resolve_device,
+        resolve_model,
+        write_checkpoint_files,
+    )
+
+    started = time.perf_counter()
+    output = Path(output)
+    check_output(output, overwrite)
+    if fold not in FOLDS:
+        raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
+    device = resolve_device(device)
+    config = load_config(checkpoint, kind="checkpoint")
+    refuse_overlap(output, {"checkpoint": resolve_model(checkpoint)})
+    tokenizer = load_tokenizer(checkpoint)
+    sizes, held_out = calibration_sizes(device), perplexity_sizes(device)
+    needs_fit = fold == "down-proj" and any(p > 0 for p in config.patch_positions)
+    windows = None
+    if needs_fit:
+        num_samples = sizes.num_samples if num_samples is None else num_samples
+        windows = token_windows(
+            calibration, tokenizer, num_samples, sizes.seq_len if seq_len is None else seq_len, seed=seed
+        )
+    eval_windows = held_out.num_samples if eval_windows is None else eval_windows
+    evaluation = {
+        corpus: token_windows(corpus, tokenizer, eval_windows, held_out.seq_len, sampling="chunked")
+        for corpus in eval_corpora
+    }
+
+    patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
+    stock, described = export_model(patched, fold, windows.input_ids if windows is not None else None)
+    plain_state = {k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}
+    with torch.device(device), no_init_weights():
+        plain = LlamaForCausalLM(stock_config(patched.config))
+    plain.load_state_dict(plain_state, strict=not patched.config.tie_word_embeddings, assign=True)
+    plain.tie_weights()
+    perplexity = {}
+    for name, candidate in (("patched", patched), ("export", stock), ("plain", plain.eval())):
+        perplexity[name] = {
+            corpus: chunked_perplexity(candidate, corpus_windows, progress=progress)
+            for corpus, corpus_windows in evaluation.items()
+        }
+    report = ExportReport(
+        source=portable_model_id(checkpoint),
+        fold=fold,
+        base_model=config.base_model,
+        pruned_layers=list(config.pruned_layers),
+        patch_positions=list(config.patch_positions),
+        folds=described,
+        perplexity=perplexity,
+        calibration=windows.describe() if windows is not None else {},
+        output=str(output),
+    )
+    report.seconds = round(time.perf_counter() - started, 2)
+    with atomic_directory(output, overwrite) as staging:
+        write_checkpoint_files(staging, stock, tokenizer, {EXPORT_RECORD: report.to_json()})
+    return report
+
+
+__all__ = ["EXPORT_RECORD", "FOLDS", "ExportReport", "export_checkpoint", "export_model", "fold_state_dict"]
