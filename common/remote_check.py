@@ -22,11 +22,13 @@ def _absolute(checkpoint: str) -> str:
     return prefix + (str(Path(target).resolve()) if Path(target).exists() else target)
 
 
-def _run_without_package(arguments: list[str], scratch: str, env: dict | None, timeout: float):
+def _run_without_package(
+    arguments: list[str], scratch: str, env: dict | None, timeout: float, python: str | None = None
+):
     # A private modules cache: a stale copy of the modeling files from an earlier checkpoint must not be reused.
     process_env = {**os.environ, "HF_MODULES_CACHE": str(Path(scratch) / "modules"), **(env or {})}
     return subprocess.run(
-        [sys.executable, str(LOAD_WITHOUT_PACKAGE), *arguments],
+        [python or sys.executable, str(LOAD_WITHOUT_PACKAGE), *arguments],
         capture_output=True,
         text=True,
         cwd=scratch,  # local folders are passed absolute, repo ids stay as they are
@@ -36,7 +38,11 @@ def _run_without_package(arguments: list[str], scratch: str, env: dict | None, t
 
 
 def logits_without_package(
-    checkpoints: list[str | Path], input_ids: torch.Tensor, env: dict | None = None, timeout: float = 900
+    checkpoints: list[str | Path],
+    input_ids: torch.Tensor,
+    env: dict | None = None,
+    timeout: float = 900,
+    python: str | Path | None = None,
 ) -> list[torch.Tensor]:
     """Load each checkpoint with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` in a fresh
     Python process where `linearpatch` cannot be imported, and return its logits for `input_ids` (as fp32).
@@ -44,7 +50,8 @@ def logits_without_package(
     `checkpoints` may be local folders, Hub repo ids (resolved by that process, e.g. through `HF_ENDPOINT` or the HF
     cache), `adapter:PATH` for a PEFT adapter (loaded with stock PEFT and merged), `base-bf16:PATH` for the base
     model in bf16 (its last hidden state is returned), or `stock:PATH` for an exported folder loaded without
-    `trust_remote_code`.
+    `trust_remote_code`. `python` is the interpreter to use (default: this one), e.g. another environment's, to
+    check the remote-code files against its transformers version.
 
     Raises:
         RuntimeError: with the child's output if loading fails there.
@@ -53,7 +60,8 @@ def logits_without_package(
         inputs, outputs = Path(scratch) / "inputs.safetensors", Path(scratch) / "logits.safetensors"
         save_file({"input_ids": input_ids.contiguous()}, str(inputs))
         targets = [_absolute(str(c)) for c in checkpoints]
-        result = _run_without_package([str(inputs), str(outputs), *targets], scratch, env, timeout)
+        arguments = [str(inputs), str(outputs), *targets]
+        result = _run_without_package(arguments, scratch, env, timeout, str(python) if python else None)
         if result.returncode != 0:
             raise RuntimeError(
                 f"Loading without linearpatch failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"

@@ -2,8 +2,19 @@
 # machines that have never installed `linearpatch`. It may import only torch / transformers / huggingface_hub.
 """Configuration of a layer-pruned Llama model carrying LinearPatch matrices."""
 
-from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig
+import transformers
+
+# transformers 4.x lacks what this file and modeling_linearpatch.py build on (dataclass configs, `initialization`,
+# layers that return tensors): say so instead of failing deep inside an import. This file is what `trust_remote_code`
+# imports first, for AutoConfig.
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        f"This LinearPatch checkpoint needs transformers>=5.0 (found {transformers.__version__}): "
+        "run `pip install -U 'transformers>=5,<6'`."
+    )
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
 
 
 def contiguous_gaps(pruned_layers: list[int]) -> list[tuple[int, int]]:

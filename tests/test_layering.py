@@ -69,6 +69,7 @@ def test_cli_holds_no_training_saving_or_evaluation_logic():
         "compare_models",
         "plot_checkpoint",
         "export_checkpoint",
+        "serve",
         "push_to_hub",
         "pull",
     }

@@ -165,3 +165,23 @@ def test_config_json_is_what_the_contract_promises(saved_cases):
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "linearpatch_llama" and config["num_hidden_layers"] == 3
     assert config["pruned_layers"] == [1, 4, 5] and config["patch_positions"] == [1, 3]
+
+
+def test_transformers_4_gets_a_clear_error(tmp_path):
+    """What a transformers 4.x user sees when `trust_remote_code` imports the checkpoint's configuration file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "transformers"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('__version__ = "4.57.1"\n')
+    configuration = Path(__file__).resolve().parents[1] / "modeling" / "configuration_linearpatch.py"
+    result = subprocess.run(
+        [sys.executable, "-c", f"import runpy; runpy.run_path({str(configuration)!r})"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode != 0
+    assert "ImportError: This LinearPatch checkpoint needs transformers>=5.0 (found 4.57.1)" in result.stderr
