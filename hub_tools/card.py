@@ -70,7 +70,8 @@ def _usage(repo_id: str, adapter: bool) -> str:
     return (
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=False)  # a stock tokenizer\n'
+        "```\n\n"
         f"Needs `transformers{TRANSFORMERS_RANGE}` and `torch`; the `linearpatch` package is not required "
         "(the modeling code ships in this repository and imports only torch and transformers).\n"
     )

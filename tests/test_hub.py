@@ -183,3 +183,35 @@ def test_card_parses_and_its_metadata_validates_offline(patched_checkpoint, tmp_
     assert {"linearpatch", "custom_code"} <= set(data["tags"])
     assert "trust_remote_code=True" in loaded.text and "[2, 3]" in loaded.text and "| patched | 40.00 |" in loaded.text
     assert "fewer" in loaded.text and "transformers>=5.0,<6" in loaded.text
+
+
+def test_card_snippet_loads_tokenizer_without_asking_on_a_terminal(patched_checkpoint, tmp_path):
+    """Finding 9 of issue #10: run the card's usage code as a user would, on a terminal, without linearpatch: the
+    tokenizer must load without transformers asking "run custom code? [y/N]" (which waits 15 s for an answer)."""
+    import pty
+    import re
+
+    from linearpatch.common.remote_check import LOAD_WITHOUT_PACKAGE
+
+    path, _ = patched_checkpoint
+    (tmp_path / "ckpt").symlink_to(path)
+    card = str(model_card(validate_folder(path, check_import=False), "ckpt"))
+    code = re.search(r"```python\n(.*?)```", card, re.S)[1]
+    # The same import blocker as the package-free loader, then the card's code verbatim.
+    blocker = LOAD_WITHOUT_PACKAGE.read_text().split("import torch  # noqa: E402")[0]
+    script = blocker + code + "\nprint('tokens', tokenizer('hello world').input_ids)\n"
+    primary, secondary = pty.openpty()
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        stdin=secondary,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    os.close(primary)
+    os.close(secondary)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    assert "tokens [" in result.stdout
