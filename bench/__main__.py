@@ -341,6 +341,66 @@ def bench_quality(device: str, quick: bool, windows: int = 300, seq_len: int = 5
     )
 
 
+def bench_serving(device: str, quick: bool) -> dict:
+    """Issue #11: vLLM generation throughput of dense / plain pruned (native kernels), LinearPatch (remote code, the
+    Transformers backend) and its `linearpatch export` (native), side by side in one run, plus what the export's fold
+    costs in held-out perplexity. Runs vLLM from .venv-serving (`make serving`), bf16 (vLLM's CPU default)."""
+    from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+    from linearpatch.integration.export import export_model, stock_config
+    from linearpatch.integration.models import save_checkpoint
+    from linearpatch.integration.serving import SERVING_VENV
+
+    model, tokenizer = load_model("smollm2-135m")
+    calibration = token_windows("wikipedia-calibration", tokenizer, 16, 256, seed=0)
+    patched, _ = linearpatch.prune(model, tokenizer, layers=BLOCK, calibration=calibration, progress=False)
+    exported, folds = export_model(patched, "down-proj", calibration.input_ids)
+    plain = LlamaForCausalLM(stock_config(patched.config))
+    plain.load_state_dict({k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}, strict=False)
+    plain.tie_weights()
+    evaluation = {c: token_windows(c, tokenizer, 4, 512, sampling="chunked") for c in ("wikipedia-eval", "lee-news")}
+    perplexity = {
+        name: {c: chunked_perplexity(m, w) for c, w in evaluation.items()}
+        for name, m in (("patched", patched), ("export", exported), ("plain", plain.eval()))
+    }
+    prompts = [f"Article {index}: The history of the region begins" for index in range(4)]
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        for name, candidate in (("dense", model), ("plain", plain), ("patched", patched), ("export", exported)):
+            save_checkpoint(candidate, tokenizer, root / name)
+        models = [
+            dict(name="dense", path=str(root / "dense"), impl="auto"),
+            dict(name="plain", path=str(root / "plain"), impl="auto"),
+            dict(name="patched", path=str(root / "patched"), impl="transformers"),
+            dict(name="plain_transformers_backend", path=str(root / "plain"), impl="transformers"),
+            dict(name="export", path=str(root / "export"), impl="auto"),
+        ]
+        # vLLM's CPU backend decodes a few tokens/s on 2 cores: 4 prompts x 32 tokens, 2 timed runs each.
+        spec = dict(prompts=prompts, max_tokens=32, repeats=1 if quick else 2, models=models)
+        (root / "spec.json").write_text(json.dumps(spec))
+        subprocess.run(
+            [str(SERVING_VENV / "bin" / "python"), str(Path(__file__).with_name("serving_throughput.py"))]
+            + [str(root / "out.json"), str(root / "spec.json")],
+            check=True,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        )
+        throughput = json.loads((root / "out.json").read_text())
+    rate = {name: values["tokens_per_second"] for name, values in throughput.items()}
+    return dict(
+        prompts=len(prompts),
+        max_tokens=spec["max_tokens"],
+        throughput=throughput,
+        ratios=dict(
+            plain_over_dense=rate["plain"] / rate["dense"],
+            patched_over_plain_same_backend=rate["patched"] / rate["plain_transformers_backend"],
+            patched_over_plain_native=rate["patched"] / rate["plain"],
+            export_over_plain=rate["export"] / rate["plain"],
+            export_over_dense=rate["export"] / rate["dense"],
+        ),
+        folds=folds,
+        perplexity=perplexity,
+    )
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -425,6 +485,29 @@ def markdown(results: dict) -> str:
             distilled, ratio = q["perplexity_distilled"][corpus], q["improvement"][corpus]
             lines.append(f"| {corpus} | {value:.2f} | {distilled:.2f} | {ratio:.2f}x |")
         lines.append("")
+    if "serving" in results:
+        v = results["serving"]
+        lines += [
+            f"**vLLM serving** (SmolLM2, layers 20..24 removed; vllm-cpu 0.32, bf16, {v['prompts']} prompts x "
+            f"{v['max_tokens']} greedy tokens, median of repeats after a warm-up)",
+            "",
+            "| model | backend | tokens/s |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {values['impl'].replace('auto', 'native')} | {values['tokens_per_second']:.1f} |"
+            for name, values in v["throughput"].items()
+        ]
+        lines += ["", "| ratio | measured |", "|---|---|"]
+        lines += [f"| {name.replace('_', ' ')} | {value:.3f} |" for name, value in v["ratios"].items()]
+        corpora = list(v["perplexity"]["patched"])
+        lines += ["", "Export (`--fold down-proj`) held-out perplexity (4 x 512 tokens):", ""]
+        lines += ["| model | " + " | ".join(corpora) + " |", "|---|" + "---|" * len(corpora)]
+        lines += [
+            f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |"
+            for name, values in v["perplexity"].items()
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -434,6 +517,7 @@ SECTIONS = {
     "distillation": bench_distillation,
     "checkpoint": bench_checkpoint,
     "quality": bench_quality,
+    "serving": bench_serving,
 }
 
 

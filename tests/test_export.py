@@ -101,8 +101,9 @@ def test_folds_on_smollm2(smollm2, tmp_path):
         assert (stock(input_ids).logits - scalar(input_ids).logits).abs().max().item() <= 1e-4
     # Down-proj: an approximation, but better than dropping the patch.
     pruned, exported = tmp_path / "pruned", tmp_path / "exported"
-    assert main(["prune", "smollm2-135m", "--layers", "20-24", "--output", str(pruned)]) == 0
-    options = ["--num-samples", "16", "--seq-len", "256", "--eval-windows", "4"]
+    options = ["--num-samples", "16", "--seq-len", "256"]
+    assert main(["prune", "smollm2-135m", "--layers", "20-24", *options, "--output", str(pruned)]) == 0
+    options += ["--eval-windows", "4"]
     assert main(["export", str(pruned), "--output", str(exported), *options]) == 0
     perplexity = json.loads((exported / "linearpatch_export.json").read_text())["perplexity"]
     print("export perplexity", perplexity)

@@ -9,6 +9,7 @@ Users with Hub access pass the paper's task names instead (arc_easy, arc_challen
 winogrande, wsc273, race, copa, mmlu).
 """
 
+import functools
 import json
 import random
 import re
@@ -127,11 +128,17 @@ def build_offline_tasks(directory: str | Path | None = None, num_documents: int 
 
 def task_manager(tasks: list[str], include_path: str | Path | None = None):
     """An lm-eval `TaskManager` that knows `tasks`: the offline ones (built on first use) and, for any other name,
-    lm-eval's own registry.
+    lm-eval's own registry. Built once per task list and reused (indexing lm-eval's registry takes seconds, and
+    `linearpatch eval` needs it for the check and then for every model).
 
     Raises:
         LinearPatchError: for a task name neither knows, before any model is loaded.
     """
+    return _task_manager(tuple(tasks), str(include_path) if include_path else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(tasks: tuple[str, ...], include_path: str | None):
     from lm_eval.tasks import TaskManager
 
     offline = [task for task in tasks if task in OFFLINE_TASKS]
