@@ -375,7 +375,9 @@ def bench_serving(device: str, quick: bool) -> dict:
             dict(name="export", path=str(root / "export"), impl="auto"),
         ]
         # vLLM's CPU backend decodes a few tokens/s on 2 cores: 4 prompts x 32 tokens, 2 timed runs each.
+        # On a CPU, vLLM's torch.compile warm-up alone takes minutes on 2 cores: run eagerly there.
         spec = dict(prompts=prompts, max_tokens=32, repeats=1 if quick else 2, models=models)
+        spec["enforce_eager"] = not device.startswith("cuda")
         (root / "spec.json").write_text(json.dumps(spec))
         subprocess.run(
             [str(SERVING_VENV / "bin" / "python"), str(Path(__file__).with_name("serving_throughput.py"))]

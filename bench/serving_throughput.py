@@ -25,6 +25,7 @@ def main() -> None:
             model_impl=model["impl"],
             max_model_len=512,
             gpu_memory_utilization=0.3,
+            enforce_eager=spec.get("enforce_eager", False),
         )
         startup = time.perf_counter() - started
         llm.generate(spec["prompts"], params)  # warm-up
