@@ -6,7 +6,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
-from linearpatch.common.names import is_repo_id
+from linearpatch.common.names import EXPORT_RECORD, is_repo_id
 
 from .validate import CheckpointInfo, InvalidCheckpointError, find_local_paths
 
@@ -135,7 +135,7 @@ def _model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
 
 
 def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
-    export = _read_json(info.path / "linearpatch_export.json")
+    export = _read_json(info.path / EXPORT_RECORD)
     base_model = export.get("base_model")
     source = export.get("source") if is_repo_id(export.get("source")) else None
     data = ModelCardData(

@@ -10,6 +10,7 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.constants import HF_HUB_OFFLINE
 
 from linearpatch.common.files import sha256_file
+from linearpatch.common.names import EXPORT_RECORD
 
 from .connection import hub_errors
 from .validate import CheckpointInfo, InvalidCheckpointError, validate_folder
@@ -86,7 +87,7 @@ def _describe(info: CheckpointInfo) -> dict:
     if info.kind == "adapter":
         return {"base model": info.config["base_model_name_or_path"], "targets": info.config.get("target_modules")}
     if info.kind == "export":
-        export = json.loads((info.path / "linearpatch_export.json").read_text())
+        export = json.loads((info.path / EXPORT_RECORD).read_text())
         return {
             "architecture": f"{info.config.get('architectures')} (stock, no remote code)",
             "kept layers": info.config.get("num_hidden_layers"),

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.names import is_repo_id
+from linearpatch.common.names import EXPORT_RECORD, is_repo_id
 from linearpatch.common.remote_check import check_remote_code_imports
 from linearpatch.modeling.configuration_linearpatch import LinearPatchConfig
 
 CHECKPOINT_MODEL_TYPE = LinearPatchConfig.model_type
-EXPORT_RECORD = "linearpatch_export.json"  # written by `linearpatch export` (integration/export.py)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODELING_FILES = ("configuration_linearpatch.py", "modeling_linearpatch.py")

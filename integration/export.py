@@ -31,12 +31,12 @@ from transformers.initialization import no_init_weights
 
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import atomic_directory, check_output, refuse_overlap
+from linearpatch.common.names import EXPORT_RECORD
 
 from .data import token_windows
 from .defaults import calibration_sizes, perplexity_sizes
 
 FOLDS = ("down-proj", "scalar")
-EXPORT_RECORD = "linearpatch_export.json"
 # Config fields that only a LinearPatch checkpoint has.
 _LINEARPATCH_FIELDS = (
     "original_num_hidden_layers",

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.names import EXPORT_RECORD
 
 # Where `make serving` puts vLLM, relative to the repository (the package root when installed editable).
 SERVING_VENV = Path(__file__).resolve().parents[1] / ".venv-serving"
@@ -51,7 +52,7 @@ def serve_command(checkpoint: str | Path, vllm: str | Path, extra: list[str] | t
     command = [str(vllm), "serve", str(folder)]
     if config.get("model_type") == "linearpatch_llama":
         command += ["--trust-remote-code", "--model-impl", "transformers"]
-    elif not (folder / "linearpatch_export.json").exists():
+    elif not (folder / EXPORT_RECORD).exists():
         raise LinearPatchError(
             f"{checkpoint} is neither a LinearPatch checkpoint nor a `linearpatch export` folder; serve it with vLLM "
             "directly."
