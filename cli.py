@@ -175,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print("| model | " + " | ".join(corpora) + " |\n|---|" + "---|" * len(corpora))
     for name, values in report.perplexity.items():
         print(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
-    print(f"Wrote a stock LlamaForCausalLM (no remote code) to {report.output} (report: linearpatch_export.json)")
+    print(f"Wrote a stock {report.architecture} (no remote code) to {report.output} (report: linearpatch_export.json)")
     return 0
 
 
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="linearpatch",
-        description="Prune decoder layers of Llama-family LLMs and revive them with LinearPatch.",
+        description="Prune decoder layers of Llama, Mistral, Qwen2, Qwen3 and Gemma 3 LLMs and revive them with "
+        "LinearPatch.",
         epilog="LINEARPATCH_QUICK=1 shrinks every default size to a smoke test; explicit flags still win.",
     )
     parser.add_argument("--version", action="version", version=f"linearpatch {__version__}")
@@ -240,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser(
         "prune", help="drop layers and fit a training-free LinearPatch per gap", formatter_class=formatter
     )
-    prune.add_argument("model", help="dense model: smollm2-135m (embedded), a local folder, or a Hub id")
+    prune.add_argument(
+        "model",
+        help="dense model (llama, mistral, qwen2, qwen3 or gemma3_text): smollm2-135m (embedded), a local folder, or "
+        "a Hub id",
+    )
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--num-layers", type=positive_int, help="how many layers to drop (chosen by --metric)")
     which.add_argument("--layers", help="explicit layers, e.g. 20-24 or 3,7,9 (dense indices)")
@@ -352,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="fold the patches into a stock LlamaForCausalLM for engines without remote code",
+        help="fold the patches into the family's stock architecture (LlamaForCausalLM, Qwen3ForCausalLM, ...) for "
+        "engines without remote code",
         formatter_class=formatter,
     )
     export.add_argument("checkpoint", help="a LinearPatch checkpoint")

@@ -68,13 +68,15 @@ def main() -> None:
             model = AutoModel.from_pretrained(target, trust_remote_code=True, dtype=torch.bfloat16)
         elif kind == "stock":
             model = AutoModelForCausalLM.from_pretrained(target)
-            assert model.config.model_type != "linearpatch_llama" and not getattr(model.config, "auto_map", None)
+            assert not model.config.model_type.startswith("linearpatch_") and not getattr(
+                model.config, "auto_map", None
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(target, trust_remote_code=True)
         model.eval()
         assert "linearpatch" not in type(model).__module__.split(".")[0], type(model).__module__
         if kind != "stock":
-            assert model.config.model_type == "linearpatch_llama", model.config.model_type
+            assert model.config.model_type.startswith("linearpatch_"), model.config.model_type
             for name, parameter in model.named_parameters():
                 if "linear_patch" in name and model.config.keep_patch_in_fp32:
                     assert parameter.dtype == torch.float32, (name, parameter.dtype)

@@ -81,6 +81,8 @@ def _model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
     config = info.config
     base_model = config.get("base_model")
     pruned = config.get("pruned_layers", [])
+    # The dense family: `linearpatch_qwen3` -> `qwen3` (Hub tag and wording).
+    family = str(config.get("model_type", "linearpatch_llama")).removeprefix("linearpatch_")
     counts = parameter_counts(info)
     report = _read_json(info.path / "linearpatch_report.json") or {}
     distill = _read_json(info.path / "linearpatch_distill.json")
@@ -92,12 +94,12 @@ def _model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
         library_name="transformers",
         pipeline_tag="text-generation",
         license=KNOWN_LICENSES.get(base_model),
-        tags=["linearpatch", "custom_code", "layer-pruning", "llama"],
+        tags=["linearpatch", "custom_code", "layer-pruning", family],
     )
     lines = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"A layer-pruned {'`' + base_model + '`' if base_model else 'Llama model'} revived with "
+        f"A layer-pruned {'`' + base_model + '`' if base_model else f'{family} model'} revived with "
         "[LinearPatch](https://arxiv.org/abs/2505.24680): one C x C matrix on the residual stream after each gap.",
         "",
         "## Pruning",
@@ -138,19 +140,22 @@ def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
     export = _read_json(info.path / EXPORT_RECORD)
     base_model = export.get("base_model")
     source = export.get("source") if is_repo_id(export.get("source")) else None
+    family = info.config.get("model_type", "llama")
+    architecture = (info.config.get("architectures") or ["LlamaForCausalLM"])[0]
     data = ModelCardData(
         base_model=base_model if is_repo_id(base_model) else None,
         library_name="transformers",
         pipeline_tag="text-generation",
         license=KNOWN_LICENSES.get(base_model),
-        tags=["linearpatch", "layer-pruning", "llama"],
+        tags=["linearpatch", "layer-pruning", family],
     )
     origin = f"the LinearPatch checkpoint `{source}`" if source else "a LinearPatch checkpoint"
     lines = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"A stock `LlamaForCausalLM` (no remote code) exported from {origin} of "
-        f"{'`' + base_model + '`' if base_model else 'a Llama model'}: decoder layers `{export.get('pruned_layers')}` "
+        f"A stock `{architecture}` (no remote code) exported from {origin} of "
+        f"{'`' + base_model + '`' if base_model else f'a {family} model'}: decoder layers "
+        f"`{export.get('pruned_layers')}` "
         f"were removed and the LinearPatch matrices folded into the weights with the `{export.get('fold')}` fold.",
         "",
         "**This is a folded approximation of the patched checkpoint**: a patch before the first layer, or a scalar "

@@ -8,9 +8,7 @@ from pathlib import Path
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.names import EXPORT_RECORD, is_repo_id
 from linearpatch.common.remote_check import check_remote_code_imports
-from linearpatch.modeling.configuration_linearpatch import LinearPatchConfig
-
-CHECKPOINT_MODEL_TYPE = LinearPatchConfig.model_type
+from linearpatch.modeling import checkpoint_model_types
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODELING_FILES = ("configuration_linearpatch.py", "modeling_linearpatch.py")
@@ -53,8 +51,9 @@ def validate_folder(
 ) -> CheckpointInfo:
     """Check a LinearPatch checkpoint or adapter folder; return what it is.
 
-    A model needs `config.json` with `model_type: linearpatch_llama` and `auto_map`, safetensors weights (no pickle
-    files at all), both modeling files importable without linearpatch installed, and a tokenizer. An adapter needs
+    A model needs `config.json` with a LinearPatch `model_type` (`linearpatch_llama`, `linearpatch_qwen3`, ...) and
+    `auto_map`, safetensors weights (no pickle files at all), both modeling files importable without linearpatch
+    installed, and a tokenizer. An adapter needs
     `adapter_config.json`, `adapter_model.safetensors` and a Hub repo id as `base_model_name_or_path`
     (`adapter_config_override` is the adapter config that will be pushed instead of the file's).
 
@@ -86,14 +85,15 @@ def validate_folder(
         raise InvalidCheckpointError(f"{path} has no config.json: not a checkpoint.")
     config = json.loads((path / "config.json").read_text())
     if EXPORT_RECORD in files:  # `linearpatch export`: a stock architecture, no remote code by design
-        if config.get("auto_map") or config.get("model_type") == CHECKPOINT_MODEL_TYPE:
+        if config.get("auto_map") or config.get("model_type") in checkpoint_model_types():
             raise InvalidCheckpointError(f"{path} has {EXPORT_RECORD} but is not a stock-architecture model.")
         if not any(f.endswith(".safetensors") for f in files) or not any(name in files for name in TOKENIZER_FILES):
             raise InvalidCheckpointError(f"{path} lacks safetensors weights or a tokenizer; export it again.")
         return CheckpointInfo(path, "export", config, files)
-    if config.get("model_type") != CHECKPOINT_MODEL_TYPE:
+    if config.get("model_type") not in checkpoint_model_types():
         raise InvalidCheckpointError(
-            f"{path} is a {config.get('model_type')!r} model, not {CHECKPOINT_MODEL_TYPE}: "
+            f"{path} is a {config.get('model_type')!r} model, not a LinearPatch checkpoint "
+            f"({', '.join(checkpoint_model_types())}): "
             "prune it with `linearpatch prune`."
         )
     if not any(f.endswith(".safetensors") for f in files):

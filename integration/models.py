@@ -25,15 +25,13 @@ from linearpatch.common.errors import (
 )
 from linearpatch.common.files import atomic_directory, rename_no_replace, staging_path
 from linearpatch.common.names import REPO_ID, is_repo_id
-from linearpatch.modeling import LinearPatchConfig
-from linearpatch.modeling.pruning import SUPPORTED_MODEL_TYPES
+from linearpatch.modeling import checkpoint_model_types, supported_model_types
 
 from .defaults import default_device
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-CHECKPOINT_MODEL_TYPE = LinearPatchConfig.model_type
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
 
 
@@ -204,18 +202,19 @@ def load_config(name_or_path: str, kind: str | None = None):
             "Check the id, your network and HF_TOKEN, or pass a local folder."
         ) from error
     model_type = config.model_type
-    families = ", ".join(SUPPORTED_MODEL_TYPES)
-    if kind == "checkpoint" and model_type != CHECKPOINT_MODEL_TYPE:
+    families = ", ".join(supported_model_types())
+    checkpoint_types = checkpoint_model_types()
+    if kind == "checkpoint" and model_type not in checkpoint_types:
         raise UnsupportedModelError(
             f"{name_or_path} is a {model_type!r} model, not a LinearPatch checkpoint; run `linearpatch prune` on it "
             "first."
         )
-    if kind == "dense" and model_type not in SUPPORTED_MODEL_TYPES:
-        hint = " It is already pruned: prune its dense model instead." if model_type == CHECKPOINT_MODEL_TYPE else ""
+    if kind == "dense" and model_type not in supported_model_types():
+        hint = " It is already pruned: prune its dense model instead." if model_type in checkpoint_types else ""
         raise UnsupportedModelError(
             f"{name_or_path} is a {model_type!r} model; linearpatch prunes these families: {families}.{hint}"
         )
-    if kind is None and model_type not in (*SUPPORTED_MODEL_TYPES, CHECKPOINT_MODEL_TYPE):
+    if kind is None and model_type not in (*supported_model_types(), *checkpoint_types):
         raise UnsupportedModelError(
             f"{name_or_path} is a {model_type!r} model; linearpatch works on {families} and LinearPatch checkpoints."
         )
@@ -319,7 +318,6 @@ def write_checkpoint_files(folder: Path, model, tokenizer=None, files: dict[str,
 
 
 __all__ = [
-    "CHECKPOINT_MODEL_TYPE",
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "cache_dir",

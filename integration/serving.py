@@ -50,7 +50,7 @@ def serve_command(checkpoint: str | Path, vllm: str | Path, extra: list[str] | t
         raise LinearPatchError(f"{checkpoint} is not a model folder (no config.json); pass a checkpoint folder.")
     config = json.loads(config_path.read_text())
     command = [str(vllm), "serve", str(folder)]
-    if config.get("model_type") == "linearpatch_llama":
+    if str(config.get("model_type")).startswith("linearpatch_"):
         command += ["--trust-remote-code", "--model-impl", "transformers"]
     elif not (folder / EXPORT_RECORD).exists():
         raise LinearPatchError(

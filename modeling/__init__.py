@@ -1,31 +1,61 @@
-"""The LinearPatch checkpoint format: config, model classes (registered with the Auto classes) and pruning."""
+"""The LinearPatch checkpoint format: configs and model classes per family (registered with the Auto classes) and
+pruning."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-from .configuration_linearpatch import LinearPatchConfig, contiguous_gaps, patch_positions_for
-from .modeling_linearpatch import LinearPatch, LinearPatchForCausalLM, LinearPatchModel, LinearPatchPreTrainedModel
+from .configuration_linearpatch import (
+    LinearPatchConfig,
+    LinearPatchConfigMixin,
+    LinearPatchGemma3TextConfig,
+    LinearPatchMistralConfig,
+    LinearPatchQwen2Config,
+    LinearPatchQwen3Config,
+    contiguous_gaps,
+    patch_positions_for,
+)
+from .families import FAMILIES, Family, checkpoint_model_types, family_of, register_family, supported_model_types
+from .modeling_linearpatch import (
+    LinearPatch,
+    LinearPatchForCausalLM,
+    LinearPatchGemma3TextForCausalLM,
+    LinearPatchGemma3TextModel,
+    LinearPatchMistralForCausalLM,
+    LinearPatchMistralModel,
+    LinearPatchModel,
+    LinearPatchQwen2ForCausalLM,
+    LinearPatchQwen2Model,
+    LinearPatchQwen3ForCausalLM,
+    LinearPatchQwen3Model,
+)
 from .pruning import normalize_pruned_layers, patch_state_dict, prune_layers, prune_state_dict, pruned_config
 
-AutoConfig.register(LinearPatchConfig.model_type, LinearPatchConfig, exist_ok=True)
-AutoModel.register(LinearPatchConfig, LinearPatchModel, exist_ok=True)
-AutoModelForCausalLM.register(LinearPatchConfig, LinearPatchForCausalLM, exist_ok=True)
-# With these, `save_pretrained` writes `auto_map` and copies the two Hub-side files into the checkpoint, so that
-# `trust_remote_code=True` loads it where linearpatch is not installed.
-LinearPatchConfig.register_for_auto_class()
-LinearPatchModel.register_for_auto_class("AutoModel")
-LinearPatchForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-
 __all__ = [
+    "FAMILIES",
+    "Family",
     "LinearPatch",
     "LinearPatchConfig",
+    "LinearPatchConfigMixin",
     "LinearPatchForCausalLM",
+    "LinearPatchGemma3TextConfig",
+    "LinearPatchGemma3TextForCausalLM",
+    "LinearPatchGemma3TextModel",
+    "LinearPatchMistralConfig",
+    "LinearPatchMistralForCausalLM",
+    "LinearPatchMistralModel",
     "LinearPatchModel",
-    "LinearPatchPreTrainedModel",
+    "LinearPatchQwen2Config",
+    "LinearPatchQwen2ForCausalLM",
+    "LinearPatchQwen2Model",
+    "LinearPatchQwen3Config",
+    "LinearPatchQwen3ForCausalLM",
+    "LinearPatchQwen3Model",
+    "checkpoint_model_types",
     "contiguous_gaps",
+    "family_of",
     "normalize_pruned_layers",
     "patch_positions_for",
     "patch_state_dict",
     "prune_layers",
     "prune_state_dict",
     "pruned_config",
+    "register_family",
+    "supported_model_types",
 ]

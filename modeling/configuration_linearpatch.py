@@ -1,6 +1,7 @@
 # Hub-side file: `save_pretrained` copies it into every checkpoint, where it is imported by `trust_remote_code` on
 # machines that have never installed `linearpatch`. It may import only torch / transformers / huggingface_hub.
-"""Configuration of a layer-pruned Llama model carrying LinearPatch matrices."""
+"""Configurations of layer-pruned models carrying LinearPatch matrices: one per supported family (Llama, Mistral,
+Qwen2, Qwen3, Gemma 3 text), each the family's own config plus the pruning fields."""
 
 import transformers
 
@@ -14,7 +15,14 @@ if int(transformers.__version__.split(".")[0]) < 5:
     )
 
 from huggingface_hub.dataclasses import strict  # noqa: E402
-from transformers import LlamaConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 
 def contiguous_gaps(pruned_layers: list[int]) -> list[tuple[int, int]]:
@@ -47,11 +55,12 @@ def patch_positions_for(pruned_layers: list[int]) -> list[int]:
 
 
 @strict
-class LinearPatchConfig(LlamaConfig):
+class LinearPatchConfigMixin(PreTrainedConfig):
     r"""
-    Configuration of a Llama model from which whole decoder layers were removed, with one LinearPatch matrix per
-    contiguous gap. `num_hidden_layers` is the number of *kept* layers, so the model's KV cache and layer indices are
-    those of the pruned model.
+    The pruning fields every LinearPatch configuration adds to its family's own config (mixed in before it): a model
+    from which whole decoder layers were removed, with one LinearPatch matrix per contiguous gap. `num_hidden_layers`
+    is the number of *kept* layers, so the model's KV cache and layer indices are those of the pruned model. Every
+    per-layer field of the family (`layer_types`, ...) describes the kept layers.
 
     Args:
         original_num_hidden_layers (`int`, *optional*):
@@ -70,17 +79,7 @@ class LinearPatchConfig(LlamaConfig):
             How the pruned layers were chosen, e.g. `cosine`, `block-influence`, `manual` (metadata only).
         patch_kind (`str`, *optional*):
             How the patches were made, e.g. `hadamard`, `diag`, `identity`, `distilled` (metadata only).
-
-    Example:
-
-    ```python
-    >>> from linearpatch.modeling import LinearPatchConfig
-    >>> config = LinearPatchConfig(num_hidden_layers=25, pruned_layers=[20, 21, 22, 23, 24])
-    >>> config.original_num_hidden_layers, config.patch_positions
-    (30, [20])
-    ```"""
-
-    model_type = "linearpatch_llama"
+    """
 
     original_num_hidden_layers: int | None = None
     pruned_layers: list[int] | None = None
@@ -130,4 +129,51 @@ class LinearPatchConfig(LlamaConfig):
             )
 
 
-__all__ = ["LinearPatchConfig", "contiguous_gaps", "patch_positions_for"]
+def linearpatch_config_class(family_config: type[PreTrainedConfig], model_type: str) -> type[PreTrainedConfig]:
+    """The LinearPatch configuration of one family: `family_config` (e.g. `Qwen3Config`) plus the pruning fields, under
+    its own `model_type` (e.g. `linearpatch_qwen3`). `dense_model_type` names the family it was pruned from."""
+    name = f"LinearPatch{family_config.__name__}"
+    namespace = {"model_type": model_type, "dense_model_type": family_config.model_type, "__module__": __name__}
+    namespace["__doc__"] = (
+        f"`{family_config.__name__}` of a layer-pruned model, plus the fields of [`LinearPatchConfigMixin`]."
+    )
+    return strict(type(name, (LinearPatchConfigMixin, family_config), namespace))
+
+
+@strict
+class LinearPatchConfig(LinearPatchConfigMixin, LlamaConfig):
+    r"""
+    A layer-pruned Llama with LinearPatch matrices: `LlamaConfig` plus the fields of [`LinearPatchConfigMixin`]. Its
+    name and `model_type` (`linearpatch_llama`) are those of v0.1 checkpoints.
+
+    Example:
+
+    ```python
+    >>> from linearpatch.modeling import LinearPatchConfig
+    >>> config = LinearPatchConfig(num_hidden_layers=25, pruned_layers=[20, 21, 22, 23, 24])
+    >>> config.original_num_hidden_layers, config.patch_positions
+    (30, [20])
+    ```"""
+
+    model_type = "linearpatch_llama"
+    dense_model_type = "llama"
+
+
+# One `model_type` per family: each checkpoint's config is its family's own, validated by that family's class, so a
+# Qwen3 checkpoint keeps Qwen3's fields and defaults, and engines that pick code by model type see which family it is.
+LinearPatchMistralConfig = linearpatch_config_class(MistralConfig, "linearpatch_mistral")
+LinearPatchQwen2Config = linearpatch_config_class(Qwen2Config, "linearpatch_qwen2")
+LinearPatchQwen3Config = linearpatch_config_class(Qwen3Config, "linearpatch_qwen3")
+LinearPatchGemma3TextConfig = linearpatch_config_class(Gemma3TextConfig, "linearpatch_gemma3_text")
+
+__all__ = [
+    "LinearPatchConfig",
+    "LinearPatchConfigMixin",
+    "LinearPatchGemma3TextConfig",
+    "LinearPatchMistralConfig",
+    "LinearPatchQwen2Config",
+    "LinearPatchQwen3Config",
+    "contiguous_gaps",
+    "linearpatch_config_class",
+    "patch_positions_for",
+]

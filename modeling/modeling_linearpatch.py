@@ -1,23 +1,37 @@
 # Hub-side file: `save_pretrained` copies it (and configuration_linearpatch.py) into every checkpoint, where it is
 # imported by `trust_remote_code` on machines that have never installed `linearpatch`. It may import only
-# torch / transformers / huggingface_hub. It is written as a diff against Llama: only what differs is overridden.
-"""A layer-pruned Llama with one LinearPatch matrix on the residual stream after each gap."""
+# torch / transformers / huggingface_hub. Each family's classes are a diff against that family's own transformers
+# classes: mixins that add the patches, over the family's decoder layer, final norm, base model and causal LM.
+"""Layer-pruned Llama, Mistral, Qwen2, Qwen3 and Gemma 3 (text) models with one LinearPatch matrix on the residual
+stream after each gap."""
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaModel,
-    LlamaPreTrainedModel,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
+from transformers.models.gemma3.modeling_gemma3 import (
+    Gemma3DecoderLayer,
+    Gemma3ForCausalLM,
+    Gemma3RMSNorm,
+    Gemma3TextModel,
 )
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import (
+    MistralDecoderLayer,
+    MistralForCausalLM,
+    MistralModel,
+    MistralRMSNorm,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model, Qwen2RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model, Qwen3RMSNorm
 
-from .configuration_linearpatch import LinearPatchConfig
+from .configuration_linearpatch import (
+    LinearPatchConfig,
+    LinearPatchGemma3TextConfig,
+    LinearPatchMistralConfig,
+    LinearPatchQwen2Config,
+    LinearPatchQwen3Config,
+)
 
 
 class LinearPatch(nn.Module):
@@ -51,10 +65,10 @@ class LinearPatch(nn.Module):
         return f"{tuple(self.weight.shape)}, compute_in_fp32={self.compute_in_fp32}"
 
 
-class LinearPatchDecoderLayer(LlamaDecoderLayer):
-    """A Llama decoder layer that first applies the patch of the gap just before it, if there is one."""
+class LinearPatchLayerMixin:
+    """Mixed into a family's decoder layer: first applies the patch of the gap just before the layer, if any."""
 
-    def __init__(self, config: LinearPatchConfig, layer_idx: int):
+    def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.linear_patch = (
             LinearPatch(config.hidden_size, config.keep_patch_in_fp32) if layer_idx in config.patch_positions else None
@@ -66,10 +80,10 @@ class LinearPatchDecoderLayer(LlamaDecoderLayer):
         return super().forward(hidden_states, *args, **kwargs)
 
 
-class LinearPatchFinalNorm(LlamaRMSNorm):
-    """The final RMSNorm, preceded by a patch when the pruned block reaches the last layer."""
+class LinearPatchNormMixin:
+    """Mixed into a family's final RMSNorm: the patch comes first when the pruned block reaches the last layer."""
 
-    def __init__(self, config: LinearPatchConfig):
+    def __init__(self, config):
         super().__init__(config.hidden_size, eps=config.rms_norm_eps)
         self.linear_patch = (
             LinearPatch(config.hidden_size, config.keep_patch_in_fp32)
@@ -83,18 +97,14 @@ class LinearPatchFinalNorm(LlamaRMSNorm):
         return super().forward(hidden_states)
 
 
-class LinearPatchPreTrainedModel(LlamaPreTrainedModel):
-    config: LinearPatchConfig
-    _no_split_modules = ["LinearPatchDecoderLayer"]
-    _can_record_outputs = {"hidden_states": LinearPatchDecoderLayer, "attentions": LlamaAttention}
+class LinearPatchPreTrainedMixin:
+    """What every LinearPatch model class (base and causal LM) adds: fp32 patches, identity init, strict loading."""
 
-    def __init__(self, config: LinearPatchConfig, *inputs, **kwargs):
-        # Not `super().__init__`: in the subclasses' MRO that is LlamaModel/LlamaForCausalLM, which would build every
-        # Llama layer only for it to be replaced.
-        PreTrainedModel.__init__(self, config, *inputs, **kwargs)
-        # Every LinearPatch class (the base `LinearPatchModel` that vLLM builds, too) keeps its patches in fp32 when
-        # loaded in bf16/fp16, unless the config opts out.
-        self._keep_in_fp32_modules_strict = ["linear_patch"] if config.keep_patch_in_fp32 else []
+    def post_init(self):
+        # Every LinearPatch class (the base model that vLLM builds, too) keeps its patches in fp32 when loaded in
+        # bf16/fp16, unless the config opts out.
+        self._keep_in_fp32_modules_strict = ["linear_patch"] if self.config.keep_patch_in_fp32 else []
+        super().post_init()
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -136,30 +146,118 @@ class LinearPatchPreTrainedModel(LlamaPreTrainedModel):
         return (model, info) if want_info else model
 
 
-class LinearPatchModel(LinearPatchPreTrainedModel, LlamaModel):
-    def __init__(self, config: LinearPatchConfig):
-        # Same as LlamaModel.__init__ with the patch-carrying layer and norm (not calling it avoids building every
-        # layer twice).
-        LinearPatchPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [LinearPatchDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = LinearPatchFinalNorm(config)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
+class LinearPatchModelMixin(LinearPatchPreTrainedMixin):
+    """Mixed into a family's base model, whose own `__init__` runs unchanged (embedding scale, rotary, sliding-window
+    bookkeeping included). Only the layers that carry a patch, and the final norm when a gap reaches the end, are
+    rebuilt with the patch mixins: one layer per gap, not the whole decoder."""
+
+    patched_layer_class: type[nn.Module]
+    patched_norm_class: type[nn.Module]
+
+    def post_init(self):
+        # The family's `__init__` calls `post_init` last, after building its plain layers and norm.
+        for position in self.config.patch_positions:
+            if position < len(self.layers):
+                self.layers[position] = self.patched_layer_class(self.config, position)
+            else:
+                self.norm = self.patched_norm_class(self.config)
+        super().post_init()
 
 
-class LinearPatchForCausalLM(LinearPatchPreTrainedModel, LlamaForCausalLM):
-    def __init__(self, config: LinearPatchConfig):
-        LinearPatchPreTrainedModel.__init__(self, config)
-        self.model = LinearPatchModel(config)
+class LinearPatchCausalLMMixin(LinearPatchPreTrainedMixin):
+    """Mixed into a family's causal LM. `base_model_class` is the family's LinearPatch base model."""
+
+    base_model_class: type[PreTrainedModel]
+
+    def __init__(self, config):
+        # The `__init__` of every supported family's causal LM, with the LinearPatch base model: calling the family's
+        # own would first build its plain base model, only to replace it.
+        PreTrainedModel.__init__(self, config)
+        self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
 
-__all__ = ["LinearPatch", "LinearPatchForCausalLM", "LinearPatchModel", "LinearPatchPreTrainedModel"]
+def linearpatch_model_classes(
+    config_class: type,
+    decoder_layer: type[nn.Module],
+    final_norm: type[nn.Module],
+    base_model: type[PreTrainedModel],
+    causal_lm: type[PreTrainedModel],
+    name: str,
+) -> tuple[type[PreTrainedModel], type[PreTrainedModel]]:
+    """The LinearPatch base model and causal LM of a family, from that family's transformers classes.
+
+    The family must have the Llama residual structure: `model.layers[i](hidden_states, ...)` returns the residual
+    stream, `model.norm(hidden_states)` is the final RMSNorm built as `final_norm(hidden_size, eps=rms_norm_eps)`, and
+    the causal LM is `model` + an `lm_head` Linear.
+
+    Returns:
+        `(LinearPatch{name}Model, LinearPatch{name}ForCausalLM)`, defined in this module (so that `save_pretrained`
+        copies this file and `auto_map` names them).
+    """
+    module = {"__module__": __name__}
+    layer = type(f"LinearPatch{name}DecoderLayer", (LinearPatchLayerMixin, decoder_layer), dict(module))
+    norm = type(f"LinearPatch{name}FinalNorm", (LinearPatchNormMixin, final_norm), dict(module))
+    model = type(
+        f"LinearPatch{name}Model",
+        (LinearPatchModelMixin, base_model),
+        {
+            **module,
+            "config_class": config_class,
+            "patched_layer_class": layer,
+            "patched_norm_class": norm,
+            # Keep each patch on the device of the layer it feeds when `device_map` splits the model.
+            "_no_split_modules": [*(base_model._no_split_modules or []), layer.__name__],
+        },
+    )
+    lm = type(
+        f"LinearPatch{name}ForCausalLM",
+        (LinearPatchCausalLMMixin, causal_lm),
+        {
+            **module,
+            "config_class": config_class,
+            "base_model_class": model,
+            "_no_split_modules": model._no_split_modules,
+        },
+    )
+    return model, lm
+
+
+# Llama keeps the v0.1 class names, which `auto_map` and `architectures` of existing checkpoints refer to.
+LinearPatchModel, LinearPatchForCausalLM = linearpatch_model_classes(
+    LinearPatchConfig, LlamaDecoderLayer, LlamaRMSNorm, LlamaModel, LlamaForCausalLM, ""
+)
+LinearPatchMistralModel, LinearPatchMistralForCausalLM = linearpatch_model_classes(
+    LinearPatchMistralConfig, MistralDecoderLayer, MistralRMSNorm, MistralModel, MistralForCausalLM, "Mistral"
+)
+LinearPatchQwen2Model, LinearPatchQwen2ForCausalLM = linearpatch_model_classes(
+    LinearPatchQwen2Config, Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2Model, Qwen2ForCausalLM, "Qwen2"
+)
+LinearPatchQwen3Model, LinearPatchQwen3ForCausalLM = linearpatch_model_classes(
+    LinearPatchQwen3Config, Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3Model, Qwen3ForCausalLM, "Qwen3"
+)
+LinearPatchGemma3TextModel, LinearPatchGemma3TextForCausalLM = linearpatch_model_classes(
+    LinearPatchGemma3TextConfig, Gemma3DecoderLayer, Gemma3RMSNorm, Gemma3TextModel, Gemma3ForCausalLM, "Gemma3Text"
+)
+
+__all__ = [
+    "LinearPatch",
+    "LinearPatchCausalLMMixin",
+    "LinearPatchForCausalLM",
+    "LinearPatchGemma3TextForCausalLM",
+    "LinearPatchGemma3TextModel",
+    "LinearPatchLayerMixin",
+    "LinearPatchMistralForCausalLM",
+    "LinearPatchMistralModel",
+    "LinearPatchModel",
+    "LinearPatchModelMixin",
+    "LinearPatchNormMixin",
+    "LinearPatchPreTrainedMixin",
+    "LinearPatchQwen2ForCausalLM",
+    "LinearPatchQwen2Model",
+    "LinearPatchQwen3ForCausalLM",
+    "LinearPatchQwen3Model",
+    "linearpatch_model_classes",
+]

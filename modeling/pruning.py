@@ -1,4 +1,5 @@
-"""Depth pruning as a pure function: a dense Llama state dict in, a re-indexed state dict plus patches out."""
+"""Depth pruning as a pure function: a dense state dict (any supported family) in, a re-indexed state dict plus patches
+out; and the pruned config, with everything the family keeps per layer re-indexed to the kept layers."""
 
 import re
 
@@ -6,10 +7,13 @@ import torch
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from .configuration_linearpatch import LinearPatchConfig, contiguous_gaps
-from .modeling_linearpatch import LinearPatchForCausalLM
+from .configuration_linearpatch import LinearPatchConfigMixin, contiguous_gaps
+from .families import family_of
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+# Config entries that hold one value per decoder layer (sliced to the kept layers), and entries that would recompute
+# a per-layer pattern from the dense depth (dropped: the sliced `layer_types` is explicit).
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+PATTERN_KEYS = ("sliding_window_pattern", "_sliding_window_pattern")
 _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
 
 
@@ -40,7 +44,7 @@ def prune_state_dict(
     Keys that do not belong to a decoder layer are passed through. The input is not modified; tensors are shared.
 
     Args:
-        state_dict (`dict[str, torch.Tensor]`): a dense Llama state dict (`model.layers.{i}.…` keys).
+        state_dict (`dict[str, torch.Tensor]`): a dense state dict (`model.layers.{i}.…` keys).
         pruned_layers (`list[int]`): original indices of the layers to drop.
         num_layers (`int`): number of decoder layers in `state_dict`.
     """
@@ -62,37 +66,69 @@ def prune_state_dict(
     return out
 
 
-def pruned_config(dense_config, pruned_layers: list[int], add_patches: bool = True, **metadata) -> LinearPatchConfig:
-    """The `LinearPatchConfig` of `dense_config` with `pruned_layers` removed (one patch per gap if `add_patches`)."""
-    if dense_config.model_type not in SUPPORTED_MODEL_TYPES:
+def pruned_config_values(values: dict, pruned_layers: list[int]) -> dict:
+    """Re-index a dense config's per-layer entries to the kept layers (pure, on `to_dict()` values).
+
+    - `layer_types` (sliding/full attention in Qwen2/Qwen3/Gemma 3/Mistral-style configs) and other per-layer lists
+      keep the entries of the kept layers;
+    - `max_window_layers` (Qwen2/Qwen3: the first N layers use full attention) counts the kept layers below it;
+    - a periodic `sliding_window_pattern` (Gemma 3) no longer describes the kept layers and is dropped, the sliced
+      `layer_types` being explicit.
+    """
+    num_layers = values["num_hidden_layers"]
+    kept = [index for index in range(num_layers) if index not in set(pruned_layers)]
+    values = dict(values)
+    for key in PER_LAYER_KEYS:
+        if values.get(key) is not None:
+            if len(values[key]) != num_layers:
+                raise ValueError(
+                    f"The dense config's `{key}` has {len(values[key])} entries for {num_layers} layers: "
+                    "fix the config."
+                )
+            values[key] = [values[key][index] for index in kept]
+    if values.get("max_window_layers") is not None:
+        values["max_window_layers"] = sum(1 for index in kept if index < values["max_window_layers"])
+    for key in PATTERN_KEYS:
+        values.pop(key, None)
+    values["num_hidden_layers"] = len(kept)
+    return values
+
+
+def pruned_config(
+    dense_config, pruned_layers: list[int], add_patches: bool = True, **metadata
+) -> LinearPatchConfigMixin:
+    """The LinearPatch config of `dense_config` (its family's, e.g. `LinearPatchQwen3Config`) with `pruned_layers`
+    removed (one patch per gap if `add_patches`).
+
+    Raises:
+        ValueError: if the family is not supported (naming those that are), or the layers are invalid.
+    """
+    family = family_of(dense_config)
+    if dense_config.model_type != family.dense_model_type:
         raise ValueError(
-            f"Model type {dense_config.model_type!r} is not supported: linearpatch prunes Llama-architecture models "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)}). Convert the checkpoint to LlamaForCausalLM first."
+            f"{dense_config.model_type!r} is already a pruned LinearPatch checkpoint; prune its dense model instead."
         )
     num_layers = dense_config.num_hidden_layers
     pruned_layers = normalize_pruned_layers(pruned_layers, num_layers)
     values = dense_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
         values.pop(key, None)
-    kept = [index for index in range(num_layers) if index not in set(pruned_layers)]
-    if values.get("layer_types") is not None:
-        values["layer_types"] = [values["layer_types"][index] for index in kept]
+    values = pruned_config_values(values, pruned_layers)
     values.update(
-        num_hidden_layers=len(kept),
         original_num_hidden_layers=num_layers,
         pruned_layers=pruned_layers,
         patch_positions=None if add_patches else [],
     )
     values.update({key: value for key, value in metadata.items() if value is not None})
-    config = LinearPatchConfig(**values)
-    config.architectures = ["LinearPatchForCausalLM"]
+    config = family.config_class(**values)
+    config.architectures = [family.causal_lm_class.__name__]
     # save_pretrained adds the entries of the saved class (AutoConfig, AutoModelForCausalLM) to this map; naming
     # the base model too lets `AutoModel.from_pretrained(..., trust_remote_code=True)` work without the package.
-    config.auto_map = {"AutoModel": "modeling_linearpatch.LinearPatchModel"}
+    config.auto_map = {"AutoModel": f"modeling_linearpatch.{family.model_class.__name__}"}
     return config
 
 
-def patch_state_dict(config: LinearPatchConfig, patches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def patch_state_dict(config: LinearPatchConfigMixin, patches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """State-dict entries for `patches` (one C x C matrix per position in `config.patch_positions`)."""
     if len(patches) != len(config.patch_positions):
         raise ValueError(
@@ -119,9 +155,10 @@ def prune_layers(
     add_patches: bool = True,
     copy: bool = False,
     **metadata,
-) -> LinearPatchForCausalLM:
+) -> PreTrainedModel:
     r"""
-    Build a pruned `LinearPatchForCausalLM` from a dense `LlamaForCausalLM` without touching the dense model.
+    Build a pruned LinearPatch causal LM (`LinearPatchForCausalLM` for Llama, `LinearPatchQwen3ForCausalLM` for Qwen3,
+    ...) from a dense causal LM of a supported family, without touching the dense model.
 
     The dense state dict is re-indexed by [`prune_state_dict`] and loaded into a fresh model of the pruned config, so
     `num_hidden_layers`, every attention's `layer_idx` and the KV cache all refer to the kept layers. Tied embeddings
@@ -130,7 +167,7 @@ def prune_layers(
 
     Args:
         model (`PreTrainedModel`):
-            A dense Llama causal LM.
+            A dense causal LM of a supported family (`supported_model_types()`).
         layers (`list[int]`):
             Original indices of the decoder layers to remove; any set, one patch per maximal contiguous gap.
         patches (`list[torch.Tensor]`, *optional*):
@@ -143,7 +180,7 @@ def prune_layers(
             Stored in the config: `base_model`, `selection_metric`, `patch_kind`, `keep_patch_in_fp32`.
 
     Returns:
-        `LinearPatchForCausalLM`: the pruned model, in eval mode if the dense model was.
+        `PreTrainedModel`: the family's LinearPatch causal LM, in eval mode if the dense model was.
     """
     config = pruned_config(model.config, layers, add_patches=add_patches, **metadata)
     dtype = next(model.parameters()).dtype
@@ -162,14 +199,15 @@ def prune_layers(
     if config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
     with torch.device(device), no_init_weights():
-        pruned = LinearPatchForCausalLM(config)
+        pruned = family_of(config).causal_lm_class(config)
     # assign=True keeps each tensor's dtype (and shares storage unless `copy`), instead of casting into fresh fp32
     # parameters.
     missing, unexpected = pruned.load_state_dict(state_dict, strict=False, assign=True)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(
-            f"The dense model's weights do not fit a Llama of its own config: missing {sorted(set(missing) - tied)}, "
+            f"The dense model's weights do not fit a {model.config.model_type} model of its own config: "
+            f"missing {sorted(set(missing) - tied)}, "
             f"unexpected {sorted(unexpected)}."
         )
     pruned.tie_weights()

@@ -54,3 +54,51 @@ def build_case(tied, dtype, layers, seed=0):
     num_gaps = len(contiguous_gaps(layers))
     patches = [random_patch(dense.config.hidden_size, seed=10 + index) for index in range(num_gaps)]
     return dense, prune_layers(dense, layers, patches=patches, base_model="tiny", selection_metric="manual")
+
+
+# Per family: what makes its tiny model exercise the family's quirks. Sliding windows shorter than the test inputs
+# make a wrongly re-indexed `layer_types` / `max_window_layers` change the logits.
+FAMILY_OVERRIDES = {
+    "llama": {},
+    "mistral": dict(sliding_window=4),
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=3),  # biased q/k/v
+    "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=3),  # q/k norms
+    # sqrt(C) embedding scale, pre/post feed-forward norms, (1 + w) norms, alternating sliding/full attention.
+    "gemma3_text": dict(
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        query_pre_attn_scalar=16,
+    ),
+}
+
+
+def tiny_family(model_type: str, num_layers: int = 6, tied: bool = True, seed: int = 0, **overrides):
+    """A real (random-weight) dense causal LM of a supported family, seeded, with non-degenerate norms and biases."""
+    from linearpatch.modeling import FAMILIES
+
+    family = FAMILIES[model_type]
+    values = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    values.update(FAMILY_OVERRIDES[model_type])
+    values.update(overrides)
+    torch.manual_seed(seed)
+    model = family.dense_causal_lm_class(family.dense_config_class(**values)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 2.0)
+            elif name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    return model

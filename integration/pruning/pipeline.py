@@ -9,9 +9,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from transformers import PreTrainedModel
+
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import atomic_directory, check_output, refuse_overlap
-from linearpatch.modeling import LinearPatchForCausalLM, contiguous_gaps, normalize_pruned_layers, prune_layers
+from linearpatch.modeling import contiguous_gaps, normalize_pruned_layers, prune_layers
 
 from ..data import TokenWindows, token_windows
 from ..defaults import calibration_sizes, figure_sizes, perplexity_sizes
@@ -114,12 +116,13 @@ def prune(
     base_model: str | None = None,
     statistics: CalibrationStatistics | None = None,
     progress: bool = True,
-) -> tuple[LinearPatchForCausalLM, PruneReport]:
+) -> tuple[PreTrainedModel, PruneReport]:
     r"""
-    Prune a dense Llama with LinearPatch, training-free.
+    Prune a dense model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text) with LinearPatch,
+    training-free.
 
     Args:
-        model: the dense `LlamaForCausalLM` (not modified).
+        model: the dense causal LM (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...; not modified).
         tokenizer: its tokenizer (to cut calibration windows).
         num_layers (`int`, *optional*): how many layers to drop, chosen by `metric`.
         layers (`list[int]`, *optional*): drop exactly these layers instead (then `metric` is `manual`).
@@ -138,7 +141,7 @@ def prune(
         progress (`bool`, *optional*, defaults to `True`): progress bars.
 
     Returns:
-        `tuple[LinearPatchForCausalLM, PruneReport]`
+        `tuple[PreTrainedModel, PruneReport]`: the family's LinearPatch causal LM and the report.
     """
     from ..models import portable_model_id
 

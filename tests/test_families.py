@@ -1,0 +1,223 @@
+"""Every supported family against the checkpoint contract (issue #12): a pruned checkpoint, reloaded without the
+package, gives the logits of the unmodified dense transformers model with those layers skipped and the same patches
+applied at each gap (computed independently, with hooks); cached and uncached greedy generation agree."""
+
+import json
+
+import pytest
+import torch
+from helpers import FAMILY_OVERRIDES, random_patch, tiny_family
+
+from linearpatch.common.remote_check import logits_without_package
+from linearpatch.modeling import FAMILIES, contiguous_gaps, prune_layers, pruned_config
+
+FAMILY_NAMES = list(FAMILY_OVERRIDES)
+GAPS = {"start": [0, 1], "middle": [2, 3], "end": [4, 5], "two-gaps": [1, 4, 5]}
+INPUT_IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def test_the_table_covers_every_built_in_family():
+    assert set(FAMILY_NAMES) == set(FAMILIES) >= {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
+
+
+def skipped_and_patched(dense, layers, patches, input_ids):
+    """Logits of the dense model with `layers` skipped (each returns its input) and `patches[g]` applied to the
+    residual stream entering the first layer after gap g (or the final norm), by hooks on stock modules."""
+    handles = []
+
+    def skip(module, args, kwargs, output):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def patch_with(matrix):
+        def pre_hook(module, args, kwargs):
+            if args:
+                return (args[0] @ matrix, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] @ matrix}
+
+        return pre_hook
+
+    for index in layers:
+        handles.append(dense.model.layers[index].register_forward_hook(skip, with_kwargs=True))
+    num_layers = dense.config.num_hidden_layers
+    for (_, end), matrix in zip(contiguous_gaps(layers), patches, strict=True):
+        target = dense.model.layers[end] if end < num_layers else dense.model.norm
+        handles.append(target.register_forward_pre_hook(patch_with(matrix), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return dense(input_ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture(scope="module")
+def saved_table(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    table = {}
+    for family in FAMILY_NAMES:
+        for gap_name, layers in GAPS.items():
+            dense = tiny_family(family, tied=gap_name in ("middle", "end"), seed=len(table))
+            patches = [random_patch(64, seed=10 + g) for g in range(len(contiguous_gaps(layers)))]
+            pruned = prune_layers(dense, layers, patches=patches, base_model="tiny", selection_metric="manual")
+            path = root / f"{family}-{gap_name}"
+            pruned.save_pretrained(path)
+            expected = skipped_and_patched(dense, layers, patches, INPUT_IDS)
+            table[(family, gap_name)] = (path, pruned, expected)
+    return table
+
+
+def test_checkpoints_reload_without_the_package_with_the_hooked_dense_logits(saved_table):
+    keys = list(saved_table)
+    loaded = logits_without_package([saved_table[key][0] for key in keys], INPUT_IDS)
+    for key, logits in zip(keys, loaded, strict=True):
+        path, pruned, expected = saved_table[key]
+        assert json.loads((path / "config.json").read_text())["model_type"] == f"linearpatch_{key[0]}"
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5, msg=f"{key}")
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(INPUT_IDS).logits, expected, rtol=0, atol=1e-5, msg=f"{key}")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_cached_and_uncached_greedy_generation_agree(saved_table, family):
+    for gap_name in GAPS:
+        _, pruned, _ = saved_table[(family, gap_name)]
+        prompt = INPUT_IDS[:1]
+        kwargs = dict(max_new_tokens=10, do_sample=False, min_new_tokens=10, pad_token_id=0)
+        cached = pruned.generate(prompt, use_cache=True, **kwargs)
+        uncached = pruned.generate(prompt, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached), (family, gap_name)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3_text", "mistral"])
+def test_per_layer_config_is_reindexed_to_the_kept_layers(family):
+    dense = tiny_family(family).config
+    config = pruned_config(dense, [1, 4])
+    kept = [0, 2, 3, 5]
+    if getattr(dense, "layer_types", None) is not None:
+        assert config.layer_types == [dense.layer_types[index] for index in kept]
+    if family.startswith("qwen"):
+        # Dense: layers 0..2 full, 3..5 sliding. Kept 0, 2 are below max_window_layers=3, kept 3, 5 above.
+        assert config.max_window_layers == 2
+        assert config.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    assert config.num_hidden_layers == 4 and config.original_num_hidden_layers == 6
+
+
+def test_a_gemma3_sliding_window_pattern_is_replaced_by_the_sliced_layer_types():
+    dense = tiny_family("gemma3_text", layer_types=None, sliding_window_pattern=3).config
+    assert dense.layer_types[2] == "full_attention"  # the pattern made every third layer full
+    config = pruned_config(dense, [0])
+    assert config.layer_types == dense.layer_types[1:]
+    assert "sliding_window_pattern" not in config.to_dict()
+    reloaded = type(config).from_dict(config.to_dict())
+    assert reloaded.layer_types == dense.layer_types[1:]
+
+
+def test_an_unsupported_family_is_refused_with_the_supported_list():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3, gemma3_text") as error:
+        pruned_config(GPT2Config(n_layer=4), [1])
+    assert "register_family" in str(error.value)
+
+
+def test_register_family_adds_a_family_with_the_same_residual_structure(tmp_path):
+    from transformers.models.olmo2 import modeling_olmo2 as olmo2
+
+    from linearpatch.modeling import register_family
+
+    family = register_family(
+        olmo2.Olmo2Config, olmo2.Olmo2ForCausalLM, olmo2.Olmo2DecoderLayer, olmo2.Olmo2RMSNorm, olmo2.Olmo2Model
+    )
+    try:
+        assert family.model_type == "linearpatch_olmo2"
+        torch.manual_seed(0)
+        config = olmo2.Olmo2Config(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4
+        )
+        dense = olmo2.Olmo2ForCausalLM(config).eval()
+        patches = [random_patch(64, seed=3)]
+        pruned = prune_layers(dense, [1, 2], patches=patches)
+        pruned.save_pretrained(tmp_path)
+        reloaded = family.causal_lm_class.from_pretrained(tmp_path)
+        expected = skipped_and_patched(dense, [1, 2], patches, INPUT_IDS)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(INPUT_IDS).logits, expected, rtol=0, atol=1e-5)
+    finally:
+        FAMILIES.pop("olmo2")
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory, smollm2_tokenizer):
+    """Per family, a tiny random dense checkpoint folder with a real tokenizer: what the CLI takes as MODEL."""
+    root = tmp_path_factory.mktemp("family-dense")
+    folders = {}
+    for index, family in enumerate(name for name in FAMILY_NAMES if name != "llama"):
+        folders[family] = root / family
+        tiny_family(family, vocab_size=len(smollm2_tokenizer), seed=index, rms_norm_eps=1e-12).save_pretrained(
+            folders[family]
+        )
+        smollm2_tokenizer.save_pretrained(folders[family])
+    return folders
+
+
+# Llama runs the same commands in test_cli.py, test_distill.py and test_export.py.
+@pytest.mark.parametrize("family", [name for name in FAMILY_NAMES if name != "llama"])
+def test_prune_distill_and_export_from_the_cli(family, family_checkpoints, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from linearpatch.cli import main
+
+    monkeypatch.setenv("LINEARPATCH_QUICK", "1")  # smoke-test sizes for every default (evaluation windows included)
+    dense = family_checkpoints[family]
+    pruned, distilled, exported = tmp_path / "pruned", tmp_path / "distilled", tmp_path / "exported"
+    sizes = ["--num-samples", "4", "--seq-len", "32"]
+    prune = ["prune", str(dense), "--num-layers", "2", *sizes, "--eval-windows", "1", "--output", str(pruned)]
+    assert main(prune) == 0
+    config = json.loads((pruned / "config.json").read_text())
+    assert config["model_type"] == f"linearpatch_{family}" and len(config["pruned_layers"]) == 2
+    assert config["architectures"] == [FAMILIES[family].causal_lm_class.__name__]
+
+    distill = ["distill", str(pruned), "--teacher", str(dense), "--output", str(distilled), "--top-k", "8"]
+    distill += ["--num-samples", "4", "--seq-len", "16", "--lr", "1e-2", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*distill, "--device", "cpu"]) == 0
+    before = AutoModelForCausalLM.from_pretrained(pruned)
+    after = AutoModelForCausalLM.from_pretrained(distilled)
+    assert after.config.model_type == f"linearpatch_{family}" and after.config.patch_kind.endswith("+distilled")
+    changed = [
+        not torch.equal(parameter, after.get_parameter(name))
+        for name, parameter in before.named_parameters()
+        if "linear_patch" in name
+    ]
+    assert changed and all(changed)  # only the patches trained, and every one of them moved
+
+    export = ["export", str(distilled), "--output", str(exported), *sizes, "--eval-windows", "1"]
+    assert main([*export, "--eval-corpus", "lee-news"]) == 0
+    stock_config = json.loads((exported / "config.json").read_text())
+    assert stock_config["model_type"] == family and "auto_map" not in stock_config
+    assert stock_config["architectures"] == [FAMILIES[family].dense_causal_lm_class.__name__]
+    assert stock_config.get("layer_types") == config.get("layer_types")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_metric_and_patch_kind_prunes_every_family(family):
+    from linearpatch.integration.data import TokenWindows
+    from linearpatch.integration.pruning import PATCH_KINDS, prune
+
+    dense = tiny_family(family, num_layers=6, seed=3)
+    ids = torch.randint(3, 256, (4, 24), generator=torch.Generator().manual_seed(1))
+    windows = TokenWindows(ids, source="random", sampling="random", seed=1, total_tokens=ids.numel())
+    family_class = FAMILIES[family].causal_lm_class
+    with torch.no_grad():
+        plain = prune_layers(dense, [2, 3], add_patches=False)(ids).logits
+    for metric in ("cosine", "angular", "block-influence"):
+        pruned, report = prune(dense, None, num_layers=2, metric=metric, calibration=windows, progress=False)
+        assert type(pruned) is family_class and len(report.pruned_layers) == 2, metric
+    for kind in PATCH_KINDS:
+        pruned, report = prune(dense, None, layers=[2, 3], patch=kind, calibration=windows, progress=False)
+        assert type(pruned) is family_class and pruned.config.patch_kind == kind
+        with torch.no_grad():
+            logits = pruned(ids).logits
+        if kind == "none":
+            torch.testing.assert_close(logits, plain, rtol=0, atol=0)
+        else:
+            assert not torch.allclose(logits, plain), kind  # the patch acts on the stream
