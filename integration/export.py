@@ -1,4 +1,5 @@
-"""Export a LinearPatch checkpoint to the stock Llama architecture, for engines that refuse remote code.
+"""Export a LinearPatch checkpoint to its family's stock architecture (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...),
+for engines that refuse remote code.
 
 A patch `h <- h P` on the residual stream cannot be folded exactly into the neighbouring weights in general (RMSNorm
 commutes only with scalars and orthogonal maps), so the export folds it, exactly where it can and approximately
@@ -6,15 +7,17 @@ elsewhere, and measures what that costs:
 
 - a gap at layer 0: the patch acts on the token embeddings, so `embed_tokens <- embed_tokens @ P` is exact (the head
   is untied first if it was tied);
-- `scalar` (Prune&Comp): a scalar patch r before kept layer p equals dividing every `o_proj` and `down_proj` of the
-  kept layers from p on by r: the stream after the gap is then the patched one divided by r, and every later layer
-  and the final norm read it through a scale-invariant RMSNorm. Exact up to RMSNorm's eps (relative error about
+- `scalar` (Prune&Comp): a scalar patch r before kept layer p equals dividing what every kept layer from p on writes
+  into the residual stream by r (`o_proj` and `down_proj`; in Gemma 3 the `(1 + w)` of the norms after them): the
+  stream after the gap is then the patched one divided by r, and every later layer and the final norm read it
+  through a scale-invariant RMSNorm. Exact up to RMSNorm's eps (relative error about
   eps / mean(h^2) of the stream after the gap, which is large in real models, so below 1e-6 there); for any other
   patch r is its mean scale `trace(P) / C` (an approximation). Dividing after the gap rather than multiplying the
   embeddings and the layers before it keeps the eps error away from the small early-layer streams;
 - `down-proj` (ReplaceMe-style): the patched stream entering kept layer p is `(a + m) P`, with `a` the stream after
   the attention of layer p-1 and `m` its MLP output. A C x C matrix T fitted by ridge least squares on calibration
-  text so that `a + m T ~= (a + m) P` is folded into that layer's `down_proj` (`W <- T^T W`).
+  text so that `a + m T ~= (a + m) P` is folded into that layer's `down_proj` (`W <- T^T W`). In Gemma 3 the MLP
+  output passes through a norm after `down_proj`, so T is diagonal there and folded into that norm's `(1 + w)`.
 
 `linearpatch_export.json` beside the weights records held-out perplexity of the patched checkpoint, the export and
 plain pruning, side by side.
@@ -26,12 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import atomic_directory, check_output, refuse_overlap
 from linearpatch.common.names import EXPORT_RECORD
+from linearpatch.modeling import family_of
 
 from .data import token_windows
 from .defaults import calibration_sizes, perplexity_sizes
@@ -53,6 +57,51 @@ _LINEARPATCH_FIELDS = (
 )
 
 
+@dataclass(frozen=True)
+class ResidualWriters:
+    """Where a family's decoder layer adds to the residual stream, by module name inside the layer.
+
+    Args:
+        after_attention (`str`): the module whose input is the stream after the attention block.
+        mlp_output (`str`): the module whose output is the MLP's contribution to the stream.
+        writers (`tuple[str, ...]`): the modules whose outputs are added to the stream.
+        gemma_norms (`bool`): the writers are `(1 + w)` RMSNorms (Gemma), not Linear layers.
+    """
+
+    after_attention: str
+    mlp_output: str
+    writers: tuple[str, ...]
+    gemma_norms: bool = False
+
+
+LLAMA_WRITERS = ResidualWriters("post_attention_layernorm", "mlp", ("self_attn.o_proj", "mlp.down_proj"))
+# Families whose layers write into the stream otherwise than Llama's (dense model_type -> writers).
+RESIDUAL_WRITERS = {
+    "gemma3_text": ResidualWriters(
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        ("post_attention_layernorm", "post_feedforward_layernorm"),
+        gemma_norms=True,
+    ),
+}
+
+
+def residual_writers(config) -> ResidualWriters:
+    return RESIDUAL_WRITERS.get(family_of(config).dense_model_type, LLAMA_WRITERS)
+
+
+def _divide_writer(state: dict, prefix: str, ratio: float, gemma_norm: bool) -> None:
+    """Scale what the module `prefix` adds to the residual stream by `1 / ratio`, in place."""
+    if gemma_norm:  # output = normalised(x) * (1 + w)
+        key = f"{prefix}.weight"
+        weight = state[key].double()
+        state[key] = ((1.0 + weight) / ratio - 1.0).to(state[key].dtype)
+        return
+    for key in (f"{prefix}.weight", f"{prefix}.bias"):
+        if key in state:
+            state[key] = (state[key].double() / ratio).to(state[key].dtype)
+
+
 @dataclass
 class ExportReport:
     r"""
@@ -65,6 +114,7 @@ class ExportReport:
         folds (`list[dict]`): per patch: position, how it was folded, and whether exactly.
         perplexity (`dict`): held-out perplexity per corpus of `patched`, `export` and `plain` pruning.
         calibration (`dict`): the windows `down-proj` was fitted on.
+        architecture (`str`): the stock class written, e.g. `Qwen3ForCausalLM`.
         output (`str`), seconds (`float`).
     """
 
@@ -76,6 +126,7 @@ class ExportReport:
     folds: list[dict] = field(default_factory=list)
     perplexity: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    architecture: str = ""
     output: str = ""
     seconds: float = 0.0
 
@@ -93,12 +144,19 @@ def _patch_matrices(model) -> dict[int, torch.Tensor]:
     return patches
 
 
-def stock_config(config) -> LlamaConfig:
-    """The plain `LlamaConfig` of a LinearPatch config: same kept layers, no LinearPatch fields, no remote code."""
+def stock_config(config) -> PreTrainedConfig:
+    """The family's own config (`LlamaConfig`, `Qwen3Config`, ...) of a LinearPatch config: same kept layers (and
+    per-layer fields), no LinearPatch fields, no remote code."""
+    family = family_of(config)
     values = {key: value for key, value in config.to_dict().items() if key not in _LINEARPATCH_FIELDS}
-    stock = LlamaConfig(**values)
-    stock.architectures = ["LlamaForCausalLM"]
+    stock = family.dense_config_class(**values)
+    stock.architectures = [family.dense_causal_lm_class.__name__]
     return stock
+
+
+def stock_model(config) -> PreTrainedModel:
+    """An uninitialised stock causal LM of `config`'s family (build it under `no_init_weights`)."""
+    return family_of(config).dense_causal_lm_class(config)
 
 
 @torch.no_grad()
@@ -106,6 +164,7 @@ def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Ten
     """(a, m) of kept layer `position - 1` for every token of `input_ids`: the stream after its attention and its
     MLP output, in float64, `[tokens, C]`."""
     layer = model.model.layers[position - 1]
+    where = residual_writers(model.config)
     captured = {}
 
     def before_mlp(module, args):
@@ -114,10 +173,10 @@ def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Ten
     def mlp_output(module, args, output):
         captured.setdefault("m", []).append(output.detach())
 
-    # The post-attention norm reads the residual after attention; the MLP's output is what down_proj produced.
+    # The norm before the MLP reads the residual after attention; `mlp_output` produces what the MLP adds to it.
     handles = [
-        layer.post_attention_layernorm.register_forward_pre_hook(before_mlp),
-        layer.mlp.register_forward_hook(mlp_output),
+        layer.get_submodule(where.after_attention).register_forward_pre_hook(before_mlp),
+        layer.get_submodule(where.mlp_output).register_forward_hook(mlp_output),
     ]
     try:
         for window in input_ids:
@@ -132,11 +191,11 @@ def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Ten
 
 
 def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, ridge: float = 1e-3) -> tuple[dict, list]:
-    """The state dict of the stock Llama equivalent of the LinearPatch `model` with every patch folded (see the
+    """The state dict of the stock (family) equivalent of the LinearPatch `model` with every patch folded (see the
     module docstring), and a description of each fold.
 
     Args:
-        model (`LinearPatchForCausalLM`): the patched model (not modified).
+        model (`PreTrainedModel`): the LinearPatch causal LM (not modified).
         fold (`str`): `down-proj` or `scalar`.
         input_ids (`torch.LongTensor`, *optional*): calibration windows, needed by `down-proj` for gaps after layer 0.
         ridge (`float`, *optional*, defaults to 1e-3): `down-proj` regulariser, relative to the mean diagonal of
@@ -145,6 +204,7 @@ def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, rid
     if fold not in FOLDS:
         raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
     config = model.config
+    where = residual_writers(config)
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".linear_patch." not in k}
     dtype = state["model.embed_tokens.weight"].dtype
     patches = _patch_matrices(model)
@@ -163,10 +223,9 @@ def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, rid
         if fold == "scalar" or scalar and fold == "down-proj":
             ratio = float(patch.diagonal().mean())
             for index in range(position, config.num_hidden_layers):
-                for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-                    key = f"model.layers.{index}.{name}"
-                    state[key] = (state[key].double() / ratio).to(dtype)
-            how = f"o_proj and down_proj from kept layer {position} on divided by the scalar {ratio:.6g}"
+                for name in where.writers:
+                    _divide_writer(state, f"model.layers.{index}.{name}", ratio, where.gemma_norms)
+            how = f"{' and '.join(where.writers)} from kept layer {position} on divided by the scalar {ratio:.6g}"
             described.append(dict(position=position, how=how, exact=scalar))
             continue
         if input_ids is None:
@@ -177,24 +236,34 @@ def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, rid
         # Every later layer reads the stream through RMSNorm, so what matters is each token's error relative to its
         # own norm; unweighted least squares would fit the few massive-activation tokens and nothing else.
         weight = 1.0 / patched.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
-        gram = m.T @ (m * weight)
-        damping = ridge * gram.diagonal().mean()
-        transform = torch.linalg.solve(gram + damping * torch.eye(size, dtype=gram.dtype), m.T @ (target * weight))
-        key = f"model.layers.{position - 1}.mlp.down_proj.weight"
-        state[key] = (transform.T @ state[key].double()).to(dtype)
+        prefix = f"model.layers.{position - 1}.{where.mlp_output}"
+        if where.gemma_norms:
+            # The MLP output leaves through a norm: only a per-channel T (into its `1 + w`) can be folded.
+            gram = (m * m * weight).sum(dim=0)
+            scales = (m * target * weight).sum(dim=0) / (gram + ridge * gram.mean())
+            transform = torch.diag(scales)
+            norm_weight = state[f"{prefix}.weight"]
+            state[f"{prefix}.weight"] = ((1.0 + norm_weight.double()) * scales - 1.0).to(norm_weight.dtype)
+        else:
+            gram = m.T @ (m * weight)
+            damping = ridge * gram.diagonal().mean()
+            transform = torch.linalg.solve(gram + damping * torch.eye(size, dtype=gram.dtype), m.T @ (target * weight))
+            prefix = f"model.layers.{position - 1}.mlp.down_proj"
+            key = f"{prefix}.weight"
+            state[key] = (transform.T @ state[key].double()).to(dtype)
+            if f"{prefix}.bias" in state:
+                state[f"{prefix}.bias"] = (state[f"{prefix}.bias"].double() @ transform).to(dtype)
         residual = float(((m @ transform - target) * weight.sqrt()).norm() / (target * weight.sqrt()).norm())
-        described.append(
-            dict(
-                position=position, how=f"down_proj of kept layer {position - 1}", exact=False, relative_error=residual
-            )
-        )
+        how = f"{prefix.removeprefix('model.layers.')} (kept layer {position - 1})"
+        described.append(dict(position=position, how=how, exact=False, relative_error=residual))
     return state, sorted(described, key=lambda item: item["position"])
 
 
 def export_model(
     model, fold: str = "down-proj", input_ids: torch.Tensor | None = None
-) -> tuple[LlamaForCausalLM, list]:
-    """A stock `LlamaForCausalLM` equivalent (exactly or approximately, see [`fold_state_dict`]) to `model`."""
+) -> tuple[PreTrainedModel, list]:
+    """A stock causal LM of the family (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...) equivalent (exactly or
+    approximately, see [`fold_state_dict`]) to the LinearPatch `model`."""
     state, described = fold_state_dict(model, fold, input_ids)
     config = stock_config(model.config)
     # Still tied unless the embeddings were folded (a gap at layer 0), which needs the head's own copy.
@@ -202,10 +271,12 @@ def export_model(
     config.tie_word_embeddings = model.config.tie_word_embeddings and not untie
     config.dtype = state["model.embed_tokens.weight"].dtype
     with torch.device(state["model.embed_tokens.weight"].device), no_init_weights():
-        stock = LlamaForCausalLM(config)
+        stock = stock_model(config)
     missing, unexpected = stock.load_state_dict(state, strict=False, assign=True)
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise LinearPatchError(f"Folded weights do not fit a stock Llama: missing {missing}, unexpected {unexpected}.")
+        raise LinearPatchError(
+            f"Folded weights do not fit a stock {type(stock).__name__}: missing {missing}, unexpected {unexpected}."
+        )
     if config.tie_word_embeddings:
         stock.tie_weights()
     stock.generation_config = model.generation_config
@@ -227,8 +298,9 @@ def export_checkpoint(
     progress: bool = True,
 ) -> ExportReport:
     r"""
-    `linearpatch export`: write a plain `LlamaForCausalLM` folder (`model_type: llama`, no `auto_map`, no remote code)
-    that any engine loads, with the patches folded into the weights, and measure what the fold costs.
+    `linearpatch export`: write a folder of the family's stock architecture (`model_type: llama`, `qwen3`, ...; no
+    `auto_map`, no remote code) that any engine loads, with the patches folded into the weights, and measure what
+    the fold costs.
 
     Args:
         checkpoint (`str`): a LinearPatch checkpoint.
@@ -280,7 +352,7 @@ def export_checkpoint(
     stock, described = export_model(patched, fold, windows.input_ids if windows is not None else None)
     plain_state = {k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}
     with torch.device(device), no_init_weights():
-        plain = LlamaForCausalLM(stock_config(patched.config))
+        plain = stock_model(stock_config(patched.config))
     plain.load_state_dict(plain_state, strict=not patched.config.tie_word_embeddings, assign=True)
     plain.tie_weights()
     perplexity = {}
@@ -298,6 +370,7 @@ def export_checkpoint(
         folds=described,
         perplexity=perplexity,
         calibration=windows.describe() if windows is not None else {},
+        architecture=type(stock).__name__,
         output=str(output),
     )
     report.seconds = round(time.perf_counter() - started, 2)

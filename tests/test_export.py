@@ -1,16 +1,16 @@
-"""`linearpatch export` (issue #11): a stock LlamaForCausalLM folder, loadable without remote code, exact where the
-fold is exact, and better than plain pruning where it is not."""
+"""`linearpatch export` (issues #11, #12): a folder of the family's stock architecture, loadable without remote code,
+exact where the fold is exact, and better than plain pruning where it is not."""
 
 import json
 
 import pytest
 import torch
-from helpers import random_patch, tiny_llama
+from helpers import FAMILY_OVERRIDES, random_patch, tiny_family, tiny_llama
 
 from linearpatch.cli import main
 from linearpatch.common.remote_check import logits_without_package
 from linearpatch.integration.export import export_model
-from linearpatch.modeling import prune_layers
+from linearpatch.modeling import FAMILIES, prune_layers
 
 QUICK = ["--num-samples", "4", "--seq-len", "32", "--eval-windows", "2", "--eval-corpus", "lee-news"]
 INPUT_IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -30,9 +30,10 @@ def checkpoint(tmp_path_factory, smollm2_tokenizer):
     return path
 
 
+@pytest.mark.parametrize("family", list(FAMILY_OVERRIDES))
 @pytest.mark.parametrize("tied", [True, False])
-def test_scalar_patches_and_a_gap_at_layer_0_fold_exactly(tied):
-    dense = tiny_llama(tied=tied, **REALISTIC)
+def test_scalar_patches_and_a_gap_at_layer_0_fold_exactly(tied, family):
+    dense = tiny_family(family, tied=tied, **REALISTIC)
     cases = [
         ("scalar", prune_layers(dense, [2, 3, 5], patches=[1.7 * torch.eye(64), 0.6 * torch.eye(64)])),
         ("scalar", prune_layers(dense, [0, 1, 4], patches=[random_patch(64, 1), 1.3 * torch.eye(64)])),
@@ -41,9 +42,22 @@ def test_scalar_patches_and_a_gap_at_layer_0_fold_exactly(tied):
     for fold, patched in cases:
         stock, folds = export_model(patched, fold)
         assert all(item["exact"] for item in folds)
-        assert type(stock).__name__ == "LlamaForCausalLM" and stock.config.model_type == "llama"
+        assert type(stock) is FAMILIES[family].dense_causal_lm_class and stock.config.model_type == family
         with torch.no_grad():
             assert (stock(INPUT_IDS).logits - patched(INPUT_IDS).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", list(FAMILY_OVERRIDES))
+def test_down_proj_fold_brings_the_export_closer_to_the_patched_model_than_plain_pruning(family):
+    dense = tiny_family(family, **REALISTIC)
+    patched = prune_layers(dense, [2, 3], patches=[random_patch(64, 4, scale=0.5)])
+    windows = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(5))
+    stock, folds = export_model(patched, "down-proj", windows)
+    plain = prune_layers(dense, [2, 3], add_patches=False)
+    assert not folds[0]["exact"] and folds[0]["relative_error"] < 1
+    with torch.no_grad():
+        want = patched(windows).logits
+        assert (stock(windows).logits - want).abs().mean() < (plain(windows).logits - want).abs().mean()
 
 
 def _prune(checkpoint, output, *options):
