@@ -1,6 +1,7 @@
-"""Serving (issue #11): the patched checkpoint in vLLM's Transformers backend gives transformers' greedy outputs, both
-through the offline `vllm.LLM` API and through `linearpatch serve` (vLLM's OpenAI server), and the remote-code files
-work under the transformers version vLLM pins. Needs `make serving` (.venv-serving); `make test` builds it."""
+"""Serving (issues #11, #12): the patched checkpoint in vLLM's Transformers backend gives transformers' greedy outputs,
+both through the offline `vllm.LLM` API and through `linearpatch serve` (vLLM's OpenAI server), for SmolLM2 and for
+the other families, and the remote-code files work under the transformers version vLLM pins. Needs `make serving`
+(.venv-serving); `make test` builds it."""
 
 import json
 import os
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAMILY_OVERRIDES, random_patch, tiny_family
 from transformers import AutoModelForCausalLM
 
 from linearpatch.cli import main
 from linearpatch.common.remote_check import logits_without_package
 from linearpatch.integration.serving import SERVING_VENV
+from linearpatch.modeling import prune_layers
 
 pytestmark = [pytest.mark.serving, pytest.mark.slow]
 PROMPTS = ["The capital of France is", "Layer pruning makes language models", "def fibonacci(n):"]
@@ -47,39 +50,83 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
-def transformers_greedy(path: Path, prompt_ids: list[list[int]]) -> list[list[int]]:
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory, smollm2_tokenizer):
+    """Per non-Llama family, a tiny random pruned checkpoint (gaps in the middle and at the end) with a real tokenizer.
+    Head size 32, which vLLM's CPU attention supports; sliding windows of 4 tokens, shorter than every prompt."""
+    root = tmp_path_factory.mktemp("serving-families")
+    paths = {}
+    for index, family in enumerate(name for name in FAMILY_OVERRIDES if name != "llama"):
+        sizes = dict(hidden_size=128, head_dim=32, intermediate_size=256)
+        if family == "gemma3_text":
+            sizes["query_pre_attn_scalar"] = 32
+        dense = tiny_family(family, vocab_size=len(smollm2_tokenizer), seed=index, **sizes)
+        pruned = prune_layers(dense, [1, 4, 5], patches=[random_patch(128, 1), random_patch(128, 2)])
+        paths[family] = root / family
+        pruned.save_pretrained(paths[family])
+        smollm2_tokenizer.save_pretrained(paths[family])
+    return paths
+
+
+def transformers_greedy(path: Path, prompt_ids: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     outputs = []
     for ids in prompt_ids:
-        generated = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
         outputs.append(generated[0, len(ids) :].tolist())
     return outputs
 
 
-def test_vllm_offline_greedy_equals_transformers(serving_python, checkpoints, tmp_path):
-    # The gap in the middle here; the gap at the end (patch before the final norm) through the server below.
-    output, served_checkpoints = tmp_path / "vllm.json", {"middle": checkpoints["middle"]}
+def vllm_greedy(serving_python, paths: list[Path], scratch: Path, max_tokens: int) -> dict[str, list[dict]]:
+    """Greedy generations of PROMPTS by the offline `vllm.LLM` API for each checkpoint, in one vLLM process."""
+    output = scratch / "vllm.json"
     result = subprocess.run(
-        [str(serving_python), str(Path(__file__).with_name("serving_check.py")), str(output), str(MAX_TOKENS)]
-        + [str(path) for path in served_checkpoints.values()],
+        [str(serving_python), str(Path(__file__).with_name("serving_check.py")), str(output), str(max_tokens)]
+        + [str(path) for path in paths],
         input=json.dumps(PROMPTS),
         capture_output=True,
         text=True,
         timeout=900,
-        cwd=tmp_path,
+        cwd=scratch,
         env={**os.environ, **VLLM_ENV},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    served = json.loads(output.read_text())
-    for name, path in served_checkpoints.items():
-        runs = served[str(path)]
-        want = transformers_greedy(path, [run["prompt_token_ids"] for run in runs])
-        got = [run["token_ids"] for run in runs]
-        assert [len(ids) for ids in got] == [MAX_TOKENS] * len(PROMPTS), name
-        assert got == want, name
+    return json.loads(output.read_text())
 
 
-def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, checkpoints):
+def assert_same_greedy(served: dict[str, list[dict]], path: Path, max_tokens: int) -> None:
+    runs = served[str(path)]
+    want = transformers_greedy(path, [run["prompt_token_ids"] for run in runs], max_tokens)
+    got = [run["token_ids"] for run in runs]
+    assert [len(ids) for ids in got] == [max_tokens] * len(PROMPTS), path.name
+    assert got == want, path.name
+
+
+# Each vLLM engine start costs about a minute on 2 cores. The default run serves SmolLM2 with a gap in the middle (the
+# gap at the end goes through the server below) and Gemma 3, the family furthest from Llama (scaled embeddings, norms
+# around the MLP, alternating sliding/full attention), in one vLLM process; `-m exhaustive` serves every family.
+@pytest.fixture(scope="module")
+def served(serving_python, checkpoints, family_checkpoints, tmp_path_factory):
+    paths = [checkpoints["middle"], family_checkpoints["gemma3_text"]]
+    return vllm_greedy(serving_python, paths, tmp_path_factory.mktemp("vllm"), MAX_TOKENS)
+
+
+def test_vllm_offline_greedy_equals_transformers(served, checkpoints):
+    assert_same_greedy(served, checkpoints["middle"], MAX_TOKENS)
+
+
+def test_vllm_greedy_equals_transformers_for_gemma3(served, family_checkpoints):
+    assert_same_greedy(served, family_checkpoints["gemma3_text"], MAX_TOKENS)
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("family", [name for name in FAMILY_OVERRIDES if name not in ("llama", "gemma3_text")])
+def test_vllm_greedy_equals_transformers_for_other_families(serving_python, family_checkpoints, tmp_path, family):
+    served = vllm_greedy(serving_python, [family_checkpoints[family]], tmp_path, 16)
+    assert_same_greedy(served, family_checkpoints[family], 16)
+
+
+def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, checkpoints, family_checkpoints):
     version = subprocess.run(
         [str(serving_python), "-c", "import transformers; print(transformers.__version__)"],
         capture_output=True,
@@ -88,7 +135,7 @@ def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, chec
     ).stdout.strip()
     assert version.startswith("5.") and version != __import__("transformers").__version__  # really another version
     input_ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
-    paths = list(checkpoints.values())
+    paths = list(checkpoints.values()) + list(family_checkpoints.values())
     theirs = logits_without_package(paths, input_ids, python=serving_python)
     ours = logits_without_package(paths, input_ids)
     for got, want in zip(theirs, ours, strict=True):
