@@ -1,6 +1,6 @@
 """Benchmarks: what each stage costs, as ratios measured side by side in one run.
 
-    python -m bench [--sections inference calibration distillation checkpoint quality] [--device cuda]
+    python -m bench [--sections inference calibration distillation checkpoint quality patch_kinds serving]
 
 Writes bench/results/latest.json and bench/results/latest.md. Every figure is a ratio of two measurements taken in the
 same run (interleaved, median of repeats), so it holds on a noisy machine. `quality` (distillation vs training-free
@@ -341,6 +341,27 @@ def bench_quality(device: str, quick: bool, windows: int = 300, seq_len: int = 5
     )
 
 
+def bench_patch_kinds(device: str, quick: bool) -> dict:
+    """Every training-free patch kind on SmolLM2 with layers 20..24 removed: held-out perplexity (12 x 512 windows per
+    corpus) from one calibration pass (64 x 512 Wikipedia windows). The README's patch-kind table."""
+    from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+    from linearpatch.integration.pruning import prune
+
+    model, tokenizer = load_model("smollm2-135m", device=device)
+    windows = 8 if quick else 64
+    calibration = token_windows("wikipedia-calibration", tokenizer, windows, 512, seed=0)
+    statistics = calibrate(model, calibration, distances=(1, 5), regression_blocks=[(20, 25)], progress=False)
+    evaluation = {
+        c: token_windows(c, tokenizer, 2 if quick else 12, 512, sampling="chunked")
+        for c in ("wikipedia-eval", "lee-news")
+    }
+    perplexity = {}
+    for kind in ("none", "hadamard", "diag", "scalar", "lstsq"):
+        pruned, _ = prune(model, tokenizer, layers=BLOCK, patch=kind, statistics=statistics, progress=False)
+        perplexity[kind] = {c: chunked_perplexity(pruned, w) for c, w in evaluation.items()}
+    return dict(calibration=calibration.describe(), perplexity=perplexity)
+
+
 def bench_serving(device: str, quick: bool) -> dict:
     """Issue #11: vLLM generation throughput of dense / plain pruned (native kernels), LinearPatch (remote code, the
     Transformers backend) and its `linearpatch export` (native), side by side in one run, plus what the export's fold
@@ -510,6 +531,21 @@ def markdown(results: dict) -> str:
             for name, values in v["perplexity"].items()
         ]
         lines.append("")
+    if "patch_kinds" in results:
+        v = results["patch_kinds"]
+        corpora = list(v["perplexity"]["none"])
+        lines += [
+            f"**Patch kinds** (SmolLM2, layers 20..24 removed; calibration {v['calibration']['num_windows']} x "
+            f"{v['calibration']['seq_len']}, held-out perplexity on 12 x 512 windows)",
+            "",
+            "| patch | " + " | ".join(corpora) + " |",
+            "|---|" + "---|" * len(corpora),
+        ]
+        lines += [
+            f"| {kind} | " + " | ".join(f"{values[c]:.1f}" for c in corpora) + " |"
+            for kind, values in v["perplexity"].items()
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -519,6 +555,7 @@ SECTIONS = {
     "distillation": bench_distillation,
     "checkpoint": bench_checkpoint,
     "quality": bench_quality,
+    "patch_kinds": bench_patch_kinds,
     "serving": bench_serving,
 }
 

@@ -18,8 +18,9 @@ EVAL_CORPORA = ("wikipedia-eval", "lee-news")
 @pytest.fixture(scope="module")
 def calibration(smollm2):
     model, tokenizer = smollm2
-    windows = token_windows("wikipedia-calibration", tokenizer, 64, 512, seed=0)
-    statistics = calibrate(model, windows, distances=(1, 5), regression_blocks=[(20, 25)], progress=False)
+    # The CLI's CPU default (32 x 512); the other patch kinds' figures, lstsq included, are measured by the bench.
+    windows = token_windows("wikipedia-calibration", tokenizer, 32, 512, seed=0)
+    statistics = calibrate(model, windows, distances=(1, 5), progress=False)
     return windows, statistics
 
 
@@ -29,7 +30,7 @@ def test_hadamard_patch_beats_plain_pruning_on_held_out_text(smollm2, calibratio
     _, statistics = calibration
     evaluation = {source: token_windows(source, tokenizer, 12, 512, sampling="chunked") for source in EVAL_CORPORA}
     perplexity = {}
-    for kind in ("none", "hadamard", "diag", "scalar", "lstsq"):
+    for kind in ("none", "hadamard", "diag"):
         pruned, report = prune(model, tokenizer, layers=BLOCK, patch=kind, statistics=statistics, progress=False)
         assert report.pruned_layers == BLOCK
         perplexity[kind] = {source: chunked_perplexity(pruned, windows) for source, windows in evaluation.items()}
