@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) examples/demo.py --overwrite
 
-# The whole suite, vLLM serving included (its environment is built once by `make serving`).
+# The whole suite, vLLM serving included (its environment is built once by `make serving`). One process: two pytest-xdist
+# workers on 2 cores took longer (38.5 min against 36.6), the SmolLM2 tests being CPU-bound and fighting for the cores.
 test: $(STAMP) $(SERVING_STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=15 tests
