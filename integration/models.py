@@ -182,7 +182,8 @@ def load_config(name_or_path: str, kind: str | None = None):
     Args:
         name_or_path (`str`): see [`resolve_model`].
         kind (`str`, *optional*): `dense` (a model to prune: a supported family), `checkpoint` (a LinearPatch
-            checkpoint), or `None` (either).
+            checkpoint), `None` (either), or `teacher` (any causal LM: the distillation teacher, which the parent
+            process checked as `dense`; its child process knows only the built-in families, not registered ones).
 
     Raises:
         ModelNotFoundError, UnsupportedModelError: naming the model and what would work.
@@ -252,7 +253,7 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     adapter = Path(str(name_or_path)) / "adapter_config.json"
-    if adapter.exists() and kind != "dense":
+    if adapter.exists() and kind not in ("dense", "teacher"):
         from .distillation.adapter import load_patch_adapter
 
         return load_patch_adapter(name_or_path, dtype=dtype, device=device)

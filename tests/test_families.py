@@ -120,9 +120,10 @@ def test_an_unsupported_family_is_refused_with_the_supported_list():
     assert "register_family" in str(error.value)
 
 
-def test_register_family_adds_a_family_with_the_same_residual_structure(tmp_path):
+def test_register_family_adds_a_family_with_the_same_residual_structure(tmp_path, smollm2_tokenizer, monkeypatch):
     from transformers.models.olmo2 import modeling_olmo2 as olmo2
 
+    from linearpatch.cli import main
     from linearpatch.modeling import register_family
 
     family = register_family(
@@ -142,6 +143,19 @@ def test_register_family_adds_a_family_with_the_same_residual_structure(tmp_path
         expected = skipped_and_patched(dense, [1, 2], patches, INPUT_IDS)
         with torch.no_grad():
             torch.testing.assert_close(reloaded(INPUT_IDS).logits, expected, rtol=0, atol=1e-5)
+
+        # The CLI in the same process: prune, then distill (its teacher runs in a child without the registration).
+        monkeypatch.setenv("LINEARPATCH_QUICK", "1")
+        dense_folder, pruned, distilled = tmp_path / "dense", tmp_path / "pruned", tmp_path / "distilled"
+        config.vocab_size = len(smollm2_tokenizer)
+        olmo2.Olmo2ForCausalLM(config).save_pretrained(dense_folder)
+        smollm2_tokenizer.save_pretrained(dense_folder)
+        sizes = ["--num-samples", "4", "--seq-len", "16"]
+        assert main(["prune", str(dense_folder), "--layers", "1-2", *sizes, "--output", str(pruned)]) == 0
+        assert json.loads((pruned / "config.json").read_text())["model_type"] == "linearpatch_olmo2"
+        distill = ["distill", str(pruned), "--teacher", str(dense_folder), "--output", str(distilled), "--top-k", "8"]
+        assert main([*distill, *sizes, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+        assert family.causal_lm_class.from_pretrained(distilled).config.patch_kind == "hadamard+distilled"
     finally:
         FAMILIES.pop("olmo2")
 

@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from ..models import load_model
 
-    teacher, _ = load_model(args.teacher, dtype=args.dtype, device=args.device)
+    # `distill_checkpoint` checked the teacher (`kind="dense"`) in the parent, where `register_family` may have added
+    # its family; this process only runs it.
+    teacher, _ = load_model(args.teacher, dtype=args.dtype, device=args.device, kind="teacher")
     input_ids = load_file(args.windows)["input_ids"]
     cache = build_teacher_cache(teacher, input_ids, args.cache_root, args.top_k, args.shard_windows, args.batch_size)
     print(
