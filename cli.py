@@ -64,6 +64,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_corpora=args.eval_corpus,
         plots=args.plots,
         overwrite=args.overwrite,
+        sequential=args.sequential,
+        max_memory=args.max_memory,
+        max_shard_size=args.max_shard_size,
     )
     print(f"Pruned layers {report.pruned_layers} of {report.num_dense_layers} ({report.metric}, patch {report.patch})")
     if report.candidate_scores:
@@ -269,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-corpus", nargs="+", default=["wikipedia-eval", "lee-news"], help="corpora for --eval-windows"
     )
     prune.add_argument("--plots", action="store_true", help="also write the figures of `linearpatch report`")
+    prune.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="calibrate one layer at a time from the safetensors shards and stream the output, never holding the "
+        "whole model (default: only when it does not fit --max-memory)",
+    )
+    prune.add_argument(
+        "--max-memory", help="memory the model may use on the device, e.g. 200MB or 80GB (default: its free memory)"
+    )
+    prune.add_argument("--max-shard-size", default="5GB", help="weights shard size of a sequential output")
     prune.add_argument("--output", required=True, help="checkpoint folder to create")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_model_options(prune)

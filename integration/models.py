@@ -310,8 +310,10 @@ def save_checkpoint(
 
 def write_checkpoint_files(folder: Path, model, tokenizer=None, files: dict[str, str] | None = None) -> None:
     """Write a model (safetensors and remote-code files), its tokenizer and text files into an existing (staging)
-    folder; see [`save_checkpoint`] for the atomic version."""
-    model.save_pretrained(folder, safe_serialization=True)
+    folder; see [`save_checkpoint`] for the atomic version. `model` may be `None` when the weights were written
+    otherwise (a sequential prune streams them)."""
+    if model is not None:
+        model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     for name, text in (files or {}).items():

@@ -80,6 +80,7 @@ def calibrate(
     batch_size: int = 1,
     progress: bool = True,
     last_layer: int | None = None,
+    statistics_chunk: int = 2,
 ) -> CalibrationStatistics:
     """Run the dense Llama `model` once over `windows` and return [`CalibrationStatistics`].
 
@@ -97,6 +98,12 @@ def calibrate(
         progress (`bool`, *optional*, defaults to `True`): show a progress bar with ETA.
         last_layer (`int`, *optional*): stop the forward once X_{last_layer} is recorded (statistics of later
             layers stay zero); defaults to L, the final norm's input.
+        statistics_chunk (`int`, *optional*, defaults to 2): windows per statistics update (bounds the float32
+            copies when a batch holds many windows, as in a layer-by-layer pass).
+
+    A model from [`layerwise_model`] (weights loaded one layer at a time) is calibrated with `batch_size` equal to
+    the number of windows: each layer then runs once over every window, and the statistics are those of the
+    in-memory model.
     """
     base = getattr(model, "model", model)
     layers = base.layers
@@ -116,7 +123,8 @@ def calibrate(
     if not 0 <= last_layer <= num_layers:
         raise ValueError(f"last_layer={last_layer} is outside 0..{num_layers}.")
     hidden_size = base.config.hidden_size
-    device = next(base.parameters()).device
+    layerwise = getattr(model, "layerwise", None)
+    device = layerwise.device if layerwise is not None else next(base.parameters()).device
 
     num_windows = input_ids.shape[0]
     cosine_sum = torch.zeros(num_layers + 1, len(distances), dtype=torch.float64)
@@ -132,27 +140,43 @@ def calibrate(
         for block in regression_blocks
     }
 
-    recent: OrderedDict[int, torch.Tensor] = OrderedDict()
-    batch_slice = slice(0, 0)
-
-    def record(index: int, hidden: torch.Tensor) -> None:
-        hidden = hidden.float()
-        channel_abs[batch_slice, index] = hidden.abs().mean(dim=1).cpu()
-        rotated_abs[batch_slice, index] = hadamard_transform(hidden).abs().mean(dim=1).cpu()
+    def record_part(index: int, hidden: torch.Tensor, windows: slice, earlier_of) -> None:
+        """Update the statistics with X_index of the windows `windows`; `earlier_of(j)` gives X_j of the same
+        windows (or None)."""
+        hidden = hidden.to(device).float()
+        channel_abs[windows, index] = hidden.abs().mean(dim=1).cpu()
+        rotated_abs[windows, index] = hadamard_transform(hidden).abs().mean(dim=1).cpu()
         for column, distance in enumerate(distances):
-            earlier = recent.get(index - distance)
+            earlier = earlier_of(index - distance)
             if earlier is None:
                 continue
+            earlier = earlier.to(device).float()
             cos = torch.nn.functional.cosine_similarity(earlier, hidden, dim=-1).double()
             cosine_sum[index - distance, column] += cos.sum().cpu()
             angular_sum[index - distance, column] += (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).sum().cpu()
         for (start, end), (xtx, xty) in gram.items():
             if end == index:
-                source = recent[start].reshape(-1, hidden_size).double()
+                source = earlier_of(start).to(device).reshape(-1, hidden_size).double()
                 xtx += source.T @ source
                 xty += source.T @ hidden.reshape(-1, hidden_size).double()
+
+    def chunks(count: int):
+        # Statistics in chunks of windows: a layer-by-layer pass hands over every window at once, and float copies
+        # of all of them would cost more than the layer itself.
+        for first in range(0, count, statistics_chunk):
+            yield slice(first, min(first + statistics_chunk, count))
+
+    # In memory: a pre-hook sees X_l of a batch of windows; the last `keep` of them are held for the distances.
+    recent: OrderedDict[int, torch.Tensor] = OrderedDict()
+    batch_slice = slice(0, 0)
+
+    def record(index: int, hidden: torch.Tensor) -> None:
+        for part in chunks(hidden.shape[0]):
+            windows = slice(batch_slice.start + part.start, batch_slice.start + part.stop)
+            record_part(index, hidden[part], windows, lambda j, part=part: recent[j][part] if j in recent else None)
         recent[index] = hidden
-        while len(recent) > keep + 1:
+        # Later layers need X_{index + 1 - keep} .. X_index, no older one.
+        while len(recent) > keep:
             recent.popitem(last=False)
         if index == last_layer:
             raise _StopForward
@@ -163,8 +187,59 @@ def calibrate(
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(base.norm.register_forward_pre_hook(hook_for(num_layers), with_kwargs=True))
+    # Layer by layer: each layer overwrites its input with its output, window chunk by chunk, and reports both
+    # chunks first, so X_l and X_{l+1} are compared without a second copy of every window's hidden states. Only the
+    # X_j that a distance of 2 or more (or a regression block) needs later are copied aside.
+    history: dict[int, torch.Tensor] = {}
+
+    def needed_later(j: int, current: int) -> bool:
+        """Is X_j compared with some X_i, i > current, other than through the layer input (i = j + 1)?"""
+        spans = [j + d for d in distances if d >= 2] + [e for s, e in regression_blocks if s == j and e - s >= 2]
+        return any(current < i <= last_layer for i in spans)
+
+    def keep_copy(j: int, part: slice, hidden: torch.Tensor) -> None:
+        if needed_later(j, j + 1):
+            if j not in history:
+                history[j] = layerwise.new_store((num_windows, *hidden.shape[1:]), hidden.dtype)
+            history[j][part] = hidden.to(history[j].device)
+
+    def record_embeddings(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        for part in chunks(hidden.shape[0]):
+            record_part(0, hidden[part], part, lambda j: None)
+            keep_copy(0, part, hidden[part])
+        if last_layer == 0:
+            raise _StopForward
+
+    def observe(index: int, part: slice, before: torch.Tensor, after: torch.Tensor) -> None:
+        for sub in chunks(part.stop - part.start):
+            windows = slice(part.start + sub.start, part.start + sub.stop)
+
+            def earlier_of(j: int, sub=sub, windows=windows):
+                if j == index:
+                    return before[sub]
+                return history[j][windows] if j in history else None
+
+            record_part(index + 1, after[sub], windows, earlier_of)
+            keep_copy(index + 1, windows, after[sub])
+        if part.stop == num_windows:
+            for j in [j for j in history if not needed_later(j, index + 1)]:
+                del history[j]
+
+    def stop(module, args, kwargs):
+        raise _StopForward
+
+    if layerwise is None:
+        handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles.append(base.norm.register_forward_pre_hook(hook_for(num_layers), with_kwargs=True))
+    else:
+        if batch_size < num_windows:
+            raise ValueError("A layer-by-layer model is calibrated with every window in one batch (batch_size).")
+        handles = [layers[0].register_forward_pre_hook(record_embeddings, with_kwargs=True)]
+        if last_layer > 0:
+            owner = base.norm if last_layer == num_layers else layers[last_layer]
+            handles.append(owner.register_forward_pre_hook(stop, with_kwargs=True))
+        layerwise.observer, layerwise.in_place = observe, True
     started = time.perf_counter()
     try:
         bar = tqdm(total=num_windows, desc="calibration", unit="window", disable=not progress)
@@ -183,6 +258,10 @@ def calibrate(
         for handle in handles:
             handle.remove()
         recent.clear()
+        history.clear()
+        if layerwise is not None:
+            layerwise.observer, layerwise.in_place = None, False
+            layerwise.close_bar()
 
     counts = torch.full_like(cosine_sum, float(token_count))
     for column, distance in enumerate(distances):

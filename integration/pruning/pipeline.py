@@ -5,10 +5,12 @@ every input before the first forward pass, then loads, prunes, optionally evalua
 """
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from linearpatch.common.errors import LinearPatchError
@@ -17,11 +19,14 @@ from linearpatch.modeling import contiguous_gaps, normalize_pruned_layers, prune
 
 from ..data import TokenWindows, token_windows
 from ..defaults import calibration_sizes, figure_sizes, perplexity_sizes
+from ..layerwise import available_memory
+from ..shards import SafetensorsCheckpoint, format_size, parse_size
 from .calibration import CalibrationStatistics, calibrate
 from .hadamard import factor_hidden_size
 from .patches import PATCH_KINDS, estimate_patch, scale_summary
 from .selection import METRICS, candidate_scores, select_layers
 
+logger = logging.getLogger("linearpatch")
 DEFAULT_CALIBRATION = "wikipedia-calibration"
 DEFAULT_EVAL_CORPORA = ("wikipedia-eval", "lee-news")
 
@@ -162,13 +167,49 @@ def prune(
             seed=seed,
         )
 
-    needs_statistics = explicit is None or patch != "none"
-    windows = None
-    if statistics is None and needs_statistics:
-        windows = calibration_windows()
+    chosen, scores, metric, patches, statistics = plan_pruning(
+        model, calibration_windows, explicit, num_layers, metric, patch, batch_size, statistics, progress
+    )
+    metadata = dict(base_model=base_model, selection_metric=metric, patch_kind=patch)
+    pruned = prune_layers(model, chosen, patches=patches, add_patches=patch != "none", **metadata)
+    report = _report(base_model, total, chosen, metric, patch, scores, statistics, started)
+    return pruned, report
+
+
+def plan_pruning(
+    model,
+    windows,
+    explicit: list[int] | None,
+    num_layers: int | None,
+    metric: str,
+    patch: str,
+    batch_size: int = 1,
+    statistics: CalibrationStatistics | None = None,
+    progress: bool = True,
+) -> tuple[list[int], dict[int, float], str, list | None, CalibrationStatistics | None]:
+    """Calibrate (unless `statistics` are given or nothing needs them), choose the layers and estimate the patches.
+
+    `model` is a dense model in memory or a [`layerwise_model`] (then every window goes through each layer at once);
+    `windows` is `TokenWindows` or a function that makes them (called only when a pass is needed).
+
+    Returns:
+        `(chosen layers, candidate scores, metric, patches or None for plain pruning, statistics)`.
+    """
+    layerwise = getattr(model, "layerwise", None) is not None
+
+    def get_windows() -> TokenWindows:
+        return windows() if callable(windows) else windows
+
+    def run(windows_: TokenWindows, *args, **kwargs) -> CalibrationStatistics:
+        size = len(windows_.input_ids) if layerwise else batch_size
+        return calibrate(model, windows_, *args, batch_size=size, progress=progress, **kwargs)
+
+    resolved = None
+    if statistics is None and (explicit is None or patch != "none"):
+        resolved = get_windows()
         regression = [tuple(g) for g in contiguous_gaps(explicit)] if explicit and patch == "lstsq" else []
         distances = (1, num_layers) if explicit is None else (1,)
-        statistics = calibrate(model, windows, distances, regression, batch_size=batch_size, progress=progress)
+        statistics = run(resolved, distances, regression)
 
     if explicit is None:
         chosen = select_layers(statistics, num_layers, metric)
@@ -179,28 +220,19 @@ def prune(
 
     if patch == "lstsq" and any(gap not in statistics.gram for gap in gaps):
         # The gaps were only known after selection: a second, shorter pass for their Gram matrices.
-        extra = calibrate(
-            model,
-            windows or calibration_windows(),
-            (1,),
-            gaps,
-            batch_size=batch_size,
-            progress=progress,
-            last_layer=max(e for _, e in gaps),
-        )
+        extra = run(resolved or get_windows(), (1,), gaps, last_layer=max(e for _, e in gaps))
         statistics.gram.update(extra.gram)
 
-    metadata = dict(base_model=base_model, selection_metric=metric, patch_kind=patch)
-    if patch == "none":
-        pruned = prune_layers(model, chosen, add_patches=False, **metadata)
-    else:
-        patches = [estimate_patch(statistics, start, end, patch) for start, end in gaps]
-        pruned = prune_layers(model, chosen, patches=patches, **metadata)
+    patches = None if patch == "none" else [estimate_patch(statistics, start, end, patch) for start, end in gaps]
+    return chosen, scores, metric, patches, statistics
 
+
+def _report(base_model, total, chosen, metric, patch, scores, statistics, started) -> PruneReport:
+    gaps = contiguous_gaps(chosen)
     calibration_info = {}
     if statistics is not None:
         calibration_info = dict(statistics.data, tokens=statistics.num_tokens, seconds=round(statistics.seconds, 2))
-    report = PruneReport(
+    return PruneReport(
         base_model=base_model,
         num_dense_layers=total,
         pruned_layers=chosen,
@@ -212,7 +244,6 @@ def prune(
         calibration=calibration_info,
         seconds=round(time.perf_counter() - started, 2),
     )
-    return pruned, report
 
 
 def prune_checkpoint(
@@ -236,6 +267,9 @@ def prune_checkpoint(
     plots: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    sequential: bool | None = None,
+    max_memory: str | int | None = None,
+    max_shard_size: str | int = "5GB",
 ) -> PruneReport:
     r"""
     `linearpatch prune`: load a dense model by name, prune it with LinearPatch and save the checkpoint folder
@@ -251,6 +285,13 @@ def prune_checkpoint(
         eval_windows (`int`, *optional*, defaults to 0): also measure held-out perplexity of the dense and pruned
             models on this many windows of each of `eval_corpora`.
         plots (`bool`, *optional*, defaults to `False`): also write the figures of [`write_report_plots`].
+        sequential (`bool`, *optional*): calibrate layer by layer from the safetensors shards and stream the pruned
+            weights to the output, never holding the whole model ([`layerwise_model`]). By default this is chosen
+            when the model does not fit `max_memory` (and the choice is logged).
+        max_memory (`str` or `int`, *optional*): memory the model may take on the device, e.g. `200MB` or `80GB`;
+            defaults to the device's free memory.
+        max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`): weights shard size of a sequential
+            output (more than one shard gets a `model.safetensors.index.json`).
         Other arguments: as for [`prune`] and [`load_model`].
 
     Returns:
@@ -273,6 +314,15 @@ def prune_checkpoint(
     config = load_config(model, kind="dense")
     refuse_overlap(output, {"dense model": resolve_model(model)})
     explicit = check_prune_arguments(num_layers, layers, metric, patch, config.num_hidden_layers, config.hidden_size)
+    # Every shard is checked (present, complete) before anything is computed or written.
+    checkpoint = SafetensorsCheckpoint(resolve_model(model))
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    sequential = choose_sequential(checkpoint.nbytes(torch_dtype), device, sequential, max_memory)
+    if sequential and (eval_windows or plots):
+        raise LinearPatchError(
+            "--eval-windows and --plots run the dense and pruned models whole, which a sequential prune avoids: "
+            "drop them and run `linearpatch eval` on the output where it fits, or prune in memory."
+        )
     sizes = calibration_sizes(device)
     num_samples = sizes.num_samples if num_samples is None else num_samples
     seq_len = sizes.seq_len if seq_len is None else seq_len
@@ -290,6 +340,28 @@ def prune_checkpoint(
     plot_windows = None
     if plots:
         plot_windows = token_windows("wikipedia-eval", tokenizer, figures.num_samples, figures.seq_len, seed=seed)
+
+    if sequential:
+        # The tokenizer is not needed while the layers run: its memory is returned first, and it is loaded again
+        # to be saved.
+        del tokenizer
+        return _prune_sequentially(
+            checkpoint,
+            config,
+            lambda: load_tokenizer(model),
+            output,
+            explicit,
+            num_layers,
+            metric,
+            patch,
+            windows,
+            base_model or portable_model_id(model),
+            torch_dtype,
+            device,
+            parse_size(max_shard_size),
+            overwrite,
+            progress,
+        )
 
     dense, tokenizer = load_model(model, dtype=dtype, device=device, kind="dense")
     pruned, report = prune(
@@ -321,4 +393,92 @@ def prune_checkpoint(
     return report
 
 
-__all__ = ["DEFAULT_CALIBRATION", "PruneReport", "check_prune_arguments", "prune", "prune_checkpoint"]
+def choose_sequential(model_bytes: int, device: str, sequential: bool | None, max_memory: str | int | None) -> bool:
+    """Whether to prune layer by layer: as asked, or (`sequential=None`) when `model_bytes` exceed `max_memory` (by
+    default the device's free memory, less a tenth for activations and the pruned copy's bookkeeping)."""
+    if max_memory is not None:
+        limit = parse_size(max_memory)
+    else:
+        limit = int(available_memory(device) * 0.9)
+    if sequential is None:
+        sequential = model_bytes > limit
+        if sequential:
+            logger.warning(
+                "linearpatch: the model (%s) does not fit in %s (%s): pruning layer by layer (--sequential).",
+                format_size(model_bytes),
+                format_size(limit),
+                "--max-memory" if max_memory is not None else f"free memory of {device}",
+            )
+    elif not sequential and max_memory is not None and model_bytes > limit:
+        raise LinearPatchError(
+            f"The model ({format_size(model_bytes)}) does not fit in --max-memory {format_size(limit)}, and "
+            "--sequential was turned off: allow more memory or prune sequentially."
+        )
+    return sequential
+
+
+def _prune_sequentially(
+    checkpoint,
+    config,
+    load_tokenizer,
+    output,
+    explicit,
+    num_layers,
+    metric,
+    patch,
+    windows,
+    base_model,
+    dtype,
+    device,
+    max_shard_size,
+    overwrite,
+    progress,
+) -> PruneReport:
+    """The sequential `linearpatch prune`: calibrate with the model's layers loaded one at a time, then stream the
+    kept tensors and the patches from the dense shards to the output."""
+    from transformers import GenerationConfig
+
+    from linearpatch.modeling import pruned_config
+
+    from ..layerwise import layerwise_model
+    from ..models import write_checkpoint_files
+    from .streaming import write_pruned_checkpoint
+
+    started = time.perf_counter()
+    with layerwise_model(checkpoint.folder, dtype=dtype, device=device, progress=progress) as skeleton:
+        chosen, scores, metric, patches, statistics = plan_pruning(
+            skeleton, windows, explicit, num_layers, metric, patch, progress=progress
+        )
+    metadata = dict(base_model=base_model, selection_metric=metric, patch_kind=patch)
+    pruned = pruned_config(config, chosen, add_patches=patch != "none", **metadata)
+    try:
+        generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
+    except OSError:
+        generation_config = None
+    report = _report(base_model, config.num_hidden_layers, chosen, metric, patch, scores, statistics, started)
+    report.output = str(output)
+    report.calibration["sequential"] = True
+    with atomic_directory(output, overwrite) as staging:
+        write_pruned_checkpoint(
+            staging,
+            checkpoint,
+            pruned,
+            patches or [],
+            config.num_hidden_layers,
+            dtype=dtype,
+            generation_config=generation_config,
+            max_shard_size=max_shard_size,
+        )
+        write_checkpoint_files(staging, None, load_tokenizer(), {"linearpatch_report.json": report.to_json()})
+    return report
+
+
+__all__ = [
+    "DEFAULT_CALIBRATION",
+    "PruneReport",
+    "check_prune_arguments",
+    "choose_sequential",
+    "plan_pruning",
+    "prune",
+    "prune_checkpoint",
+]

@@ -1,0 +1,106 @@
+"""Out-of-core pruning: write the pruned checkpoint tensor by tensor from the dense safetensors shards.
+
+The tensor names come from the same pure [`prune_state_dict`] that `prune_layers` applies to a model in memory,
+here applied to a name -> name map, so both paths keep, drop and renumber exactly the same tensors. No model is
+materialised: large tensors are copied in blocks of rows, so peak memory is a few MB whatever the model.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
+
+from linearpatch.common.errors import CheckpointMismatchError
+from linearpatch.modeling import family_of, patch_state_dict, prune_state_dict
+
+from ..shards import DTYPES, PendingTensor, SafetensorsCheckpoint, write_sharded_safetensors
+
+logger = logging.getLogger("linearpatch")
+
+
+def pruned_weight_plan(
+    checkpoint: SafetensorsCheckpoint,
+    config,
+    patches: list[torch.Tensor],
+    num_dense_layers: int,
+    dtype: torch.dtype,
+) -> list[tuple[str, PendingTensor]]:
+    r"""
+    What the pruned checkpoint's weights file holds, each tensor read from the dense shards only when written.
+
+    Args:
+        checkpoint (`SafetensorsCheckpoint`): the dense weights.
+        config: the pruned LinearPatch config (from `pruned_config`).
+        patches (`list[torch.Tensor]`): one C x C matrix per gap (empty for plain pruning).
+        num_dense_layers (`int`): L of the dense model.
+        dtype (`torch.dtype`): dtype of the floating weights (the patches stay fp32 when `keep_patch_in_fp32`).
+
+    Raises:
+        CheckpointMismatchError: when the dense weights lack tensors the pruned model needs.
+    """
+    with torch.device("meta"):
+        expected = family_of(config).causal_lm_class(config).state_dict().keys()
+    names = prune_state_dict({name: name for name in checkpoint.keys()}, config.pruned_layers, num_dense_layers)
+    plan = []
+    for new, old in names.items():
+        if new not in expected:
+            logger.info("linearpatch: %s is not a weight of the pruned model; not copied.", old)
+            continue
+        entry = checkpoint.entries[old]
+        stored = DTYPES[entry.dtype]
+        target = dtype if stored.is_floating_point else stored
+        read = lambda old=old, target=target: checkpoint.read_blocks(old, target)  # noqa: E731 (bound now, run later)
+        plan.append((new, PendingTensor(target, entry.shape, read)))
+    patch_dtype = torch.float32 if config.keep_patch_in_fp32 else dtype
+    for name, patch in patch_state_dict(config, patches).items():
+        patch = patch.detach().to("cpu", patch_dtype)
+        plan.append((name, PendingTensor(patch_dtype, tuple(patch.shape), lambda patch=patch: patch)))
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - tied - {name for name, _ in plan})
+    if missing:
+        raise CheckpointMismatchError(
+            f"{checkpoint.folder} lacks weights the pruned model needs (first: {missing[0]!r}, {len(missing)} in "
+            "all): the checkpoint does not match its config."
+        )
+    return [(name, pending) for name, pending in plan if name not in tied]
+
+
+def write_pruned_checkpoint(
+    folder: str | Path,
+    checkpoint: SafetensorsCheckpoint,
+    config,
+    patches: list[torch.Tensor],
+    num_dense_layers: int,
+    dtype: torch.dtype = torch.float32,
+    generation_config: GenerationConfig | None = None,
+    max_shard_size: int = 5 * 1024**3,
+) -> list[str]:
+    r"""
+    Write a pruned LinearPatch checkpoint (weights, config, remote-code files, generation config) into the existing
+    (staging) `folder`, streaming the kept tensors from the dense shards.
+
+    Args:
+        folder (`str` or `Path`): the staging folder.
+        checkpoint, config, patches, num_dense_layers, dtype: as for [`pruned_weight_plan`].
+        generation_config (`GenerationConfig`, *optional*): the dense model's.
+        max_shard_size (`int`, *optional*, defaults to 5 GB): bytes per weights shard; more shards get an index.
+
+    Returns:
+        `list[str]`: the weight files written.
+    """
+    folder = Path(folder)
+    plan = pruned_weight_plan(checkpoint, config, patches, num_dense_layers, dtype)
+    config.dtype = dtype
+    with torch.device("meta"):
+        skeleton = family_of(config).causal_lm_class(config)
+    # What save_pretrained does besides the weights: the remote-code files (and their auto_map), then the configs.
+    custom_object_save(skeleton, folder, config=config)
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    return write_sharded_safetensors(folder, plan, max_shard_size=max_shard_size)
+
+
+__all__ = ["pruned_weight_plan", "write_pruned_checkpoint"]

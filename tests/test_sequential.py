@@ -1,0 +1,183 @@
+"""Models larger than the machine: layer-by-layer calibration and streaming prune give what the in-memory path gives.
+
+The in-memory pass (the whole dense model loaded, one window per forward) is the reference. The sequential pass
+reads one layer at a time from the safetensors shards and streams the pruned tensors to the output.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import tiny_family
+from safetensors.torch import load_file
+from test_bad_input import run_cli
+
+from linearpatch.common.errors import CheckpointMismatchError
+from linearpatch.integration.layerwise import layerwise_model
+from linearpatch.integration.pruning import calibrate
+from linearpatch.integration.shards import SafetensorsCheckpoint, parse_size
+
+FAMILIES = ["llama", "gemma3_text", "qwen2"]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, sharded or not."""
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same_checkpoint(sequential, in_memory):
+    """Patches equal to 1e-5 relative, every other tensor identical, and the same config."""
+    a, b = weights(sequential), weights(in_memory)
+    assert a.keys() == b.keys()
+    for name in a:
+        if "linear_patch" in name:
+            assert (a[name] - b[name]).norm() <= 1e-5 * b[name].norm(), name
+        else:
+            assert torch.equal(a[name], b[name]), name
+    assert json.loads((sequential / "config.json").read_text()) == json.loads((in_memory / "config.json").read_text())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_layerwise_statistics_equal_in_memory(tmp_path, model_type):
+    dense = tiny_family(model_type, 6)
+    dense.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards, with an index
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    windows = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
+    distances, blocks = (1, 2, 4), [(1, 3), (2, 3), (4, 6)]
+    reference = calibrate(dense, windows, distances, blocks, batch_size=1, progress=False)
+    with layerwise_model(tmp_path, chunk_size=2, progress=False) as model:
+        assert all(p.device.type == "meta" for p in model.parameters())  # nothing loaded up front
+        statistics = calibrate(model, windows, distances, blocks, batch_size=5, progress=False)
+        assert all(p.device.type == "meta" for p in model.parameters())  # and every layer freed
+    for name in ("cosine", "angular", "channel_abs_mean", "rotated_abs_mean"):
+        expected, got = getattr(reference, name), getattr(statistics, name)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True, msg=name)
+    for block in blocks:
+        for expected, got in zip(reference.gram[block], statistics.gram[block], strict=True):
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_layerwise_stops_early_and_spills_to_disk(tmp_path, caplog):
+    dense = tiny_family("llama", 6)
+    dense.save_pretrained(tmp_path)
+    windows = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(1))
+    reference = calibrate(dense, windows, (1,), [(2, 4)], batch_size=1, progress=False, last_layer=4)
+    # A budget of one byte: every activation goes to a memory-mapped file, and the log says so.
+    with caplog.at_level("WARNING", logger="linearpatch"):
+        with layerwise_model(tmp_path, memory_budget=1, progress=False) as model:
+            statistics = calibrate(model, windows, (1,), [(2, 4)], batch_size=4, progress=False, last_layer=4)
+            assert model.layerwise.store_location == "disk"
+    assert "spill to memory-mapped files" in caplog.text
+    torch.testing.assert_close(statistics.channel_abs_mean, reference.channel_abs_mean, rtol=1e-5, atol=0)
+    assert statistics.channel_abs_mean[:, 5:].abs().sum() == 0  # layers after the last one needed never ran
+    torch.testing.assert_close(statistics.gram[(2, 4)][1], reference.gram[(2, 4)][1], rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def sharded_dense(tmp_path_factory, smollm2_tokenizer):
+    """A tiny Qwen2 (biases, sliding windows) with a real tokenizer, in shards of 200 KB with an index."""
+    path = tmp_path_factory.mktemp("sharded-dense")
+    model = tiny_family("qwen2", 6, tied=False, seed=5, vocab_size=len(smollm2_tokenizer))
+    model.save_pretrained(path, max_shard_size="200KB")
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("patch", ["hadamard", "lstsq"])
+def test_cli_sequential_prune_writes_the_in_memory_tensors(tmp_path, sharded_dense, patch):
+    common = ["prune", str(sharded_dense), "--num-layers", "2", "--patch", patch, "--num-samples", "4"]
+    common += ["--seq-len", "32"]
+    in_memory = run_cli(*common, "--output", str(tmp_path / "memory"))
+    assert in_memory.returncode == 0, in_memory.stderr
+    sequential = run_cli(*common, "--sequential", "--max-shard-size", "300KB", "--output", str(tmp_path / "seq"))
+    assert sequential.returncode == 0, sequential.stderr
+    assert "layers" in sequential.stderr  # the per-layer progress bar
+    index = json.loads((tmp_path / "seq" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # a sharded output, as save_pretrained writes it
+    assert_same_checkpoint(tmp_path / "seq", tmp_path / "memory")
+    report = json.loads((tmp_path / "seq" / "linearpatch_report.json").read_text())
+    assert report["calibration"]["sequential"] is True
+    assert (
+        report["pruned_layers"]
+        == json.loads((tmp_path / "memory" / "linearpatch_report.json").read_text())["pruned_layers"]
+    )
+
+    # The sharded output loads like any checkpoint and gives the in-memory output's logits.
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(2))
+    logits = [
+        AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=True)(ids).logits
+        for name in ("seq", "memory")
+    ]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_max_memory_goes_sequential(tmp_path, sharded_dense):
+    common = ["prune", str(sharded_dense), "--layers", "2-3", "--num-samples", "3", "--seq-len", "32"]
+    plain = run_cli(*common, "--output", str(tmp_path / "memory"))
+    assert plain.returncode == 0, plain.stderr
+    assert "layer by layer" not in plain.stderr
+    limited = run_cli(*common, "--max-memory", "100KB", "--output", str(tmp_path / "limited"))
+    assert limited.returncode == 0, limited.stderr
+    assert "does not fit in 100.0 KB (--max-memory): pruning layer by layer (--sequential)" in limited.stderr
+    assert_same_checkpoint(tmp_path / "limited", tmp_path / "memory")
+    refused = run_cli(*common, "--max-memory", "100KB", "--no-sequential", "--output", str(tmp_path / "refused"))
+    assert refused.returncode != 0 and "--max-memory" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    evaluating = run_cli(*common, "--sequential", "--eval-windows", "2", "--output", str(tmp_path / "evaluated"))
+    assert evaluating.returncode != 0 and "linearpatch eval" in evaluating.stderr
+    assert not (tmp_path / "evaluated").exists()
+
+
+def test_cli_sequential_on_smollm2(tmp_path):
+    """The real model: `--sequential` and a `--max-memory` below its size both write the in-memory tensors."""
+    common = ["prune", "smollm2-135m", "--layers", "20-24", "--num-samples", "4", "--seq-len", "128"]
+    runs = {
+        "memory": [],
+        "sequential": ["--sequential"],
+        "limited": ["--max-memory", "200MB"],
+    }
+    for name, flags in runs.items():
+        result = run_cli(*common, *flags, "--output", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        assert ("pruning layer by layer (--sequential)" in result.stderr) == (name == "limited")
+    assert_same_checkpoint(tmp_path / "sequential", tmp_path / "memory")
+    assert_same_checkpoint(tmp_path / "limited", tmp_path / "memory")
+
+
+def test_missing_or_truncated_shard_is_refused_before_any_output(tmp_path, sharded_dense):
+    index = json.loads((sharded_dense / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+
+    missing = tmp_path / "missing"
+    shutil.copytree(sharded_dense, missing)
+    (missing / shards[1]).unlink()
+    truncated = tmp_path / "truncated"
+    shutil.copytree(sharded_dense, truncated)
+    data = (truncated / shards[-1]).read_bytes()
+    (truncated / shards[-1]).write_bytes(data[: len(data) - 100])
+
+    for folder, message in ((missing, f"missing ({shards[1]})"), (truncated, "is truncated")):
+        with pytest.raises(CheckpointMismatchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            SafetensorsCheckpoint(folder)
+        # Through the CLI: the sequential path for one, the in-memory path for the other (both check first).
+        flags = ["--sequential"] if folder == missing else []
+        output = tmp_path / f"out-{folder.name}"
+        result = run_cli("prune", str(folder), "--layers", "2", *flags, "--output", str(output))
+        assert result.returncode != 0
+        assert message in result.stderr and "download" in result.stderr.lower() and "Traceback" not in result.stderr
+        assert not output.exists()
+
+
+def test_parse_size():
+    assert parse_size("200MB") == 200 * 10**6
+    assert parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("80gb") == 80 * 10**9
+    assert parse_size(123) == 123
+    with pytest.raises(ValueError, match="200MB"):
+        parse_size("lots")
