@@ -105,6 +105,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         overwrite=args.overwrite,
+        sequential_teacher=args.sequential_teacher,
+        max_memory=args.max_memory,
     )
     loss = f", final loss {report.train_loss:.4f}" if report.train_loss is not None else ""
     print(
@@ -318,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     distill.add_argument("--cache-dir", help="teacher cache root (default: ~/.cache/linearpatch/teacher-cache)")
     distill.add_argument("--adapter-only", action="store_true", help="write only the PEFT adapter, not merged")
+    distill.add_argument(
+        "--sequential-teacher",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the teacher cache one layer at a time from its shards (default: if it exceeds --max-memory)",
+    )
+    distill.add_argument(
+        "--max-memory",
+        help="memory a model may use on the device, e.g. 80GB (default: its free memory); a larger student is "
+        "spread with device_map='auto'",
+    )
     distill.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_model_options(distill)
     distill.set_defaults(handler=cmd_distill)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .shards import SafetensorsCheckpoint, format_size
+from .shards import SafetensorsCheckpoint, format_size, parse_size
 
 logger = logging.getLogger("linearpatch")
 
@@ -46,6 +46,38 @@ def available_memory(device: str | torch.device) -> int:
     import os
 
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_sequential(
+    model_bytes: int,
+    device: str,
+    sequential: bool | None,
+    max_memory: str | int | None,
+    what: str = "model",
+) -> bool:
+    """Whether to run a model layer by layer: as asked, or (`sequential=None`) when its `model_bytes` exceed
+    `max_memory` (by default nine tenths of the device's free memory; the rest is for activations). The automatic
+    choice is logged; an explicit `sequential=False` with a `max_memory` the model exceeds is an error."""
+    from linearpatch.common.errors import LinearPatchError
+
+    limit = parse_size(max_memory) if max_memory is not None else int(available_memory(device) * 0.9)
+    source = "--max-memory" if max_memory is not None else f"free memory of {device}"
+    if sequential is None:
+        sequential = model_bytes > limit
+        if sequential:
+            logger.warning(
+                "linearpatch: the %s (%s) does not fit in %s (%s): running it layer by layer (--sequential).",
+                what,
+                format_size(model_bytes),
+                format_size(limit),
+                source,
+            )
+    elif not sequential and max_memory is not None and model_bytes > limit:
+        raise LinearPatchError(
+            f"The {what} ({format_size(model_bytes)}) does not fit in --max-memory {format_size(limit)}, and "
+            "--sequential was turned off: allow more memory or run it sequentially."
+        )
+    return sequential
 
 
 def _to_chunk(value, part: slice, batch: int, device: torch.device):
@@ -302,6 +334,9 @@ def layerwise_model(
         yield model
     finally:
         layerwise.close()
+        # glibc cannot go back to its dynamic threshold; its ceiling (32 MiB) is where a long-running process ends up
+        # anyway, and keeps later allocations off the slow path of one memory map each.
+        _map_large_allocations(32 * 1024 * 1024)
 
 
-__all__ = ["LayerwiseModel", "available_memory", "layerwise_model"]
+__all__ = ["LayerwiseModel", "available_memory", "choose_sequential", "layerwise_model"]

@@ -273,7 +273,8 @@ def load_model(
                 "convert them with `save_pretrained(..., safe_serialization=True)` in a trusted environment."
             ) from error
         raise
-    model.to(device)
+    if "device_map" not in kwargs:  # a device map placed every layer already (accelerate's big-model loading)
+        model.to(device)
     return model.eval(), load_tokenizer(path)
 
 

@@ -124,7 +124,7 @@ def test_cli_max_memory_goes_sequential(tmp_path, sharded_dense):
     assert "layer by layer" not in plain.stderr
     limited = run_cli(*common, "--max-memory", "100KB", "--output", str(tmp_path / "limited"))
     assert limited.returncode == 0, limited.stderr
-    assert "does not fit in 100.0 KB (--max-memory): pruning layer by layer (--sequential)" in limited.stderr
+    assert "does not fit in 100.0 KB (--max-memory): running it layer by layer (--sequential)" in limited.stderr
     assert_same_checkpoint(tmp_path / "limited", tmp_path / "memory")
     refused = run_cli(*common, "--max-memory", "100KB", "--no-sequential", "--output", str(tmp_path / "refused"))
     assert refused.returncode != 0 and "--max-memory" in refused.stderr and "Traceback" not in refused.stderr
@@ -145,7 +145,7 @@ def test_cli_sequential_on_smollm2(tmp_path):
     for name, flags in runs.items():
         result = run_cli(*common, *flags, "--output", str(tmp_path / name))
         assert result.returncode == 0, result.stderr
-        assert ("pruning layer by layer (--sequential)" in result.stderr) == (name == "limited")
+        assert ("layer by layer (--sequential)" in result.stderr) == (name == "limited")
     assert_same_checkpoint(tmp_path / "sequential", tmp_path / "memory")
     assert_same_checkpoint(tmp_path / "limited", tmp_path / "memory")
 
@@ -181,3 +181,60 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError, match="200MB"):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_layerwise_teacher_cache_equals_in_memory(tmp_path, model_type):
+    from linearpatch.integration.distillation.teacher_cache import TeacherCacheDataset, build_teacher_cache
+
+    dense = tiny_family(model_type, 6, tied=model_type == "llama", seed=2)
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="100KB")
+    ids = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
+    options = dict(top_k=8, shard_windows=2, batch_size=2, progress=False)
+    reference = TeacherCacheDataset(build_teacher_cache(dense, ids, tmp_path / "memory", **options))
+    with layerwise_model(tmp_path / "dense", progress=False) as teacher:
+        cache = build_teacher_cache(teacher, ids, tmp_path / "layerwise", teacher_fingerprint="layerwise", **options)
+        assert all(p.device.type == "meta" for p in teacher.parameters())
+    assert cache.manifest["complete"] and cache.num_windows == 5
+    for index in range(5):
+        expected, got = reference[index], TeacherCacheDataset(cache)[index]
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+        assert torch.equal(got["teacher_indices"], expected["teacher_indices"])
+        torch.testing.assert_close(got["teacher_values"], expected["teacher_values"], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_distill_with_a_teacher_larger_than_max_memory(tmp_path, sharded_dense):
+    pruned = tmp_path / "pruned"
+    result = run_cli(
+        "prune",
+        str(sharded_dense),
+        "--layers",
+        "2-3",
+        "--num-samples",
+        "3",
+        "--seq-len",
+        "32",
+        "--output",
+        str(pruned),
+    )
+    assert result.returncode == 0, result.stderr
+    common = ["distill", str(pruned), "--teacher", str(sharded_dense), "--num-samples", "4", "--seq-len", "32"]
+    common += ["--max-steps", "2", "--lr", "1e-2", "--top-k", "16", "--cache-dir", str(tmp_path / "cache")]
+    limited = run_cli(*common, "--max-memory", "100KB", "--output", str(tmp_path / "limited"))
+    assert limited.returncode == 0, limited.stderr
+    assert "the teacher" in limited.stderr and "layer by layer (--sequential)" in limited.stderr
+    cache = next(path for path in (tmp_path / "cache").iterdir() if path.is_dir())
+    assert json.loads((cache / "manifest.json").read_text())["complete"]
+    # The patches trained (that cache holds what the in-memory teacher gives: the test above).
+    a, before = weights(tmp_path / "limited"), weights(pruned)
+    patch = next(name for name in a if "linear_patch" in name)
+    assert (a[patch] - before[patch]).norm() > 1e-4
+
+
+def test_student_device_map_only_when_it_does_not_fit():
+    from linearpatch.integration.distillation.pipeline import choose_device_map
+
+    assert choose_device_map(10**6, "cuda:1", "200MB") == {}
+    spread = choose_device_map(10**9, "cuda:1", "200MB")
+    assert spread["device_map"] == "auto" and spread["max_memory"][1] == 200 * 10**6 and "cpu" in spread["max_memory"]
+    assert choose_device_map(10**9, "cpu", "200MB") == {}  # nowhere to spread to on a CPU

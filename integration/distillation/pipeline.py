@@ -7,6 +7,7 @@ The teacher never enters the training process: it runs in a child that dies with
 
 import ctypes
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -29,9 +30,13 @@ from linearpatch.common.files import (
 
 from ..data import token_windows
 from ..defaults import distillation_sizes
+from ..layerwise import available_memory
+from ..shards import SafetensorsCheckpoint, format_size, parse_size
 from .adapter import base_identity, write_adapter_record
 from .teacher_cache import MANIFEST, TopKTeacherCache
 from .trainer import distill
+
+logger = logging.getLogger("linearpatch")
 
 DISTILL_RECORD = "linearpatch_distill.json"
 
@@ -85,8 +90,13 @@ def build_cache_in_subprocess(
     top_k: int,
     device: str | None = None,
     dtype: str = "float32",
+    sequential: bool | None = None,
+    max_memory: str | None = None,
 ) -> TopKTeacherCache:
     """Build (or reuse/resume) the teacher cache in a child process, so the teacher never enters this one.
+
+    A teacher larger than `max_memory` (by default the device's free memory), or any teacher with `sequential=True`,
+    is run layer by layer from its safetensors shards.
 
     The child is ended if this process ends (interrupt, kill); the token windows it reads are staged inside
     `cache_root` and removed after, or by the next run if this one was killed.
@@ -103,6 +113,9 @@ def build_cache_in_subprocess(
         command += [str(cache_root), "--top-k", str(top_k), "--dtype", dtype, "--result", str(result)]
         if device:
             command += ["--device", device]
+        command += ["--sequential", {None: "auto", True: "yes", False: "no"}[sequential]]
+        if max_memory is not None:
+            command += ["--max-memory", str(max_memory)]
         child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         try:
             code = child.wait()
@@ -171,6 +184,8 @@ def distill_checkpoint(
     dtype: str = "float32",
     device: str | None = None,
     overwrite: bool = False,
+    sequential_teacher: bool | None = None,
+    max_memory: str | None = None,
 ) -> DistillReport:
     r"""
     `linearpatch distill`: train only the patches of `checkpoint` from `teacher`'s top-K logits and save the result.
@@ -185,6 +200,11 @@ def distill_checkpoint(
             (default `OUTPUT.work`, beside the output), so that `resume=True` continues an interrupted run; the
             work folder is removed once the output is written.
         cache_dir (`str` or `Path`, *optional*): teacher cache root (default `~/.cache/linearpatch/teacher-cache`).
+        sequential_teacher (`bool`, *optional*): build the teacher cache layer by layer; by default only when the
+            teacher does not fit `max_memory`.
+        max_memory (`str`, *optional*): memory a model may use on the device (e.g. `80GB`); defaults to its free
+            memory. A student larger than this is loaded with `device_map="auto"` (layers spread over the GPUs and
+            the CPU by accelerate).
         Other arguments: the recipe (paper: AdamW lr 1e-4, weight decay 1e-4, cosine to lr/20, batch 1, one epoch).
 
     Returns:
@@ -231,9 +251,13 @@ def distill_checkpoint(
     seq_len = sizes.seq_len if seq_len is None else seq_len
     windows = token_windows(data, student_tokenizer, num_samples, seq_len, seed=seed)
 
-    cache = build_cache_in_subprocess(teacher, windows.input_ids, cache_root, top_k, device, dtype)
+    student_bytes = SafetensorsCheckpoint(resolve_model(checkpoint)).nbytes(getattr(torch, dtype))
+    spread = choose_device_map(student_bytes, device, max_memory)
+    cache = build_cache_in_subprocess(
+        teacher, windows.input_ids, cache_root, top_k, device, dtype, sequential_teacher, max_memory
+    )
     # The student (pruned checkpoint) is the only model this process loads.
-    student, tokenizer = load_model(checkpoint, dtype=dtype, device=device, kind="checkpoint")
+    student, tokenizer = load_model(checkpoint, dtype=dtype, device=device, kind="checkpoint", **spread)
     identity = base_identity(student)
     keep_work = bool(save_steps) or resume
     overrides = dict(
@@ -305,10 +329,28 @@ def distill_checkpoint(
     return report
 
 
+def choose_device_map(model_bytes: int, device: str, max_memory: str | None) -> dict:
+    """`load_model` arguments for a student of `model_bytes`: none when it fits the device (then `accelerate launch`
+    runs data-parallel copies), else `device_map="auto"` with the device capped at `max_memory` and the rest on the
+    CPU (accelerate's big-model inference moves each layer's weights in as it runs)."""
+    limit = parse_size(max_memory) if max_memory is not None else int(available_memory(device) * 0.9)
+    if model_bytes <= limit or torch.device(device).type == "cpu":
+        return {}  # the CPU is the last tier: there is nowhere to spread to but disk
+    logger.warning(
+        "linearpatch: the student (%s) does not fit in %s on %s: spreading it with device_map='auto'.",
+        format_size(model_bytes),
+        format_size(limit),
+        device,
+    )
+    gpu = torch.device(device).index or 0
+    return dict(device_map="auto", max_memory={gpu: limit, "cpu": available_memory("cpu")})
+
+
 __all__ = [
     "DISTILL_RECORD",
     "DistillReport",
     "build_cache_in_subprocess",
     "check_teacher_matches",
+    "choose_device_map",
     "distill_checkpoint",
 ]

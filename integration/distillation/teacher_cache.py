@@ -10,6 +10,7 @@ to build a cache in a separate process (what `linearpatch distill` does).
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -118,6 +119,10 @@ def build_teacher_cache(
 ) -> TopKTeacherCache:
     """Run `teacher` over `input_ids` `[windows, seq_len]` once and store the top-`top_k` log-probabilities.
 
+    `teacher` may be a [`layerwise_model`] (a teacher larger than the device): each shard's windows then go through
+    the decoder layers one layer at a time, and the final norm, the LM head and the top-K run `batch_size` windows
+    at a time.
+
     Returns the cache at `cache_root/<key>`, reusing it if complete; otherwise resumes after the last shard whose
     hash checks out (rebuilding corrupt ones).
     """
@@ -155,7 +160,6 @@ def build_teacher_cache(
         shards=[],
         complete=False,
     )
-    device = next(teacher.parameters()).device
     bar = tqdm(total=num_windows, desc="teacher top-k cache", unit="window", disable=not progress)
     for number, (start, end) in enumerate(plan):
         name = f"shard-{number:05d}.safetensors"
@@ -171,14 +175,14 @@ def build_teacher_cache(
             bar.update(end - start)
             continue
         values, indices = [], []
-        with torch.no_grad():
+        with torch.no_grad(), _logits_source(teacher, input_ids[start:end]) as logits_of:
             for first in range(start, end, batch_size):
-                batch = input_ids[first : min(first + batch_size, end)].to(device)
-                log_probs = torch.log_softmax(teacher(batch, use_cache=False).logits.float(), dim=-1)
+                batch = slice(first - start, min(first + batch_size, end) - start)
+                log_probs = torch.log_softmax(logits_of(batch).float(), dim=-1)
                 top = log_probs.topk(top_k, dim=-1)
                 values.append(top.values.to(value_dtype).cpu())
                 indices.append(top.indices.to(torch.int32).cpu().to(indices_dtype))
-                bar.update(batch.shape[0])
+                bar.update(batch.stop - batch.start)
         tensors = {
             "input_ids": input_ids[start:end].to(torch.int32).contiguous(),
             "values": torch.cat(values).contiguous(),
@@ -193,6 +197,73 @@ def build_teacher_cache(
     manifest["complete"] = True
     _write_manifest(manifest_path, manifest)
     return TopKTeacherCache.open(path, verify=False)
+
+
+class _FinalHidden(Exception):
+    """Stops a layer-by-layer forward at the final norm's input."""
+
+
+@contextlib.contextmanager
+def _logits_source(teacher, input_ids: torch.Tensor):
+    """Yield `logits_of(windows: slice)`: the teacher's logits for those rows of `input_ids`.
+
+    In memory this is the teacher's forward on the rows. Layer by layer, every window first goes through the decoder
+    layers (each loaded once), then the final norm and the LM head are loaded and the causal LM's own forward runs
+    per slice on the stored hidden states, so that what follows the base model (a logit soft-cap, say) is the
+    family's."""
+    layerwise = getattr(teacher, "layerwise", None)
+    if layerwise is None:
+        device = next(teacher.parameters()).device
+        yield lambda rows: teacher(input_ids[rows].to(device), use_cache=False).logits
+        return
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    base = teacher.model
+    captured = {}
+
+    def stop(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        raise _FinalHidden
+
+    handle = base.norm.register_forward_pre_hook(stop, with_kwargs=True)
+    layerwise.in_place = True  # nothing needs a layer's input once its output is written
+    try:
+        base(input_ids=input_ids.to(layerwise.device), use_cache=False)
+    except _FinalHidden:
+        pass
+    finally:
+        handle.remove()
+        layerwise.in_place = False
+        layerwise.close_bar()
+    hidden = captured.pop("hidden")
+    norm, head = layerwise.load("model.norm"), layerwise.load("lm_head")
+    current: dict[str, slice] = {}
+    base_forward = base.forward
+    base.forward = lambda *args, **kwargs: BaseModelOutputWithPast(
+        last_hidden_state=norm(hidden[current["rows"]].to(layerwise.device))
+    )
+
+    def logits_of(rows: slice) -> torch.Tensor:
+        current["rows"] = rows
+        return teacher(input_ids[rows].to(layerwise.device), use_cache=False).logits
+
+    try:
+        yield logits_of
+    finally:
+        base.forward = base_forward
+        layerwise.release(norm)
+        layerwise.release(head)
+
+
+def checkpoint_fingerprint(folder: str | Path, dtype: torch.dtype) -> str:
+    """SHA-256 of a checkpoint folder's config, compute dtype and weight files (read in blocks): the identity of a
+    teacher that is run layer by layer and never held whole."""
+    folder = Path(folder)
+    digest = hashlib.sha256(str(dtype).encode())
+    for file in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        digest.update(file.name.encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
@@ -237,14 +308,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default=None)
     parser.add_argument("--result", help="write the cache folder's path to this file")
+    parser.add_argument("--sequential", choices=["auto", "yes", "no"], default="auto", help="layer by layer")
+    parser.add_argument("--max-memory", help="memory the teacher may use on the device, e.g. 200MB")
     args = parser.parse_args(argv)
-    from ..models import load_model
+    from ..layerwise import choose_sequential, layerwise_model
+    from ..models import load_model, resolve_device, resolve_model
+    from ..shards import SafetensorsCheckpoint
 
-    # `distill_checkpoint` checked the teacher (`kind="dense"`) in the parent, where `register_family` may have added
-    # its family; this process only runs it.
-    teacher, _ = load_model(args.teacher, dtype=args.dtype, device=args.device, kind="teacher")
     input_ids = load_file(args.windows)["input_ids"]
-    cache = build_teacher_cache(teacher, input_ids, args.cache_root, args.top_k, args.shard_windows, args.batch_size)
+    dtype = getattr(torch, args.dtype)
+    device = resolve_device(args.device)
+    folder = resolve_model(args.teacher)
+    sequential = {"auto": None, "yes": True, "no": False}[args.sequential]
+    sequential = choose_sequential(
+        SafetensorsCheckpoint(folder).nbytes(dtype), device, sequential, args.max_memory, "teacher"
+    )
+    with contextlib.ExitStack() as stack:
+        if sequential:
+            teacher = stack.enter_context(layerwise_model(folder, dtype=dtype, device=device))
+            fingerprint = checkpoint_fingerprint(folder, dtype)
+        else:
+            # `distill_checkpoint` checked the teacher (`kind="dense"`) in the parent, where `register_family` may
+            # have added its family; this process only runs it.
+            teacher, _ = load_model(args.teacher, dtype=args.dtype, device=device, kind="teacher")
+            fingerprint = None
+        cache = build_teacher_cache(
+            teacher,
+            input_ids,
+            args.cache_root,
+            args.top_k,
+            args.shard_windows,
+            args.batch_size,
+            teacher_fingerprint=fingerprint,
+        )
     print(
         f"teacher cache: {cache.path} ({cache.num_windows} windows, {cache.bytes_per_token} bytes/token; "
         f"full vocabulary would be {cache.manifest['full_vocabulary_bytes_per_token']})"
@@ -265,6 +361,7 @@ __all__ = [
     "TopKTeacherCache",
     "build_teacher_cache",
     "cache_key",
+    "checkpoint_fingerprint",
     "index_dtype",
     "model_fingerprint",
 ]

@@ -19,8 +19,8 @@ from linearpatch.modeling import contiguous_gaps, normalize_pruned_layers, prune
 
 from ..data import TokenWindows, token_windows
 from ..defaults import calibration_sizes, figure_sizes, perplexity_sizes
-from ..layerwise import available_memory
-from ..shards import SafetensorsCheckpoint, format_size, parse_size
+from ..layerwise import choose_sequential
+from ..shards import SafetensorsCheckpoint, parse_size
 from .calibration import CalibrationStatistics, calibrate
 from .hadamard import factor_hidden_size
 from .patches import PATCH_KINDS, estimate_patch, scale_summary
@@ -391,30 +391,6 @@ def prune_checkpoint(
 
             write_report_plots(dense, pruned, plot_windows.input_ids, staging, progress=progress)
     return report
-
-
-def choose_sequential(model_bytes: int, device: str, sequential: bool | None, max_memory: str | int | None) -> bool:
-    """Whether to prune layer by layer: as asked, or (`sequential=None`) when `model_bytes` exceed `max_memory` (by
-    default the device's free memory, less a tenth for activations and the pruned copy's bookkeeping)."""
-    if max_memory is not None:
-        limit = parse_size(max_memory)
-    else:
-        limit = int(available_memory(device) * 0.9)
-    if sequential is None:
-        sequential = model_bytes > limit
-        if sequential:
-            logger.warning(
-                "linearpatch: the model (%s) does not fit in %s (%s): pruning layer by layer (--sequential).",
-                format_size(model_bytes),
-                format_size(limit),
-                "--max-memory" if max_memory is not None else f"free memory of {device}",
-            )
-    elif not sequential and max_memory is not None and model_bytes > limit:
-        raise LinearPatchError(
-            f"The model ({format_size(model_bytes)}) does not fit in --max-memory {format_size(limit)}, and "
-            "--sequential was turned off: allow more memory or prune sequentially."
-        )
-    return sequential
 
 
 def _prune_sequentially(
