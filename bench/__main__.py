@@ -1,6 +1,6 @@
 """Benchmarks: what each stage costs, as ratios measured side by side in one run.
 
-    python -m bench [--sections inference calibration distillation checkpoint quality patch_kinds serving]
+    python -m bench [--sections inference calibration distillation checkpoint quality patch_kinds serving sequential]
 
 Writes bench/results/latest.json and bench/results/latest.md. Every figure is a ratio of two measurements taken in the
 same run (interleaved, median of repeats), so it holds on a noisy machine. `quality` (distillation vs training-free
@@ -362,6 +362,59 @@ def bench_patch_kinds(device: str, quick: bool) -> dict:
     return dict(calibration=calibration.describe(), perplexity=perplexity)
 
 
+_CLI_RSS = """
+import sys, time
+started = time.perf_counter()
+if sys.argv[1] == "baseline":
+    import torch, transformers, linearpatch.cli  # noqa: F401
+else:
+    from linearpatch.cli import main
+    main(sys.argv[1:])
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec, so a child of a process
+# bigger than itself would report the parent's size.
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]
+print("RESULT", int(peak) / 1024, time.perf_counter() - started)
+"""
+
+
+def _cli_peak_rss(*arguments: str) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one `linearpatch` command in a fresh process (`baseline`: the imports only)."""
+    output = subprocess.run(
+        [sys.executable, "-c", _CLI_RSS, *arguments],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+    ).stdout
+    _, peak, seconds = next(line for line in output.splitlines() if line.startswith("RESULT")).split()
+    return float(peak), float(seconds)
+
+
+def bench_sequential(device: str, quick: bool) -> dict:
+    """Peak RSS and time of `linearpatch prune smollm2-135m --layers 20-24` in memory and `--sequential` (same tokens),
+    above the import baseline (`import torch, transformers, linearpatch.cli`), each in a fresh process."""
+    import tempfile
+
+    sizes = ["--num-samples", "4", "--seq-len", "128"] if quick else []
+    runs = {"baseline": ["baseline"]}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, flags in (("in_memory", []), ("sequential", ["--sequential"])):
+            runs[name] = ["prune", "smollm2-135m", "--layers", "20-24", *sizes, *flags, "--device", device]
+            runs[name] += ["--output", str(Path(folder) / name)]
+        measured = {name: _cli_peak_rss(*arguments) for name, arguments in runs.items()}
+    baseline = measured["baseline"][0]
+    above = {name: measured[name][0] - baseline for name in ("in_memory", "sequential")}
+    return dict(
+        command="linearpatch prune smollm2-135m --layers 20-24" + (" " + " ".join(sizes) if sizes else ""),
+        baseline_rss_mib=baseline,
+        peak_rss_mib={name: measured[name][0] for name in above},
+        above_baseline_mib=above,
+        seconds={name: measured[name][1] for name in above},
+        rss_ratio_sequential_over_in_memory=above["sequential"] / above["in_memory"],
+        time_ratio_sequential_over_in_memory=measured["sequential"][1] / measured["in_memory"][1],
+    )
+
+
 def bench_serving(device: str, quick: bool) -> dict:
     """Issue #11: vLLM generation throughput of dense / plain pruned (native kernels), LinearPatch (remote code, the
     Transformers backend) and its `linearpatch export` (native), side by side in one run, plus what the export's fold
@@ -467,6 +520,26 @@ def markdown(results: dict) -> str:
             + f" (1024 / 512: {c['peak_rss_ratio_1024_over_512']:.3f})",
             "",
         ]
+    if "sequential" in results:
+        q = results["sequential"]
+        lines += [
+            f"**Sequential prune** (`{q['command']}`, each run in a fresh process; RSS above the import baseline "
+            f"of {q['baseline_rss_mib']:.0f} MiB)",
+            "",
+            "| run | peak RSS MiB | above baseline MiB | seconds |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {q['peak_rss_mib'][name]:.0f} | {q['above_baseline_mib'][name]:.0f} "
+            f"| {q['seconds'][name]:.1f} |"
+            for name in ("in_memory", "sequential")
+        ]
+        lines += [
+            "",
+            f"- RSS ratio sequential / in memory: {q['rss_ratio_sequential_over_in_memory']:.3f}; time ratio: "
+            f"{q['time_ratio_sequential_over_in_memory']:.2f}",
+            "",
+        ]
     if "distillation" in results:
         d = results["distillation"]
         lines += [
@@ -557,6 +630,7 @@ SECTIONS = {
     "quality": bench_quality,
     "patch_kinds": bench_patch_kinds,
     "serving": bench_serving,
+    "sequential": bench_sequential,
 }
 
 
