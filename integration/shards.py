@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from linearpatch.common.errors import CheckpointMismatchError
 
@@ -249,7 +250,7 @@ class PendingTensor:
         return count
 
 
-def _write_shard(path: Path, tensors: list[tuple[str, PendingTensor]], metadata: dict[str, str]) -> None:
+def _write_shard(path: Path, tensors: list[tuple[str, PendingTensor]], metadata: dict[str, str], bar) -> None:
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name, pending in tensors:
@@ -280,6 +281,7 @@ def _write_shard(path: Path, tensors: list[tuple[str, PendingTensor]], metadata:
                 del piece, data
             if written != pending.nbytes:
                 raise ValueError(f"{name}: produced {written} bytes, announced {pending.nbytes}.")
+            bar.update(written)
 
 
 def write_sharded_safetensors(
@@ -287,6 +289,7 @@ def write_sharded_safetensors(
     tensors: Iterable[tuple[str, PendingTensor]],
     max_shard_size: int = 5 * 1024**3,
     metadata: dict[str, str] | None = None,
+    progress: bool = True,
 ) -> list[str]:
     """Write `tensors` into `folder` as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards of at
     most `max_shard_size` bytes (a single larger tensor gets its own shard) plus `model.safetensors.index.json`.
@@ -304,15 +307,18 @@ def write_sharded_safetensors(
             size = 0
         shards[-1].append((name, pending))
         size += pending.nbytes
+    total = sum(pending.nbytes for shard in shards for _, pending in shard)
+    bar = tqdm(total=total, desc="writing weights", unit="B", unit_scale=True, disable=not progress)
     if len(shards) == 1:
-        _write_shard(folder / SAFE_WEIGHTS_NAME, shards[0], metadata)
+        _write_shard(folder / SAFE_WEIGHTS_NAME, shards[0], metadata, bar)
+        bar.close()
         return [SAFE_WEIGHTS_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
-        _write_shard(folder / name, shard, metadata)
+        _write_shard(folder / name, shard, metadata, bar)
         weight_map.update({tensor_name: name for tensor_name, _ in shard})
-    total = sum(pending.nbytes for shard in shards for _, pending in shard)
+    bar.close()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return [*names, SAFE_WEIGHTS_INDEX_NAME]

@@ -444,6 +444,7 @@ def _prune_sequentially(
             dtype=dtype,
             generation_config=generation_config,
             max_shard_size=max_shard_size,
+            progress=progress,
         )
         write_checkpoint_files(staging, None, load_tokenizer(), {"linearpatch_report.json": report.to_json()})
     return report

@@ -76,6 +76,7 @@ def write_pruned_checkpoint(
     dtype: torch.dtype = torch.float32,
     generation_config: GenerationConfig | None = None,
     max_shard_size: int = 5 * 1024**3,
+    progress: bool = True,
 ) -> list[str]:
     r"""
     Write a pruned LinearPatch checkpoint (weights, config, remote-code files, generation config) into the existing
@@ -100,7 +101,7 @@ def write_pruned_checkpoint(
     config.save_pretrained(folder)
     if generation_config is not None:
         generation_config.save_pretrained(folder)
-    return write_sharded_safetensors(folder, plan, max_shard_size=max_shard_size)
+    return write_sharded_safetensors(folder, plan, max_shard_size=max_shard_size, progress=progress)
 
 
 __all__ = ["pruned_weight_plan", "write_pruned_checkpoint"]
