@@ -172,14 +172,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         eval_windows=args.eval_windows,
         device=args.device,
         overwrite=args.overwrite,
+        sequential=args.sequential,
+        max_memory=args.max_memory,
+        max_shard_size=args.max_shard_size,
     )
     for fold in report.folds:
         exact = "exact" if fold["exact"] else f"approximate (fit error {fold.get('relative_error', 0):.3f})"
         print(f"patch before kept layer {fold['position']}: {fold['how']}, {exact}")
-    corpora = list(next(iter(report.perplexity.values())))
-    print("| model | " + " | ".join(corpora) + " |\n|---|" + "---|" * len(corpora))
-    for name, values in report.perplexity.items():
-        print(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
+    if report.perplexity:  # skipped by a sequential export
+        corpora = list(next(iter(report.perplexity.values())))
+        print("| model | " + " | ".join(corpora) + " |\n|---|" + "---|" * len(corpora))
+        for name, values in report.perplexity.items():
+            print(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
     print(f"Wrote a stock {report.architecture} (no remote code) to {report.output} (report: linearpatch_export.json)")
     return 0
 
@@ -408,6 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-windows", type=positive_int, help=f"held-out windows per corpus (default: {sizes(PERPLEXITY)})"
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    export.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fit layer by layer and stream the folded tensors, never holding the checkpoint (default: when it does "
+        "not fit --max-memory; skips the held-out comparison)",
+    )
+    export.add_argument("--max-memory", help="memory the checkpoint may use on the device, e.g. 200MB")
+    export.add_argument("--max-shard-size", default="5GB", help="weights shard size of a sequential output")
     export.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     export.set_defaults(handler=cmd_export)
 

@@ -39,6 +39,8 @@ from linearpatch.modeling import family_of
 
 from .data import token_windows
 from .defaults import calibration_sizes, perplexity_sizes
+from .layerwise import choose_sequential
+from .shards import SafetensorsCheckpoint, parse_size
 
 FOLDS = ("down-proj", "scalar")
 # Config fields that only a LinearPatch checkpoint has.
@@ -88,18 +90,6 @@ RESIDUAL_WRITERS = {
 
 def residual_writers(config) -> ResidualWriters:
     return RESIDUAL_WRITERS.get(family_of(config).dense_model_type, LLAMA_WRITERS)
-
-
-def _divide_writer(state: dict, prefix: str, ratio: float, gemma_norm: bool) -> None:
-    """Scale what the module `prefix` adds to the residual stream by `1 / ratio`, in place."""
-    if gemma_norm:  # output = normalised(x) * (1 + w)
-        key = f"{prefix}.weight"
-        weight = state[key].double()
-        state[key] = ((1.0 + weight) / ratio - 1.0).to(state[key].dtype)
-        return
-    for key in (f"{prefix}.weight", f"{prefix}.bias"):
-        if key in state:
-            state[key] = (state[key].double() / ratio).to(state[key].dtype)
 
 
 @dataclass
@@ -159,64 +149,90 @@ def stock_model(config) -> PreTrainedModel:
     return family_of(config).dense_causal_lm_class(config)
 
 
+class _StopForward(Exception):
+    """Ends a forward once the layer a fold needs has run."""
+
+
 @torch.no_grad()
 def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, m) of kept layer `position - 1` for every token of `input_ids`: the stream after its attention and its
-    MLP output, in float64, `[tokens, C]`."""
-    layer = model.model.layers[position - 1]
+    MLP output, in float64, `[tokens, C]`. `model` may be a [`layerwise_model`]: every window then goes through the
+    layers up to `position - 1` one layer at a time."""
+    layers = model.model.layers
+    layer = layers[position - 1]
     where = residual_writers(model.config)
     captured = {}
 
     def before_mlp(module, args):
-        captured.setdefault("a", []).append(args[0].detach())
+        captured.setdefault("a", []).append(args[0].detach().cpu())
 
     def mlp_output(module, args, output):
-        captured.setdefault("m", []).append(output.detach())
+        captured.setdefault("m", []).append(output.detach().cpu())
+
+    def stop(module, args):
+        raise _StopForward
 
     # The norm before the MLP reads the residual after attention; `mlp_output` produces what the MLP adds to it.
     handles = [
         layer.get_submodule(where.after_attention).register_forward_pre_hook(before_mlp),
         layer.get_submodule(where.mlp_output).register_forward_hook(mlp_output),
     ]
+    layerwise = getattr(model, "layerwise", None)
     try:
-        for window in input_ids:
-            model.model(input_ids=window[None].to(next(model.parameters()).device), use_cache=False)
+        if layerwise is None:
+            for window in input_ids:
+                model.model(input_ids=window[None].to(next(model.parameters()).device), use_cache=False)
+        else:
+            after = layers[position] if position < len(layers) else model.model.norm
+            handles.append(after.register_forward_pre_hook(stop))
+            try:
+                model.model(input_ids=input_ids.to(layerwise.device), use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                layerwise.close_bar()
     finally:
         for handle in handles:
             handle.remove()
     size = model.config.hidden_size
-    a = torch.cat([x.reshape(-1, size) for x in captured["a"]]).double().cpu()
-    m = torch.cat([x.reshape(-1, size) for x in captured["m"]]).double().cpu()
+    a = torch.cat([x.reshape(-1, size) for x in captured["a"]]).double()
+    m = torch.cat([x.reshape(-1, size) for x in captured["m"]]).double()
     return a, m
 
 
-def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, ridge: float = 1e-3) -> tuple[dict, list]:
-    """The state dict of the stock (family) equivalent of the LinearPatch `model` with every patch folded (see the
-    module docstring), and a description of each fold.
+def plan_folds(
+    config, patches: dict[int, torch.Tensor], fold: str, stream_at=None, ridge: float = 1e-3
+) -> tuple[dict[str, list], list[dict]]:
+    """How to fold every patch (see the module docstring), as functions of single tensors: a pure plan that applies
+    to a state dict in memory or to tensors streamed from the shards one by one.
 
     Args:
-        model (`PreTrainedModel`): the LinearPatch causal LM (not modified).
+        config: the LinearPatch config.
+        patches (`dict[int, torch.Tensor]`): kept-layer position -> P (float64).
         fold (`str`): `down-proj` or `scalar`.
-        input_ids (`torch.LongTensor`, *optional*): calibration windows, needed by `down-proj` for gaps after layer 0.
+        stream_at (`callable`, *optional*): `position -> (a, m)` (see [`_stream_at`]), needed by `down-proj` for gaps
+            after layer 0.
         ridge (`float`, *optional*, defaults to 1e-3): `down-proj` regulariser, relative to the mean diagonal of
             m^T m.
+
+    Returns:
+        `(transforms, described)`: state-dict key -> the functions to apply to that tensor, in order; and a
+        description of each fold.
     """
     if fold not in FOLDS:
         raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
-    config = model.config
     where = residual_writers(config)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".linear_patch." not in k}
-    dtype = state["model.embed_tokens.weight"].dtype
-    patches = _patch_matrices(model)
-    if config.tie_word_embeddings:  # the head's own copy; only a fold at layer 0 makes it differ (and unties)
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    transforms: dict[str, list] = {}
+
+    def add(key: str, function) -> None:
+        transforms.setdefault(key, []).append(function)
+
     described = []
     for position in sorted(patches):
         patch = patches[position]
         size = patch.shape[0]
         if position == 0:
-            embed = state["model.embed_tokens.weight"]
-            state["model.embed_tokens.weight"] = (embed.double() @ patch).to(dtype)
+            add("model.embed_tokens.weight", lambda t, p=patch: (t.double() @ p).to(t.dtype))
             described.append(dict(position=0, how="embed_tokens @ P", exact=True))
             continue
         scalar = torch.allclose(patch, patch.diagonal().mean() * torch.eye(size, dtype=patch.dtype), atol=1e-6)
@@ -224,39 +240,69 @@ def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, rid
             ratio = float(patch.diagonal().mean())
             for index in range(position, config.num_hidden_layers):
                 for name in where.writers:
-                    _divide_writer(state, f"model.layers.{index}.{name}", ratio, where.gemma_norms)
+                    prefix = f"model.layers.{index}.{name}"
+                    if where.gemma_norms:  # output = normalised(x) * (1 + w)
+                        add(f"{prefix}.weight", lambda t, r=ratio: ((1.0 + t.double()) / r - 1.0).to(t.dtype))
+                    else:
+                        for key in (f"{prefix}.weight", f"{prefix}.bias"):
+                            add(key, lambda t, r=ratio: (t.double() / r).to(t.dtype))
             how = f"{' and '.join(where.writers)} from kept layer {position} on divided by the scalar {ratio:.6g}"
             described.append(dict(position=position, how=how, exact=scalar))
             continue
-        if input_ids is None:
+        if stream_at is None:
             raise LinearPatchError("The down-proj fold needs calibration windows (input_ids).")
-        a, m = _stream_at(model, position, input_ids)
+        a, m = stream_at(position)
         patched = (a + m) @ patch
         target = patched - a
         # Every later layer reads the stream through RMSNorm, so what matters is each token's error relative to its
         # own norm; unweighted least squares would fit the few massive-activation tokens and nothing else.
         weight = 1.0 / patched.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
-        prefix = f"model.layers.{position - 1}.{where.mlp_output}"
         if where.gemma_norms:
             # The MLP output leaves through a norm: only a per-channel T (into its `1 + w`) can be folded.
+            prefix = f"model.layers.{position - 1}.{where.mlp_output}"
             gram = (m * m * weight).sum(dim=0)
             scales = (m * target * weight).sum(dim=0) / (gram + ridge * gram.mean())
             transform = torch.diag(scales)
-            norm_weight = state[f"{prefix}.weight"]
-            state[f"{prefix}.weight"] = ((1.0 + norm_weight.double()) * scales - 1.0).to(norm_weight.dtype)
+            add(f"{prefix}.weight", lambda t, s=scales: ((1.0 + t.double()) * s - 1.0).to(t.dtype))
         else:
+            prefix = f"model.layers.{position - 1}.mlp.down_proj"
             gram = m.T @ (m * weight)
             damping = ridge * gram.diagonal().mean()
             transform = torch.linalg.solve(gram + damping * torch.eye(size, dtype=gram.dtype), m.T @ (target * weight))
-            prefix = f"model.layers.{position - 1}.mlp.down_proj"
-            key = f"{prefix}.weight"
-            state[key] = (transform.T @ state[key].double()).to(dtype)
-            if f"{prefix}.bias" in state:
-                state[f"{prefix}.bias"] = (state[f"{prefix}.bias"].double() @ transform).to(dtype)
+            add(f"{prefix}.weight", lambda t, f=transform: (f.T @ t.double()).to(t.dtype))
+            add(f"{prefix}.bias", lambda t, f=transform: (t.double() @ f).to(t.dtype))
         residual = float(((m @ transform - target) * weight.sqrt()).norm() / (target * weight.sqrt()).norm())
         how = f"{prefix.removeprefix('model.layers.')} (kept layer {position - 1})"
         described.append(dict(position=position, how=how, exact=False, relative_error=residual))
-    return state, sorted(described, key=lambda item: item["position"])
+    return transforms, sorted(described, key=lambda item: item["position"])
+
+
+def apply_folds(tensor: torch.Tensor, functions: list) -> torch.Tensor:
+    for function in functions:
+        tensor = function(tensor)
+    return tensor
+
+
+def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, ridge: float = 1e-3) -> tuple[dict, list]:
+    """The state dict of the stock (family) equivalent of the LinearPatch `model` with every patch folded (see
+    [`plan_folds`]), and a description of each fold.
+
+    Args:
+        model (`PreTrainedModel`): the LinearPatch causal LM (not modified).
+        fold (`str`): `down-proj` or `scalar`.
+        input_ids (`torch.LongTensor`, *optional*): calibration windows, needed by `down-proj` for gaps after layer 0.
+        ridge (`float`, *optional*, defaults to 1e-3): `down-proj` regulariser.
+    """
+    config = model.config
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".linear_patch." not in k}
+    if config.tie_word_embeddings:  # the head's own copy; only a fold at layer 0 makes it differ (and unties)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    stream_at = None if input_ids is None else lambda position: _stream_at(model, position, input_ids)
+    transforms, described = plan_folds(config, _patch_matrices(model), fold, stream_at, ridge)
+    for key, functions in transforms.items():
+        if key in state:
+            state[key] = apply_folds(state[key], functions)
+    return state, described
 
 
 def export_model(
@@ -296,6 +342,9 @@ def export_checkpoint(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    sequential: bool | None = None,
+    max_memory: str | int | None = None,
+    max_shard_size: str | int = "5GB",
 ) -> ExportReport:
     r"""
     `linearpatch export`: write a folder of the family's stock architecture (`model_type: llama`, `qwen3`, ...; no
@@ -310,6 +359,12 @@ def export_checkpoint(
             the embeddings.
         calibration (`str`), num_samples (`int`), seq_len (`int`), seed (`int`): text for the `down-proj` fit.
         eval_corpora (`list[str]`), eval_windows (`int`): held-out perplexity of patched, export and plain pruning.
+        sequential (`bool`, *optional*): never hold the checkpoint whole: the `down-proj` fit runs the layers one at
+            a time from the shards, and the folded tensors are streamed to the output in shards of
+            `max_shard_size` (with an index). By default chosen when the checkpoint does not fit `max_memory` (the
+            device's free memory). The held-out comparison, which needs whole models, is then skipped (logged).
+        max_memory (`str` or `int`, *optional*), max_shard_size (`str` or `int`, *optional*): see
+            `linearpatch prune`.
 
     Returns:
         `ExportReport`
@@ -341,6 +396,25 @@ def export_checkpoint(
         num_samples = sizes.num_samples if num_samples is None else num_samples
         windows = token_windows(
             calibration, tokenizer, num_samples, sizes.seq_len if seq_len is None else seq_len, seed=seed
+        )
+    checkpoint_weights = SafetensorsCheckpoint(resolve_model(checkpoint))
+    sequential = choose_sequential(
+        checkpoint_weights.nbytes(torch.float32), device, sequential, max_memory, "checkpoint"
+    )
+    if sequential:
+        return _export_sequentially(
+            checkpoint_weights,
+            config,
+            tokenizer,
+            output,
+            fold,
+            windows,
+            portable_model_id(checkpoint),
+            device,
+            parse_size(max_shard_size),
+            overwrite,
+            progress,
+            started,
         )
     eval_windows = held_out.num_samples if eval_windows is None else eval_windows
     evaluation = {
@@ -379,4 +453,89 @@ def export_checkpoint(
     return report
 
 
-__all__ = ["EXPORT_RECORD", "FOLDS", "ExportReport", "export_checkpoint", "export_model", "fold_state_dict"]
+def _export_sequentially(
+    checkpoint, config, tokenizer, output, fold, windows, source, device, max_shard_size, overwrite, progress, started
+) -> ExportReport:
+    """`export_checkpoint` without holding the checkpoint: the fold is planned from the patches (and, for `down-proj`,
+    from a layer-by-layer pass up to each gap), then every tensor is read, folded and written in turn."""
+    import logging
+
+    from transformers import GenerationConfig
+
+    from .layerwise import layerwise_model
+    from .models import write_checkpoint_files
+    from .shards import DTYPES, PendingTensor, write_sharded_safetensors
+
+    logging.getLogger("linearpatch").warning(
+        "linearpatch: sequential export: the held-out comparison of patched, export and plain pruning needs whole "
+        "models and is skipped; run `linearpatch eval` on the output where it fits."
+    )
+    num_layers = config.num_hidden_layers
+    patches = {
+        position: checkpoint.read(
+            "model.norm.linear_patch.weight"
+            if position == num_layers
+            else f"model.layers.{position}.linear_patch.weight"
+        ).double()
+        for position in config.patch_positions
+    }
+    needs_fit = fold == "down-proj" and any(position > 0 for position in patches)
+    with layerwise_model(checkpoint.folder, device=device, progress=progress) as model:
+        stream_at = (lambda position: _stream_at(model, position, windows.input_ids)) if needs_fit else None
+        transforms, described = plan_folds(config, patches, fold, stream_at)
+    stock = stock_config(config)
+    untie = 0 in config.patch_positions
+    stock.tie_word_embeddings = config.tie_word_embeddings and not untie
+    stock.dtype = torch.float32
+    with torch.device("meta"):
+        expected = stock_model(stock).state_dict().keys()
+    sources = {key: key for key in checkpoint.keys() if ".linear_patch." not in key}
+    if config.tie_word_embeddings and untie:
+        sources["lm_head.weight"] = "model.embed_tokens.weight"  # the head keeps the unfolded embeddings
+    plan = []
+    for key in expected:
+        if key == "lm_head.weight" and stock.tie_word_embeddings:
+            continue
+        if key not in sources:
+            raise LinearPatchError(f"{checkpoint.folder} has no {key!r}: the checkpoint does not match its config.")
+        entry = checkpoint.entries[sources[key]]
+        stored = DTYPES[entry.dtype]
+        dtype = torch.float32 if stored.is_floating_point else stored
+
+        def produce(key=key, dtype=dtype):
+            return apply_folds(checkpoint.read(sources[key], dtype), transforms.get(key, []))
+
+        plan.append((key, PendingTensor(dtype, entry.shape, produce)))
+    report = ExportReport(
+        source=source,
+        fold=fold,
+        base_model=config.base_model,
+        pruned_layers=list(config.pruned_layers),
+        patch_positions=list(config.patch_positions),
+        folds=described,
+        calibration=windows.describe() if windows is not None else {},
+        architecture=family_of(config).dense_causal_lm_class.__name__,
+        output=str(output),
+    )
+    report.seconds = round(time.perf_counter() - started, 2)
+    with atomic_directory(output, overwrite) as staging:
+        write_sharded_safetensors(staging, plan, max_shard_size=max_shard_size, progress=progress)
+        stock.save_pretrained(staging)
+        try:
+            GenerationConfig.from_pretrained(checkpoint.folder).save_pretrained(staging)
+        except OSError:
+            pass
+        write_checkpoint_files(staging, None, tokenizer, {EXPORT_RECORD: report.to_json()})
+    return report
+
+
+__all__ = [
+    "EXPORT_RECORD",
+    "FOLDS",
+    "ExportReport",
+    "apply_folds",
+    "export_checkpoint",
+    "export_model",
+    "fold_state_dict",
+    "plan_folds",
+]

@@ -169,7 +169,13 @@ class LayerwiseModel:
     def load(self, name: str) -> torch.nn.Module:
         """Load the weights of the module `name` (e.g. `model.norm`, `lm_head`) onto the device; return it."""
         module = self.model.get_submodule(name)
-        state = self.checkpoint.read_module(name, self.dtype, self.device)
+        prefix = name + "."
+        state = {
+            # Patches stay in fp32 whatever the compute dtype, as `from_pretrained` keeps them.
+            key[len(prefix) :]: self.checkpoint.read(key, None if "linear_patch" in key else self.dtype, self.device)
+            for key in self.checkpoint.keys()
+            if key.startswith(prefix)
+        }
         if not state and name == "lm_head" and self.model.config.tie_word_embeddings:
             state = {"weight": self.checkpoint.read("model.embed_tokens.weight", self.dtype, self.device)}
         expected = {key for key, _ in module.named_parameters()}
@@ -297,7 +303,7 @@ def layerwise_model(
     at once: `model.model(input_ids=all_windows)`.
 
     Args:
-        path (`str` or `Path`): a dense checkpoint folder of a supported family.
+        path (`str` or `Path`): a dense checkpoint folder of a supported family, or a LinearPatch checkpoint.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): compute dtype.
         device (`str`, *optional*, defaults to `"cpu"`): compute device.
         chunk_size (`int`, *optional*, defaults to 1): windows per decoder-layer forward.
@@ -317,8 +323,11 @@ def layerwise_model(
     _map_large_allocations()
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     config.dtype = dtype
+    family = family_of(config)
+    # A dense model, or a LinearPatch checkpoint (its patches load with the layer or final norm that holds them).
+    causal_lm = family.causal_lm_class if config.model_type == family.model_type else family.dense_causal_lm_class
     with init_empty_weights(include_buffers=False):
-        model = family_of(config).dense_causal_lm_class(config)
+        model = causal_lm(config)
     device = torch.device(device)
     for module in model.modules():
         for name, buffer in list(module._buffers.items()):

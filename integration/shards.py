@@ -225,13 +225,6 @@ class SafetensorsCheckpoint:
             rows = torch.arange(first, min(first + rows_per_block, entry.shape[0]))
             yield self.read_rows(name, rows, dtype).reshape(-1)
 
-    def read_module(
-        self, prefix: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-    ) -> dict[str, torch.Tensor]:
-        """Every tensor under `prefix.` (e.g. `model.layers.3`), keyed relative to it."""
-        start = prefix + "."
-        return {name[len(start) :]: self.read(name, dtype, device) for name in self.entries if name.startswith(start)}
-
 
 @dataclass(frozen=True)
 class PendingTensor:

@@ -238,3 +238,40 @@ def test_student_device_map_only_when_it_does_not_fit():
     spread = choose_device_map(10**9, "cuda:1", "200MB")
     assert spread["device_map"] == "auto" and spread["max_memory"][1] == 200 * 10**6 and "cpu" in spread["max_memory"]
     assert choose_device_map(10**9, "cpu", "200MB") == {}  # nowhere to spread to on a CPU
+
+
+@pytest.mark.parametrize("fold", ["down-proj", "scalar"])
+def test_cli_sequential_export_writes_the_in_memory_tensors(tmp_path, sharded_dense, fold):
+    pruned = tmp_path / "pruned"
+    result = run_cli(
+        "prune",
+        str(sharded_dense),
+        "--layers",
+        "2-3",
+        "--num-samples",
+        "3",
+        "--seq-len",
+        "32",
+        "--output",
+        str(pruned),
+    )
+    assert result.returncode == 0, result.stderr
+    common = ["export", str(pruned), "--fold", fold, "--num-samples", "3", "--seq-len", "32", "--eval-windows", "1"]
+    in_memory = run_cli(*common, "--output", str(tmp_path / "memory"))
+    assert in_memory.returncode == 0, in_memory.stderr
+    limited = run_cli(*common, "--max-memory", "100KB", "--max-shard-size", "300KB", "--output", str(tmp_path / "seq"))
+    assert limited.returncode == 0, limited.stderr
+    assert "the checkpoint" in limited.stderr and "layer by layer (--sequential)" in limited.stderr
+    assert "held-out comparison" in limited.stderr
+    assert (tmp_path / "seq" / "model.safetensors.index.json").exists()
+    a, b = weights(tmp_path / "seq"), weights(tmp_path / "memory")
+    assert a.keys() == b.keys() and not any("linear_patch" in name for name in a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+    seq_config = json.loads((tmp_path / "seq" / "config.json").read_text())
+    memory_config = json.loads((tmp_path / "memory" / "config.json").read_text())
+    assert seq_config == memory_config and seq_config["model_type"] == "qwen2"
+    folds = [
+        json.loads((tmp_path / name / "linearpatch_export.json").read_text())["folds"] for name in ("seq", "memory")
+    ]
+    assert folds[0] == folds[1]
