@@ -397,13 +397,20 @@ def bench_sequential(device: str, quick: bool) -> dict:
 
     sizes = ["--num-samples", "4", "--seq-len", "128"] if quick else []
     runs = {"baseline": ["baseline"]}
+    variants = {
+        "in_memory": [],
+        "sequential": ["--sequential"],
+        # Plain pruning needs no calibration: what remains is load-prune-save against streaming the shards.
+        "load_prune_save": ["--patch", "none"],
+        "streaming_prune": ["--patch", "none", "--sequential"],
+    }
     with tempfile.TemporaryDirectory() as folder:
-        for name, flags in (("in_memory", []), ("sequential", ["--sequential"])):
+        for name, flags in variants.items():
             runs[name] = ["prune", "smollm2-135m", "--layers", "20-24", *sizes, *flags, "--device", device]
             runs[name] += ["--output", str(Path(folder) / name)]
         measured = {name: _cli_peak_rss(*arguments) for name, arguments in runs.items()}
     baseline = measured["baseline"][0]
-    above = {name: measured[name][0] - baseline for name in ("in_memory", "sequential")}
+    above = {name: measured[name][0] - baseline for name in variants}
     return dict(
         command="linearpatch prune smollm2-135m --layers 20-24" + (" " + " ".join(sizes) if sizes else ""),
         baseline_rss_mib=baseline,
@@ -412,6 +419,7 @@ def bench_sequential(device: str, quick: bool) -> dict:
         seconds={name: measured[name][1] for name in above},
         rss_ratio_sequential_over_in_memory=above["sequential"] / above["in_memory"],
         time_ratio_sequential_over_in_memory=measured["sequential"][1] / measured["in_memory"][1],
+        rss_ratio_streaming_over_load_prune_save=above["streaming_prune"] / above["load_prune_save"],
     )
 
 
@@ -532,14 +540,19 @@ def markdown(results: dict) -> str:
         lines += [
             f"| {name} | {q['peak_rss_mib'][name]:.0f} | {q['above_baseline_mib'][name]:.0f} "
             f"| {q['seconds'][name]:.1f} |"
-            for name in ("in_memory", "sequential")
+            for name in q["peak_rss_mib"]
         ]
         lines += [
             "",
             f"- RSS ratio sequential / in memory: {q['rss_ratio_sequential_over_in_memory']:.3f}; time ratio: "
             f"{q['time_ratio_sequential_over_in_memory']:.2f}",
-            "",
         ]
+        if "rss_ratio_streaming_over_load_prune_save" in q:
+            lines.append(
+                "- RSS ratio streaming prune / load-prune-save (`--patch none`): "
+                f"{q['rss_ratio_streaming_over_load_prune_save']:.3f}"
+            )
+        lines.append("")
     if "distillation" in results:
         d = results["distillation"]
         lines += [
