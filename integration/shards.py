@@ -94,7 +94,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     needed = max((entry.end for entry in entries.values()), default=data_start)
     if size < needed:
         raise CheckpointMismatchError(
-            f"{path} is truncated: its header describes {needed} bytes but the file has {size}. "
+            f"{path} is truncated or corrupt: its header describes {needed} bytes but the file has {size}. "
             "Download or copy the shard again."
         )
     return entries, metadata
