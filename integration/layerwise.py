@@ -1,7 +1,8 @@
-"""A dense model whose weights stay on disk: one decoder layer on the device at a time, for models larger than it.
+"""A model whose weights stay on disk: one decoder layer on the device at a time, for models larger than it.
 
-[`layerwise_model`] builds the family's own causal LM with empty (meta) weights and real buffers (RoPE), then makes
-its modules load their weights from the safetensors shards when they run and drop them afterwards:
+[`layerwise_model`] builds the family's own causal LM (dense, or a LinearPatch checkpoint's) with empty (meta) weights
+and real buffers (RoPE), then makes its modules load their weights from the safetensors shards when they run and drop
+them afterwards:
 
 - the embedding loads the rows of the tokens in use for the forward, then is freed;
 - each decoder layer loads, pushes every window's hidden states through itself in chunks of `chunk_size` windows
