@@ -462,23 +462,17 @@ def _export_sequentially(
 
     from transformers import GenerationConfig
 
+    from linearpatch.modeling.pruning import patch_key
+
     from .layerwise import layerwise_model
     from .models import write_checkpoint_files
-    from .shards import DTYPES, PendingTensor, write_sharded_safetensors
+    from .shards import write_sharded_safetensors
 
     logging.getLogger("linearpatch").warning(
         "linearpatch: sequential export: the held-out comparison of patched, export and plain pruning needs whole "
         "models and is skipped; run `linearpatch eval` on the output where it fits."
     )
-    num_layers = config.num_hidden_layers
-    patches = {
-        position: checkpoint.read(
-            "model.norm.linear_patch.weight"
-            if position == num_layers
-            else f"model.layers.{position}.linear_patch.weight"
-        ).double()
-        for position in config.patch_positions
-    }
+    patches = {position: checkpoint.read(patch_key(config, position)).double() for position in config.patch_positions}
     needs_fit = fold == "down-proj" and any(position > 0 for position in patches)
     with layerwise_model(checkpoint.folder, device=device, progress=progress) as model:
         stream_at = (lambda position: _stream_at(model, position, windows.input_ids)) if needs_fit else None
@@ -498,14 +492,11 @@ def _export_sequentially(
             continue
         if key not in sources:
             raise LinearPatchError(f"{checkpoint.folder} has no {key!r}: the checkpoint does not match its config.")
-        entry = checkpoint.entries[sources[key]]
-        stored = DTYPES[entry.dtype]
-        dtype = torch.float32 if stored.is_floating_point else stored
-
-        def produce(key=key, dtype=dtype):
-            return apply_folds(checkpoint.read(sources[key], dtype), transforms.get(key, []))
-
-        plan.append((key, PendingTensor(dtype, entry.shape, produce)))
+        # Folded tensors are read whole; the others (most of them) stream in blocks.
+        transform = (
+            (lambda tensor, functions=transforms[key]: apply_folds(tensor, functions)) if key in transforms else None
+        )
+        plan.append((key, checkpoint.pending(sources[key], torch.float32, transform)))
     report = ExportReport(
         source=source,
         fold=fold,

@@ -49,6 +49,12 @@ def available_memory(device: str | torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def memory_limit(device: str, max_memory: str | int | None) -> int:
+    """Bytes a model may take on `device`: `max_memory` when given, else nine tenths of its free memory (the rest is
+    for activations)."""
+    return parse_size(max_memory) if max_memory is not None else int(available_memory(device) * 0.9)
+
+
 def choose_sequential(
     model_bytes: int,
     device: str,
@@ -57,11 +63,11 @@ def choose_sequential(
     what: str = "model",
 ) -> bool:
     """Whether to run a model layer by layer: as asked, or (`sequential=None`) when its `model_bytes` exceed
-    `max_memory` (by default nine tenths of the device's free memory; the rest is for activations). The automatic
-    choice is logged; an explicit `sequential=False` with a `max_memory` the model exceeds is an error."""
+    [`memory_limit`]. The automatic choice is logged; an explicit `sequential=False` with a `max_memory` the model
+    exceeds is an error."""
     from linearpatch.common.errors import LinearPatchError
 
-    limit = parse_size(max_memory) if max_memory is not None else int(available_memory(device) * 0.9)
+    limit = memory_limit(device, max_memory)
     source = "--max-memory" if max_memory is not None else f"free memory of {device}"
     if sequential is None:
         sequential = model_bytes > limit
@@ -349,4 +355,4 @@ def layerwise_model(
         _map_large_allocations(32 * 1024 * 1024)
 
 
-__all__ = ["LayerwiseModel", "available_memory", "choose_sequential", "layerwise_model"]
+__all__ = ["LayerwiseModel", "available_memory", "choose_sequential", "layerwise_model", "memory_limit"]

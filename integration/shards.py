@@ -211,6 +211,18 @@ class SafetensorsCheckpoint:
             out = out.to(dtype)
         return out.to(device)
 
+    def pending(
+        self, name: str, dtype: torch.dtype | None = None, transform: Callable | None = None
+    ) -> "PendingTensor":
+        """Tensor `name` to be written later: floating tensors in `dtype` (when given), read in blocks of rows, or
+        whole and passed through `transform` (which keeps shape and dtype) when there is one."""
+        entry = self.entries[name]
+        stored = DTYPES[entry.dtype]
+        target = dtype if dtype is not None and stored.is_floating_point else stored
+        if transform is None:
+            return PendingTensor(target, entry.shape, lambda: self.read_blocks(name, target))
+        return PendingTensor(target, entry.shape, lambda: transform(self.read(name, target)))
+
     def read_blocks(
         self, name: str, dtype: torch.dtype | None = None, block_bytes: int = 16 * 1024**2
     ) -> Iterator[torch.Tensor]:

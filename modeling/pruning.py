@@ -128,6 +128,12 @@ def pruned_config(
     return config
 
 
+def patch_key(config: LinearPatchConfigMixin, position: int) -> str:
+    """State-dict key of the patch before kept layer `position` (held by the final norm for a gap at the end)."""
+    owner = "model.norm" if position == config.num_hidden_layers else f"model.layers.{position}"
+    return f"{owner}.linear_patch.weight"
+
+
 def patch_state_dict(config: LinearPatchConfigMixin, patches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """State-dict entries for `patches` (one C x C matrix per position in `config.patch_positions`)."""
     if len(patches) != len(config.patch_positions):
@@ -142,8 +148,7 @@ def patch_state_dict(config: LinearPatchConfigMixin, patches: list[torch.Tensor]
             raise ValueError(
                 f"Patch for position {position} has shape {tuple(patch.shape)}; expected ({size}, {size})."
             )
-        owner = "model.norm" if position == config.num_hidden_layers else f"model.layers.{position}"
-        out[f"{owner}.linear_patch.weight"] = patch
+        out[patch_key(config, position)] = patch
     return out
 
 
@@ -216,4 +221,11 @@ def prune_layers(
     return pruned
 
 
-__all__ = ["normalize_pruned_layers", "patch_state_dict", "prune_layers", "prune_state_dict", "pruned_config"]
+__all__ = [
+    "normalize_pruned_layers",
+    "patch_key",
+    "patch_state_dict",
+    "prune_layers",
+    "prune_state_dict",
+    "pruned_config",
+]

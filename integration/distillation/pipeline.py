@@ -30,8 +30,8 @@ from linearpatch.common.files import (
 
 from ..data import token_windows
 from ..defaults import distillation_sizes
-from ..layerwise import available_memory
-from ..shards import SafetensorsCheckpoint, format_size, parse_size
+from ..layerwise import available_memory, memory_limit
+from ..shards import SafetensorsCheckpoint, format_size
 from .adapter import base_identity, write_adapter_record
 from .teacher_cache import MANIFEST, TopKTeacherCache
 from .trainer import distill
@@ -333,7 +333,7 @@ def choose_device_map(model_bytes: int, device: str, max_memory: str | None) -> 
     """`load_model` arguments for a student of `model_bytes`: none when it fits the device (then `accelerate launch`
     runs data-parallel copies), else `device_map="auto"` with the device capped at `max_memory` and the rest on the
     CPU (accelerate's big-model inference moves each layer's weights in as it runs)."""
-    limit = parse_size(max_memory) if max_memory is not None else int(available_memory(device) * 0.9)
+    limit = memory_limit(device, max_memory)
     if model_bytes <= limit or torch.device(device).type == "cpu":
         return {}  # the CPU is the last tier: there is nowhere to spread to but disk
     logger.warning(

@@ -5,7 +5,6 @@ every input before the first forward pass, then loads, prunes, optionally evalua
 """
 
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from .hadamard import factor_hidden_size
 from .patches import PATCH_KINDS, estimate_patch, scale_summary
 from .selection import METRICS, candidate_scores, select_layers
 
-logger = logging.getLogger("linearpatch")
 DEFAULT_CALIBRATION = "wikipedia-calibration"
 DEFAULT_EVAL_CORPORA = ("wikipedia-eval", "lee-news")
 

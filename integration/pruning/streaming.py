@@ -15,7 +15,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from linearpatch.common.errors import CheckpointMismatchError
 from linearpatch.modeling import family_of, patch_state_dict, prune_state_dict
 
-from ..shards import DTYPES, PendingTensor, SafetensorsCheckpoint, write_sharded_safetensors
+from ..shards import PendingTensor, SafetensorsCheckpoint, write_sharded_safetensors
 
 logger = logging.getLogger("linearpatch")
 
@@ -48,11 +48,7 @@ def pruned_weight_plan(
         if new not in expected:
             logger.info("linearpatch: %s is not a weight of the pruned model; not copied.", old)
             continue
-        entry = checkpoint.entries[old]
-        stored = DTYPES[entry.dtype]
-        target = dtype if stored.is_floating_point else stored
-        read = lambda old=old, target=target: checkpoint.read_blocks(old, target)  # noqa: E731 (bound now, run later)
-        plan.append((new, PendingTensor(target, entry.shape, read)))
+        plan.append((new, checkpoint.pending(old, dtype)))
     patch_dtype = torch.float32 if config.keep_patch_in_fp32 else dtype
     for name, patch in patch_state_dict(config, patches).items():
         patch = patch.detach().to("cpu", patch_dtype)
