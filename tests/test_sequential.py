@@ -87,6 +87,26 @@ def sharded_dense(tmp_path_factory, smollm2_tokenizer):
     return path
 
 
+@pytest.fixture(scope="module")
+def sharded_pruned(tmp_path_factory, sharded_dense):
+    """`sharded_dense` pruned (layers 2-3, Hadamard patch) by the CLI: what distill and export start from."""
+    pruned = tmp_path_factory.mktemp("sharded-pruned") / "pruned"
+    result = run_cli(
+        "prune",
+        str(sharded_dense),
+        "--layers",
+        "2-3",
+        "--num-samples",
+        "3",
+        "--seq-len",
+        "32",
+        "--output",
+        str(pruned),
+    )
+    assert result.returncode == 0, result.stderr
+    return pruned
+
+
 @pytest.mark.parametrize("patch", ["hadamard", "lstsq"])
 def test_cli_sequential_prune_writes_the_in_memory_tensors(tmp_path, sharded_dense, patch):
     common = ["prune", str(sharded_dense), "--num-layers", "2", "--patch", patch, "--num-samples", "4"]
@@ -203,21 +223,8 @@ def test_layerwise_teacher_cache_equals_in_memory(tmp_path, model_type):
         torch.testing.assert_close(got["teacher_values"], expected["teacher_values"], rtol=1e-5, atol=1e-5)
 
 
-def test_cli_distill_with_a_teacher_larger_than_max_memory(tmp_path, sharded_dense):
-    pruned = tmp_path / "pruned"
-    result = run_cli(
-        "prune",
-        str(sharded_dense),
-        "--layers",
-        "2-3",
-        "--num-samples",
-        "3",
-        "--seq-len",
-        "32",
-        "--output",
-        str(pruned),
-    )
-    assert result.returncode == 0, result.stderr
+def test_cli_distill_with_a_teacher_larger_than_max_memory(tmp_path, sharded_dense, sharded_pruned):
+    pruned = sharded_pruned
     common = ["distill", str(pruned), "--teacher", str(sharded_dense), "--num-samples", "4", "--seq-len", "32"]
     common += ["--max-steps", "2", "--lr", "1e-2", "--top-k", "16", "--cache-dir", str(tmp_path / "cache")]
     limited = run_cli(*common, "--max-memory", "100KB", "--output", str(tmp_path / "limited"))
@@ -241,21 +248,8 @@ def test_student_device_map_only_when_it_does_not_fit():
 
 
 @pytest.mark.parametrize("fold", ["down-proj", "scalar"])
-def test_cli_sequential_export_writes_the_in_memory_tensors(tmp_path, sharded_dense, fold):
-    pruned = tmp_path / "pruned"
-    result = run_cli(
-        "prune",
-        str(sharded_dense),
-        "--layers",
-        "2-3",
-        "--num-samples",
-        "3",
-        "--seq-len",
-        "32",
-        "--output",
-        str(pruned),
-    )
-    assert result.returncode == 0, result.stderr
+def test_cli_sequential_export_writes_the_in_memory_tensors(tmp_path, sharded_pruned, fold):
+    pruned = sharded_pruned
     common = ["export", str(pruned), "--fold", fold, "--num-samples", "3", "--seq-len", "32", "--eval-windows", "1"]
     in_memory = run_cli(*common, "--output", str(tmp_path / "memory"))
     assert in_memory.returncode == 0, in_memory.stderr
