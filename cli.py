@@ -67,8 +67,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
         sequential=args.sequential,
         max_memory=args.max_memory,
         max_shard_size=args.max_shard_size,
+        target_ppl_ratio=args.target_ppl_ratio,
+        holdout=args.holdout,
+        candidates=args.candidates,
     )
-    print(f"Pruned layers {report.pruned_layers} of {report.num_dense_layers} ({report.metric}, patch {report.patch})")
+    chosen = f" -> {report.patch_kind}" if report.patch_kind != report.patch else ""
+    print(
+        f"Pruned layers {report.pruned_layers} of {report.num_dense_layers} "
+        f"({report.metric}, patch {report.patch}{chosen})"
+    )
+    if report.holdout:
+        print(
+            f"Held-out calibration perplexity (dense {report.holdout['dense_perplexity']:.2f}): "
+            + ", ".join(f"{c['label']} {c['heldout_perplexity']:.2f}" for c in report.patch_choices)
+        )
+    for point in report.depth_curve:
+        print(
+            f"  {point['num_layers']:>3} layers: {point['ratio']:.3f}x ({point['patch']}, layers "
+            f"{point['layers'][0]}-{point['layers'][1]}); plain {point['plain_ratio']:.3f}x, "
+            f"{point['fixed_patch']} {point['fixed_ratio']:.3f}x"
+        )
     if report.candidate_scores:
         print("Top candidates:", ", ".join(f"{start}: {score:.4f}" for start, score in report.top_candidates()))
     for name, values in report.evaluation.items():
@@ -223,12 +241,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from linearpatch import __version__
-    from linearpatch.integration.defaults import CALIBRATION, DISTILLATION, FIGURES, PERPLEXITY, TASK_LIMIT
+    from linearpatch.integration.defaults import (
+        CALIBRATION,
+        DEFAULT_CANDIDATES,
+        DISTILLATION,
+        FIGURES,
+        PERPLEXITY,
+        TASK_LIMIT,
+    )
 
     # Choices live with the code that implements them; importing these modules is cheap (no models, no lm-eval).
     from linearpatch.integration.export import FOLDS
-    from linearpatch.integration.pruning.patches import PATCH_KINDS
-    from linearpatch.integration.pruning.selection import METRICS
+    from linearpatch.integration.pruning.patches import PATCH_CHOICES
+    from linearpatch.integration.pruning.selection import SELECTION_METRICS
 
     def sizes(table) -> str:
         return (
@@ -258,8 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--num-layers", type=positive_int, help="how many layers to drop (chosen by --metric)")
     which.add_argument("--layers", help="explicit layers, e.g. 20-24 or 3,7,9 (dense indices)")
-    prune.add_argument("--metric", default="cosine", choices=METRICS, help="how --num-layers chooses the block")
-    prune.add_argument("--patch", default="hadamard", choices=PATCH_KINDS, help="patch kind fitted per gap")
+    which.add_argument(
+        "--target-ppl-ratio",
+        type=float,
+        metavar="R",
+        help="drop the most layers whose pruned model stays within R x the dense perplexity on held-out calibration "
+        "windows (metric loss and patch auto unless given)",
+    )
+    prune.add_argument(
+        "--metric",
+        choices=SELECTION_METRICS,
+        help="how the block is chosen: a proxy (cosine, angular, block-influence) or loss, the held-out perplexity of "
+        "each patched candidate (default: cosine; loss with --target-ppl-ratio)",
+    )
+    prune.add_argument(
+        "--patch",
+        choices=PATCH_CHOICES,
+        help="patch kind fitted per gap, or auto: every kind (lstsq with a ridge grid) scored on held-out windows "
+        "and the best kept (default: hadamard; auto with --target-ppl-ratio)",
+    )
+    prune.add_argument(
+        "--holdout",
+        type=positive_int,
+        help="calibration windows held out (never fitted) to score loss, auto and --target-ppl-ratio "
+        "(default: one in eight)",
+    )
+    prune.add_argument(
+        "--candidates",
+        type=non_negative_int,
+        default=DEFAULT_CANDIDATES,
+        help="blocks per depth that --metric loss scores, best cosine first (0: every start)",
+    )
     prune.add_argument(
         "--calibration", default="wikipedia-calibration", help="embedded corpus, .txt/.jsonl file or datasets name"
     )

@@ -402,3 +402,22 @@ def test_every_option_has_help_and_shows_its_default():
                 assert f"(default: {action.default}" in " ".join(text.split()).replace("- ", "-") or (
                     "default" in action.help
                 ), f"{name} {action.option_strings[0]} hides its default"
+
+
+# Issue #13: choosing by outcome. Each bad request ends with one line, before any model is run or written.
+def test_outcome_choices_refuse_what_they_cannot_do(tiny_checkpoint, tmp_path, capsys):
+    output = str(tmp_path / "out")
+    prune = ["prune", str(tiny_checkpoint), "--output", output]
+    for arguments, fragments in (
+        (["--target-ppl-ratio", "0.9", *QUICK], ("not above 1",)),
+        (["--num-layers", "2", "--patch", "auto", "--sequential", *QUICK], ("held-out windows", "--no-sequential")),
+        (["--num-layers", "2", "--metric", "loss", "--num-samples", "1", "--seq-len", "32"], ("--holdout",)),
+        (["--num-layers", "2", "--metric", "loss", "--holdout", "4", *QUICK], ("Cannot hold out 4 of 4",)),
+        (["--target-ppl-ratio", "1.5", "--metric", "block-influence", *QUICK], ("one block per depth",)),
+    ):
+        assert_one_line_error(main([*prune, *arguments]), capsys.readouterr().err, *fragments)
+        assert not (tmp_path / "out").exists()
+    # A target depth and a layer count are one choice too many (argparse says so).
+    with pytest.raises(SystemExit) as exit_:
+        main([*prune, "--layers", "2", "--target-ppl-ratio", "1.5"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -1,13 +1,15 @@
 """Pruning: the calibration pass, block selection, patch estimation (Hadamard and the baselines), `prune`."""
 
 from .calibration import CalibrationStatistics, calibrate
-from .patches import PATCH_KINDS, estimate_patch
+from .patches import PATCH_CHOICES, PATCH_KINDS, estimate_patch
 from .pipeline import PruneReport, check_prune_arguments, prune, prune_checkpoint
-from .selection import METRICS, candidate_scores, parse_layers, select_layers
+from .selection import METRICS, SELECTION_METRICS, candidate_scores, parse_layers, select_layers
 
 __all__ = [
     "METRICS",
+    "PATCH_CHOICES",
     "PATCH_KINDS",
+    "SELECTION_METRICS",
     "CalibrationStatistics",
     "PruneReport",
     "calibrate",

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import TokenWindows
-from .hadamard import hadamard_transform
+from .hadamard import hadamard_supported, hadamard_transform
 
 
 @dataclass
@@ -36,7 +36,8 @@ class CalibrationStatistics:
             NaN where l + k > L.
         angular (`torch.Tensor`, same shape): mean over tokens of arccos(cos) / pi.
         channel_abs_mean (`torch.Tensor` of shape `(windows, L + 1, C)`): per-window mean over tokens of |X_l|.
-        rotated_abs_mean (`torch.Tensor`, same shape): per-window mean over tokens of |X_l H|.
+        rotated_abs_mean (`torch.Tensor`, same shape): per-window mean over tokens of |X_l H| (NaN for a width
+            without a Hadamard matrix: the other patch kinds do not need it).
         gram (`dict`): `(s, e) -> (X_s^T X_s, X_s^T X_e)` in float64, summed over calibration tokens.
         num_tokens (`int`): calibration tokens seen.
         data (`dict`): description of the calibration windows (source, sizes, seed, hash).
@@ -131,7 +132,8 @@ def calibrate(
     angular_sum = torch.zeros_like(cosine_sum)
     token_count = 0
     channel_abs = torch.zeros(num_windows, num_layers + 1, hidden_size, dtype=torch.float32)
-    rotated_abs = torch.zeros_like(channel_abs)
+    rotate = hadamard_supported(hidden_size)
+    rotated_abs = torch.zeros_like(channel_abs) if rotate else torch.full_like(channel_abs, float("nan"))
     gram = {
         block: (
             torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device),
@@ -145,7 +147,8 @@ def calibrate(
         windows (or None)."""
         hidden = hidden.to(device).float()
         channel_abs[windows, index] = hidden.abs().mean(dim=1).cpu()
-        rotated_abs[windows, index] = hadamard_transform(hidden).abs().mean(dim=1).cpu()
+        if rotate:
+            rotated_abs[windows, index] = hadamard_transform(hidden).abs().mean(dim=1).cpu()
         for column, distance in enumerate(distances):
             earlier = earlier_of(index - distance)
             if earlier is None:

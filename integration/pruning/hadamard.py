@@ -181,6 +181,15 @@ def factor_hidden_size(size: int) -> tuple[int, int]:
     )
 
 
+def hadamard_supported(size: int) -> bool:
+    """Is there a Hadamard matrix of order `size` (see [`factor_hidden_size`])?"""
+    try:
+        factor_hidden_size(size)
+    except ValueError:
+        return False
+    return True
+
+
 @lru_cache(maxsize=16)
 def _hadamard_matrix_cached(size: int) -> torch.Tensor:
     base, power = factor_hidden_size(size)
@@ -228,4 +237,4 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(*x.shape[:-1], size) / math.sqrt(size)
 
 
-__all__ = ["SUPPORTED_BASES", "factor_hidden_size", "hadamard_matrix", "hadamard_transform"]
+__all__ = ["SUPPORTED_BASES", "factor_hidden_size", "hadamard_matrix", "hadamard_supported", "hadamard_transform"]

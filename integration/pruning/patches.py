@@ -6,6 +6,8 @@ from .calibration import CalibrationStatistics
 from .hadamard import hadamard_matrix
 
 PATCH_KINDS = ("hadamard", "diag", "scalar", "lstsq", "none")
+# What `prune` accepts: a kind above, or `auto` (each kind fitted and the best on held-out windows kept, `search.py`).
+PATCH_CHOICES = (*PATCH_KINDS, "auto")
 _EPS = 1e-12
 
 
@@ -62,6 +64,8 @@ def scale_summary(statistics: CalibrationStatistics, start: int, end: int) -> di
     """Per-channel scale statistics of a gap, rotated and not (for the report)."""
     summary = {}
     for name, rotated in (("hadamard", True), ("channel", False)):
+        if rotated and statistics.rotated_abs_mean.isnan().all():
+            continue  # a width without a Hadamard matrix
         scales = channel_scales(statistics, start, end, rotated=rotated)
         summary[name] = dict(
             mean=float(scales.mean()), std=float(scales.std()), min=float(scales.min()), max=float(scales.max())
@@ -69,4 +73,4 @@ def scale_summary(statistics: CalibrationStatistics, start: int, end: int) -> di
     return summary
 
 
-__all__ = ["PATCH_KINDS", "channel_scales", "estimate_patch", "scale_summary"]
+__all__ = ["PATCH_CHOICES", "PATCH_KINDS", "channel_scales", "estimate_patch", "scale_summary"]

@@ -22,8 +22,18 @@ from ..layerwise import choose_sequential
 from ..shards import SafetensorsCheckpoint, parse_size
 from .calibration import CalibrationStatistics, calibrate
 from .hadamard import factor_hidden_size
-from .patches import PATCH_KINDS, estimate_patch, scale_summary
-from .selection import METRICS, candidate_scores, select_layers
+from .patches import PATCH_CHOICES, estimate_patch, scale_summary
+from .search import (
+    DEFAULT_CANDIDATES,
+    GapChoice,
+    HeldOutScorer,
+    fixed_variant,
+    patch_variants,
+    score_gap,
+    scoring_bar,
+    split_holdout,
+)
+from .selection import SELECTION_METRICS, candidate_scores, select_layers
 
 DEFAULT_CALIBRATION = "wikipedia-calibration"
 DEFAULT_EVAL_CORPORA = ("wikipedia-eval", "lee-news")
@@ -40,14 +50,23 @@ class PruneReport:
         pruned_layers (`list[int]`): removed layers (dense indices).
         gaps (`list[list[int]]`): contiguous gaps `[start, end)`, one patch each.
         metric (`str`): selection metric, or `manual` for explicit layers.
-        patch (`str`): patch kind.
+        patch (`str`): patch kind requested (`auto`: chosen per gap, see `patch_choices`).
         candidate_scores (`dict[int, float]`): score of every candidate block start (or layer, for
-            block influence); empty for explicit layers.
+            block influence; held-out perplexity for `loss`); empty for explicit layers.
         scales (`list[dict]`): per-gap statistics of the channel scales, rotated and not.
         calibration (`dict`): the calibration data (source, windows, seq_len, seed, sha256, tokens/s).
         seconds (`float`): total wall time.
         evaluation (`dict`): held-out perplexity per model (`dense`, `pruned`) and corpus, when asked for.
         output (`str`): the folder the checkpoint was saved to, when saved by `prune_checkpoint`.
+        patch_kind (`str`): the kind stored in the config (the chosen one for `auto`).
+        patch_choices (`list[dict]`): per gap, when chosen by outcome: the variant kept and every variant's
+            held-out perplexity.
+        candidate_patches (`dict[int, dict]`): for `loss`, every scored block start's held-out perplexity per
+            variant.
+        holdout (`dict`): the held-out calibration windows (never used to fit) and the dense perplexity on them.
+        depth_curve (`list[dict]`): for `target_ppl_ratio`, every depth tried: held-out perplexity ratio of the
+            chosen block and patch, of plain pruning and of the fixed patch (`fixed_patch`: Hadamard, or lstsq for
+            a width without one) at the cosine block.
     """
 
     base_model: str | None
@@ -62,6 +81,11 @@ class PruneReport:
     seconds: float = 0.0
     evaluation: dict = field(default_factory=dict)
     output: str | None = None
+    patch_kind: str | None = None
+    patch_choices: list[dict] = field(default_factory=list)
+    candidate_patches: dict = field(default_factory=dict)
+    holdout: dict = field(default_factory=dict)
+    depth_curve: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,9 +94,17 @@ class PruneReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def top_candidates(self, count: int = 5) -> list[tuple[int, float]]:
-        """The best candidates by the report's metric (highest cosine, lowest angular distance or influence)."""
+        """The best candidates by the report's metric (highest cosine; lowest angular distance, influence or
+        held-out perplexity)."""
         reverse = self.metric == "cosine"
         return sorted(self.candidate_scores.items(), key=lambda item: item[1], reverse=reverse)[:count]
+
+
+def resolve_choice(metric: str | None, patch: str | None, target_ppl_ratio: float | None) -> tuple[str, str]:
+    """The metric and patch to use: given ones win; otherwise `loss` and `auto` when searching for a target ratio
+    (the depth is then chosen with the best block and patch), and `cosine` and `hadamard` (the paper's) when not."""
+    searching = target_ppl_ratio is not None
+    return metric or ("loss" if searching else "cosine"), patch or ("auto" if searching else "hadamard")
 
 
 def check_prune_arguments(
@@ -82,6 +114,7 @@ def check_prune_arguments(
     patch: str,
     total_layers: int,
     hidden_size: int,
+    target_ppl_ratio: float | None = None,
 ) -> list[int] | None:
     """Validate the pruning request against a dense model of `total_layers` layers and width `hidden_size`; return
     the explicit layers (sorted) if given.
@@ -89,14 +122,23 @@ def check_prune_arguments(
     Raises:
         LinearPatchError: naming the bad argument and the valid choices.
     """
-    if (num_layers is None) == (layers is None):
-        raise LinearPatchError("Give exactly one of `num_layers` (chosen by the metric) or `layers` (explicit).")
-    if patch not in PATCH_KINDS:
-        raise LinearPatchError(f"Unknown patch kind {patch!r}: choose one of {', '.join(PATCH_KINDS)}.")
-    if layers is None and metric not in METRICS:
-        raise LinearPatchError(f"Unknown metric {metric!r}: choose one of {', '.join(METRICS)}.")
+    if sum(value is not None for value in (num_layers, layers, target_ppl_ratio)) != 1:
+        raise LinearPatchError(
+            "Give exactly one of `num_layers` (chosen by the metric), `layers` (explicit) or `target_ppl_ratio` "
+            "(the most layers within that held-out perplexity ratio)."
+        )
+    if patch not in PATCH_CHOICES:
+        raise LinearPatchError(f"Unknown patch kind {patch!r}: choose one of {', '.join(PATCH_CHOICES)}.")
+    if layers is None and metric not in SELECTION_METRICS:
+        raise LinearPatchError(f"Unknown metric {metric!r}: choose one of {', '.join(SELECTION_METRICS)}.")
+    if target_ppl_ratio is not None and not target_ppl_ratio > 1.0:
+        raise LinearPatchError(
+            f"--target-ppl-ratio {target_ppl_ratio} is not above 1: it bounds pruned / dense perplexity, e.g. 1.5."
+        )
     if patch == "hadamard":
         factor_hidden_size(hidden_size)  # an unsupported width fails here, not after calibration
+    if target_ppl_ratio is not None:
+        return None
     if layers is not None:
         return normalize_pruned_layers(layers, total_layers)
     if not 1 <= num_layers < total_layers:
@@ -109,8 +151,8 @@ def prune(
     tokenizer,
     num_layers: int | None = None,
     layers: list[int] | None = None,
-    metric: str = "cosine",
-    patch: str = "hadamard",
+    metric: str | None = None,
+    patch: str | None = None,
     calibration: str | TokenWindows = DEFAULT_CALIBRATION,
     num_samples: int | None = None,
     seq_len: int | None = None,
@@ -119,6 +161,9 @@ def prune(
     base_model: str | None = None,
     statistics: CalibrationStatistics | None = None,
     progress: bool = True,
+    target_ppl_ratio: float | None = None,
+    holdout: int | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
 ) -> tuple[PreTrainedModel, PruneReport]:
     r"""
     Prune a dense model of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text) with LinearPatch,
@@ -129,9 +174,17 @@ def prune(
         tokenizer: its tokenizer (to cut calibration windows).
         num_layers (`int`, *optional*): how many layers to drop, chosen by `metric`.
         layers (`list[int]`, *optional*): drop exactly these layers instead (then `metric` is `manual`).
-        metric (`str`, *optional*, defaults to `"cosine"`): `cosine` (LLM-Streamline), `angular` (Gromov et al.)
-            or `block-influence` (ShortGPT, may be non-contiguous).
-        patch (`str`, *optional*, defaults to `"hadamard"`): `hadamard`, `diag`, `scalar`, `lstsq` or `none`.
+        metric (`str`, *optional*): `cosine` (LLM-Streamline, the default), `angular` (Gromov et al.),
+            `block-influence` (ShortGPT, may be non-contiguous) or `loss`: the held-out perplexity of the pruned,
+            patched model, for the `candidates` blocks with the best cosine.
+        patch (`str`, *optional*): `hadamard` (the default), `diag`, `scalar`, `lstsq`, `none`, or `auto`: per gap,
+            every kind (and lstsq with a grid of ridge values) is fitted and the best on the held-out windows kept.
+        target_ppl_ratio (`float`, *optional*): instead of `num_layers`/`layers`, drop the most layers whose
+            pruned model keeps held-out perplexity within this many times the dense model's (metric `loss` and
+            patch `auto` unless given); the report's `depth_curve` shows every depth tried.
+        holdout (`int`, *optional*): calibration windows held out for `loss`, `auto` and `target_ppl_ratio`
+            (default: one in eight); they are never used to fit.
+        candidates (`int`, *optional*, defaults to 4): blocks per depth that `loss` scores (0: every start).
         calibration (`str` or `TokenWindows`, *optional*): text source (embedded corpus, file, `datasets` name) or
             ready windows.
         num_samples (`int`, *optional*), seq_len (`int`, *optional*): calibration windows; default 32 x 512 on a
@@ -150,7 +203,10 @@ def prune(
 
     started = time.perf_counter()
     total = model.config.num_hidden_layers
-    explicit = check_prune_arguments(num_layers, layers, metric, patch, total, model.config.hidden_size)
+    metric, patch = resolve_choice(metric, patch, target_ppl_ratio)
+    explicit = check_prune_arguments(
+        num_layers, layers, metric, patch, total, model.config.hidden_size, target_ppl_ratio
+    )
     base_model = base_model or portable_model_id(getattr(model.config, "_name_or_path", None))
     sizes = calibration_sizes(next(model.parameters()).device)
 
@@ -165,13 +221,69 @@ def prune(
             seed=seed,
         )
 
-    chosen, scores, metric, patches, statistics = plan_pruning(
-        model, calibration_windows, explicit, num_layers, metric, patch, batch_size, statistics, progress
+    plan = plan_pruning(
+        model,
+        calibration_windows,
+        explicit,
+        num_layers,
+        metric,
+        patch,
+        batch_size,
+        statistics,
+        progress,
+        target_ppl_ratio=target_ppl_ratio,
+        holdout=holdout,
+        candidates=candidates,
     )
-    metadata = dict(base_model=base_model, selection_metric=metric, patch_kind=patch)
-    pruned = prune_layers(model, chosen, patches=patches, add_patches=patch != "none", **metadata)
-    report = _report(base_model, total, chosen, metric, patch, scores, statistics, started)
-    return pruned, report
+    metadata = dict(base_model=base_model, selection_metric=plan.metric, patch_kind=plan.patch_kind)
+    pruned = prune_layers(model, plan.layers, patches=plan.patches, add_patches=plan.patches is not None, **metadata)
+    return pruned, _report(base_model, total, plan, started)
+
+
+@dataclass
+class PruningPlan:
+    r"""
+    What [`plan_pruning`] decided.
+
+    Args:
+        layers (`list[int]`): the layers to drop.
+        metric (`str`): how they were chosen (`manual` for explicit layers).
+        patch (`str`): the patch kind requested (`auto` included).
+        patches (`list[torch.Tensor]` or `None`): one patch per gap, None for plain pruning.
+        statistics (`CalibrationStatistics` or `None`): the calibration pass (on the fit windows).
+        candidate_scores (`dict[int, float]`): the metric's score of every candidate (held-out perplexity for
+            `loss`).
+        choices (`list[GapChoice]`): per gap, the patch variant kept and every variant's held-out perplexity, when
+            chosen by outcome.
+        candidate_patches (`dict[int, dict[str, float]]`): for `loss`, every scored block start's variants.
+        holdout (`dict`): the held-out calibration windows and the dense model's perplexity on them.
+        depth_curve (`list[dict]`): for a target ratio, each depth tried with its plain, fixed-patch and chosen
+            perplexity ratios.
+    """
+
+    layers: list[int]
+    metric: str
+    patch: str
+    patches: list | None
+    statistics: CalibrationStatistics | None
+    candidate_scores: dict[int, float] = field(default_factory=dict)
+    choices: list[GapChoice] = field(default_factory=list)
+    candidate_patches: dict[int, dict[str, float]] = field(default_factory=dict)
+    holdout: dict = field(default_factory=dict)
+    depth_curve: list[dict] = field(default_factory=list)
+
+    @property
+    def patch_kind(self) -> str:
+        """The kind stored in the config: the one chosen (per gap, comma-separated when gaps differ)."""
+        if not self.choices:
+            return self.patch
+        kinds = [choice.variant.kind for choice in self.choices]
+        return kinds[0] if len(set(kinds)) == 1 else ",".join(kinds)
+
+
+def chooses_by_outcome(metric: str | None, patch: str | None, target_ppl_ratio: float | None) -> bool:
+    """Does this request score pruned models on held-out windows (and so need a held-out split)?"""
+    return metric == "loss" or patch == "auto" or target_ppl_ratio is not None
 
 
 def plan_pruning(
@@ -184,14 +296,17 @@ def plan_pruning(
     batch_size: int = 1,
     statistics: CalibrationStatistics | None = None,
     progress: bool = True,
-) -> tuple[list[int], dict[int, float], str, list | None, CalibrationStatistics | None]:
+    *,
+    target_ppl_ratio: float | None = None,
+    holdout: int | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
+) -> PruningPlan:
     """Calibrate (unless `statistics` are given or nothing needs them), choose the layers and estimate the patches.
 
     `model` is a dense model in memory or a [`layerwise_model`] (then every window goes through each layer at once);
-    `windows` is `TokenWindows` or a function that makes them (called only when a pass is needed).
-
-    Returns:
-        `(chosen layers, candidate scores, metric, patches or None for plain pruning, statistics)`.
+    `windows` is `TokenWindows` or a function that makes them (called only when a pass is needed). A choice by
+    outcome (`metric="loss"`, `patch="auto"` or a `target_ppl_ratio`) holds out the last `holdout` windows, fits
+    on the others and scores candidates on them with [`HeldOutScorer`] (in memory only).
     """
     layerwise = getattr(model, "layerwise", None) is not None
 
@@ -201,6 +316,25 @@ def plan_pruning(
     def run(windows_: TokenWindows, *args, **kwargs) -> CalibrationStatistics:
         size = len(windows_.input_ids) if layerwise else batch_size
         return calibrate(model, windows_, *args, batch_size=size, progress=progress, **kwargs)
+
+    if chooses_by_outcome(metric, patch, target_ppl_ratio):
+        if layerwise:
+            raise LinearPatchError(OUTCOME_NEEDS_MEMORY)
+        if statistics is not None:
+            raise LinearPatchError("Reused statistics may have seen the held-out windows: do not pass `statistics`.")
+        return _plan_by_outcome(
+            model,
+            get_windows(),
+            run,
+            explicit,
+            num_layers,
+            metric,
+            patch,
+            target_ppl_ratio,
+            holdout,
+            candidates,
+            progress,
+        )
 
     resolved = None
     if statistics is None and (explicit is None or patch != "none"):
@@ -222,25 +356,183 @@ def plan_pruning(
         statistics.gram.update(extra.gram)
 
     patches = None if patch == "none" else [estimate_patch(statistics, start, end, patch) for start, end in gaps]
-    return chosen, scores, metric, patches, statistics
+    return PruningPlan(chosen, metric, patch, patches, statistics, scores)
 
 
-def _report(base_model, total, chosen, metric, patch, scores, statistics, started) -> PruneReport:
-    gaps = contiguous_gaps(chosen)
+OUTCOME_NEEDS_MEMORY = (
+    "--metric loss, --patch auto and --target-ppl-ratio score pruned models on held-out windows, which needs the "
+    "dense model in memory; a sequential prune cannot: prune in memory (raise --max-memory or pass "
+    "--no-sequential), or choose with --metric cosine and a fixed --patch."
+)
+# Depths whose Gram matrices (for lstsq) one extra calibration pass collects when searching for a target ratio.
+_GRAM_DEPTHS = 4
+# A target search stops after this many depths in a row above the target.
+_PATIENCE = 2
+
+
+def _ranked_starts(statistics: CalibrationStatistics, num_layers: int, candidates: int) -> list[int]:
+    """Block starts for `--metric loss`, best cosine first: the top `candidates` (0: every start)."""
+    scores = candidate_scores(statistics, num_layers, "cosine")
+    ranked = sorted(scores, key=lambda start: (-scores[start], start))
+    return ranked if candidates == 0 else ranked[:candidates]
+
+
+def _plan_by_outcome(
+    model, windows, run, explicit, num_layers, metric, patch, target, holdout, candidates, progress
+) -> PruningPlan:
+    started = time.perf_counter()
+    fit, held = split_holdout(windows, holdout)
+    total = model.config.num_hidden_layers
+    variants = patch_variants(patch, model.config.hidden_size)
+    fixed_patch = fixed_variant(model.config.hidden_size)  # what a depth curve compares against
+    needs_gram = any(variant.kind == "lstsq" for variant in variants)
+    explicit_gaps = contiguous_gaps(explicit) if explicit else []
+    if target is not None:
+        distances = tuple(range(1, total))
+    else:
+        distances = (1,) if explicit else (1, num_layers)
+    statistics = run(fit, distances, explicit_gaps if needs_gram else [])
+    scorer = HeldOutScorer(model, held.input_ids, progress=progress)
+
+    def blocks_of(n: int) -> list[tuple[int, int]]:
+        if metric == "loss":
+            return [(start, start + n) for start in _ranked_starts(statistics, n, candidates)]
+        return contiguous_gaps(select_layers(statistics, n, metric))
+
+    def cosine_block(n: int) -> tuple[int, int]:
+        start = select_layers(statistics, n, "cosine")[0]
+        return start, start + n
+
+    def collect_grams(blocks) -> None:
+        missing = sorted({block for block in blocks if block not in statistics.gram})
+        if missing:
+            # The blocks are only known after the first pass: a second pass over the fit windows, up to the last.
+            extra = run(fit, (1,), missing, last_layer=max(end for _, end in missing))
+            statistics.gram.update(extra.gram)
+
+    def plan_depth(n: int | None, bar) -> tuple[list[int], list[GapChoice], dict[int, GapChoice]]:
+        if explicit:
+            return explicit, [score_gap(scorer, statistics, s, e, variants, bar) for s, e in explicit_gaps], {}
+        if metric != "loss":
+            layers = select_layers(statistics, n, metric)
+            return layers, [score_gap(scorer, statistics, s, e, variants, bar) for s, e in contiguous_gaps(layers)], {}
+        table = {s: score_gap(scorer, statistics, s, e, variants, bar) for s, e in blocks_of(n)}
+        best = min(table.values(), key=lambda choice: choice.perplexity)  # the first (best cosine) on a tie
+        return list(range(best.start, best.end)), [best], table
+
+    curve = []
+    if target is None:
+        if needs_gram:
+            collect_grams(blocks_of(num_layers) if not explicit else explicit_gaps)
+        starts = [s for s, _ in (explicit_gaps or blocks_of(num_layers))]
+        scorer.prepare(starts)
+        with scoring_bar(len(starts) * len(variants), progress) as bar:
+            layers, choices, table = plan_depth(num_layers, bar)
+    else:
+        if metric == "block-influence":
+            raise LinearPatchError(
+                "--target-ppl-ratio compares one block per depth: use --metric loss, cosine or angular."
+            )
+        scorer.prepare(range(total))  # every start: each depth's candidates come from the same dense forward
+        best, misses = None, 0
+        for n in range(1, total):
+            if (n - 1) % _GRAM_DEPTHS == 0:
+                depths = range(n, min(n + _GRAM_DEPTHS, total))
+                blocks = [block for m in depths for block in blocks_of(m)] if needs_gram else []
+                blocks += [cosine_block(m) for m in depths] if fixed_patch.kind == "lstsq" else []
+                collect_grams(blocks)
+            with scoring_bar(len(blocks_of(n)) * len(variants) + 2, progress, f"depth {n}") as bar:
+                layers, choices, table = plan_depth(n, bar)
+                start, end = cosine_block(n)
+                plain = scorer.perplexity(start, end, None)
+                scored = table[start].scores if start in table else {}
+                fixed = scored.get(fixed_patch.label) or scorer.perplexity(
+                    start, end, fixed_patch.fit(statistics, start, end)
+                )
+                bar.update(2)
+            dense = scorer.dense_perplexity
+            ratio = choices[0].perplexity / dense
+            curve.append(
+                dict(
+                    num_layers=n,
+                    layers=[layers[0], layers[-1]],
+                    patch=choices[0].variant.label,
+                    perplexity=choices[0].perplexity,
+                    ratio=ratio,
+                    plain_layers=[start, end - 1],
+                    plain_ratio=plain / dense,
+                    fixed_patch=fixed_patch.label,
+                    fixed_ratio=fixed / dense,
+                )
+            )
+            if ratio <= target:
+                best, misses = (layers, choices, table), 0
+            else:
+                misses += 1
+                if misses >= _PATIENCE:
+                    break
+        if best is None:
+            raise LinearPatchError(
+                f"No depth keeps the held-out perplexity within {target}x the dense model's: removing one layer "
+                f"already gives {curve[0]['ratio']:.2f}x. Raise --target-ppl-ratio."
+            )
+        layers, choices, table = best
+        num_layers = len(layers)
+
+    if explicit:
+        metric, scores = "manual", {}
+    elif metric == "loss":
+        scores = {start: choice.perplexity for start, choice in table.items()}
+    else:
+        scores = candidate_scores(statistics, num_layers, metric)
+    patches = None
+    if any(choice.variant.kind != "none" for choice in choices):
+        patches = [choice.variant.fit(statistics, choice.start, choice.end) for choice in choices]
+    holdout_info = dict(
+        held.describe(),
+        windows=f"the last {len(held.input_ids)} of the calibration sample, never used to fit",
+        dense_perplexity=scorer.dense_perplexity,
+        scored_models=scorer.forwards,
+        search_seconds=round(time.perf_counter() - started - statistics.seconds, 2),
+    )
+    if target is not None:
+        holdout_info["target_ppl_ratio"] = target
+    return PruningPlan(
+        layers,
+        metric,
+        patch,
+        patches,
+        statistics,
+        scores,
+        choices,
+        {start: choice.scores for start, choice in table.items()},
+        holdout_info,
+        curve,
+    )
+
+
+def _report(base_model, total, plan: PruningPlan, started) -> PruneReport:
+    gaps = contiguous_gaps(plan.layers)
+    statistics = plan.statistics
     calibration_info = {}
     if statistics is not None:
         calibration_info = dict(statistics.data, tokens=statistics.num_tokens, seconds=round(statistics.seconds, 2))
     return PruneReport(
         base_model=base_model,
         num_dense_layers=total,
-        pruned_layers=chosen,
+        pruned_layers=plan.layers,
         gaps=[list(gap) for gap in gaps],
-        metric=metric,
-        patch=patch,
-        candidate_scores=scores,
+        metric=plan.metric,
+        patch=plan.patch,
+        candidate_scores=plan.candidate_scores,
         scales=[dict(gap=list(gap), **scale_summary(statistics, *gap)) for gap in gaps] if statistics else [],
         calibration=calibration_info,
         seconds=round(time.perf_counter() - started, 2),
+        patch_kind=plan.patch_kind,
+        patch_choices=[choice.to_dict() for choice in plan.choices],
+        candidate_patches=plan.candidate_patches,
+        holdout=plan.holdout,
+        depth_curve=plan.depth_curve,
     )
 
 
@@ -249,8 +541,8 @@ def prune_checkpoint(
     output: str | Path,
     num_layers: int | None = None,
     layers: list[int] | None = None,
-    metric: str = "cosine",
-    patch: str = "hadamard",
+    metric: str | None = None,
+    patch: str | None = None,
     calibration: str = DEFAULT_CALIBRATION,
     num_samples: int | None = None,
     seq_len: int | None = None,
@@ -268,6 +560,9 @@ def prune_checkpoint(
     sequential: bool | None = None,
     max_memory: str | int | None = None,
     max_shard_size: str | int = "5GB",
+    target_ppl_ratio: float | None = None,
+    holdout: int | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
 ) -> PruneReport:
     r"""
     `linearpatch prune`: load a dense model by name, prune it with LinearPatch and save the checkpoint folder
@@ -311,11 +606,16 @@ def prune_checkpoint(
     device = resolve_device(device)
     config = load_config(model, kind="dense")
     refuse_overlap(output, {"dense model": resolve_model(model)})
-    explicit = check_prune_arguments(num_layers, layers, metric, patch, config.num_hidden_layers, config.hidden_size)
+    metric, patch = resolve_choice(metric, patch, target_ppl_ratio)
+    explicit = check_prune_arguments(
+        num_layers, layers, metric, patch, config.num_hidden_layers, config.hidden_size, target_ppl_ratio
+    )
     # Every shard is checked (present, complete) before anything is computed or written.
     checkpoint = SafetensorsCheckpoint(resolve_model(model))
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     sequential = choose_sequential(checkpoint.nbytes(torch_dtype), device, sequential, max_memory)
+    if sequential and chooses_by_outcome(metric, patch, target_ppl_ratio):
+        raise LinearPatchError(OUTCOME_NEEDS_MEMORY)
     if sequential and (eval_windows or plots):
         raise LinearPatchError(
             "--eval-windows and --plots run the dense and pruned models whole, which a sequential prune avoids: "
@@ -325,8 +625,10 @@ def prune_checkpoint(
     num_samples = sizes.num_samples if num_samples is None else num_samples
     seq_len = sizes.seq_len if seq_len is None else seq_len
     tokenizer = load_tokenizer(model)
-    needs_calibration = explicit is None or patch != "none"
+    needs_calibration = explicit is None or patch != "none" or chooses_by_outcome(metric, patch, target_ppl_ratio)
     windows = token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed) if needs_calibration else None
+    if chooses_by_outcome(metric, patch, target_ppl_ratio):
+        split_holdout(windows, holdout)  # too few windows to hold some out fails here, before the model loads
     eval_seq_len = perplexity_sizes(device).seq_len if eval_seq_len is None else eval_seq_len
     evaluation_windows = {}
     if eval_windows:
@@ -374,6 +676,9 @@ def prune_checkpoint(
         batch_size=batch_size,
         base_model=base_model or portable_model_id(model),
         progress=progress,
+        target_ppl_ratio=target_ppl_ratio,
+        holdout=holdout,
+        candidates=candidates,
     )
     for name, candidate in (("dense", dense), ("pruned", pruned)):
         if evaluation_windows:
@@ -387,7 +692,9 @@ def prune_checkpoint(
         if plot_windows is not None:  # inside the staging folder: the checkpoint appears complete or not at all
             from ..evaluation.figures import write_report_plots
 
-            write_report_plots(dense, pruned, plot_windows.input_ids, staging, progress=progress)
+            write_report_plots(
+                dense, pruned, plot_windows.input_ids, staging, progress=progress, prune_report=report.to_dict()
+            )
     return report
 
 
@@ -420,16 +727,14 @@ def _prune_sequentially(
 
     started = time.perf_counter()
     with layerwise_model(checkpoint.folder, dtype=dtype, device=device, progress=progress) as skeleton:
-        chosen, scores, metric, patches, statistics = plan_pruning(
-            skeleton, windows, explicit, num_layers, metric, patch, progress=progress
-        )
-    metadata = dict(base_model=base_model, selection_metric=metric, patch_kind=patch)
-    pruned = pruned_config(config, chosen, add_patches=patch != "none", **metadata)
+        plan = plan_pruning(skeleton, windows, explicit, num_layers, metric, patch, progress=progress)
+    metadata = dict(base_model=base_model, selection_metric=plan.metric, patch_kind=plan.patch_kind)
+    pruned = pruned_config(config, plan.layers, add_patches=plan.patches is not None, **metadata)
     try:
         generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
     except OSError:
         generation_config = None
-    report = _report(base_model, config.num_hidden_layers, chosen, metric, patch, scores, statistics, started)
+    report = _report(base_model, config.num_hidden_layers, plan, started)
     report.output = str(output)
     report.calibration["sequential"] = True
     with atomic_directory(output, overwrite) as staging:
@@ -437,7 +742,7 @@ def _prune_sequentially(
             staging,
             checkpoint,
             pruned,
-            patches or [],
+            plan.patches or [],
             config.num_hidden_layers,
             dtype=dtype,
             generation_config=generation_config,
@@ -451,8 +756,10 @@ def _prune_sequentially(
 __all__ = [
     "DEFAULT_CALIBRATION",
     "PruneReport",
+    "PruningPlan",
     "check_prune_arguments",
     "choose_sequential",
+    "chooses_by_outcome",
     "plan_pruning",
     "prune",
     "prune_checkpoint",

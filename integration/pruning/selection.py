@@ -5,6 +5,8 @@ import torch
 from .calibration import CalibrationStatistics
 
 METRICS = ("cosine", "angular", "block-influence")
+# What `prune` accepts: the proxies above and `loss`, the held-out perplexity of each candidate (`search.py`).
+SELECTION_METRICS = (*METRICS, "loss")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -57,4 +59,4 @@ def select_layers(statistics: CalibrationStatistics, num_layers: int, metric: st
     return list(range(start, start + num_layers))
 
 
-__all__ = ["METRICS", "candidate_scores", "parse_layers", "select_layers"]
+__all__ = ["METRICS", "SELECTION_METRICS", "candidate_scores", "parse_layers", "select_layers"]

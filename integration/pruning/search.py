@@ -1,0 +1,247 @@
+"""Choose by outcome: score candidate blocks and patch kinds by the pruned model's loss on held-out calibration text.
+
+The proxies (cosine between X_s and X_{s+n}, Block Influence) say how little a block changes the residual stream;
+what a user cares about is how well the pruned, patched model predicts text. `HeldOutScorer` measures that directly,
+on calibration windows that were set aside before the calibration pass and are never used to estimate anything
+(statistics, patches, Gram matrices):
+
+1. one dense forward over the held-out windows records X_s (the residual stream entering layer s) for the starts to
+   be scored, and the dense model's own held-out loss;
+2. a candidate (gap [s, e), patch P) is then the dense model with layers 0..e-1 dropped by `prune_layers` (tensors
+   shared, nothing copied) and P before its first kept layer, run on `inputs_embeds = X_s`. That is exactly what the
+   pruned model computes from layer s on, so a candidate costs the L - e layers after the gap and the LM head, never
+   the layers before it.
+
+Cost: scoring k candidate blocks with V patch variants is k x V such tail forwards over the held-out windows (on
+average about half a forward each); `--patch auto` has V = 7 and `--metric loss` scores the k = 4 blocks with the best
+cosine by default, so the search costs roughly 14 forwards of the held-out windows per depth on top of the
+calibration pass (and a second, shorter pass for the Gram matrices of the lstsq candidates). `bench/`, section
+`search`, measures it against the default.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from linearpatch.modeling import prune_layers
+
+from ..data import TokenWindows
+from ..defaults import DEFAULT_CANDIDATES
+from .calibration import CalibrationStatistics
+from .hadamard import hadamard_supported
+from .patches import estimate_patch
+
+# The ridge values `--patch auto` tries for the least-squares patch, relative to the mean diagonal of X^T X (1e-2 is
+# the `lstsq` default). On SmolLM2's stress cut the held-out best is 1e-3, so the grid reaches a decade either side.
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_RIDGE = 1e-2
+
+
+@dataclass(frozen=True)
+class PatchVariant:
+    """One way to fit a gap's patch: a kind of [`estimate_patch`] (or `none`) and, for `lstsq`, its ridge."""
+
+    kind: str
+    ridge: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.ridge is None else f"{self.kind}(ridge={self.ridge:g})"
+
+    def fit(self, statistics: CalibrationStatistics, start: int, end: int) -> torch.Tensor | None:
+        """The patch for gap [start, end), or None for plain pruning."""
+        if self.kind == "none":
+            return None
+        return estimate_patch(statistics, start, end, self.kind, ridge=self.ridge or DEFAULT_RIDGE)
+
+
+def patch_variants(patch: str, hidden_size: int | None = None) -> list[PatchVariant]:
+    """What `patch` tries: every kind (and the ridge grid of `lstsq`) for `auto`, else the one kind. `auto` leaves
+    out the Hadamard patch for a hidden size that has no Hadamard matrix."""
+    if patch == "auto":
+        kinds = ["hadamard", "diag", "scalar"]
+        if hidden_size is not None and not hadamard_supported(hidden_size):
+            kinds.remove("hadamard")
+        return [PatchVariant(kind) for kind in kinds] + [PatchVariant("lstsq", ridge) for ridge in RIDGE_GRID]
+    return [PatchVariant(patch, DEFAULT_RIDGE if patch == "lstsq" else None)]
+
+
+def fixed_variant(hidden_size: int) -> PatchVariant:
+    """The fixed patch a depth curve compares against: the paper's Hadamard patch, or least squares at the default
+    ridge where the width has no Hadamard matrix."""
+    return PatchVariant("hadamard") if hadamard_supported(hidden_size) else PatchVariant("lstsq", DEFAULT_RIDGE)
+
+
+def split_holdout(windows: TokenWindows, holdout: int | None) -> tuple[TokenWindows, TokenWindows]:
+    """Split calibration windows into (fit, held out): the last `holdout` windows (default: one in eight, at least
+    one) are held out. The windows are drawn at seeded random offsets, so the last ones are as random as any."""
+    count = len(windows.input_ids)
+    holdout = max(1, count // 8) if holdout is None else holdout
+    if not 1 <= holdout < count:
+        raise ValueError(
+            f"Cannot hold out {holdout} of {count} calibration windows: scoring by outcome needs at least one window "
+            "to fit and one to score; raise --num-samples or change --holdout."
+        )
+    fit, held = (
+        dataclasses.replace(windows, input_ids=rows)
+        for rows in (windows.input_ids[:-holdout], windows.input_ids[-holdout:])
+    )
+    return fit, held
+
+
+def _summed_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return nll.item()
+
+
+class HeldOutScorer:
+    r"""
+    Held-out perplexity of pruned, patched variants of a dense model, each computed from the dense model's stored
+    residual stream at the gap (see the module docstring).
+
+    Args:
+        model: the dense causal LM, in memory (its weights are shared by every candidate, never copied).
+        input_ids (`torch.LongTensor` of shape `(windows, seq_len)`): the held-out windows.
+        batch_size (`int`, *optional*, defaults to 4): windows per forward.
+        progress (`bool`, *optional*, defaults to `True`): a progress bar per scoring round.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True):
+        self.model = model
+        self.input_ids = input_ids
+        self.batch_size = batch_size
+        self.progress = progress
+        self.num_layers = model.config.num_hidden_layers
+        self.device = next(model.parameters()).device
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.dense_perplexity: float | None = None
+        self.forwards = 0
+
+    def _batches(self):
+        for first in range(0, len(self.input_ids), self.batch_size):
+            yield slice(first, first + self.batch_size)
+
+    @torch.no_grad()
+    def prepare(self, starts) -> None:
+        """Record X_s of the held-out windows for every start in `starts` not yet recorded (one dense forward,
+        which also gives the dense perplexity the first time)."""
+        missing = sorted(set(starts) - set(self.hidden))
+        if not missing and self.dense_perplexity is not None:
+            return
+        parts: dict[int, list[torch.Tensor]] = {start: [] for start in missing}
+
+        def hook_for(start: int):
+            def hook(module, args, kwargs):
+                parts[start].append((args[0] if args else kwargs["hidden_states"]).detach())
+
+            return hook
+
+        layers = self.model.model.layers
+        handles = [layers[start].register_forward_pre_hook(hook_for(start), with_kwargs=True) for start in missing]
+        nll = 0.0
+        try:
+            for rows in self._batches():
+                batch = self.input_ids[rows].to(self.device)
+                nll += _summed_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.forwards += 1
+        self.hidden.update({start: torch.cat(chunks) for start, chunks in parts.items()})
+        self.dense_perplexity = math.exp(nll / self.input_ids[:, 1:].numel())
+
+    @torch.no_grad()
+    def perplexity(self, start: int, end: int, patch: torch.Tensor | None) -> float:
+        """Held-out perplexity of the dense model with layers [start, end) removed and `patch` (None: no patch)
+        applied to the residual stream at the gap."""
+        self.prepare([start])
+        patches = None if patch is None else [patch]
+        if end < self.num_layers:
+            # The kept layers after the gap, with the patch before the first of them, fed X_start.
+            tail = prune_layers(self.model, range(end), patches=patches, add_patches=patch is not None)
+
+            def logits_of(hidden):
+                return tail(inputs_embeds=hidden, use_cache=False).logits
+
+        else:
+            # A gap that reaches the last layer: its patch sits before the final norm, which is all that is left.
+            tail = prune_layers(self.model, range(start, end), patches=patches, add_patches=patch is not None)
+            softcap = getattr(tail.config, "final_logit_softcapping", None)  # Gemma's, applied after the head
+
+            def logits_of(hidden):
+                logits = tail.lm_head(tail.model.norm(hidden))
+                return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+        nll = 0.0
+        for rows in self._batches():
+            nll += _summed_nll(logits_of(self.hidden[start][rows]), self.input_ids[rows])
+        self.forwards += 1
+        return math.exp(nll / self.input_ids[:, 1:].numel())
+
+    def release(self, keep=()) -> None:
+        """Forget the recorded X_s of every start not in `keep`."""
+        for start in [start for start in self.hidden if start not in set(keep)]:
+            del self.hidden[start]
+
+
+@dataclass
+class GapChoice:
+    """The patch chosen for one gap, with every variant's held-out perplexity."""
+
+    start: int
+    end: int
+    variant: PatchVariant
+    perplexity: float | None
+    scores: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return dict(
+            gap=[self.start, self.end],
+            kind=self.variant.kind,
+            ridge=self.variant.ridge,
+            label=self.variant.label,
+            heldout_perplexity=self.perplexity,
+            scores=self.scores,
+        )
+
+
+def score_gap(
+    scorer: HeldOutScorer,
+    statistics: CalibrationStatistics,
+    start: int,
+    end: int,
+    variants: list[PatchVariant],
+    bar=None,
+) -> GapChoice:
+    """Fit every variant for gap [start, end) on the calibration statistics, score each on the held-out windows and
+    keep the lowest perplexity (the first listed on a tie)."""
+    scores = {}
+    for variant in variants:
+        scores[variant.label] = scorer.perplexity(start, end, variant.fit(statistics, start, end))
+        if bar is not None:
+            bar.update(1)
+    best = min(variants, key=lambda variant: scores[variant.label])
+    return GapChoice(start, end, best, scores[best.label], scores)
+
+
+def scoring_bar(total: int, progress: bool, description: str = "held-out scoring"):
+    return tqdm(total=total, desc=description, unit="model", disable=not progress)
+
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "DEFAULT_RIDGE",
+    "RIDGE_GRID",
+    "GapChoice",
+    "HeldOutScorer",
+    "PatchVariant",
+    "fixed_variant",
+    "patch_variants",
+    "score_gap",
+    "split_holdout",
+]

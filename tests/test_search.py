@@ -1,0 +1,129 @@
+"""Choosing by outcome (issue #13): held-out scoring of pruned, patched candidates, `--metric loss`, `--patch auto`
+and `--target-ppl-ratio`, on tiny random models of every family."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import FAMILY_OVERRIDES, random_patch, tiny_family
+
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.integration.data import TokenWindows
+from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+from linearpatch.integration.pruning import prune
+from linearpatch.integration.pruning.search import HeldOutScorer, patch_variants, split_holdout
+from linearpatch.modeling import prune_layers
+
+
+def windows(count: int = 12, seq_len: int = 24, seed: int = 3) -> TokenWindows:
+    ids = torch.randint(3, 256, (count, seq_len), generator=torch.Generator().manual_seed(seed))
+    return TokenWindows(ids, source="random", sampling="random", seed=seed, total_tokens=ids.numel())
+
+
+@pytest.mark.parametrize("family", list(FAMILY_OVERRIDES))
+@pytest.mark.parametrize("gap", [(0, 2), (2, 4), (4, 6), (1, 2)])
+@pytest.mark.parametrize("patched", [True, False])
+def test_scorer_equals_the_perplexity_of_the_whole_pruned_model(family, gap, patched):
+    """A candidate scored from the stored residual stream (no layers before the gap run) has exactly the held-out
+    perplexity of the pruned model built and run whole, for gaps at the start, middle and end of every family."""
+    dense = tiny_family(family, seed=1)
+    held = windows(3).input_ids
+    patch = random_patch(64, seed=5) if patched else None
+    scorer = HeldOutScorer(dense, held, batch_size=2, progress=False)
+    scored = scorer.perplexity(*gap, patch)
+    whole = prune_layers(
+        dense, list(range(*gap)), patches=None if patch is None else [patch], add_patches=patch is not None
+    )
+    expected = chunked_perplexity(whole, held)
+    assert math.isclose(scored, expected, rel_tol=1e-5), (scored, expected)
+    assert math.isclose(scorer.dense_perplexity, chunked_perplexity(dense, held), rel_tol=1e-5)
+
+
+def test_holdout_is_the_last_windows_and_never_fitted():
+    data = windows(16)
+    fit, held = split_holdout(data, None)
+    assert len(held.input_ids) == 2 and torch.equal(held.input_ids, data.input_ids[-2:])
+    assert torch.equal(fit.input_ids, data.input_ids[:-2])
+    with pytest.raises(ValueError, match="--holdout"):
+        split_holdout(data, 16)
+
+    dense = tiny_family("llama", seed=2)
+    _, report = prune(dense, None, num_layers=2, metric="loss", calibration=data, holdout=4, progress=False)
+    assert report.calibration["num_windows"] == 12  # statistics saw only the fit windows
+    assert report.holdout["num_windows"] == 4 and report.holdout["sha256"] == split_holdout(data, 4)[1].fingerprint
+
+
+def test_auto_keeps_the_best_variant_per_gap_and_records_every_score():
+    dense = tiny_family("qwen3", seed=4)
+    data = windows(12)
+    pruned, report = prune(dense, None, layers=[2, 3], patch="auto", calibration=data, holdout=3, progress=False)
+    (choice,) = report.patch_choices
+    labels = [variant.label for variant in patch_variants("auto")]
+    assert list(choice["scores"]) == labels and len(labels) == 7
+    assert choice["heldout_perplexity"] == min(choice["scores"].values())
+    assert pruned.config.patch_kind == choice["kind"] == report.patch_kind
+    # The saved patch is the chosen variant's, refitted: its held-out perplexity is the recorded one.
+    held = split_holdout(data, 3)[1].input_ids
+    assert math.isclose(chunked_perplexity(pruned, held), choice["heldout_perplexity"], rel_tol=1e-5)
+    # Each fixed kind, pruned on its own, is never better on the held-out windows than the auto choice.
+    for kind in ("hadamard", "diag", "scalar", "lstsq"):
+        fixed, _ = prune(dense, None, layers=[2, 3], patch=kind, calibration=split_holdout(data, 3)[0], progress=False)
+        assert chunked_perplexity(fixed, held) >= choice["heldout_perplexity"] * (1 - 1e-5)
+
+
+def test_loss_metric_scores_the_top_cosine_blocks_and_keeps_the_best():
+    dense = tiny_family("llama", num_layers=8, seed=5)
+    data = windows(12)
+    _, cosine = prune(dense, None, num_layers=3, calibration=split_holdout(data, 3)[0], progress=False)
+
+    def by_loss(candidates: int):
+        options = dict(metric="loss", patch="hadamard", holdout=3, candidates=candidates, progress=False)
+        return prune(dense, None, num_layers=3, calibration=data, **options)[1]
+
+    report = by_loss(3)
+    top_cosine = [start for start, _ in cosine.top_candidates(3)]
+    assert sorted(report.candidate_scores) == sorted(top_cosine)
+    best = min(report.candidate_scores, key=report.candidate_scores.get)
+    assert report.pruned_layers == [best, best + 1, best + 2] and report.metric == "loss"
+    assert report.candidate_patches[best]["hadamard"] == report.candidate_scores[best]
+    every = by_loss(0)
+    assert sorted(every.candidate_scores) == list(range(6))  # every start, 0 and L - n included
+    assert min(every.candidate_scores.values()) <= min(report.candidate_scores.values())
+
+
+def test_target_ratio_picks_the_deepest_depth_within_it():
+    # Random weights predict nearly uniformly, so ratios stay near 1 (below, at some depths); the search's logic is
+    # what is tested here, and tests/test_prune_smollm2.py tests it on a real model.
+    dense = tiny_family("gemma3_text", num_layers=6, seed=0)
+    data = windows(12)
+    _, probe = prune(dense, None, target_ppl_ratio=1e9, calibration=data, holdout=3, progress=False)
+    curve = probe.depth_curve
+    assert [point["num_layers"] for point in curve] == list(range(1, 6))  # never above the target: every depth
+    ratios = [point["ratio"] for point in curve]
+    target = max(sorted(ratios)[2] * 1.0001, 1 + 1e-6)
+    pruned, report = prune(dense, None, target_ppl_ratio=target, calibration=data, holdout=3, progress=False)
+    within = [point["num_layers"] for point in report.depth_curve if point["ratio"] <= target]
+    assert len(report.pruned_layers) == max(within) and report.metric == "loss" and report.patch == "auto"
+    for point in report.depth_curve:
+        assert point["ratio"] <= point["fixed_ratio"] * (1 + 1e-6)  # auto includes hadamard at the cosine block
+    held = split_holdout(data, 3)[1].input_ids
+    ratio = chunked_perplexity(pruned, held) / report.holdout["dense_perplexity"]
+    assert ratio <= target and json.loads(json.dumps(report.to_dict()))["depth_curve"] == report.depth_curve
+    with pytest.raises(LinearPatchError, match="not above 1"):
+        prune(dense, None, target_ppl_ratio=0.9, calibration=data, progress=False)
+    with pytest.raises(LinearPatchError, match="exactly one"):
+        prune(dense, None, num_layers=2, target_ppl_ratio=1.5, calibration=data, progress=False)
+
+
+def test_auto_and_target_work_for_a_width_without_a_hadamard_matrix():
+    """136 = 17 x 8 has no Hadamard matrix: `--patch hadamard` is refused up front, `auto` leaves it out, and a
+    depth curve compares against least squares instead."""
+    dense = tiny_family("llama", hidden_size=136, head_dim=34, seed=7)
+    data = windows(12)
+    with pytest.raises(ValueError, match="No Hadamard matrix of order 136"):
+        prune(dense, None, layers=[2, 3], patch="hadamard", calibration=data, progress=False)
+    _, report = prune(dense, None, layers=[2, 3], patch="auto", calibration=data, holdout=3, progress=False)
+    assert "hadamard" not in report.patch_choices[0]["scores"] and len(report.patch_choices[0]["scores"]) == 6
+    _, report = prune(dense, None, target_ppl_ratio=1e9, calibration=data, holdout=3, progress=False)
+    assert {point["fixed_patch"] for point in report.depth_curve} == {"lstsq(ridge=0.01)"}
