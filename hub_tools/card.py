@@ -119,6 +119,23 @@ def _model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
             f"- Calibration: {calibration.get('num_windows')} windows x {calibration.get('seq_len')} tokens of "
             f"`{source}` (seed {calibration.get('seed')}, sha256 `{calibration.get('sha256', '')[:16]}`)"
         )
+    holdout = report.get("holdout") or {}
+    if holdout:
+        chosen = "; ".join(
+            f"gap {choice['gap']}: `{choice['label']}` {choice['heldout_perplexity']:.2f} (of "
+            + ", ".join(f"{label} {value:.2f}" for label, value in choice["scores"].items())
+            + ")"
+            for choice in report.get("patch_choices", [])
+        )
+        lines.append(
+            f"- Chosen by held-out perplexity on {holdout.get('num_windows')} more calibration windows, never used "
+            f"to fit (dense: {holdout.get('dense_perplexity', float('nan')):.2f}): {chosen}"
+        )
+        if holdout.get("target_ppl_ratio"):
+            lines.append(
+                f"- Depth: the most layers within {holdout['target_ppl_ratio']:g}x the dense held-out perplexity "
+                f"({len(report.get('depth_curve', []))} depths tried; see `linearpatch_report.json`)"
+            )
     if distill:
         data_info = distill.get("data", {})
         lines += [

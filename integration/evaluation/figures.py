@@ -219,11 +219,53 @@ def plot_cut_mismatch(
     return data
 
 
+def plot_depth_curve(curve: list[dict], target: float | None, path: Path) -> dict:
+    """Depth against held-out perplexity ratio (pruned / dense) from a `--target-ppl-ratio` search: plain pruning
+    and the fixed patch at the cosine block, and the block and patch chosen by outcome; the target and the chosen
+    depth are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = [point["num_layers"] for point in curve]
+    fixed = curve[0].get("fixed_patch", "hadamard") if curve else "hadamard"
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, label, style in (
+        ("plain_ratio", "plain pruning (cosine block)", dict(color="tab:orange", marker="o")),
+        ("fixed_ratio", f"{fixed} patch (cosine block)", dict(color="tab:blue", marker="s")),
+        ("ratio", "chosen block and patch (held-out loss)", dict(color="tab:green", marker="^")),
+    ):
+        axis.plot(depths, [point[key] for point in curve], label=label, **style)
+    if target is not None:
+        axis.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}x")
+        within = [point["num_layers"] for point in curve if point["ratio"] <= target]
+        if within:
+            axis.axvline(max(within), color="tab:green", linestyle=":", linewidth=1, label=f"chosen: {max(within)}")
+    axis.set_yscale("log")
+    axis.set_title("held-out perplexity ratio against layers removed")
+    axis.set_xlabel("layers removed")
+    axis.set_ylabel("pruned / dense perplexity (log scale)")
+    axis.legend()
+    labels = _save_figure(figure, path)
+    plt.close(figure)
+    return dict(curve=curve, target=target, figure=labels)
+
+
 PLOT_FILES = ("cosine_heatmap.png", "layer_magnitudes.png", "cut_mismatch.png", "linearpatch_plots.json")
+DEPTH_CURVE_FILE = "depth_curve.png"
 
 
-def write_report_plots(dense, patched, input_ids: torch.Tensor, directory: str | Path, progress: bool = False) -> dict:
-    """All three figures (and their data, `linearpatch_plots.json`) for a patched model, written into `directory`.
+def write_report_plots(
+    dense,
+    patched,
+    input_ids: torch.Tensor,
+    directory: str | Path,
+    progress: bool = False,
+    prune_report: dict | None = None,
+) -> dict:
+    """All three figures (and their data, `linearpatch_plots.json`) for a patched model, written into `directory`;
+    and the depth curve ([`plot_depth_curve`]) when `prune_report` (`linearpatch_report.json`) holds one.
 
     Cost: one dense pass with every layer distance, then one forward per window of the plain-pruned and patched
     models (and one more of the patched for the cut mismatch); `progress` shows each step.
@@ -247,6 +289,9 @@ def write_report_plots(dense, patched, input_ids: torch.Tensor, directory: str |
         if patched.config.patch_positions
         else [],
     }
+    if prune_report and prune_report.get("depth_curve"):
+        target = (prune_report.get("holdout") or {}).get("target_ppl_ratio")
+        data["depth_curve"] = plot_depth_curve(prune_report["depth_curve"], target, directory / DEPTH_CURVE_FILE)
     write_text_atomically(directory / "linearpatch_plots.json", json.dumps(data))
     return data
 
@@ -291,7 +336,10 @@ def plot_checkpoint(
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise LinearPatchError(f"{checkpoint} is not a local folder: pull it first (`linearpatch pull`).")
-    for name in PLOT_FILES:
+    report_file = folder / "linearpatch_report.json"
+    prune_report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    written = list(PLOT_FILES) + ([DEPTH_CURVE_FILE] if prune_report and prune_report.get("depth_curve") else [])
+    for name in written:
         check_output(folder / name, overwrite)
     sizes = figure_sizes(device)
     num_samples = sizes.num_samples if num_samples is None else num_samples
@@ -299,8 +347,8 @@ def plot_checkpoint(
     windows = token_windows(data, load_tokenizer(checkpoint), num_samples, seq_len, seed=seed)
     patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
     dense_model, _ = load_model(dense, device=device, kind="dense")
-    write_report_plots(dense_model, patched, windows.input_ids, folder, progress=progress)
-    return [folder / name for name in PLOT_FILES]
+    write_report_plots(dense_model, patched, windows.input_ids, folder, progress=progress, prune_report=prune_report)
+    return [folder / name for name in written]
 
 
 __all__ = [
@@ -311,6 +359,7 @@ __all__ = [
     "plot_checkpoint",
     "plot_cosine_heatmap",
     "plot_cut_mismatch",
+    "plot_depth_curve",
     "plot_layer_magnitudes",
     "write_report_plots",
 ]
