@@ -13,6 +13,7 @@ from helpers import random_patch, tiny_llama
 from linearpatch.integration.evaluation.comparison import (
     ModelEvaluation,
     average_accuracy,
+    chance_flags,
     comparison,
     markdown_table,
     retained_performance,
@@ -225,3 +226,52 @@ def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capfd, monkeypatch):
     assert "calibration" in capfd.readouterr().err  # progress of the long steps
     assert main(report) == 2 and "pass --overwrite" in capfd.readouterr().err
     assert main([*report, "--overwrite"]) == 0
+
+
+def test_tasks_at_chance_are_flagged_and_left_out_of_the_second_rp():
+    dense = ModelEvaluation(
+        "dense",
+        100,
+        4,
+        tasks={
+            "wiki_next_sentence": dict(acc=0.5, acc_norm=0.56, acc_norm_stderr=0.05),
+            "mmlu_dev_offline": dict(acc=0.27, acc_stderr=0.04),  # 0.02 above chance: within 2 stderr
+            "wiki_last_word": dict(acc=0.30, acc_stderr=0.03),
+        },
+    )
+    pruned = ModelEvaluation(
+        "pruned",
+        75,
+        3,
+        tasks={
+            "wiki_next_sentence": dict(acc=0.3, acc_norm=0.28),
+            "mmlu_dev_offline": dict(acc=0.27),
+            "wiki_last_word": dict(acc=0.15),
+        },
+    )
+    flags = chance_flags(dense)
+    assert [task for task, flag in flags.items() if flag["at_chance"]] == ["mmlu_dev_offline"]
+    data = comparison([pruned], dense)
+    row = data["models"][1]
+    assert row["retained_performance"] == pytest.approx(100 * (0.5 + 1.0 + 0.5) / 3)
+    assert row["retained_performance_above_chance"] == pytest.approx(100 * (0.5 + 0.5) / 2)
+    assert data["at_chance"] == ["mmlu_dev_offline"]
+    table = markdown_table(data)
+    assert "| 66.67 | 50.00 |" in table and "mmlu_dev_offline (27.0 vs chance 25)" in table
+
+
+def test_last_word_task_asks_for_a_word_the_passage_already_contains():
+    from linearpatch.integration.evaluation.tasks import last_word_documents
+
+    documents = last_word_documents()
+    assert len(documents) >= 300
+    for document in documents:
+        word = document["target"]
+        assert word.startswith(" ") and word[1:].isalpha() and len(word) >= 5
+        assert word[1:].lower() in document["context"].lower()
+        assert word[1:].lower() not in {"said", "says", "told"}
+    # No word dominates (news passages end on 'said' a fifth of the time: those are left out).
+    counts = {}
+    for document in documents:
+        counts[document["target"]] = counts.get(document["target"], 0) + 1
+    assert max(counts.values()) <= 0.05 * len(documents)

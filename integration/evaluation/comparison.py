@@ -13,14 +13,16 @@ from ..data import token_windows
 from ..defaults import perplexity_sizes, task_limit
 from ..models import load_config, load_model, load_tokenizer, resolve_device
 from .perplexity import chunked_perplexity, corpus_perplexity, lm_eval_tasks
-from .tasks import OFFLINE_TASKS, task_manager
+from .tasks import OFFLINE_TASKS, chance_accuracy, task_manager
 
 EVAL_FILES = ("linearpatch_eval.json", "linearpatch_eval.md")
-DEFAULT_TASKS = ("wiki_next_sentence", "mmlu_dev_offline")
+DEFAULT_TASKS = ("wiki_next_sentence", "mmlu_dev_offline", "wiki_last_word")
+# A task counts as solved by the dense model only if it beats chance by more than this many standard errors.
+CHANCE_STDERRS = 2.0
 DEFAULT_PERPLEXITY_CORPORA = ("wikipedia-eval", "lee-news")
-# Tokens one multiple-choice request scores, roughly (context plus one choice) for the offline tasks.
-_TOKENS_PER_REQUEST = 60
-_CHOICES = 4
+# (requests, tokens) a document of an offline task costs, roughly: four (context plus one choice) requests of about 60
+# tokens each for the multiple-choice tasks; one passage of about 160 tokens for the last-word task.
+_DOCUMENT_COST = {"wiki_next_sentence": (4, 240), "mmlu_dev_offline": (4, 240), "wiki_last_word": (1, 160)}
 
 
 @dataclass
@@ -34,7 +36,8 @@ class ModelEvaluation:
         num_layers (`int`): decoder layers the model runs.
         pruned_layers (`list[int]`): dense indices it dropped (empty for a dense model).
         patch_kind (`str`): how its patches were made, if any.
-        tasks (`dict[str, dict[str, float]]`): lm-eval metrics per task (`acc`, `acc_norm` where defined).
+        tasks (`dict[str, dict[str, float]]`): lm-eval metrics per task (`acc`, `acc_norm` where defined, and their
+            `_stderr`).
         perplexity (`dict[str, float]`): chunked perplexity per corpus.
     """
 
@@ -58,14 +61,38 @@ def average_accuracy(evaluation: ModelEvaluation) -> float:
     return 100.0 * sum(values) / len(values) if values else float("nan")
 
 
-def retained_performance(evaluation: ModelEvaluation, baseline: ModelEvaluation) -> float:
+def primary_stderr(metrics: dict[str, float]) -> float | None:
+    """The standard error of [`primary_accuracy`], when lm-eval reported it."""
+    return metrics.get("acc_norm_stderr" if "acc_norm" in metrics else "acc_stderr")
+
+
+def chance_flags(baseline: ModelEvaluation) -> dict[str, dict]:
+    """Per task: chance accuracy, the dense accuracy and its standard error, and `at_chance`: the dense model is
+    within `CHANCE_STDERRS` standard errors of chance, so a pruned model's ratio on it measures noise, not retained
+    ability (a task whose chance level or standard error is unknown is never flagged)."""
+    flags = {}
+    for task, metrics in baseline.tasks.items():
+        chance, accuracy, stderr = chance_accuracy(task), primary_accuracy(metrics), primary_stderr(metrics)
+        at_chance = chance is not None and stderr is not None and accuracy - chance <= CHANCE_STDERRS * stderr
+        flags[task] = dict(chance=chance, dense=accuracy, stderr=stderr, at_chance=at_chance)
+    return flags
+
+
+def retained_performance(
+    evaluation: ModelEvaluation, baseline: ModelEvaluation, tasks: list[str] | None = None
+) -> float:
     """RP = mean over tasks of (model accuracy / dense accuracy) x 100: the mean of ratios, not the ratio of means.
+
+    Args:
+        tasks (`list[str]`, *optional*): only these tasks (e.g. those the dense model does above chance).
 
     Raises:
         ValueError: if a task is missing from the baseline, or the baseline scores 0 on it.
     """
     ratios = []
     for task, metrics in evaluation.tasks.items():
+        if tasks is not None and task not in tasks:
+            continue
         if task not in baseline.tasks:
             raise ValueError(f"The baseline was not evaluated on {task!r}; evaluate both on the same tasks.")
         dense = primary_accuracy(baseline.tasks[task])
@@ -106,20 +133,30 @@ def evaluate_model(
 
 
 def comparison(evaluations: list[ModelEvaluation], baseline: ModelEvaluation) -> dict:
-    """The comparison as JSON-ready data: every model's figures plus average, RP and parameter ratio."""
+    """The comparison as JSON-ready data: every model's figures plus average, RP (over every task, and over the
+    tasks the dense model does above chance, see [`chance_flags`]) and parameter ratio."""
+    flags = chance_flags(baseline)
+    informative = [task for task, flag in flags.items() if not flag["at_chance"]]
     rows = []
     for evaluation in [baseline, *evaluations]:
         row = asdict(evaluation)
         row["average"] = average_accuracy(evaluation)
-        row["retained_performance"] = None
+        row["retained_performance"] = row["retained_performance_above_chance"] = None
         if evaluation.tasks:
             try:
                 row["retained_performance"] = retained_performance(evaluation, baseline)
+                if informative:
+                    row["retained_performance_above_chance"] = retained_performance(evaluation, baseline, informative)
             except ValueError as error:  # e.g. the baseline scored 0 on a task: say so instead of failing the run
                 row["retained_performance_note"] = str(error)
         row["parameter_ratio"] = evaluation.parameters / baseline.parameters
         rows.append(row)
-    return {"baseline": baseline.name, "models": rows}
+    return {
+        "baseline": baseline.name,
+        "models": rows,
+        "chance": flags,
+        "at_chance": [task for task, flag in flags.items() if flag["at_chance"]],
+    }
 
 
 def markdown_table(data: dict) -> str:
@@ -131,7 +168,7 @@ def markdown_table(data: dict) -> str:
     for task in tasks:
         metrics = sorted({m for row in rows for m in row["tasks"].get(task, {}) if m in ("acc", "acc_norm")})
         header += [f"{task} {metric}" for metric in metrics]
-    header += ["avg", "RP %"] + [f"PPL {corpus}" for corpus in corpora]
+    header += ["avg", "RP %", "RP % above chance"] + [f"PPL {corpus}" for corpus in corpora]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
@@ -143,9 +180,18 @@ def markdown_table(data: dict) -> str:
             metrics = sorted({m for r in rows for m in r["tasks"].get(task, {}) if m in ("acc", "acc_norm")})
             cells += [f"{100 * row['tasks'][task][m]:.2f}" if task in row["tasks"] else "-" for m in metrics]
         cells.append(f"{row['average']:.2f}" if tasks else "-")
-        cells.append(f"{row['retained_performance']:.2f}" if row["retained_performance"] is not None else "-")
+        for key in ("retained_performance", "retained_performance_above_chance"):
+            cells.append(f"{row[key]:.2f}" if row.get(key) is not None else "-")
         cells += [f"{row['perplexity'][c]:.2f}" if c in row["perplexity"] else "-" for c in corpora]
         lines.append("| " + " | ".join(cells) + " |")
+    flagged = [(task, data["chance"][task]) for task in data.get("at_chance") or []]
+    if flagged:
+        lines.append("")
+        lines.append(
+            f"At chance for the dense model (within {CHANCE_STDERRS:g} standard errors), left out of `RP % above "
+            "chance`: "
+            + ", ".join(f"{task} ({100 * f['dense']:.1f} vs chance {100 * f['chance']:.0f})" for task, f in flagged)
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -239,8 +285,9 @@ def compare_models(
 
     dense = load_model(baseline, dtype=dtype, device=device)
     known = [task for task in tasks if task in OFFLINE_TASKS]
-    requests = len(known) * (limit or 500) * _CHOICES
-    tokens = requests * _TOKENS_PER_REQUEST + sum(w.input_ids.numel() for w in windows.values())
+    requests = (limit or 500) * sum(_DOCUMENT_COST[task][0] for task in known)
+    tokens = (limit or 500) * sum(_DOCUMENT_COST[task][1] for task in known)
+    tokens += sum(w.input_ids.numel() for w in windows.values())
     estimate = (1 + len(models)) * tokens / _measure_tokens_per_second(dense[0], seq_len)
     unknown = "" if len(known) == len(tasks) else " plus the Hub tasks"
     log(
@@ -284,6 +331,7 @@ __all__ = [
     "ModelEvaluation",
     "compare_models",
     "average_accuracy",
+    "chance_flags",
     "comparison",
     "evaluate_model",
     "markdown_table",

@@ -52,7 +52,7 @@ def lm_eval_tasks(
     batch_size: int = 8,
     include_path: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run lm-eval on an in-memory model; return `{task: {"acc": .., "acc_norm": .., ...}}` (stderr dropped).
+    """Run lm-eval on an in-memory model; return `{task: {"acc": .., "acc_stderr": .., "acc_norm": .., ...}}`.
 
     Offline tasks (see `tasks.OFFLINE_TASKS`) are built on first use; other names are lm-eval's own tasks (they
     download their data from the Hub).
@@ -84,7 +84,7 @@ def lm_eval_tasks(
         scores[task] = {
             key.split(",")[0]: float(value)
             for key, value in values.items()
-            if "," in key and "stderr" not in key and isinstance(value, int | float)
+            if "," in key and isinstance(value, int | float)
         }
     return scores
 

@@ -4,6 +4,9 @@
   distillation), pick the true next sentence among four (the others are drawn from other held-out articles).
 - `mmlu_dev_offline`: the MMLU dev questions that ship inside lm-eval's own chain-of-thought prompt file, asked as
   plain 4-way multiple choice (answer letter).
+- `wiki_last_word`: LAMBADA-style, predict the last word of a passage of held-out Wikipedia or news text (greedy: the
+  word's every token must be the argmax). The word ends a sentence and already occurs in the passage, as LAMBADA's
+  words mostly do, so context decides it and a small model scores well above its chance of 0.
 
 Users with Hub access pass the paper's task names instead (arc_easy, arc_challenge, boolq, hellaswag, piqa,
 winogrande, wsc273, race, copa, mmlu).
@@ -21,9 +24,26 @@ from linearpatch.common.files import write_files_atomically
 from ..data import load_texts
 from ..models import cache_dir
 
-OFFLINE_TASKS = ("wiki_next_sentence", "mmlu_dev_offline")
+OFFLINE_TASKS = ("wiki_next_sentence", "mmlu_dev_offline", "wiki_last_word")
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande", "wsc273", "race", "copa")
-TASKS_VERSION = 1
+TASKS_VERSION = 2
+# The accuracy of guessing, per task (1 / choices; 0 for free prediction), to flag tasks a model does not solve at all.
+CHANCE_ACCURACY = {
+    "wiki_next_sentence": 0.25,
+    "mmlu_dev_offline": 0.25,
+    "wiki_last_word": 0.0,
+    "arc_challenge": 0.25,
+    "arc_easy": 0.25,
+    "boolq": 0.5,
+    "hellaswag": 0.25,
+    "piqa": 0.5,
+    "winogrande": 0.5,
+    "wsc273": 0.5,
+    "race": 0.25,
+    "copa": 0.5,
+    "mmlu": 0.25,
+    "lambada_openai": 0.0,
+}
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 _MULTIPLE_CHOICE_YAML = """task: {task}
@@ -47,6 +67,29 @@ metric_list:
 metadata:
   version: {version}
 """
+
+_LAST_WORD_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {version}
+"""
+_WORD = re.compile(r"^[A-Za-z]{4,}$")
+# Words a passage ends on for grammar's sake, not its content ("..., he said."): they would make the task about style.
+_FILLER_WORDS = {"said", "says", "told", "today", "there", "this", "that", "them", "they", "then", "also", "year"}
 
 
 def _sentences(article: str) -> list[str]:
@@ -83,6 +126,32 @@ def next_sentence_documents(num_documents: int = 500, seed: int = 0) -> list[dic
     return documents[:num_documents]
 
 
+def last_word_documents(num_documents: int = 500, seed: int = 0, context_words: int = 120) -> list[dict]:
+    """LAMBADA-style documents (see module docstring) from the held-out Wikipedia articles and the news corpus:
+    `context` (up to `context_words` words before the target) and `target` (a space and the word)."""
+    rng = random.Random(seed)
+    documents = []
+    for corpus in ("wikipedia-eval", "lee-news"):
+        for text in load_texts(corpus):
+            words = text.split()
+            found = []
+            for index in range(40, len(words)):
+                word = words[index]
+                if not word.endswith(".") or not _WORD.match(word[:-1]) or word[:-1].lower() in _FILLER_WORDS:
+                    continue
+                before = words[max(0, index - context_words) : index]
+                if word[:-1].lower() in {w.strip(".,;:!?\"'()").lower() for w in before}:
+                    found.append(dict(context=" ".join(before), target=" " + word[:-1]))
+            documents.extend(rng.sample(found, min(len(found), 3)))  # a few per text: no text dominates
+    rng.shuffle(documents)
+    return documents[:num_documents]
+
+
+def chance_accuracy(task: str) -> float | None:
+    """The accuracy of guessing on `task`, if known."""
+    return CHANCE_ACCURACY.get(task)
+
+
 def mmlu_dev_documents() -> list[dict]:
     """The MMLU dev questions from lm-eval's `flan_cot_fewshot/_cot_prompts.json`, as 4-way multiple choice."""
     import lm_eval
@@ -111,16 +180,15 @@ def build_offline_tasks(directory: str | Path | None = None, num_documents: int 
     if all((directory / f"{task}.yaml").exists() for task in OFFLINE_TASKS):
         return directory
     builders = {
-        "wiki_next_sentence": (lambda: next_sentence_documents(num_documents), " "),
-        "mmlu_dev_offline": (mmlu_dev_documents, " "),
+        "wiki_next_sentence": (lambda: next_sentence_documents(num_documents), _MULTIPLE_CHOICE_YAML),
+        "mmlu_dev_offline": (mmlu_dev_documents, _MULTIPLE_CHOICE_YAML),
+        "wiki_last_word": (lambda: last_word_documents(num_documents), _LAST_WORD_YAML),
     }
     files = {}
-    for task, (build, delimiter) in builders.items():
+    for task, (build, template) in builders.items():
         files[f"{task}.jsonl"] = "".join(json.dumps(document) + "\n" for document in build())
         data = directory / f"{task}.jsonl"
-        files[f"{task}.yaml"] = _MULTIPLE_CHOICE_YAML.format(
-            task=task, data=data, delimiter=delimiter, version=TASKS_VERSION
-        )
+        files[f"{task}.yaml"] = template.format(task=task, data=data, delimiter=" ", version=TASKS_VERSION)
     # Each file through a temporary one and a rename, data before YAML: a half-built task is never picked up.
     write_files_atomically(directory, files, overwrite=True)
     return directory
@@ -157,7 +225,10 @@ __all__ = [
     "OFFLINE_TASKS",
     "task_manager",
     "PAPER_TASKS",
+    "CHANCE_ACCURACY",
     "build_offline_tasks",
+    "chance_accuracy",
+    "last_word_documents",
     "mmlu_dev_documents",
     "next_sentence_documents",
 ]
