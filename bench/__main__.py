@@ -1,6 +1,7 @@
 """Benchmarks: what each stage costs, as ratios measured side by side in one run.
 
-    python -m bench [--sections inference calibration distillation checkpoint quality patch_kinds serving sequential]
+    python -m bench [--sections inference calibration distillation checkpoint quality patch_kinds serving sequential
+                     search]
 
 Writes bench/results/latest.json and bench/results/latest.md. Every figure is a ratio of two measurements taken in the
 same run (interleaved, median of repeats), so it holds on a noisy machine. `quality` (distillation vs training-free
@@ -362,6 +363,86 @@ def bench_patch_kinds(device: str, quick: bool) -> dict:
     return dict(calibration=calibration.describe(), perplexity=perplexity)
 
 
+def bench_search(device: str, quick: bool) -> dict:
+    """Choosing by outcome on SmolLM2 (issue #13), every perplexity on 12 x 512 evaluation windows per corpus that no
+    choice saw:
+
+    - `stress_cut`: layers 20..24, hadamard and lstsq against `--patch auto` (64 x 512 calibration, as `patch_kinds`);
+    - `five_layers`: the cosine block with every single kind against `--metric loss --patch auto`, with the time of
+      `loss`, `auto` and both against the cosine/hadamard default (each a whole `prune` from its own calibration
+      pass, the CPU default of 32 x 512 windows);
+    - `target`: `--target-ppl-ratio 1.6`: the depth chosen, its held-out and evaluation perplexity ratios, the curve.
+    """
+    from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+    from linearpatch.integration.pruning import prune
+
+    model, tokenizer = load_model("smollm2-135m", device=device)
+    evaluation = {
+        c: token_windows(c, tokenizer, 2 if quick else 12, 512, sampling="chunked")
+        for c in ("wikipedia-eval", "lee-news")
+    }
+
+    def perplexities(candidate) -> dict[str, float]:
+        return {corpus: chunked_perplexity(candidate, windows) for corpus, windows in evaluation.items()}
+
+    def timed_prune(**kwargs):
+        started = time.perf_counter()
+        pruned, report = prune(model, tokenizer, progress=False, **kwargs)
+        return pruned, report, time.perf_counter() - started
+
+    dense = perplexities(model)
+    results = dict(dense=dense)
+
+    stress = token_windows("wikipedia-calibration", tokenizer, 8 if quick else 64, 512, seed=0)
+    statistics = calibrate(model, stress, distances=(1, 5), regression_blocks=[(20, 25)], progress=False)
+    stress_cut = {}
+    for kind in ("hadamard", "lstsq"):
+        pruned, _ = prune(model, tokenizer, layers=BLOCK, patch=kind, statistics=statistics, progress=False)
+        stress_cut[kind] = perplexities(pruned)
+    pruned, report, _ = timed_prune(layers=BLOCK, patch="auto", calibration=stress)
+    stress_cut["auto"] = dict(perplexities(pruned), chosen=report.patch_choices[0]["label"])
+    results["stress_cut"] = stress_cut
+
+    calibration = token_windows("wikipedia-calibration", tokenizer, 8 if quick else 32, 512, seed=0)
+    statistics = calibrate(model, calibration, distances=(1, 5), progress=False)
+    five = {}
+    for kind in ("none", "hadamard", "diag", "scalar", "lstsq"):
+        pruned, report = prune(
+            model, tokenizer, num_layers=5, patch=kind, calibration=calibration, statistics=statistics, progress=False
+        )
+        five[f"cosine+{kind}"] = dict(perplexities(pruned), layers=report.pruned_layers)
+    seconds = {}
+    for name, kwargs in {
+        "cosine+hadamard": {},
+        "loss+hadamard": dict(metric="loss"),
+        "cosine+auto": dict(patch="auto"),
+        "loss+auto": dict(metric="loss", patch="auto"),
+    }.items():
+        pruned, report, seconds[name] = timed_prune(num_layers=5, calibration=calibration, **kwargs)
+        if name != "cosine+hadamard":
+            five[name] = dict(perplexities(pruned), layers=report.pruned_layers, patch=report.patch_kind)
+    results["five_layers"] = dict(
+        perplexity=five,
+        seconds=seconds,
+        time_ratio={name: value / seconds["cosine+hadamard"] for name, value in seconds.items()},
+    )
+
+    pruned, report, took = timed_prune(target_ppl_ratio=1.6, calibration=calibration)
+    chosen = perplexities(pruned)
+    results["target"] = dict(
+        target=1.6,
+        num_layers=len(report.pruned_layers),
+        layers=report.pruned_layers,
+        patch=report.patch_kind,
+        heldout_ratio=report.depth_curve[len(report.pruned_layers) - 1]["ratio"],
+        evaluation_ratio={corpus: chosen[corpus] / dense[corpus] for corpus in chosen},
+        curve=report.depth_curve,
+        seconds=took,
+        time_ratio=took / seconds["cosine+hadamard"],
+    )
+    return results
+
+
 _CLI_RSS = """
 import sys, time
 started = time.perf_counter()
@@ -632,6 +713,50 @@ def markdown(results: dict) -> str:
             for kind, values in v["perplexity"].items()
         ]
         lines.append("")
+    if "search" in results:
+        v = results["search"]
+        corpora = list(v["dense"])
+
+        def row(name: str, values: dict) -> str:
+            extra = ", ".join(f"{key} {values[key]}" for key in ("layers", "patch", "chosen") if key in values)
+            return f"| {name} | " + " | ".join(f"{values[c]:.1f}" for c in corpora) + f" | {extra} |"
+
+        header = ["| model | " + " | ".join(corpora) + " | choice |", "|---|" + "---|" * (len(corpora) + 1)]
+        five = v["five_layers"]
+        target = v["target"]
+        lines += [
+            "**Choosing by outcome** (SmolLM2; perplexity on 12 x 512 evaluation windows per corpus, unseen by any "
+            "choice)",
+            "",
+            "Layers 20..24, calibration 64 x 512 (auto: 56 to fit, 8 held out):",
+            "",
+            *header,
+            row("dense", v["dense"]),
+            *(row(name, values) for name, values in v["stress_cut"].items()),
+            "",
+            "Five layers, calibration 32 x 512 (loss and auto: 28 to fit, 4 held out):",
+            "",
+            *header,
+            *(row(name, values) for name, values in five["perplexity"].items()),
+            "",
+            "| prune time over cosine+hadamard | " + " | ".join(five["time_ratio"]) + " |",
+            "|---|" + "---|" * len(five["time_ratio"]),
+            "| ratio | " + " | ".join(f"{value:.2f}" for value in five["time_ratio"].values()) + " |",
+            "",
+            f"`--target-ppl-ratio {target['target']}` chose {target['num_layers']} layers {target['layers']} "
+            f"({target['patch']}): held-out ratio {target['heldout_ratio']:.3f}, evaluation ratio "
+            + ", ".join(f"{c} {r:.3f}" for c, r in target["evaluation_ratio"].items())
+            + f"; {target['time_ratio']:.1f}x the time of the default prune.",
+            "",
+            "| layers removed | plain | hadamard | chosen | chosen block, patch |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {p['num_layers']} | {p['plain_ratio']:.3f} | {p['fixed_ratio']:.3f} | {p['ratio']:.3f} | "
+                f"{p['layers'][0]}-{p['layers'][1]}, {p['patch']} |"
+                for p in target["curve"]
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -644,6 +769,7 @@ SECTIONS = {
     "patch_kinds": bench_patch_kinds,
     "serving": bench_serving,
     "sequential": bench_sequential,
+    "search": bench_search,
 }
 
 

@@ -67,9 +67,11 @@ def test_readme_examples_run_as_written(tmp_path):
     finally:
         server.shutdown()
     folders = ("pruned", "pruned-lstsq", "pruned-stock", "distilled", "adapter", "eval", "smollm2-linearpatch")
+    folders += ("pruned-auto", "pruned-loss", "pruned-target")
     for folder in (*folders, "patch-adapter"):
         assert (work / folder).is_dir(), folder
     assert (work / "pruned" / "cosine_heatmap.png").exists()
+    assert (work / "pruned-target" / "depth_curve.png").exists()
     assert {"my-org/smollm2-pruned-linearpatch", "my-org/smollm2-patch-adapter"} <= set(state.repos)
 
 
