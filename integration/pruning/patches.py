@@ -8,6 +8,8 @@ from .hadamard import hadamard_matrix
 PATCH_KINDS = ("hadamard", "diag", "scalar", "lstsq", "none")
 # What `prune` accepts: a kind above, or `auto` (each kind fitted and the best on held-out windows kept, `search.py`).
 PATCH_CHOICES = (*PATCH_KINDS, "auto")
+# The lstsq regulariser, relative to the mean diagonal of X^T X (`--patch auto` also tries a grid around it).
+DEFAULT_RIDGE = 1e-2
 _EPS = 1e-12
 
 
@@ -26,7 +28,7 @@ def channel_scales(statistics: CalibrationStatistics, start: int, end: int, rota
 
 
 def estimate_patch(
-    statistics: CalibrationStatistics, start: int, end: int, kind: str = "hadamard", ridge: float = 1e-2
+    statistics: CalibrationStatistics, start: int, end: int, kind: str = "hadamard", ridge: float = DEFAULT_RIDGE
 ) -> torch.Tensor:
     """The patch P (float32, C x C) for the gap [start, end) of the dense model.
 
@@ -73,4 +75,4 @@ def scale_summary(statistics: CalibrationStatistics, start: int, end: int) -> di
     return summary
 
 
-__all__ = ["PATCH_CHOICES", "PATCH_KINDS", "channel_scales", "estimate_patch", "scale_summary"]
+__all__ = ["DEFAULT_RIDGE", "PATCH_CHOICES", "PATCH_KINDS", "channel_scales", "estimate_patch", "scale_summary"]

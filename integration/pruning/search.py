@@ -32,12 +32,11 @@ from ..data import TokenWindows
 from ..defaults import DEFAULT_CANDIDATES
 from .calibration import CalibrationStatistics
 from .hadamard import hadamard_supported
-from .patches import estimate_patch
+from .patches import DEFAULT_RIDGE, estimate_patch
 
 # The ridge values `--patch auto` tries for the least-squares patch, relative to the mean diagonal of X^T X (1e-2 is
 # the `lstsq` default). On SmolLM2's stress cut the held-out best is 1e-3, so the grid reaches a decade either side.
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_RIDGE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -235,7 +234,6 @@ def scoring_bar(total: int, progress: bool, description: str = "held-out scoring
 
 __all__ = [
     "DEFAULT_CANDIDATES",
-    "DEFAULT_RIDGE",
     "RIDGE_GRID",
     "GapChoice",
     "HeldOutScorer",
