@@ -8,6 +8,19 @@ from tqdm.auto import tqdm
 from ..data import TokenWindows, token_windows
 
 
+def summed_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Sum over every window of the NLL of each token given the ones before it (the last position predicts nothing).
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(windows, seq_len, vocab)`): the model's logits for `input_ids`.
+        input_ids (`torch.LongTensor` of shape `(windows, seq_len)`): the scored tokens.
+    """
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return nll.item()
+
+
 @torch.no_grad()
 def chunked_perplexity(
     model, windows: TokenWindows | torch.Tensor, batch_size: int = 1, progress: bool = False
@@ -26,11 +39,7 @@ def chunked_perplexity(
     total_nll, total_tokens = 0.0, 0
     for first in tqdm(range(0, len(input_ids), batch_size), desc="perplexity", disable=not progress):
         batch = input_ids[first : first + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
+        total_nll += summed_next_token_nll(model(batch, use_cache=False).logits, batch)
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 

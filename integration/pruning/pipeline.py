@@ -4,6 +4,7 @@
 every input before the first forward pass, then loads, prunes, optionally evaluates and plots, and saves atomically.
 """
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -394,6 +395,7 @@ def _plan_by_outcome(
     statistics = run(fit, distances, explicit_gaps if needs_gram else [])
     scorer = HeldOutScorer(model, held.input_ids, progress=progress)
 
+    @functools.cache  # asked for by the Gram pass, the progress bar and the scoring of each depth
     def blocks_of(n: int) -> list[tuple[int, int]]:
         if metric == "loss":
             return [(start, start + n) for start in _ranked_starts(statistics, n, candidates)]

@@ -30,6 +30,7 @@ from linearpatch.modeling import prune_layers
 
 from ..data import TokenWindows
 from ..defaults import DEFAULT_CANDIDATES
+from ..evaluation.perplexity import summed_next_token_nll
 from .calibration import CalibrationStatistics
 from .hadamard import hadamard_supported
 from .patches import DEFAULT_RIDGE, estimate_patch
@@ -91,13 +92,6 @@ def split_holdout(windows: TokenWindows, holdout: int | None) -> tuple[TokenWind
     return fit, held
 
 
-def _summed_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:].to(logits.device)
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    return nll.item()
-
-
 class HeldOutScorer:
     r"""
     Held-out perplexity of pruned, patched variants of a dense model, each computed from the dense model's stored
@@ -146,7 +140,7 @@ class HeldOutScorer:
         try:
             for rows in self._batches():
                 batch = self.input_ids[rows].to(self.device)
-                nll += _summed_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
+                nll += summed_next_token_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
         finally:
             for handle in handles:
                 handle.remove()
@@ -178,7 +172,7 @@ class HeldOutScorer:
 
         nll = 0.0
         for rows in self._batches():
-            nll += _summed_nll(logits_of(self.hidden[start][rows]), self.input_ids[rows])
+            nll += summed_next_token_nll(logits_of(self.hidden[start][rows]), self.input_ids[rows])
         self.forwards += 1
         return math.exp(nll / self.input_ids[:, 1:].numel())
 
