@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     from linearpatch.integration.defaults import (
         CALIBRATION,
         DEFAULT_CANDIDATES,
+        DEFAULT_TASKS,
         DISTILLATION,
         FIGURES,
         PERPLEXITY,
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--tasks",
         nargs="*",
-        default=["wiki_next_sentence", "mmlu_dev_offline"],
+        default=list(DEFAULT_TASKS),
         help="lm-eval tasks: the offline ones, or lm-eval names (arc_easy, piqa, ...) with Hub access",
     )
     evaluate.add_argument(

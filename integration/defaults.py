@@ -34,6 +34,9 @@ FIGURES = {"cpu": Sizes(8, 256), "cuda": Sizes(32, 1024), "quick": Sizes(2, 64)}
 # lm-eval documents per task: 100 four-way questions are 400 requests per model, about 2 minutes for SmolLM2 on 2 CPU
 # cores; the full offline tasks would take 5x longer.
 TASK_LIMIT = {"cpu": 100, "cuda": 0, "quick": 8}
+# lm-eval tasks of `linearpatch eval` and `compare_models`: offline, built from installed corpora (see
+# evaluation/tasks.py). mmlu_dev_offline sits at chance for small models; the comparison flags such tasks.
+DEFAULT_TASKS = ("wiki_next_sentence", "mmlu_dev_offline", "wiki_last_word")
 # Blocks per depth that `prune --metric loss` scores on held-out windows, best cosine first (0: every start). Each
 # costs about half a forward of the held-out windows per patch variant (7 for `--patch auto`).
 DEFAULT_CANDIDATES = 4

@@ -36,6 +36,15 @@ def test_readme_marks_only_hub_or_gpu_examples_as_not_run():
     assert languages.count("bash") >= 4 and languages.count("python") >= 2
 
 
+def test_readme_names_the_current_offline_task_folder():
+    # `lm-eval run --include_path` in the README points at the folder `linearpatch eval` builds; a stale version there
+    # works only on machines that still hold the old folder.
+    from linearpatch.integration.evaluation.tasks import TASKS_VERSION
+
+    named = re.findall(r"lm_eval_tasks-v(\d+)-", (ROOT / "README.md").read_text())
+    assert named and set(named) == {str(TASKS_VERSION)}, named
+
+
 def test_readme_examples_run_as_written(tmp_path):
     server, state, endpoint = start_hub_server()
     env = {

@@ -10,13 +10,12 @@ import torch
 from linearpatch.common.files import check_output, write_files_atomically
 
 from ..data import token_windows
-from ..defaults import perplexity_sizes, task_limit
+from ..defaults import DEFAULT_TASKS, perplexity_sizes, task_limit
 from ..models import load_config, load_model, load_tokenizer, resolve_device
 from .perplexity import chunked_perplexity, corpus_perplexity, lm_eval_tasks
 from .tasks import OFFLINE_TASKS, chance_accuracy, task_manager
 
 EVAL_FILES = ("linearpatch_eval.json", "linearpatch_eval.md")
-DEFAULT_TASKS = ("wiki_next_sentence", "mmlu_dev_offline", "wiki_last_word")
 # A task counts as solved by the dense model only if it beats chance by more than this many standard errors.
 CHANCE_STDERRS = 2.0
 DEFAULT_PERPLEXITY_CORPORA = ("wikipedia-eval", "lee-news")
