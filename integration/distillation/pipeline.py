@@ -83,6 +83,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+_CHILD = "from linearpatch.integration.distillation.teacher_cache import run_child; run_child()"
+
+
 def build_cache_in_subprocess(
     teacher: str,
     input_ids: torch.Tensor,
@@ -109,7 +112,8 @@ def build_cache_in_subprocess(
     try:
         windows, result = scratch / "windows.safetensors", scratch / "cache-path.txt"
         save_file({"input_ids": input_ids.contiguous()}, str(windows))
-        command = [sys.executable, "-m", "linearpatch.integration.distillation.teacher_cache", teacher, str(windows)]
+        # Not `-m ...teacher_cache`: the package imports that module first, and runpy then warns that it runs twice.
+        command = [sys.executable, "-c", _CHILD, teacher, str(windows)]
         command += [str(cache_root), "--top-k", str(top_k), "--dtype", dtype, "--result", str(result)]
         if device:
             command += ["--device", device]

@@ -298,7 +298,9 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
 
 def main(argv: list[str] | None = None) -> None:
     """Build a cache in this (separate) process: the teacher lives and dies here."""
-    parser = argparse.ArgumentParser(description="Build an offline top-K teacher cache.")
+    parser = argparse.ArgumentParser(
+        prog="linearpatch teacher cache", description="Build an offline top-K teacher cache."
+    )
     parser.add_argument("teacher")
     parser.add_argument("windows", help="safetensors file with an `input_ids` [windows, seq_len] tensor")
     parser.add_argument("cache_root")
@@ -349,11 +351,16 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.result).write_text(str(cache.path))
 
 
-if __name__ == "__main__":
+def run_child() -> None:
+    """Entry point of the child process `build_cache_in_subprocess` starts."""
     try:
         main()
     except KeyboardInterrupt:  # the parent reports the interrupt; finished shards stay for the resume
         raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    run_child()
 
 
 __all__ = [

@@ -71,6 +71,8 @@ def get_patch_peft_model(model, adapter_name: str = "default", base_model_name_o
         # PEFT warns that LN tuning on a non-norm module is "at your own risk": a full trainable copy is exactly
         # what we want for a C x C patch.
         warnings.filterwarnings("ignore", message="Unsupported layer type")
+        # PEFT 0.21 asks for transformers' deprecated `is_gradient_checkpointing`; nothing here uses the old name.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if base_model_name_or_path is not None:
         peft_model.peft_config[adapter_name].base_model_name_or_path = base_model_name_or_path
