@@ -203,9 +203,7 @@ def prune_layers(
         state_dict[key] = patch.detach().to(device=device, dtype=patch_dtype).clone()
     if config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
-    # The skeleton is built on the meta device: every parameter is then replaced by a dense tensor, so allocating it
-    # for real would cost a transient copy of the whole model on `device` (on a GPU, enough to run out of memory).
-    with torch.device("meta"), no_init_weights():
+    with torch.device(device), no_init_weights():
         pruned = family_of(config).causal_lm_class(config)
     # assign=True keeps each tensor's dtype (and shares storage unless `copy`), instead of casting into fresh fp32
     # parameters.
@@ -217,14 +215,6 @@ def prune_layers(
             f"missing {sorted(set(missing) - tied)}, "
             f"unexpected {sorted(unexpected)}."
         )
-    # What a state dict does not hold (non-persistent buffers: rotary inv_freq, Gemma's embed_scale) comes from the
-    # dense model, re-indexed like its weights, so the pruned model computes exactly what the dense one does.
-    dense_buffers = prune_state_dict(dict(model.named_buffers()), config.pruned_layers, model.config.num_hidden_layers)
-    for name, buffer in list(pruned.named_buffers()):
-        if buffer.is_meta:
-            module_name, _, attribute = name.rpartition(".")
-            source = dense_buffers[name].clone() if copy else dense_buffers[name]
-            pruned.get_submodule(module_name).register_buffer(attribute, source, persistent=False)
     pruned.tie_weights()
     pruned.train(model.training)
     pruned.generation_config = model.generation_config
