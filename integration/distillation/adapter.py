@@ -7,8 +7,10 @@ hash of the base's patch weights, and every linearpatch load path checks it (ada
 by their weight names and shapes).
 """
 
+import contextlib
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +20,17 @@ from linearpatch.common.errors import CheckpointMismatchError
 
 ADAPTER_RECORD = "linearpatch_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence the two warnings PEFT gives every time it wraps a LinearPatch model, neither of which is a problem:
+    LN tuning on a non-norm module is "at your own risk" (a full trainable copy is exactly what a C x C patch wants),
+    and PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def patch_weights(model) -> dict[str, torch.Tensor]:
@@ -123,7 +136,8 @@ def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=t
         )
     model, tokenizer = load_model(source, dtype=dtype, device=device, kind="checkpoint")
     check_adapter_base(adapter_dir, model)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     return merged.eval(), tokenizer
 
 

@@ -8,7 +8,6 @@ Multi-GPU: the same script runs under `accelerate launch` or `torchrun` (Trainer
 `accelerate launch -m linearpatch.cli distill CKPT --teacher MODEL --output OUT`.
 """
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from linearpatch.common.errors import CheckpointMismatchError
 
+from .adapter import quiet_peft
 from .teacher_cache import TeacherCacheDataset, TopKTeacherCache
 
 
@@ -67,12 +67,7 @@ def get_patch_peft_model(model, adapter_name: str = "default", base_model_name_o
     if not any(name.endswith("linear_patch") for name, _ in model.named_modules()):
         raise ValueError("The model has no LinearPatch to train (it was pruned with patch='none').")
     config = LNTuningConfig(target_modules=["linear_patch"], task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        # PEFT warns that LN tuning on a non-norm module is "at your own risk": a full trainable copy is exactly
-        # what we want for a C x C patch.
-        warnings.filterwarnings("ignore", message="Unsupported layer type")
-        # PEFT 0.21 asks for transformers' deprecated `is_gradient_checkpointing`; nothing here uses the old name.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with quiet_peft():
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if base_model_name_or_path is not None:
         peft_model.peft_config[adapter_name].base_model_name_or_path = base_model_name_or_path
