@@ -1,0 +1,125 @@
+"""The bench's claims (issue #20): quality and cost claims about SmolLM2 are measured by `python -m bench`, not by the
+test suite, and `python -m bench --check` fails naming the claim when a result breaks it. Here: every claim holds on
+the recorded results, and each one fails on a copy of them broken on purpose."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import check
+from bench.sections import SECTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDED = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
+WIKI, NEWS = "wikipedia-eval", "lee-news"
+
+
+def _set(path: str, value):
+    """A breaker that sets one value (a dotted path into the section's result; list indices as numbers)."""
+
+    def breaker(result):
+        *parents, last = path.split(".")
+        target = result
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        target[int(last) if isinstance(target, list) else last] = value
+
+    return breaker
+
+
+def _scale(path: str, factor: float):
+    def breaker(result):
+        *parents, last = path.split(".")
+        target = result
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        target[last] *= factor
+
+    return breaker
+
+
+# (section, words from the claim's name) -> a change to the section's recorded result that breaks only that claim.
+BREAKERS = {
+    ("inference", "under 2% of the forward time"): _set("1.patch_time_share", 0.05),
+    ("inference", "prefills within 10%"): _set("0.prefill_ratio_patched_over_plain", 1.3),
+    ("calibration", "as fast as a plain no-grad forward"): _set("speed_ratio", 0.5),
+    ("calibration", "memory at fixed tokens"): _set("peak_rss_ratio_1024_over_512", 1.9),
+    ("distillation", "takes at most 0.6x the time"): _set("step_ratio_patch_only_over_full", 0.9),
+    ("distillation", "adds at most half the memory"): _set("step_memory_growth_mib.patch_only", 900.0),
+    ("distillation", "under 1% of full-vocabulary"): _set("cache_ratio", 0.05),
+    ("checkpoint", "adds at most 1%"): _scale("bytes.patched", 1.05),
+    ("checkpoint", "loads within 1.5x"): _set("load_ratio_patched_over_plain_llama", 2.5),
+    ("quality", "distillation lowers the held-out perplexity"): _scale(f"perplexity_distilled.{NEWS}", 1.6),
+    ("patch_kinds", "Hadamard patch beats plain pruning"): _scale(f"perplexity.hadamard.{NEWS}", 1.5),
+    ("patch_kinds", "unrotated channel scales"): _set(f"perplexity.diag.{WIKI}", 100.0),
+    ("patch_kinds", "--patch auto is no worse"): _set(f"auto.perplexity.{WIKI}", 1000.0),
+    ("search", "--metric loss --patch auto"): _set(f"five_layers.perplexity.loss+auto.{NEWS}", 500.0),
+    ("search", "removes at least"): _set("target.num_layers", 2),
+    ("search", "on evaluation text"): _set(f"target.evaluation_ratio.{WIKI}", 2.5),
+    ("export", "beats plain pruning"): _set(f"perplexity.export.{WIKI}", 1e4),
+    ("serving", "at least 0.7x as fast"): _set("ratios.patched_over_plain_same_backend", 0.5),
+    ("sequential", "at most 0.5x the memory"): _set("rss_ratio_streaming_over_load_prune_save", 0.8),
+    ("sequential", "writes the in-memory tensors"): _set("largest_tensor_difference.sequential", 0.01),
+    ("tasks", "dense SmolLM2 scores at least"): _set("scores.dense.acc_norm", 0.3),
+    ("tasks", "separates dense from plain"): _set("scores.plain.acc_norm", 0.5),
+}
+
+
+def _matching(section: str, words: str, names: list[str]) -> int:
+    found = [index for index, name in enumerate(names) if words in name]
+    assert len(found) == 1, (section, words, names)
+    return found[0]
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_every_recorded_result_holds_its_claims_and_every_claim_has_a_breaker(section):
+    assert section in RECORDED, f"bench/results/latest.json has no {section!r}: run `python -m bench --check`"
+    claims = SECTIONS[section].checks(RECORDED[section])
+    assert claims, f"{section} makes no claim"
+    assert [claim.name for claim in claims if not claim.holds] == []
+    covered = sorted(_matching(section, words, [c.name for c in claims]) for s, words in BREAKERS if s == section)
+    assert covered == list(range(len(claims))), f"every claim of {section} needs exactly one breaker in BREAKERS"
+
+
+@pytest.mark.parametrize("section, words", list(BREAKERS))
+def test_each_claim_fails_on_a_result_that_breaks_it(section, words):
+    result = copy.deepcopy(RECORDED[section])
+    BREAKERS[section, words](result)
+    claims = SECTIONS[section].checks(result)
+    broken = _matching(section, words, [claim.name for claim in claims])
+    assert [index for index, claim in enumerate(claims) if not claim.holds] == [broken]
+
+
+def test_check_exits_1_and_names_the_broken_claim(tmp_path):
+    results = copy.deepcopy(RECORDED)
+    BREAKERS["patch_kinds", "Hadamard patch beats plain pruning"](results["patch_kinds"])
+    (tmp_path / "latest.json").write_text(json.dumps(results))
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--check", "--recorded", "--output", str(tmp_path / "latest")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "1 claim(s) no longer hold: patch_kinds: the Hadamard patch beats plain pruning" in run.stderr
+    assert "PASS search:" in run.stdout  # the others are still judged and shown
+    holds = subprocess.run(
+        [sys.executable, "-m", "bench", "--check", "--recorded", "--sections", "search", "export"]
+        + ["--output", str(ROOT / "bench" / "results" / "latest")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert holds.returncode == 0 and "all 4 claims hold" in holds.stdout, holds.stdout + holds.stderr
+
+
+def test_check_refuses_a_section_without_a_result():
+    # A section that was never run is not a claim that holds.
+    with pytest.raises(SystemExit, match="no recorded result for quality"):
+        check({"machine": "x"}, ["quality"])
