@@ -1,7 +1,9 @@
 """Session fixtures: the Hugging Face environment (offline, private caches), the real SmolLM2, tiny checkpoints."""
 
+import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 # Hugging Face reads these at import time: set them before anything imports transformers. Nothing is downloaded.
@@ -13,7 +15,22 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from helpers import tiny_llama  # noqa: E402
+from helpers import SMOLLM2_PRUNE, tiny_llama  # noqa: E402
+
+# pytest-xdist (`make test`: `--dist loadgroup --no-loadscope-reorder`) runs each group on one worker, in this order.
+# A group is a test file, so that its module fixtures are built once; the README's independent chains are a group
+# each. The longest groups go first (measured: `--durations`), so that none is left to run alone at the end.
+LONGEST_FIRST = ("test_readme.py", "test_serving.py", "test_hub.py", "test_families.py", "test_bad_input.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+    for item in items:
+        group = item.path.name
+        if item.originalname == "test_readme_examples_run_as_written":
+            group += f"[{item.callspec.id}]"
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +39,24 @@ def smollm2():
     from linearpatch.integration.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_pruned(tmp_path_factory):
+    """SmolLM2-135M with layers 20..24 and 29 removed, saved by `linearpatch prune` (in process): the suite's one
+    SmolLM2 prune (see `SMOLLM2_PRUNE`), made once per run and shared by pytest-xdist's workers."""
+    from filelock import FileLock
+
+    from linearpatch.cli import main
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' temporary folders are siblings under one base
+    output = root / "smollm2-pruned"
+    with FileLock(str(root / "smollm2-pruned.lock")):
+        if not output.exists():
+            assert main([*SMOLLM2_PRUNE, "--output", str(output)]) == 0
+    return output
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +76,29 @@ def smollm2_tokenizer():
     from linearpatch.integration.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+@dataclass
+class CliRun:
+    """What one in-process `linearpatch` command returned and printed (its log records appended to stderr)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def linearpatch_cli(capfd, caplog):
+    """Run `linearpatch ARGS...` in this process through `main`, like a subprocess run but without a new interpreter's
+    imports (seconds per command): for tests of what a command does, not of how a process starts, ends or dies."""
+    from linearpatch.cli import main
+
+    def run(*arguments: str) -> CliRun:
+        capfd.readouterr()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="linearpatch"):
+            code = main([str(argument) for argument in arguments])
+        out, err = capfd.readouterr()
+        return CliRun(code, out, err + caplog.text)
+
+    return run

@@ -271,22 +271,3 @@ def test_prune_state_dict_reindexes():
         "model.layers.2.w": 4.0,
     }
     assert "model.norm.weight" in out and len(state) == 6
-
-
-@pytest.mark.slow
-def test_smollm2_pruned_20_to_24_reloads_without_package(smollm2, tmp_path):
-    dense, tokenizer = smollm2
-    patch = random_patch(576, seed=11, scale=0.05)
-    pruned = prune_layers(dense, range(20, 25), patches=[patch], base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert pruned.config.num_hidden_layers == 25 and pruned.config.patch_positions == [20]
-    input_ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 3, return_tensors="pt").input_ids
-    with torch.no_grad():
-        want = pruned(input_ids).logits
-    pruned.save_pretrained(tmp_path / "smol")
-    (got,) = logits_without_package([tmp_path / "smol"], input_ids)
-    assert (want - got).abs().max().item() <= 1e-5
-    prompt = input_ids[:, :8]
-    assert torch.equal(
-        pruned.generate(prompt, max_new_tokens=10, do_sample=False),
-        pruned.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False),
-    )

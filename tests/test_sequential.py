@@ -9,9 +9,8 @@ import shutil
 
 import pytest
 import torch
-from helpers import tiny_family
+from helpers import SMOLLM2_PRUNE, tiny_family
 from safetensors.torch import load_file
-from test_bad_input import run_cli
 
 from linearpatch.common.errors import CheckpointMismatchError
 from linearpatch.integration.layerwise import layerwise_model
@@ -90,30 +89,28 @@ def sharded_dense(tmp_path_factory, smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def sharded_pruned(tmp_path_factory, sharded_dense):
     """`sharded_dense` pruned (layers 2-3, Hadamard patch) by the CLI: what distill and export start from."""
+    from linearpatch.cli import main
+
     pruned = tmp_path_factory.mktemp("sharded-pruned") / "pruned"
-    result = run_cli(
-        "prune",
-        str(sharded_dense),
-        "--layers",
-        "2-3",
-        "--num-samples",
-        "3",
-        "--seq-len",
-        "32",
-        "--output",
-        str(pruned),
+    assert (
+        main(
+            ["prune", str(sharded_dense), "--layers", "2-3", "--num-samples", "3", "--seq-len", "32"]
+            + ["--output", str(pruned)]
+        )
+        == 0
     )
-    assert result.returncode == 0, result.stderr
     return pruned
 
 
 @pytest.mark.parametrize("patch", ["hadamard", "lstsq"])
-def test_cli_sequential_prune_writes_the_in_memory_tensors(tmp_path, sharded_dense, patch):
+def test_cli_sequential_prune_writes_the_in_memory_tensors(tmp_path, sharded_dense, patch, linearpatch_cli):
     common = ["prune", str(sharded_dense), "--num-layers", "2", "--patch", patch, "--num-samples", "4"]
     common += ["--seq-len", "32"]
-    in_memory = run_cli(*common, "--output", str(tmp_path / "memory"))
+    in_memory = linearpatch_cli(*common, "--output", str(tmp_path / "memory"))
     assert in_memory.returncode == 0, in_memory.stderr
-    sequential = run_cli(*common, "--sequential", "--max-shard-size", "300KB", "--output", str(tmp_path / "seq"))
+    sequential = linearpatch_cli(
+        *common, "--sequential", "--max-shard-size", "300KB", "--output", str(tmp_path / "seq")
+    )
     assert sequential.returncode == 0, sequential.stderr
     assert "layers" in sequential.stderr  # the per-layer progress bar
     index = json.loads((tmp_path / "seq" / "model.safetensors.index.json").read_text())
@@ -137,40 +134,38 @@ def test_cli_sequential_prune_writes_the_in_memory_tensors(tmp_path, sharded_den
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
-def test_cli_max_memory_goes_sequential(tmp_path, sharded_dense):
+def test_cli_max_memory_goes_sequential(tmp_path, sharded_dense, linearpatch_cli):
     common = ["prune", str(sharded_dense), "--layers", "2-3", "--num-samples", "3", "--seq-len", "32"]
-    plain = run_cli(*common, "--output", str(tmp_path / "memory"))
+    plain = linearpatch_cli(*common, "--output", str(tmp_path / "memory"))
     assert plain.returncode == 0, plain.stderr
     assert "layer by layer" not in plain.stderr
-    limited = run_cli(*common, "--max-memory", "100KB", "--output", str(tmp_path / "limited"))
+    limited = linearpatch_cli(*common, "--max-memory", "100KB", "--output", str(tmp_path / "limited"))
     assert limited.returncode == 0, limited.stderr
     assert "does not fit in 100.0 KB (--max-memory): running it layer by layer (--sequential)" in limited.stderr
     assert_same_checkpoint(tmp_path / "limited", tmp_path / "memory")
-    refused = run_cli(*common, "--max-memory", "100KB", "--no-sequential", "--output", str(tmp_path / "refused"))
+    refused = linearpatch_cli(
+        *common, "--max-memory", "100KB", "--no-sequential", "--output", str(tmp_path / "refused")
+    )
     assert refused.returncode != 0 and "--max-memory" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "refused").exists()
-    evaluating = run_cli(*common, "--sequential", "--eval-windows", "2", "--output", str(tmp_path / "evaluated"))
+    evaluating = linearpatch_cli(
+        *common, "--sequential", "--eval-windows", "2", "--output", str(tmp_path / "evaluated")
+    )
     assert evaluating.returncode != 0 and "linearpatch eval" in evaluating.stderr
     assert not (tmp_path / "evaluated").exists()
 
 
-def test_cli_sequential_on_smollm2(tmp_path):
-    """The real model: `--sequential` and a `--max-memory` below its size both write the in-memory tensors."""
-    common = ["prune", "smollm2-135m", "--layers", "20-24", "--num-samples", "4", "--seq-len", "128"]
-    runs = {
-        "memory": [],
-        "sequential": ["--sequential"],
-        "limited": ["--max-memory", "200MB"],
-    }
-    for name, flags in runs.items():
-        result = run_cli(*common, *flags, "--output", str(tmp_path / name))
-        assert result.returncode == 0, result.stderr
-        assert ("layer by layer (--sequential)" in result.stderr) == (name == "limited")
-    assert_same_checkpoint(tmp_path / "sequential", tmp_path / "memory")
-    assert_same_checkpoint(tmp_path / "limited", tmp_path / "memory")
+@pytest.mark.slow
+def test_cli_sequential_on_smollm2(tmp_path, smollm2_pruned, linearpatch_cli):
+    """The real model: a `--max-memory` below its size goes sequential and writes the tensors of the shared in-memory
+    prune (same flags)."""
+    result = linearpatch_cli(*SMOLLM2_PRUNE, "--max-memory", "200MB", "--output", str(tmp_path / "limited"))
+    assert result.returncode == 0, result.stderr
+    assert "layer by layer (--sequential)" in result.stderr
+    assert_same_checkpoint(tmp_path / "limited", smollm2_pruned)
 
 
-def test_missing_or_truncated_shard_is_refused_before_any_output(tmp_path, sharded_dense):
+def test_missing_or_truncated_shard_is_refused_before_any_output(tmp_path, sharded_dense, linearpatch_cli):
     index = json.loads((sharded_dense / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
 
@@ -188,7 +183,7 @@ def test_missing_or_truncated_shard_is_refused_before_any_output(tmp_path, shard
         # Through the CLI: the sequential path for one, the in-memory path for the other (both check first).
         flags = ["--sequential"] if folder == missing else []
         output = tmp_path / f"out-{folder.name}"
-        result = run_cli("prune", str(folder), "--layers", "2", *flags, "--output", str(output))
+        result = linearpatch_cli("prune", str(folder), "--layers", "2", *flags, "--output", str(output))
         assert result.returncode != 0
         assert message in result.stderr and "download" in result.stderr.lower() and "Traceback" not in result.stderr
         assert not output.exists()
@@ -223,11 +218,11 @@ def test_layerwise_teacher_cache_equals_in_memory(tmp_path, model_type):
         torch.testing.assert_close(got["teacher_values"], expected["teacher_values"], rtol=1e-5, atol=1e-5)
 
 
-def test_cli_distill_with_a_teacher_larger_than_max_memory(tmp_path, sharded_dense, sharded_pruned):
+def test_cli_distill_with_a_teacher_larger_than_max_memory(tmp_path, sharded_dense, sharded_pruned, linearpatch_cli):
     pruned = sharded_pruned
     common = ["distill", str(pruned), "--teacher", str(sharded_dense), "--num-samples", "4", "--seq-len", "32"]
     common += ["--max-steps", "2", "--lr", "1e-2", "--top-k", "16", "--cache-dir", str(tmp_path / "cache")]
-    limited = run_cli(*common, "--max-memory", "100KB", "--output", str(tmp_path / "limited"))
+    limited = linearpatch_cli(*common, "--max-memory", "100KB", "--output", str(tmp_path / "limited"))
     assert limited.returncode == 0, limited.stderr
     assert "the teacher" in limited.stderr and "layer by layer (--sequential)" in limited.stderr
     cache = next(path for path in (tmp_path / "cache").iterdir() if path.is_dir())
@@ -248,12 +243,14 @@ def test_student_device_map_only_when_it_does_not_fit():
 
 
 @pytest.mark.parametrize("fold", ["down-proj", "scalar"])
-def test_cli_sequential_export_writes_the_in_memory_tensors(tmp_path, sharded_pruned, fold):
+def test_cli_sequential_export_writes_the_in_memory_tensors(tmp_path, sharded_pruned, fold, linearpatch_cli):
     pruned = sharded_pruned
     common = ["export", str(pruned), "--fold", fold, "--num-samples", "3", "--seq-len", "32", "--eval-windows", "1"]
-    in_memory = run_cli(*common, "--output", str(tmp_path / "memory"))
+    in_memory = linearpatch_cli(*common, "--output", str(tmp_path / "memory"))
     assert in_memory.returncode == 0, in_memory.stderr
-    limited = run_cli(*common, "--max-memory", "100KB", "--max-shard-size", "300KB", "--output", str(tmp_path / "seq"))
+    limited = linearpatch_cli(
+        *common, "--max-memory", "100KB", "--max-shard-size", "300KB", "--output", str(tmp_path / "seq")
+    )
     assert limited.returncode == 0, limited.stderr
     assert "the checkpoint" in limited.stderr and "layer by layer (--sequential)" in limited.stderr
     assert "held-out comparison" in limited.stderr

@@ -1,6 +1,6 @@
 """Serving (issues #11, #12): the patched checkpoint in vLLM's Transformers backend gives transformers' greedy outputs,
-both through the offline `vllm.LLM` API and through `linearpatch serve` (vLLM's OpenAI server), for SmolLM2 and for
-the other families, and the remote-code files work under the transformers version vLLM pins. Needs `make serving`
+through `linearpatch serve` (vLLM's OpenAI server) for SmolLM2 and through the offline `vllm.LLM` API for the other
+families, and the remote-code files work under the transformers version vLLM pins. Needs `make serving`
 (.venv-serving); `make test` builds it."""
 
 import json
@@ -35,19 +35,6 @@ def serving_python():
     if not SERVING_PYTHON.exists():
         pytest.fail(f"{SERVING_PYTHON} is missing: run `make serving` first (`make test` does).")
     return SERVING_PYTHON
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """SmolLM2 with a gap in the middle (patch before kept layer 20) and one reaching the end (patch before the
-    final norm), fp32."""
-    root = tmp_path_factory.mktemp("serving")
-    paths = {}
-    for name, layers in (("middle", "20-24"), ("end", "25-29")):
-        paths[name] = root / name
-        options = ["--num-samples", "8", "--seq-len", "256", "--output", str(paths[name])]
-        assert main(["prune", "smollm2-135m", "--layers", layers, *options]) == 0
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +89,14 @@ def assert_same_greedy(served: dict[str, list[dict]], path: Path, max_tokens: in
     assert got == want, path.name
 
 
-# Each vLLM engine start costs about a minute on 2 cores. The default run serves SmolLM2 with a gap in the middle (the
-# gap at the end goes through the server below) and Gemma 3, the family furthest from Llama (scaled embeddings, norms
-# around the MLP, alternating sliding/full attention), in one vLLM process; `-m exhaustive` serves every family.
+# Each vLLM engine start costs about a minute on 2 cores, so each checkpoint is served once: the suite's SmolLM2 prune
+# (a patch before kept layer 20 and one before the final norm) through `linearpatch serve` below, and Gemma 3, the
+# family furthest from Llama (scaled embeddings, norms around the MLP, alternating sliding/full attention, a gap at the
+# end), through the offline API here; `-m exhaustive` serves every family.
 @pytest.fixture(scope="module")
-def served(serving_python, checkpoints, family_checkpoints, tmp_path_factory):
-    paths = [checkpoints["middle"], family_checkpoints["gemma3_text"]]
+def served(serving_python, family_checkpoints, tmp_path_factory):
+    paths = [family_checkpoints["gemma3_text"]]
     return vllm_greedy(serving_python, paths, tmp_path_factory.mktemp("vllm"), MAX_TOKENS)
-
-
-def test_vllm_offline_greedy_equals_transformers(served, checkpoints):
-    assert_same_greedy(served, checkpoints["middle"], MAX_TOKENS)
 
 
 def test_vllm_greedy_equals_transformers_for_gemma3(served, family_checkpoints):
@@ -126,7 +110,7 @@ def test_vllm_greedy_equals_transformers_for_other_families(serving_python, fami
     assert_same_greedy(served, family_checkpoints[family], 16)
 
 
-def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, checkpoints, family_checkpoints):
+def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, smollm2_pruned, family_checkpoints):
     version = subprocess.run(
         [str(serving_python), "-c", "import transformers; print(transformers.__version__)"],
         capture_output=True,
@@ -135,7 +119,7 @@ def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, chec
     ).stdout.strip()
     assert version.startswith("5.") and version != __import__("transformers").__version__  # really another version
     input_ids = torch.randint(3, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
-    paths = list(checkpoints.values()) + list(family_checkpoints.values())
+    paths = [smollm2_pruned, *family_checkpoints.values()]
     theirs = logits_without_package(paths, input_ids, python=serving_python)
     ours = logits_without_package(paths, input_ids)
     for got, want in zip(theirs, ours, strict=True):
@@ -148,10 +132,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_linearpatch_serve_answers_like_transformers(serving_python, checkpoints, tmp_path):
+def test_linearpatch_serve_answers_like_transformers(serving_python, smollm2_pruned, tmp_path):
     from transformers import AutoTokenizer
 
-    path, port = checkpoints["end"], _free_port()
+    path, port = smollm2_pruned, _free_port()
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below, after the server
     server = subprocess.Popen(
         [sys.executable, "-m", "linearpatch.cli", "serve", str(path), "--vllm", str(SERVING_VENV / "bin" / "vllm")]
@@ -195,6 +179,6 @@ def test_linearpatch_serve_answers_like_transformers(serving_python, checkpoints
     assert [choice["text"] for choice in choices] == want
 
 
-def test_serve_without_vllm_is_a_clear_error(checkpoints, capsys):
-    code = main(["serve", str(checkpoints["end"]), "--vllm", "/nonexistent/vllm"])
+def test_serve_without_vllm_is_a_clear_error(family_checkpoints, capsys):
+    code = main(["serve", str(family_checkpoints["qwen3"]), "--vllm", "/nonexistent/vllm"])
     assert code == 2 and "vLLM is not installed" in capsys.readouterr().err
