@@ -3,13 +3,14 @@
 import json
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub.errors import OfflineModeIsEnabled
 
 from linearpatch.common.names import is_repo_id
 
 from .card import model_card
 from .connection import hub_errors
-from .validate import InvalidCheckpointError, validate_folder
+from .validate import InvalidCheckpointError, check_imports, validate_folder
 
 
 def push_to_hub(
@@ -51,7 +52,7 @@ def push_to_hub(
         values = json.loads(adapter_config.read_text())
         values["base_model_name_or_path"] = base_model
         overrides["adapter_config.json"] = json.dumps(values, indent=2).encode()
-    info = validate_folder(folder, adapter_config_override=overrides.get("adapter_config.json"))
+    info = validate_folder(folder, check_import=False, adapter_config_override=overrides.get("adapter_config.json"))
     if info.kind == "model" and base_model:
         info.config["base_model"] = base_model
         values = json.loads((folder / "config.json").read_text())
@@ -59,6 +60,11 @@ def push_to_hub(
         overrides["config.json"] = json.dumps(values, indent=2).encode()
     card = model_card(info, repo_id)
     overrides["README.md"] = str(card).encode()
+    # The cheap checks are done; offline mode is said before the import check, which starts a clean interpreter.
+    with hub_errors("push to", repo_id):
+        if constants.HF_HUB_OFFLINE:
+            raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
+    check_imports(info)
 
     operations = [
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=overrides.get(name, str(folder / name)))

@@ -107,17 +107,31 @@ def validate_folder(
         )
     if not any(name in files for name in TOKENIZER_FILES):
         raise InvalidCheckpointError(f"{path} has no tokenizer: save it with `tokenizer.save_pretrained(path)`.")
+    info = CheckpointInfo(path, "model", config, files)
     if check_import:
-        try:
-            check_remote_code_imports(path)
-        except LinearPatchError as error:
-            raise InvalidCheckpointError(str(error)) from error
-    return CheckpointInfo(path, "model", config, files)
+        check_imports(info)
+    return info
+
+
+def check_imports(info: CheckpointInfo) -> None:
+    """For a LinearPatch checkpoint: load it in a clean interpreter that cannot import linearpatch (seconds: a new
+    process), as a user without the package would.
+
+    Raises:
+        InvalidCheckpointError: if its remote code does not load there.
+    """
+    if info.kind != "model":
+        return
+    try:
+        check_remote_code_imports(info.path)
+    except LinearPatchError as error:
+        raise InvalidCheckpointError(str(error)) from error
 
 
 __all__ = [
     "CheckpointInfo",
     "InvalidCheckpointError",
+    "check_imports",
     "find_local_paths",
     "validate_folder",
 ]
