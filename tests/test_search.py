@@ -127,3 +127,47 @@ def test_auto_and_target_work_for_a_width_without_a_hadamard_matrix():
     assert "hadamard" not in report.patch_choices[0]["scores"] and len(report.patch_choices[0]["scores"]) == 6
     _, report = prune(dense, None, target_ppl_ratio=1e9, calibration=data, holdout=3, progress=False)
     assert {point["fixed_patch"] for point in report.depth_curve} == {"lstsq(ridge=0.01)"}
+
+
+def test_cli_target_ratio_and_its_depth_curve(tiny_checkpoint, tmp_path, linearpatch_cli):
+    """`prune --target-ppl-ratio` keeps the deepest cut within the ratio on the held-out windows, stops two depths past
+    it, prints and reports the whole curve, saves a model with the recorded held-out perplexity, and `linearpatch
+    report` draws the curve; a ratio no depth meets ends in one line and writes nothing. (Random weights keep every
+    ratio near 1, so the targets are set just above and below this model's measured ones.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from linearpatch.integration.data import token_windows
+
+    output = tmp_path / "target"
+    sizes = ["--num-samples", "10", "--seq-len", "32", "--holdout", "3"]
+    run = linearpatch_cli("prune", tiny_checkpoint, "--target-ppl-ratio", "1.0001", *sizes, "--output", output)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((output / "linearpatch_report.json").read_text())
+    curve, chosen = report["depth_curve"], len(report["pruned_layers"])
+    assert report["metric"] == "loss" and report["patch"] == "auto" and chosen >= 1
+    assert [point["num_layers"] for point in curve] == list(range(1, len(curve) + 1))
+    assert curve[chosen - 1]["ratio"] <= 1.0001 and curve[-1]["ratio"] > 1.0001 and curve[-2]["ratio"] > 1.0001
+    assert all(p["ratio"] <= p["fixed_ratio"] * (1 + 1e-6) for p in curve)  # hadamard at the cosine block: a candidate
+    assert f"{chosen} layers" in run.stdout and "plain" in run.stdout
+    model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    assert model.config.patch_kind == report["patch_kind"] and model.config.selection_metric == "loss"
+    windows = token_windows("wikipedia-calibration", AutoTokenizer.from_pretrained(output), 10, 32, seed=0)
+    ratio = chunked_perplexity(model, split_holdout(windows, 3)[1]) / report["holdout"]["dense_perplexity"]
+    assert ratio == pytest.approx(curve[chosen - 1]["ratio"], rel=1e-4)
+
+    plotted = linearpatch_cli("report", output, "--dense", tiny_checkpoint, "--num-samples", "1", "--seq-len", "32")
+    assert plotted.returncode == 0, plotted.stderr
+    assert (output / "depth_curve.png").stat().st_size > 1000
+    plots = json.loads((output / "linearpatch_plots.json").read_text())["depth_curve"]
+    assert plots["target"] == 1.0001 and plots["curve"] == curve
+    assert plots["figure"]["axes"][0]["legend"][:3] == [
+        "plain pruning (cosine block)",
+        "hadamard patch (cosine block)",
+        "chosen block and patch (held-out loss)",
+    ]
+
+    # Plain pruning at the cosine block: removing one layer already costs more than 0.1% here.
+    tight = ["--target-ppl-ratio", "1.001", "--metric", "cosine", "--patch", "none", *sizes]
+    too_tight = linearpatch_cli("prune", tiny_checkpoint, *tight, "--output", tmp_path / "x")
+    assert too_tight.returncode == 2 and "Raise --target-ppl-ratio" in too_tight.stderr
+    assert not (tmp_path / "x").exists()
