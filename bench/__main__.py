@@ -35,16 +35,29 @@ def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']} ({results['date']})", ""]
     for name, section in SECTIONS.items():
         if name in results:
-            lines += section.markdown(results[name])
+            try:
+                lines += section.markdown(results[name])
+            except (KeyError, TypeError, IndexError):  # recorded by an older bench, in another shape
+                lines += [f"**{name}**: recorded by an older bench; `python -m bench --sections {name}` renews it", ""]
     return "\n".join(lines)
 
 
 def check(results: dict, sections: list[str]) -> list[tuple[str, Claim]]:
-    """Every claim of `sections` on `results` (a section without a result is an error, not a pass)."""
+    """Every claim of `sections` on `results` (a section without a result, or with one recorded in an older shape,
+    is an error, not a pass)."""
     missing = [name for name in sections if name not in results]
     if missing:
         raise SystemExit(f"bench: no recorded result for {', '.join(missing)}: run `python -m bench --sections ...`.")
-    return [(name, claim) for name in sections for claim in SECTIONS[name].checks(results[name])]
+    judged = []
+    for name in sections:
+        try:
+            judged += [(name, claim) for claim in SECTIONS[name].checks(results[name])]
+        except (KeyError, TypeError, IndexError) as error:
+            raise SystemExit(
+                f"bench: the recorded {name} result has no {error}: it was recorded by an older bench; run "
+                f"`python -m bench --sections {name}`."
+            ) from None
+    return judged
 
 
 def main(argv: list[str] | None = None) -> int:
