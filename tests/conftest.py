@@ -23,6 +23,21 @@ from helpers import SMOLLM2_PRUNE, tiny_llama  # noqa: E402
 LONGEST_FIRST = ("test_readme.py", "test_serving.py", "test_hub.py", "test_families.py", "test_bad_input.py")
 
 
+# transformers' own test marks (tests/test_transformers_common.py runs its common tests).
+TRANSFORMERS_MARKS = (
+    "accelerate_tests",
+    "flash_attn_test",
+    "flash_attn_3_test",
+    "flash_attn_4_test",
+    "torch_compile_test",
+)
+
+
+def pytest_configure(config):
+    for mark in TRANSFORMERS_MARKS:
+        config.addinivalue_line("markers", f"{mark}: transformers' own test mark")
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
