@@ -6,6 +6,7 @@ interrupt (Ctrl-C, SIGTERM) says what was and was not written (exit 130).
 """
 
 import argparse
+import os
 import signal
 import sys
 
@@ -88,7 +89,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{point['fixed_patch']} {point['fixed_ratio']:.3f}x"
         )
     if report.candidate_scores:
-        print("Top candidates:", ", ".join(f"{start}: {score:.4f}" for start, score in report.top_candidates()))
+        from linearpatch.integration.choices import METRIC_SCORES
+
+        print(
+            f"Top candidates ({METRIC_SCORES[report.metric]}):",
+            ", ".join(f"{start}: {score:.4f}" for start, score in report.top_candidates()),
+        )
     for name, values in report.evaluation.items():
         print(f"  {name:>6} perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
     print(f"Saved to {report.output} (report: linearpatch_report.json{', plots' if args.plots else ''})")
@@ -196,7 +202,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     for fold in report.folds:
         exact = "exact" if fold["exact"] else f"approximate (fit error {fold.get('relative_error', 0):.3f})"
-        print(f"patch before kept layer {fold['position']}: {fold['how']}, {exact}")
+        where = "the final norm" if fold["position"] >= report.num_layers else f"kept layer {fold['position']}"
+        print(f"patch before {where}: {fold['how']}, {exact}")
     if report.perplexity:  # skipped by a sequential export
         corpora = list(next(iter(report.perplexity.values())))
         print("| model | " + " | ".join(corpora) + " |\n|---|" + "---|" * len(corpora))
@@ -241,6 +248,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from linearpatch import __version__
+
+    # The choices' names, without torch: --help shows at once.
+    from linearpatch.integration.choices import FOLDS, PATCH_CHOICES, SELECTION_METRICS
     from linearpatch.integration.defaults import (
         CALIBRATION,
         DEFAULT_CANDIDATES,
@@ -250,11 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
         PERPLEXITY,
         TASK_LIMIT,
     )
-
-    # Choices live with the code that implements them; importing these modules is cheap (no models, no lm-eval).
-    from linearpatch.integration.export import FOLDS
-    from linearpatch.integration.pruning.patches import PATCH_CHOICES
-    from linearpatch.integration.pruning.selection import SELECTION_METRICS
 
     def sizes(table) -> str:
         return (
@@ -464,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-corpus", nargs="*", default=["wikipedia-eval", "lee-news"], help="held-out perplexity corpora"
     )
     export.add_argument(
-        "--eval-windows", type=positive_int, help=f"held-out windows per corpus (default: {sizes(PERPLEXITY)})"
+        "--eval-windows",
+        type=non_negative_int,
+        help=f"held-out windows per corpus; 0 skips the comparison (default: {sizes(PERPLEXITY)})",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     export.add_argument(
@@ -519,7 +526,15 @@ def _one_line(error: BaseException) -> str:
     return lines[0] + (" (...)" if len(lines) > 1 else "")
 
 
-def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, clean staging folders, report
+_MAIN_PROCESS = None
+
+
+def _interrupt(signum, frame):
+    """SIGTERM behaves like Ctrl-C in the command's own process: unwind, clean staging folders, report. A forked
+    child (lm-eval's worker pools) inherits this handler; it ends quietly, as SIGTERM's default would end it."""
+    if os.getpid() != _MAIN_PROCESS:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     raise KeyboardInterrupt
 
 
@@ -533,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     from linearpatch.common.files import ledger
 
     ledger.reset()
+    global _MAIN_PROCESS
+    _MAIN_PROCESS = os.getpid()
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.handler(args)

@@ -21,10 +21,15 @@ class CheckpointMismatchError(LinearPatchError):
     """Weights, adapter or teacher that do not belong to the model they are loaded with."""
 
 
+class OutputWriteError(LinearPatchError, OSError):
+    """The output could not be written (no space left, a read-only place, a file too large)."""
+
+
 __all__ = [
     "CheckpointMismatchError",
     "LinearPatchError",
     "ModelNotFoundError",
     "OutputExistsError",
+    "OutputWriteError",
     "UnsupportedModelError",
 ]

@@ -18,11 +18,12 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LinearPatchError, OutputExistsError
+from .errors import LinearPatchError, OutputExistsError, OutputWriteError
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
@@ -63,11 +64,48 @@ def sha256_file(path: str | Path) -> str:
 
 
 def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any expensive work) if `path` exists and `overwrite` is false."""
+    """Fail early (before any expensive work) if `path` exists and `overwrite` is false, or if nothing can be written
+    where it would go (a read-only folder or file system, a file where a folder is needed).
+
+    Raises:
+        OutputExistsError, OutputWriteError: naming the path and what to do.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it.")
+    _check_writable(path)
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """Create and remove a folder where `path`'s staging sibling will go: the one test that holds for every reason a
+    write can be refused (permissions, a read-only mount, root or not)."""
+    parent = Path(os.path.abspath(path.expanduser())).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputWriteError(f"Cannot write {path}: {parent} is a file, not a folder; choose another output.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".linearpatch-probe-", dir=parent))
+    except OSError as error:
+        raise OutputWriteError(
+            f"Cannot write {path}: {parent} is not writable ({error.strerror}); choose another output."
+        ) from None
+
+
+# What a failed write says: errno values, and safetensors' Rust I/O errors, which carry them as text.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_RUST_IO_ERROR = re.compile(r"I/O error: (?P<reason>.+?) \(os error (?P<errno>\d+)\)")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why writing failed (`No space left on device`, ...) if `error` is a failed write, else `None`."""
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        return error.strerror or os.strerror(error.errno)
+    match = _RUST_IO_ERROR.search(str(error))
+    if match and int(match["errno"]) in _WRITE_ERRNOS:
+        return match["reason"]
+    return None
 
 
 def refuse_overlap(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
@@ -184,7 +222,16 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     _make_directory(staging)
     ledger.in_progress.append(str(path))
     try:
-        yield staging
+        try:
+            yield staging
+        except Exception as error:
+            reason = write_failure(error)
+            if reason is None:
+                raise
+            raise OutputWriteError(
+                f"Could not write {path}: {reason}. The partial output was removed and nothing else changed; free "
+                "space (or choose another output) and run the command again."
+            ) from error
         if overwrite and path.exists():
             retired = staging_path(path, "old")
             os.rename(path, retired)
@@ -242,6 +289,7 @@ __all__ = [
     "rename_no_replace",
     "sha256_file",
     "staging_path",
+    "write_failure",
     "write_files_atomically",
     "write_text_atomically",
 ]

@@ -8,9 +8,11 @@ Embedded corpora come from installed packages, so the whole flow runs without th
 - `pydoc`: Python's own documentation topics (stdlib `pydoc_data`).
 """
 
+import difflib
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +77,48 @@ EMBEDDED_CORPORA: dict[str, Callable[[], list[str]]] = {
 }
 
 
+# `NAME[:CONFIG][:SPLIT]` or `ORG/NAME[:CONFIG][:SPLIT]`, as `datasets` names them.
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]*){0,2}$")
+_TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".md")
+
+
+def local_text_file(source: str) -> Path | None:
+    """The local file `source` names, if it is one (what an output must never overwrite)."""
+    path = Path(source).expanduser()
+    return path if source not in EMBEDDED_CORPORA and path.is_file() else None
+
+
+def check_text_source(source: str) -> None:
+    """Refuse, at once, a text source that is neither an embedded corpus, a file, nor shaped like a `datasets` name:
+    a near miss of an embedded name gets "did you mean", a path that does not exist says so. (A real `datasets`
+    name is tried by [`load_texts`], which needs the Hub.)
+
+    Raises:
+        LinearPatchError: naming the source and what was probably meant.
+    """
+    if source in EMBEDDED_CORPORA or Path(source).expanduser().is_file():
+        return
+    close = difflib.get_close_matches(source, EMBEDDED_CORPORA, n=1, cutoff=0.8)
+    if close:
+        raise LinearPatchError(
+            f"Unknown text source {source!r}: did you mean {close[0]!r}? (embedded: {', '.join(EMBEDDED_CORPORA)})"
+        )
+    looks_like_path = source.startswith((".", "/", "~")) or source.endswith(_TEXT_SUFFIXES) or source.count("/") > 1
+    if looks_like_path or not _DATASET_NAME.match(source):
+        raise LinearPatchError(
+            f"Text source {source!r} not found: no such file, not an embedded corpus ({', '.join(EMBEDDED_CORPORA)}) "
+            "and not a datasets name (NAME[:CONFIG][:SPLIT]). Check the path."
+        )
+
+
 def load_texts(source: str, text_field: str = "text") -> list[str]:
     """Documents of `source`: an embedded corpus name, a local `.txt` / `.jsonl` / `.json` file, or a `datasets`
     name written `NAME[:CONFIG][:SPLIT]` (e.g. `wikitext:wikitext-2-raw-v1:train`, needs Hub access).
 
     Raises:
-        ValueError: if the source yields no text.
+        ValueError: if the source yields no text, or is none of the above (see [`check_text_source`]).
     """
+    check_text_source(source)
     if source in EMBEDDED_CORPORA:
         texts = EMBEDDED_CORPORA[source]()
     elif Path(source).is_file():
@@ -201,4 +238,4 @@ def token_windows(
     return TokenWindows(windows.contiguous(), source, sampling, seed, len(stream))
 
 
-__all__ = ["EMBEDDED_CORPORA", "TokenWindows", "load_texts", "token_windows"]
+__all__ = ["EMBEDDED_CORPORA", "TokenWindows", "check_text_source", "load_texts", "local_text_file", "token_windows"]

@@ -8,8 +8,6 @@ test that finishes in seconds on a laptop; explicit arguments and flags still wi
 import os
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class Sizes:
@@ -49,36 +47,38 @@ def quick() -> bool:
 
 def default_device() -> str:
     """`cuda` when torch sees a GPU, else `cpu`."""
+    import torch  # here, not at the top: the CLI reads the sizes for its --help without torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _profile(device: str | torch.device | None) -> str:
+def _profile(device) -> str:
     if quick():
         return "quick"
     return "cuda" if str(device or default_device()).startswith("cuda") else "cpu"
 
 
-def calibration_sizes(device: str | torch.device | None = None) -> Sizes:
+def calibration_sizes(device=None) -> Sizes:
     """Calibration windows for a model on `device` (the paper's 128 x 2048 on a GPU)."""
     return CALIBRATION[_profile(device)]
 
 
-def distillation_sizes(device: str | torch.device | None = None) -> Sizes:
+def distillation_sizes(device=None) -> Sizes:
     """Distillation training windows for `device` (the paper's 5000 x 2048 on a GPU)."""
     return DISTILLATION[_profile(device)]
 
 
-def perplexity_sizes(device: str | torch.device | None = None) -> Sizes:
+def perplexity_sizes(device=None) -> Sizes:
     """Held-out perplexity windows per corpus for `device`."""
     return PERPLEXITY[_profile(device)]
 
 
-def figure_sizes(device: str | torch.device | None = None) -> Sizes:
+def figure_sizes(device=None) -> Sizes:
     """Windows for the figures of `linearpatch report` and `prune --plots`."""
     return FIGURES[_profile(device)]
 
 
-def task_limit(device: str | torch.device | None = None) -> int | None:
+def task_limit(device=None) -> int | None:
     """lm-eval documents per task for `device` (`None`: every document)."""
     return TASK_LIMIT[_profile(device)] or None
 

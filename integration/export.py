@@ -37,12 +37,12 @@ from linearpatch.common.files import atomic_directory, check_output, refuse_over
 from linearpatch.common.names import EXPORT_RECORD
 from linearpatch.modeling import family_of
 
-from .data import token_windows
+from .choices import FOLDS
+from .data import local_text_file, token_windows
 from .defaults import calibration_sizes, perplexity_sizes
 from .layerwise import choose_sequential
 from .shards import SafetensorsCheckpoint, parse_size
 
-FOLDS = ("down-proj", "scalar")
 # Config fields that only a LinearPatch checkpoint has.
 _LINEARPATCH_FIELDS = (
     "original_num_hidden_layers",
@@ -102,10 +102,12 @@ class ExportReport:
         base_model (`str`): the dense model the checkpoint was pruned from.
         pruned_layers (`list[int]`), patch_positions (`list[int]`): from the checkpoint.
         folds (`list[dict]`): per patch: position, how it was folded, and whether exactly.
-        perplexity (`dict`): held-out perplexity per corpus of `patched`, `export` and `plain` pruning.
+        perplexity (`dict`): held-out perplexity per corpus of `patched`, `export` and `plain` pruning (empty when
+            skipped: a sequential export, or `eval_windows=0`).
         calibration (`dict`): the windows `down-proj` was fitted on.
         architecture (`str`): the stock class written, e.g. `Qwen3ForCausalLM`.
         output (`str`), seconds (`float`).
+        num_layers (`int`): the kept layers (a patch at this position acts before the final norm).
     """
 
     source: str | None
@@ -119,6 +121,7 @@ class ExportReport:
     architecture: str = ""
     output: str = ""
     seconds: float = 0.0
+    num_layers: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -358,7 +361,8 @@ def export_checkpoint(
             MLP) or `scalar` (Prune&Comp; exact for scalar patches). A gap at layer 0 is always folded exactly into
             the embeddings.
         calibration (`str`), num_samples (`int`), seq_len (`int`), seed (`int`): text for the `down-proj` fit.
-        eval_corpora (`list[str]`), eval_windows (`int`): held-out perplexity of patched, export and plain pruning.
+        eval_corpora (`list[str]`), eval_windows (`int`): held-out perplexity of patched, export and plain pruning
+            (`eval_windows=0` skips the comparison).
         sequential (`bool`, *optional*): never hold the checkpoint whole: the `down-proj` fit runs the layers one at
             a time from the shards, and the folded tensors are streamed to the output in shards of
             `max_shard_size` (with an index). By default chosen when the checkpoint does not fit `max_memory` (the
@@ -371,6 +375,7 @@ def export_checkpoint(
     """
     from .evaluation.perplexity import chunked_perplexity
     from .models import (
+        fit_context,
         load_config,
         load_model,
         load_tokenizer,
@@ -387,16 +392,18 @@ def export_checkpoint(
         raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
     device = resolve_device(device)
     config = load_config(checkpoint, kind="checkpoint")
-    refuse_overlap(output, {"checkpoint": resolve_model(checkpoint)})
+    needs_fit = fold == "down-proj" and any(p > 0 for p in config.patch_positions)
+    eval_windows = perplexity_sizes(device).num_samples if eval_windows is None else eval_windows
+    inputs = {"checkpoint": resolve_model(checkpoint), "calibration text": local_text_file(calibration)}
+    inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in eval_corpora if eval_windows}
+    refuse_overlap(output, inputs)
     tokenizer = load_tokenizer(checkpoint)
     sizes, held_out = calibration_sizes(device), perplexity_sizes(device)
-    needs_fit = fold == "down-proj" and any(p > 0 for p in config.patch_positions)
     windows = None
     if needs_fit:
         num_samples = sizes.num_samples if num_samples is None else num_samples
-        windows = token_windows(
-            calibration, tokenizer, num_samples, sizes.seq_len if seq_len is None else seq_len, seed=seed
-        )
+        seq_len = fit_context(config, seq_len, sizes.seq_len)
+        windows = token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed)
     checkpoint_weights = SafetensorsCheckpoint(resolve_model(checkpoint))
     sequential = choose_sequential(
         checkpoint_weights.nbytes(torch.float32), device, sequential, max_memory, "checkpoint"
@@ -416,25 +423,26 @@ def export_checkpoint(
             progress,
             started,
         )
-    eval_windows = held_out.num_samples if eval_windows is None else eval_windows
+    eval_seq_len = fit_context(config, None, held_out.seq_len)
     evaluation = {
-        corpus: token_windows(corpus, tokenizer, eval_windows, held_out.seq_len, sampling="chunked")
-        for corpus in eval_corpora
+        corpus: token_windows(corpus, tokenizer, eval_windows, eval_seq_len, sampling="chunked")
+        for corpus in (eval_corpora if eval_windows else ())
     }
 
     patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
     stock, described = export_model(patched, fold, windows.input_ids if windows is not None else None)
-    plain_state = {k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}
-    with torch.device(device), no_init_weights():
-        plain = stock_model(stock_config(patched.config))
-    plain.load_state_dict(plain_state, strict=not patched.config.tie_word_embeddings, assign=True)
-    plain.tie_weights()
     perplexity = {}
-    for name, candidate in (("patched", patched), ("export", stock), ("plain", plain.eval())):
-        perplexity[name] = {
-            corpus: chunked_perplexity(candidate, corpus_windows, progress=progress)
-            for corpus, corpus_windows in evaluation.items()
-        }
+    if evaluation:
+        plain_state = {k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}
+        with torch.device(device), no_init_weights():
+            plain = stock_model(stock_config(patched.config))
+        plain.load_state_dict(plain_state, strict=not patched.config.tie_word_embeddings, assign=True)
+        plain.tie_weights()
+        for name, candidate in (("patched", patched), ("export", stock), ("plain", plain.eval())):
+            perplexity[name] = {
+                corpus: chunked_perplexity(candidate, corpus_windows, progress=progress)
+                for corpus, corpus_windows in evaluation.items()
+            }
     report = ExportReport(
         source=portable_model_id(checkpoint),
         fold=fold,
@@ -446,6 +454,7 @@ def export_checkpoint(
         calibration=windows.describe() if windows is not None else {},
         architecture=type(stock).__name__,
         output=str(output),
+        num_layers=config.num_hidden_layers,
     )
     report.seconds = round(time.perf_counter() - started, 2)
     with atomic_directory(output, overwrite) as staging:
@@ -507,6 +516,7 @@ def _export_sequentially(
         calibration=windows.describe() if windows is not None else {},
         architecture=family_of(config).dense_causal_lm_class.__name__,
         output=str(output),
+        num_layers=config.num_hidden_layers,
     )
     report.seconds = round(time.perf_counter() - started, 2)
     with atomic_directory(output, overwrite) as staging:

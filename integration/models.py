@@ -28,6 +28,7 @@ from linearpatch.common.names import REPO_ID, is_repo_id
 from linearpatch.modeling import checkpoint_model_types, supported_model_types
 
 from .defaults import default_device
+from .shards import SafetensorsCheckpoint, refuse_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,80 @@ def load_config(name_or_path: str, kind: str | None = None):
     return config
 
 
+def fit_context(config, seq_len: int | None, default: int, option: str = "--seq-len") -> int:
+    """The window length to use: `seq_len` when the user gave one, else the device's `default` cut to the model's
+    context (`max_position_embeddings`), so that the defaults work on a short-context model.
+
+    A given length beyond the context is refused: positions the model never saw give meaningless statistics, and
+    attention over them grows quadratically (100,000 tokens does not finish).
+
+    Raises:
+        LinearPatchError: naming the option, the length and the context.
+    """
+    limit = getattr(config, "max_position_embeddings", None)
+    if seq_len is None:
+        return min(default, limit) if limit else default
+    if limit and seq_len > limit:
+        raise LinearPatchError(
+            f"{option} {seq_len} is longer than the model's context of {limit} tokens (max_position_embeddings): use "
+            f"{option} {limit} or less."
+        )
+    return seq_len
+
+
+def check_same_base(config, dense_config, dense: str, role: str) -> None:
+    """Refuse a dense model (a teacher, a `report --dense`) that is not of the checkpoint's family and shapes: its
+    statistics or logits would be compared with the pruned model's layer by layer and token by token.
+
+    Raises:
+        CheckpointMismatchError: naming every difference and the model to use instead.
+    """
+    from linearpatch.modeling import family_of
+
+    family = family_of(config).dense_model_type
+    differences = []
+    if dense_config.model_type != family:
+        differences.append(f"it is a {dense_config.model_type!r} model, the checkpoint a pruned {family!r} one")
+    for field, theirs in (
+        ("hidden_size", config.hidden_size),
+        ("intermediate_size", getattr(config, "intermediate_size", None)),
+        ("vocab_size", config.vocab_size),
+        ("num_hidden_layers", getattr(config, "original_num_hidden_layers", config.num_hidden_layers)),
+    ):
+        ours = getattr(dense_config, field, None)
+        if ours != theirs:
+            differences.append(f"{field} {ours} against {theirs}")
+    if differences:
+        origin = getattr(config, "base_model", None) or "the dense model it was pruned from"
+        raise CheckpointMismatchError(
+            f"The {role} {dense} is not the model this checkpoint was pruned from ({'; '.join(differences)}): use "
+            f"{origin}."
+        )
+
+
+def check_model_files(name_or_path: str, kind: str | None = None):
+    """Open and check a model input without loading its weights: its config and family (see [`load_config`]), and
+    for a local folder its safetensors files (every shard present and as long as its header says, every index entry
+    in its shard); for a patch adapter, the adapter's files and the checkpoint it belongs to. Commands run this on
+    every model they are given before the first forward pass of any.
+
+    Returns:
+        The model's config (for an adapter: its base checkpoint's).
+
+    Raises:
+        ModelNotFoundError, UnsupportedModelError, CheckpointMismatchError: naming the model and the fix.
+    """
+    if (Path(str(name_or_path)) / "adapter_config.json").exists() and kind not in ("dense", "teacher"):
+        from .distillation.adapter import check_adapter_files
+
+        return check_adapter_files(name_or_path)
+    config = load_config(name_or_path, kind)
+    path = Path(resolve_model(name_or_path))
+    if path.is_dir():
+        SafetensorsCheckpoint(path)
+    return config
+
+
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a model. It never runs remote code: a LinearPatch checkpoint's tokenizer is a stock one."""
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=False)
@@ -275,6 +350,8 @@ def load_model(
         raise
     if "device_map" not in kwargs:  # a device map placed every layer already (accelerate's big-model loading)
         model.to(device)
+    for name, tensor in model.state_dict().items():  # one pass over the weights: cheap next to any use of them
+        refuse_non_finite(f"{name_or_path}: {name}", tensor)
     return model.eval(), load_tokenizer(path)
 
 
@@ -300,12 +377,17 @@ def save_checkpoint(
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing folder.
         report (`PruneReport`, *optional*): written as `linearpatch_report.json`.
         extra_files (`dict[str, str]`, *optional*): more text files (name -> content).
+
+    Afterwards `model.name_or_path` is the folder, as after `from_pretrained`: an adapter trained on the model (see
+    [`distill`]) records it as its base.
     """
     files = dict(extra_files or {})
     if report is not None:
         files["linearpatch_report.json"] = report.to_json()
     with atomic_directory(output, overwrite) as staging:
         write_checkpoint_files(staging, model, tokenizer, files)
+    # The model now lives there, as if loaded from there: a PEFT adapter trained on it records this folder as its base.
+    model.name_or_path = model.config._name_or_path = str(Path(output).resolve())
     return Path(output)
 
 
@@ -314,6 +396,8 @@ def write_checkpoint_files(folder: Path, model, tokenizer=None, files: dict[str,
     folder; see [`save_checkpoint`] for the atomic version. `model` may be `None` when the weights were written
     otherwise (a sequential prune streams them)."""
     if model is not None:
+        for name, tensor in model.state_dict().items():
+            refuse_non_finite(name, tensor)
         model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -325,6 +409,9 @@ __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "cache_dir",
+    "fit_context",
+    "check_model_files",
+    "check_same_base",
     "embedded_name_for",
     "load_config",
     "load_model",

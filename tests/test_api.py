@@ -21,13 +21,18 @@ def test_api_and_cli_use_the_same_default_calibration(tiny_checkpoint, tmp_path)
     dense, tokenizer = linearpatch.load_model(str(tiny_checkpoint), device="cpu")
     _, report = linearpatch.prune(dense, tokenizer, num_layers=2, progress=False)
     cpu = CALIBRATION["cpu"]
-    assert (report.calibration["num_windows"], report.calibration["seq_len"]) == (cpu.num_samples, cpu.seq_len)
+    # The default windows, cut to the tiny model's context of 256 tokens (both ways alike).
+    context = dense.config.max_position_embeddings
+    assert cpu.seq_len > context and (report.calibration["num_windows"], report.calibration["seq_len"]) == (
+        cpu.num_samples,
+        context,
+    )
     assert main(["prune", str(tiny_checkpoint), "--num-layers", "2", "--output", str(tmp_path / "cli")]) == 0
     from_cli = json.loads((tmp_path / "cli" / "linearpatch_report.json").read_text())
     assert from_cli["calibration"] == {
         **from_cli["calibration"],
         "num_windows": cpu.num_samples,
-        "seq_len": cpu.seq_len,
+        "seq_len": context,
     }
     assert from_cli["calibration"]["sha256"] == report.calibration["sha256"]  # the very same windows
 

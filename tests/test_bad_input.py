@@ -220,6 +220,12 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def _ctrl_c_reaches_the_child() -> None:
+    # A shell starts background jobs with SIGINT ignored (`make test &`), and a child inherits that: Python then
+    # installs no KeyboardInterrupt handler, so the SIGINT these tests send would be lost and the run go on.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_long_distill(tiny_checkpoint, pruned_checkpoint, tmp_path) -> tuple[subprocess.Popen, int]:
     """A distill whose teacher cache takes long enough to be interrupted, returned once the teacher child has written
     its first shard; returns the process and the child's pid."""
@@ -230,6 +236,7 @@ def _start_long_distill(tiny_checkpoint, pruned_checkpoint, tmp_path) -> tuple[s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_reaches_the_child,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -260,7 +267,10 @@ def test_killed_distill_takes_its_teacher_child_with_it(tiny_checkpoint, pruned_
 def test_interrupted_distill_says_what_was_written_and_exits_130(tiny_checkpoint, pruned_checkpoint, tmp_path):
     process, child = _start_long_distill(tiny_checkpoint, pruned_checkpoint, tmp_path)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()  # no-op once it has exited
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "nothing was written" in stderr and "resumes on the next run" in stderr
     assert "Traceback" not in stderr
@@ -309,13 +319,17 @@ def test_ctrl_c_during_prune_exits_130_and_leaves_nothing(tiny_checkpoint, tmp_p
             + ["--num-samples", "40000", "--seq-len", "16", "--output", str(output)],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
+            preexec_fn=_ctrl_c_reaches_the_child,
         )
-        deadline = time.monotonic() + 300
-        while "calibration" not in log.read_text() and time.monotonic() < deadline:  # its progress bar is up
-            assert process.poll() is None, log.read_text()
-            time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=120)
+        try:
+            deadline = time.monotonic() + 300
+            while "calibration" not in log.read_text() and time.monotonic() < deadline:  # its progress bar is up
+                assert process.poll() is None, log.read_text()
+                time.sleep(0.2)
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=120)
+        finally:
+            process.kill()  # no-op once it has exited; a failed wait must not leave a 40000-window prune running
     text = log.read_text()
     assert process.returncode == 130, text
     assert "interrupted; nothing was written" in text and "Traceback" not in text

@@ -78,7 +78,7 @@ def test_cli_holds_no_training_saving_or_evaluation_logic():
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("linearpatch."):
             imported |= {alias.name for alias in node.names}
     choices = {"CALIBRATION", "DISTILLATION", "FIGURES", "PERPLEXITY", "TASK_LIMIT", "DEFAULT_CANDIDATES", "FOLDS"}
-    choices |= {"DEFAULT_TASKS", "PATCH_CHOICES", "SELECTION_METRICS"}
+    choices |= {"DEFAULT_TASKS", "PATCH_CHOICES", "SELECTION_METRICS", "METRIC_SCORES"}
     assert imported <= entry_points | choices | {"LinearPatchError", "ledger"}, imported - entry_points - choices
 
 

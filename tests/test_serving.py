@@ -5,6 +5,7 @@ families, and the remote-code files work under the transformers version vLLM pin
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -126,24 +127,44 @@ def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, smol
         assert (got - want).abs().max().item() <= 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def readme_serve_commands() -> list[str]:
+    """The README's `linearpatch serve ...` lines, without their comments."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("linearpatch serve ")]
 
 
-def test_linearpatch_serve_answers_like_transformers(serving_python, smollm2_pruned, tmp_path):
+@pytest.fixture(scope="module")
+def readme_folder(smollm2_pruned, tmp_path_factory):
+    """A working folder with the README's `pruned/` (the suite's SmolLM2 prune) and `pruned-stock/` (its export)."""
+    folder = tmp_path_factory.mktemp("readme-serving")
+    (folder / "pruned").symlink_to(smollm2_pruned)
+    export = ["export", str(smollm2_pruned), "--num-samples", "2", "--seq-len", "64", "--eval-windows", "0"]
+    assert main([*export, "--output", str(folder / "pruned-stock")]) == 0
+    return folder
+
+
+@pytest.mark.parametrize("command", readme_serve_commands())
+def test_the_readmes_serve_commands_answer_like_transformers(serving_python, readme_folder, tmp_path, command):
+    """Each `linearpatch serve ...` line of the README, exactly as written (in a folder where `pruned/` is the suite's
+    SmolLM2 prune and `pruned-stock/` its export, with vLLM's CPU memory left to linearpatch's defaults), answers the
+    OpenAI completions API with transformers' greedy tokens: the checkpoint through vLLM's Transformers backend (a
+    patch before kept layer 20 and one before the final norm), the export through vLLM's native kernels."""
     from transformers import AutoTokenizer
 
-    path, port = smollm2_pruned, _free_port()
+    served = command.split()[2]
+    port = int(re.search(r"--port (\d+)", command)[1])
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            pytest.fail(f"port {port}, which the README's serve command uses, is taken: free it to run this test")
+    environment = {key: value for key, value in os.environ.items() if key != "VLLM_CPU_KVCACHE_SPACE"}
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below, after the server
     server = subprocess.Popen(
-        [sys.executable, "-m", "linearpatch.cli", "serve", str(path), "--vllm", str(SERVING_VENV / "bin" / "vllm")]
-        + ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256"]
-        + ["--enforce-eager", "--gpu-memory-utilization", "0.3"],
+        ["bash", "-c", f"exec {command}"],
+        cwd=readme_folder,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **VLLM_ENV},
+        env=environment,
         start_new_session=True,  # its own process group: vLLM's engine processes are stopped with it
     )
     try:
@@ -156,7 +177,7 @@ def test_linearpatch_serve_answers_like_transformers(serving_python, smollm2_pru
             except OSError:
                 assert time.monotonic() < deadline, "vLLM did not start in time"
                 time.sleep(2)
-        request = {"model": str(path), "prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0}
+        request = {"model": served, "prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0}
         reply = urllib.request.urlopen(
             urllib.request.Request(
                 f"http://127.0.0.1:{port}/v1/completions",
@@ -173,9 +194,12 @@ def test_linearpatch_serve_answers_like_transformers(serving_python, smollm2_pru
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    started = (tmp_path / "serve.log").read_text()
+    assert "VLLM_CPU_KVCACHE_SPACE=2" in started and "--enforce-eager" in started  # the CPU defaults, said aloud
+    folder = readme_folder / served
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt_ids = [tokenizer(prompt).input_ids for prompt in PROMPTS]
-    want = [tokenizer.decode(ids) for ids in transformers_greedy(path, prompt_ids)]
+    want = [tokenizer.decode(ids) for ids in transformers_greedy(folder, prompt_ids)]
     assert [choice["text"] for choice in choices] == want
 
 

@@ -1,6 +1,6 @@
 """Distillation: the offline top-K teacher cache, the patch-only PEFT adapter and Trainer, `distill_checkpoint`."""
 
-from .adapter import base_identity, check_adapter_base, load_patch_adapter
+from .adapter import base_identity, check_adapter_base, load_patch_adapter, save_patch_adapter
 from .pipeline import DistillReport, build_cache_in_subprocess, distill_checkpoint
 from .teacher_cache import TeacherCacheDataset, TopKTeacherCache, build_teacher_cache
 from .trainer import TopKDistillationTrainer, distill, distillation_arguments, get_patch_peft_model, top_k_kl_loss
@@ -19,5 +19,6 @@ __all__ = [
     "distillation_arguments",
     "get_patch_peft_model",
     "load_patch_adapter",
+    "save_patch_adapter",
     "top_k_kl_loss",
 ]

@@ -10,13 +10,14 @@ by their weight names and shapes).
 import contextlib
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from linearpatch.common.errors import CheckpointMismatchError
+from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
 
 ADAPTER_RECORD = "linearpatch_adapter.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -33,14 +34,31 @@ def quiet_peft():
         yield
 
 
-def patch_weights(model) -> dict[str, torch.Tensor]:
-    """The patch matrices of a plain (not PEFT-wrapped) LinearPatch model, by parameter name."""
-    return {name: tensor for name, tensor in model.state_dict().items() if ".linear_patch." in name}
+_PATCH_KEY = re.compile(r"(model\.(?:layers\.\d+|norm))\.linear_patch\.")
+
+
+def canonical_patch_name(key: str) -> str | None:
+    """`model.layers.N.linear_patch.weight` (or `model.norm...`) for any key of that patch: PEFT-prefixed, the base
+    layer of an LN-tuning wrapper, or its trained copy; `None` for a key of anything else."""
+    match = _PATCH_KEY.search(key)
+    return f"{match[1]}.linear_patch.weight" if match else None
+
+
+def patch_weights(model, trained: bool = False) -> dict[str, torch.Tensor]:
+    """The patch matrices of a LinearPatch model, plain or PEFT-wrapped, by canonical name (see
+    [`canonical_patch_name`]): the model's own, or with `trained=True` the adapter's trained copies."""
+    weights = {}
+    for key, tensor in model.state_dict().items():
+        name = canonical_patch_name(key)
+        if name is not None and (".ln_tuning_layers." in key) == trained:
+            weights[name] = tensor
+    return weights
 
 
 def base_identity(model) -> dict:
     """What identifies a pruned checkpoint as an adapter's base: pruned layers, patch names and shapes, and the
-    SHA-256 of its patch weights (computed in float32, names sorted)."""
+    SHA-256 of its patch weights (computed in float32, names sorted). `model` may already be PEFT-wrapped: its base
+    layers are the checkpoint's patches."""
     weights = patch_weights(model)
     digest = hashlib.sha256()
     for name in sorted(weights):
@@ -59,9 +77,8 @@ def _adapter_patch_shapes(adapter_dir: Path) -> dict[str, list[int]]:
     shapes = {}
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as weights:
         for key in weights.keys():
-            marker = key.find("model.layers.") if "model.layers." in key else key.find("model.norm.")
-            if ".linear_patch." in key and marker >= 0:
-                name = key[marker:].split(".linear_patch.")[0] + ".linear_patch.weight"
+            name = canonical_patch_name(key)
+            if name is not None:
                 shapes[name] = list(weights.get_slice(key).get_shape())
     return shapes
 
@@ -109,20 +126,98 @@ def write_adapter_record(folder: str | Path, identity: dict, base_model: str | N
     (Path(folder) / ADAPTER_RECORD).write_text(json.dumps(record, indent=2))
 
 
-def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=torch.float32, device: str = "cpu"):
-    """Load a LinearPatch checkpoint, check that the adapter in `adapter_dir` belongs to it, and merge the adapter.
+def adapter_card(identity: dict, base_model: str | None, recipe: dict | None = None) -> str:
+    """The model card of a patch adapter: what it is, which checkpoint it belongs to, and how to load it."""
+    metadata = ["---", *([f"base_model: {base_model}"] if base_model else []), "library_name: peft", "tags:"]
+    metadata += ["- linearpatch", "- layer-pruning", "---", ""]
+    base = base_model or "the LinearPatch checkpoint it was trained on (see `linearpatch_adapter.json`)"
+    gaps = ", ".join(name.removesuffix(".linear_patch.weight") for name in identity["patch_shapes"])
+    lines = [
+        *metadata,
+        "# LinearPatch adapter",
+        "",
+        f"Distilled LinearPatch matrices for {base}: pruned layers {identity['pruned_layers']}, one patch per gap "
+        f"({gaps}). Only the patches are stored; merged, they replace the checkpoint's own.",
+        "",
+    ]
+    if recipe:
+        shown = {key: recipe[key] for key in sorted(recipe) if key != "log"}
+        lines += [f"Recipe: `{json.dumps(shown)}`", ""]
+    lines += [
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base_model or "PRUNED_CHECKPOINT"}", trust_remote_code=True)',
+        'model = PeftModel.from_pretrained(base, "THIS_ADAPTER").merge_and_unload()',
+        "```",
+        "",
+        "With linearpatch installed, `linearpatch eval THIS_ADAPTER` and `load_patch_adapter` first check that the "
+        "adapter belongs to its base (its pruned layers and a hash of the base's patches must match).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_adapter(
+    peft_model,
+    folder: str | Path,
+    identity: dict,
+    base_model: str | None,
+    base_model_path: str,
+    recipe: dict | None = None,
+) -> None:
+    """Save a trained patch adapter into an existing (staging) folder: the PEFT adapter whose
+    `base_model_name_or_path` is the pruned checkpoint, `linearpatch_adapter.json` and a model card."""
+    peft_model.peft_config["default"].base_model_name_or_path = base_model or base_model_path
+    with quiet_peft():
+        peft_model.save_pretrained(folder)
+    write_adapter_record(folder, identity, base_model, base_model_path)
+    (Path(folder) / "README.md").write_text(adapter_card(identity, base_model, recipe))
+
+
+def save_patch_adapter(peft_model, folder: str | Path, base: str | Path, overwrite: bool = False) -> Path:
+    r"""
+    Save the trained patches of `peft_model` (from [`distill`]) as an adapter that belongs to the pruned checkpoint
+    `base`: stock PEFT (`AutoPeftModelForCausalLM`, `PeftModel.from_pretrained`) and every linearpatch load path load
+    it, and linearpatch checks that it is loaded onto that checkpoint.
 
     Args:
-        adapter_dir (`str` or `Path`): a folder written by `linearpatch distill --adapter-only`.
-        base (`str`, *optional*): the pruned checkpoint (default: the one the adapter records).
+        peft_model (`PeftModel`): the trained model.
+        folder (`str` or `Path`): the adapter folder to create (atomically).
+        base (`str` or `Path`): where the pruned checkpoint is (a folder from [`save_checkpoint`], or its Hub id).
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing folder.
 
-    Returns:
-        `tuple[LinearPatchForCausalLM, tokenizer]`: the merged model, in eval mode.
+    Raises:
+        CheckpointMismatchError: if `base` is not the checkpoint the patches were trained on.
     """
-    from peft import PeftModel
+    from linearpatch.common.files import atomic_directory
+    from linearpatch.common.names import is_repo_id
 
-    from ..models import load_model
+    from ..models import load_config
 
+    identity = base_identity(peft_model.get_base_model())
+    config = load_config(str(base), kind="checkpoint")
+    if list(config.pruned_layers) != identity["pruned_layers"]:
+        raise CheckpointMismatchError(
+            f"{base} has pruned layers {list(config.pruned_layers)}, but the patches were trained on a model without "
+            f"layers {identity['pruned_layers']}: pass the checkpoint the model was saved to."
+        )
+    local = Path(str(base)).expanduser().exists()
+    base_path = str(Path(str(base)).expanduser().resolve()) if local else str(base)
+    hub_id = str(base) if not local and is_repo_id(str(base)) else None
+    with atomic_directory(folder, overwrite) as staging:
+        write_adapter(peft_model, staging, identity, hub_id, base_path)
+    return Path(folder)
+
+
+def adapter_base(adapter_dir: str | Path, base: str | None = None) -> str:
+    """The pruned checkpoint an adapter belongs to: `base` if given, else the one its `linearpatch_adapter.json`
+    records (local path first, then Hub id), else its PEFT `base_model_name_or_path`.
+
+    Raises:
+        CheckpointMismatchError: when it names none.
+    """
     adapter_dir = Path(adapter_dir)
     record_path = adapter_dir / ADAPTER_RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
@@ -134,7 +229,77 @@ def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=t
         raise CheckpointMismatchError(
             f"The adapter {adapter_dir} does not say which checkpoint it belongs to; pass it."
         )
-    model, tokenizer = load_model(source, dtype=dtype, device=device, kind="checkpoint")
+    return source
+
+
+def _expected_patch_shapes(config) -> dict[str, list[int]]:
+    """The patch names and shapes a checkpoint's config promises (what an adapter for it must hold)."""
+    shapes = {}
+    for position in config.patch_positions:
+        owner = f"model.layers.{position}" if position < config.num_hidden_layers else "model.norm"
+        shapes[f"{owner}.linear_patch.weight"] = [config.hidden_size, config.hidden_size]
+    return shapes
+
+
+def check_adapter_files(adapter_dir: str | Path):
+    """Check a patch adapter folder without loading any weights: its files, the checkpoint it belongs to (a
+    LinearPatch checkpoint whose files are complete), and that its patches fit that checkpoint's.
+
+    Returns:
+        The base checkpoint's config.
+
+    Raises:
+        CheckpointMismatchError: naming what is wrong and what to do.
+    """
+    from ..models import check_model_files
+    from ..shards import read_header
+
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointMismatchError(f"The adapter {adapter_dir} has no {ADAPTER_WEIGHTS}: save it again.")
+    read_header(weights)  # a truncated or corrupt file fails here
+    base = adapter_base(adapter_dir)
+    try:
+        config = check_model_files(base, kind="checkpoint")
+    except LinearPatchError as error:
+        raise CheckpointMismatchError(
+            f"The adapter {adapter_dir} names {base} as its base, which is not a usable LinearPatch checkpoint "
+            f"({_one_line(error)}). Save the adapter with `save_patch_adapter(model, folder, base=CHECKPOINT)` or "
+            "`linearpatch distill --adapter-only`."
+        ) from error
+    shapes, expected = _adapter_patch_shapes(adapter_dir), _expected_patch_shapes(config)
+    record_path = adapter_dir / ADAPTER_RECORD
+    recorded = json.loads(record_path.read_text()).get("pruned_layers") if record_path.exists() else None
+    if shapes != expected or (recorded is not None and recorded != list(config.pruned_layers)):
+        raise CheckpointMismatchError(
+            f"The adapter {adapter_dir} holds patches {_short(shapes)} but its base {base} has {_short(expected)}: it "
+            "belongs to a differently pruned model. Load it onto the checkpoint it was trained on."
+        )
+    return config
+
+
+def _one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=torch.float32, device: str = "cpu"):
+    """Load a LinearPatch checkpoint, check that the adapter in `adapter_dir` belongs to it, and merge the adapter.
+
+    Args:
+        adapter_dir (`str` or `Path`): a folder written by `linearpatch distill --adapter-only` or
+            [`save_patch_adapter`].
+        base (`str`, *optional*): the pruned checkpoint (default: the one the adapter records).
+
+    Returns:
+        `tuple[LinearPatchForCausalLM, tokenizer]`: the merged model, in eval mode.
+    """
+    from peft import PeftModel
+
+    from ..models import load_model
+
+    adapter_dir = Path(adapter_dir)
+    model, tokenizer = load_model(adapter_base(adapter_dir, base), dtype=dtype, device=device, kind="checkpoint")
     check_adapter_base(adapter_dir, model)
     with quiet_peft():
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
@@ -143,9 +308,15 @@ def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=t
 
 __all__ = [
     "ADAPTER_RECORD",
+    "adapter_card",
+    "adapter_base",
     "base_identity",
+    "canonical_patch_name",
     "check_adapter_base",
+    "check_adapter_files",
     "load_patch_adapter",
     "patch_weights",
+    "save_patch_adapter",
+    "write_adapter",
     "write_adapter_record",
 ]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
+from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError, OutputWriteError
 from linearpatch.common.files import (
     atomic_directory,
     check_output,
@@ -28,15 +28,15 @@ from linearpatch.common.files import (
     staging_path,
 )
 
-from ..data import token_windows
+from ..data import local_text_file, token_windows
 from ..defaults import distillation_sizes
 from ..layerwise import available_memory, memory_limit
 from ..shards import SafetensorsCheckpoint, format_size
-from .adapter import base_identity, write_adapter_record
+from .adapter import base_identity, patch_weights, write_adapter
 from .teacher_cache import MANIFEST, TopKTeacherCache
 from .trainer import distill
 
-logger = logging.getLogger("linearpatch")
+log = logging.getLogger("linearpatch")
 
 DISTILL_RECORD = "linearpatch_distill.json"
 
@@ -71,8 +71,11 @@ class DistillReport:
     steps: int = 0
     log: list[dict] = field(default_factory=list)
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -147,7 +150,7 @@ def check_teacher_matches(teacher: str, student_config, student_tokenizer) -> No
     Raises:
         CheckpointMismatchError: naming both vocabularies.
     """
-    from ..models import load_config, load_tokenizer
+    from ..models import check_same_base, load_config, load_tokenizer
 
     teacher_config = load_config(teacher, kind="dense")
     if teacher_config.vocab_size != student_config.vocab_size:
@@ -156,6 +159,7 @@ def check_teacher_matches(teacher: str, student_config, student_tokenizer) -> No
             f"{student_config.vocab_size}: distillation compares logits token by token, so use the dense model the "
             f"checkpoint was pruned from ({student_config.base_model or 'see its config'})."
         )
+    check_same_base(student_config, teacher_config, teacher, "teacher")
     if load_tokenizer(teacher).get_vocab() != student_tokenizer.get_vocab():
         raise CheckpointMismatchError(
             f"The teacher {teacher} and the student have different tokenizers (same size, different tokens): use the "
@@ -216,6 +220,7 @@ def distill_checkpoint(
     """
     from ..models import cache_dir as default_cache_dir
     from ..models import (
+        fit_context,
         load_config,
         load_model,
         load_tokenizer,
@@ -227,9 +232,7 @@ def distill_checkpoint(
     output = Path(output)
     check_output(output, overwrite)
     device = resolve_device(device)
-    for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("top_k", top_k)):
-        if value is not None and value < 1:
-            raise LinearPatchError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+    check_recipe(num_samples, seq_len, top_k, epochs, max_steps, lr, temperature)
     student_config = load_config(checkpoint, kind="checkpoint")
     if not student_config.patch_positions:
         raise LinearPatchError(f"{checkpoint} was pruned without patches (patch 'none'): there is nothing to train.")
@@ -244,6 +247,7 @@ def distill_checkpoint(
             "teacher": resolve_model(teacher),
             "teacher cache": cache_root,
             "work folder": work_dir if work_dir.exists() else None,
+            "training text": local_text_file(data),
         },
     )
     if resume and not work_dir.exists():
@@ -252,8 +256,11 @@ def distill_checkpoint(
     check_teacher_matches(teacher, student_config, student_tokenizer)
     sizes = distillation_sizes(device)
     num_samples = sizes.num_samples if num_samples is None else num_samples
-    seq_len = sizes.seq_len if seq_len is None else seq_len
+    seq_len = fit_context(student_config, seq_len, sizes.seq_len)
     windows = token_windows(data, student_tokenizer, num_samples, seq_len, seed=seed)
+    finished = work_dir / FINISHED_ADAPTER
+    if resume and finished.exists():
+        log.warning("linearpatch: %s holds finished training: writing the output from it, without training.", work_dir)
 
     student_bytes = SafetensorsCheckpoint(resolve_model(checkpoint)).nbytes(getattr(torch, dtype))
     spread = choose_device_map(student_bytes, device, max_memory)
@@ -281,19 +288,31 @@ def distill_checkpoint(
     if max_steps:
         overrides["max_steps"] = max_steps
     trainer_dir = work_dir if keep_work else staging_path(output.parent / f"{output.name}.work")
-    try:
-        model, history = distill(
-            student,
-            cache,
-            trainer_dir,
-            temperature,
-            resume_from_checkpoint=resume or None,
-            return_history=True,
-            **overrides,
-        )
-    finally:
-        if not keep_work:
-            shutil.rmtree(trainer_dir, ignore_errors=True)
+    initial = {name: tensor.detach().clone() for name, tensor in patch_weights(student).items()}
+    if resume and finished.exists():
+        model, history = _load_finished(student, finished)
+    else:
+        try:
+            model, history = distill(
+                student,
+                cache,
+                trainer_dir,
+                temperature,
+                resume_from_checkpoint=resume or None,
+                return_history=True,
+                **overrides,
+            )
+        except BaseException:
+            if keep_work and any(work_dir.glob("checkpoint-*")):
+                ledger.partial[str(work_dir)] = (
+                    "the Trainer checkpoints are kept: run the same command with --resume to continue"
+                )
+            raise
+        finally:
+            if not keep_work:
+                shutil.rmtree(trainer_dir, ignore_errors=True)
+    check_trained(model, initial, lr)
+    _keep_finished(model, history, finished)
     losses = [entry["loss"] for entry in history if "loss" in entry]
     summary = next((entry for entry in history if "train_loss" in entry), {})
     report = DistillReport(
@@ -313,24 +332,103 @@ def distill_checkpoint(
         steps=max((entry.get("step", 0) for entry in history), default=0),
         log=[entry for entry in history if "loss" in entry],
     )
-    with atomic_directory(output, overwrite) as staging:
-        if adapter_only:
-            base = resolve_model(checkpoint)
-            local = Path(base).exists()
-            base_path = str(Path(base).resolve()) if local else checkpoint
-            # A local path works on this machine; `linearpatch push --base-model ORG/NAME` replaces it for the Hub.
-            model.peft_config["default"].base_model_name_or_path = base_path
-            model.save_pretrained(staging)
-            write_adapter_record(staging, identity, None if local else checkpoint, base_path)
-            tokenizer.save_pretrained(staging)
-            (staging / DISTILL_RECORD).write_text(report.to_json())
-        else:
-            merged = model.merge_and_unload()
-            merged.config.patch_kind = f"{merged.config.patch_kind or 'hadamard'}+distilled"
-            write_checkpoint_files(staging, merged, tokenizer, {DISTILL_RECORD: report.to_json()})
-    if keep_work:
-        shutil.rmtree(work_dir, ignore_errors=True)  # the result is safe; the Trainer checkpoints are not needed
+    try:
+        with atomic_directory(output, overwrite) as staging:
+            if adapter_only:
+                base = resolve_model(checkpoint)
+                local = Path(base).exists()
+                base_path = str(Path(base).resolve()) if local else checkpoint
+                # A local path works on this machine; `linearpatch push --base-model ORG/NAME` replaces it for the
+                # Hub.
+                write_adapter(model, staging, identity, None if local else checkpoint, base_path, report.to_dict())
+                tokenizer.save_pretrained(staging)
+                (staging / DISTILL_RECORD).write_text(report.to_json())
+            else:
+                merged = model.merge_and_unload()
+                merged.config.patch_kind = f"{merged.config.patch_kind or 'hadamard'}+distilled"
+                write_checkpoint_files(staging, merged, tokenizer, {DISTILL_RECORD: report.to_json()})
+    except OutputWriteError as error:
+        if not finished.exists():
+            raise
+        ledger.partial[str(work_dir)] = "the finished training is kept"
+        raise OutputWriteError(
+            f"{error} The finished training is kept in {work_dir}: run the same command with --resume to write the "
+            "output without training again."
+        ) from error
+    shutil.rmtree(work_dir, ignore_errors=True)  # the result is safe; checkpoints and finished training are not needed
     return report
+
+
+def check_recipe(
+    num_samples: int | None,
+    seq_len: int | None,
+    top_k: int,
+    epochs: float,
+    max_steps: int,
+    lr: float,
+    temperature: float,
+) -> None:
+    """Refuse a recipe that cannot train (before the teacher cache is built).
+
+    Raises:
+        LinearPatchError: naming the option and a valid value.
+    """
+    for name, value in (("num_samples", num_samples), ("seq_len", seq_len), ("top_k", top_k)):
+        if value is not None and value < 1:
+            raise LinearPatchError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+    if not temperature > 0:
+        raise LinearPatchError(
+            f"--temperature {temperature} must be above 0: the logits are divided by it (1, the paper's, is usual)."
+        )
+    if not lr > 0:
+        raise LinearPatchError(f"--lr {lr} must be above 0 (the paper's is 1e-4).")
+    if not epochs > 0 and not max_steps:
+        raise LinearPatchError(f"--epochs {epochs} trains for zero steps: give a number above 0 (or --max-steps N).")
+
+
+def check_trained(model, initial: dict[str, torch.Tensor], lr: float) -> None:
+    """Refuse a training result that must not be written: non-finite patches, or patches no step changed.
+
+    Raises:
+        LinearPatchError: saying what happened and what to change.
+    """
+    trained = patch_weights(model, trained=True)
+    bad = [name for name, tensor in trained.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise LinearPatchError(
+            f"Training diverged: the patch {bad[0]} holds NaN or inf, so nothing was written. Lower --lr (now {lr})."
+        )
+    if trained.keys() != initial.keys() or all(torch.equal(trained[n].cpu(), initial[n].cpu()) for n in initial):
+        raise LinearPatchError("No training step changed the patches, so nothing was written: raise --epochs or --lr.")
+
+
+# In the work folder (OUTPUT.work): the trained patches and the log of a run whose output is not written yet.
+FINISHED_ADAPTER = "finished-adapter"
+
+
+def _keep_finished(model, history: list[dict], folder: Path) -> None:
+    """Save the trained patches (a few MB) before the output is written, so that a failed write loses no training."""
+    try:
+        staging = staging_path(folder)
+        model.save_pretrained(staging)
+        (staging / "log_history.json").write_text(json.dumps(history))
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(folder)
+    except Exception as error:  # the disk may already be full: the output write says so next
+        log.warning("linearpatch: could not keep the finished training in %s (%s)", folder, error)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_finished(student, folder: Path):
+    """The model and log of a finished training kept by [`_keep_finished`]."""
+    from peft import PeftModel
+
+    from .adapter import quiet_peft
+
+    with quiet_peft():
+        model = PeftModel.from_pretrained(student, str(folder))
+    return model, json.loads((folder / "log_history.json").read_text())
 
 
 def choose_device_map(model_bytes: int, device: str, max_memory: str | None) -> dict:
@@ -340,7 +438,7 @@ def choose_device_map(model_bytes: int, device: str, max_memory: str | None) -> 
     limit = memory_limit(device, max_memory)
     if model_bytes <= limit or torch.device(device).type == "cpu":
         return {}  # the CPU is the last tier: there is nowhere to spread to but disk
-    logger.warning(
+    log.warning(
         "linearpatch: the student (%s) does not fit in %s on %s: spreading it with device_map='auto'.",
         format_size(model_bytes),
         format_size(limit),
@@ -354,7 +452,9 @@ __all__ = [
     "DISTILL_RECORD",
     "DistillReport",
     "build_cache_in_subprocess",
+    "check_recipe",
     "check_teacher_matches",
+    "check_trained",
     "choose_device_map",
     "distill_checkpoint",
 ]

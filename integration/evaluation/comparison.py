@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
 from linearpatch.common.files import check_output, write_files_atomically
 
 from ..data import token_windows
 from ..defaults import DEFAULT_TASKS, perplexity_sizes, task_limit
-from ..models import load_config, load_model, load_tokenizer, resolve_device
+from ..models import check_model_files, fit_context, load_model, load_tokenizer, resolve_device
 from .perplexity import chunked_perplexity, corpus_perplexity, lm_eval_tasks
 from .tasks import OFFLINE_TASKS, chance_accuracy, task_manager
 
@@ -218,6 +219,20 @@ class ModelComparison:
     written: list[str] = field(default_factory=list)
 
 
+def check_same_vocabulary(name: str, config, baseline: str, baseline_config) -> None:
+    """Refuse a model whose vocabulary is not the baseline's: every model is scored on the baseline's tokens, and
+    retained performance compares like with like.
+
+    Raises:
+        CheckpointMismatchError: naming both vocabularies.
+    """
+    if config.vocab_size != baseline_config.vocab_size:
+        raise CheckpointMismatchError(
+            f"{name} has a vocabulary of {config.vocab_size} tokens and the baseline {baseline} "
+            f"{baseline_config.vocab_size}: compare a pruned model with the dense model it was pruned from."
+        )
+
+
 def _measure_tokens_per_second(model, seq_len: int) -> float:
     window = torch.randint(0, model.config.vocab_size, (1, min(seq_len, 256)), device=next(model.parameters()).device)
     with torch.no_grad():
@@ -265,16 +280,19 @@ def compare_models(
     """
     started = time.perf_counter()
     device = resolve_device(device)
+    if limit is not None and limit < -1:
+        raise LinearPatchError(f"--limit {limit}: give the documents per task (0: all; -1: the device's default).")
     if output is not None:
         for name in EVAL_FILES:
             check_output(Path(output) / name, overwrite)
-    for name in (baseline, *models):
-        if not (Path(name) / "adapter_config.json").exists():
-            load_config(name)
+    # Every model, adapter and export is opened and checked before the first forward pass of any of them.
+    dense_config = check_model_files(baseline)
+    for name in models:
+        check_same_vocabulary(name, check_model_files(name), baseline, dense_config)
     limit = task_limit(device) if limit == -1 else (limit or None)
     sizes = perplexity_sizes(device)
     perplexity_windows = sizes.num_samples if perplexity_windows is None else perplexity_windows
-    seq_len = sizes.seq_len if seq_len is None else seq_len
+    seq_len = fit_context(dense_config, seq_len, sizes.seq_len)
     if tasks:
         task_manager(list(tasks))
     tokenizer = load_tokenizer(baseline)
@@ -331,6 +349,7 @@ __all__ = [
     "compare_models",
     "average_accuracy",
     "chance_flags",
+    "check_same_vocabulary",
     "comparison",
     "evaluate_model",
     "markdown_table",

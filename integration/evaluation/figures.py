@@ -325,14 +325,22 @@ def plot_checkpoint(
 
     from ..data import token_windows
     from ..defaults import figure_sizes
-    from ..models import embedded_name_for, load_config, load_model, load_tokenizer, resolve_device
+    from ..models import (
+        check_model_files,
+        check_same_base,
+        embedded_name_for,
+        fit_context,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+    )
 
     device = resolve_device(device)
-    config = load_config(checkpoint, kind="checkpoint")
+    config = check_model_files(checkpoint, kind="checkpoint")
     dense = dense or embedded_name_for(config.base_model)
     if not dense:
         raise LinearPatchError(f"{checkpoint} does not record its dense model; pass --dense MODEL.")
-    load_config(dense, kind="dense")
+    check_same_base(config, check_model_files(dense, kind="dense"), dense, "dense model")
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise LinearPatchError(f"{checkpoint} is not a local folder: pull it first (`linearpatch pull`).")
@@ -343,7 +351,7 @@ def plot_checkpoint(
         check_output(folder / name, overwrite)
     sizes = figure_sizes(device)
     num_samples = sizes.num_samples if num_samples is None else num_samples
-    seq_len = sizes.seq_len if seq_len is None else seq_len
+    seq_len = fit_context(config, seq_len, sizes.seq_len)
     windows = token_windows(data, load_tokenizer(checkpoint), num_samples, seq_len, seed=seed)
     patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
     dense_model, _ = load_model(dense, device=device, kind="dense")

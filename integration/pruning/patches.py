@@ -2,12 +2,10 @@
 
 import torch
 
+from ..choices import PATCH_CHOICES, PATCH_KINDS
 from .calibration import CalibrationStatistics
 from .hadamard import hadamard_matrix
 
-PATCH_KINDS = ("hadamard", "diag", "scalar", "lstsq", "none")
-# What `prune` accepts: a kind above, or `auto` (each kind fitted and the best on held-out windows kept, `search.py`).
-PATCH_CHOICES = (*PATCH_KINDS, "auto")
 # The lstsq regulariser, relative to the mean diagonal of X^T X (`--patch auto` also tries a grid around it).
 DEFAULT_RIDGE = 1e-2
 _EPS = 1e-12

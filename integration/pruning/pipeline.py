@@ -15,9 +15,10 @@ from transformers import PreTrainedModel
 
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import atomic_directory, check_output, refuse_overlap
+from linearpatch.common.names import is_repo_id
 from linearpatch.modeling import contiguous_gaps, normalize_pruned_layers, prune_layers
 
-from ..data import TokenWindows, token_windows
+from ..data import TokenWindows, local_text_file, token_windows
 from ..defaults import calibration_sizes, figure_sizes, perplexity_sizes
 from ..layerwise import choose_sequential
 from ..shards import SafetensorsCheckpoint, parse_size
@@ -99,6 +100,31 @@ class PruneReport:
         held-out perplexity)."""
         reverse = self.metric == "cosine"
         return sorted(self.candidate_scores.items(), key=lambda item: item[1], reverse=reverse)[:count]
+
+
+def check_choice_options(
+    layers: list[int] | None,
+    metric: str | None,
+    patch: str | None,
+    target_ppl_ratio: float | None,
+    holdout: int | None,
+) -> None:
+    """Refuse options the request would ignore: a metric for explicit layers (nothing is chosen), a held-out count
+    when nothing is scored on held-out windows.
+
+    Raises:
+        LinearPatchError: naming the options and what to drop.
+    """
+    if layers is not None and metric is not None:
+        raise LinearPatchError(
+            f"--metric {metric} chooses which layers to drop, but --layers names them: drop one of the two (with "
+            "--layers, --patch auto still chooses the patch by held-out perplexity)."
+        )
+    if holdout is not None and not chooses_by_outcome(metric, patch, target_ppl_ratio):
+        raise LinearPatchError(
+            "--holdout sets the windows that --metric loss, --patch auto and --target-ppl-ratio score on; without one "
+            "of them nothing is held out: drop --holdout, or add one of them."
+        )
 
 
 def resolve_choice(metric: str | None, patch: str | None, target_ppl_ratio: float | None) -> tuple[str, str]:
@@ -200,10 +226,11 @@ def prune(
     Returns:
         `tuple[PreTrainedModel, PruneReport]`: the family's LinearPatch causal LM and the report.
     """
-    from ..models import portable_model_id
+    from ..models import fit_context, portable_model_id
 
     started = time.perf_counter()
     total = model.config.num_hidden_layers
+    check_choice_options(layers, metric, patch, target_ppl_ratio, holdout)
     metric, patch = resolve_choice(metric, patch, target_ppl_ratio)
     explicit = check_prune_arguments(
         num_layers, layers, metric, patch, total, model.config.hidden_size, target_ppl_ratio
@@ -218,7 +245,7 @@ def prune(
             calibration,
             tokenizer,
             sizes.num_samples if num_samples is None else num_samples,
-            sizes.seq_len if seq_len is None else seq_len,
+            fit_context(model.config, seq_len, sizes.seq_len),
             seed=seed,
         )
 
@@ -236,6 +263,7 @@ def prune(
         holdout=holdout,
         candidates=candidates,
     )
+    plan.check_finite()
     metadata = dict(base_model=base_model, selection_metric=plan.metric, patch_kind=plan.patch_kind)
     pruned = prune_layers(model, plan.layers, patches=plan.patches, add_patches=plan.patches is not None, **metadata)
     return pruned, _report(base_model, total, plan, started)
@@ -272,6 +300,19 @@ class PruningPlan:
     candidate_patches: dict[int, dict[str, float]] = field(default_factory=dict)
     holdout: dict = field(default_factory=dict)
     depth_curve: list[dict] = field(default_factory=list)
+
+    def check_finite(self) -> None:
+        """Refuse a patch with NaN or inf entries (activations of corrupt weights), before anything is written.
+
+        Raises:
+            LinearPatchError: naming the gap.
+        """
+        for (start, end), patch in zip(contiguous_gaps(self.layers), self.patches or [], strict=False):
+            if not torch.isfinite(patch).all():
+                raise LinearPatchError(
+                    f"The patch for layers {start}..{end - 1} holds NaN or inf: the dense model's activations do (its "
+                    "weights are likely corrupt; download them again). Nothing was written."
+                )
 
     @property
     def patch_kind(self) -> str:
@@ -594,6 +635,7 @@ def prune_checkpoint(
     """
     from ..evaluation.perplexity import chunked_perplexity
     from ..models import (
+        fit_context,
         load_config,
         load_model,
         load_tokenizer,
@@ -606,8 +648,16 @@ def prune_checkpoint(
     output = Path(output)
     check_output(output, overwrite)
     device = resolve_device(device)
+    check_choice_options(layers, metric, patch, target_ppl_ratio, holdout)
+    if base_model is not None and not is_repo_id(base_model):
+        raise LinearPatchError(
+            f"--base-model {base_model!r} is not a Hub repo id (org/name): it is recorded so that another machine "
+            "can find the dense model."
+        )
     config = load_config(model, kind="dense")
-    refuse_overlap(output, {"dense model": resolve_model(model)})
+    inputs = {"dense model": resolve_model(model), "calibration text": local_text_file(calibration)}
+    inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in eval_corpora if eval_windows}
+    refuse_overlap(output, inputs)
     metric, patch = resolve_choice(metric, patch, target_ppl_ratio)
     explicit = check_prune_arguments(
         num_layers, layers, metric, patch, config.num_hidden_layers, config.hidden_size, target_ppl_ratio
@@ -625,13 +675,14 @@ def prune_checkpoint(
         )
     sizes = calibration_sizes(device)
     num_samples = sizes.num_samples if num_samples is None else num_samples
-    seq_len = sizes.seq_len if seq_len is None else seq_len
+    seq_len = fit_context(config, seq_len, sizes.seq_len)
+    if eval_windows:
+        eval_seq_len = fit_context(config, eval_seq_len, perplexity_sizes(device).seq_len, "--eval-seq-len")
     tokenizer = load_tokenizer(model)
     needs_calibration = explicit is None or patch != "none" or chooses_by_outcome(metric, patch, target_ppl_ratio)
     windows = token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed) if needs_calibration else None
     if chooses_by_outcome(metric, patch, target_ppl_ratio):
         split_holdout(windows, holdout)  # too few windows to hold some out fails here, before the model loads
-    eval_seq_len = perplexity_sizes(device).seq_len if eval_seq_len is None else eval_seq_len
     evaluation_windows = {}
     if eval_windows:
         evaluation_windows = {
@@ -671,7 +722,7 @@ def prune_checkpoint(
         tokenizer,
         num_layers=num_layers,
         layers=explicit,
-        metric=metric,
+        metric=None if explicit is not None else metric,  # explicit layers are chosen by nothing
         patch=patch,
         calibration=windows if windows is not None else calibration,
         seed=seed,
@@ -730,6 +781,7 @@ def _prune_sequentially(
     started = time.perf_counter()
     with layerwise_model(checkpoint.folder, dtype=dtype, device=device, progress=progress) as skeleton:
         plan = plan_pruning(skeleton, windows, explicit, num_layers, metric, patch, progress=progress)
+    plan.check_finite()
     metadata = dict(base_model=base_model, selection_metric=plan.metric, patch_kind=plan.patch_kind)
     pruned = pruned_config(config, plan.layers, add_patches=plan.patches is not None, **metadata)
     try:
@@ -759,6 +811,7 @@ __all__ = [
     "DEFAULT_CALIBRATION",
     "PruneReport",
     "PruningPlan",
+    "check_choice_options",
     "check_prune_arguments",
     "choose_sequential",
     "chooses_by_outcome",

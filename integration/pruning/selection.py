@@ -2,11 +2,8 @@
 
 import torch
 
+from ..choices import METRICS, SELECTION_METRICS
 from .calibration import CalibrationStatistics
-
-METRICS = ("cosine", "angular", "block-influence")
-# What `prune` accepts: the proxies above and `loss`, the held-out perplexity of each candidate (`search.py`).
-SELECTION_METRICS = (*METRICS, "loss")
 
 
 def parse_layers(text: str) -> list[int]:

@@ -1,0 +1,23 @@
+"""The names the command line and the Python API offer (patch kinds, selection metrics, export folds), importable
+without torch or transformers: `linearpatch --help` shows them at once. The code that implements each lives in its
+own module (`pruning/patches.py`, `pruning/selection.py`, `pruning/search.py`, `export.py`)."""
+
+# Training-free patch kinds (`pruning/patches.py`).
+PATCH_KINDS = ("hadamard", "diag", "scalar", "lstsq", "none")
+# What `prune` accepts: a kind above, or `auto` (each kind fitted and the best on held-out windows kept, `search.py`).
+PATCH_CHOICES = (*PATCH_KINDS, "auto")
+# Proxies that score a block from one calibration pass (`pruning/selection.py`).
+METRICS = ("cosine", "angular", "block-influence")
+# What `prune` accepts: the proxies above and `loss`, the held-out perplexity of each candidate (`search.py`).
+SELECTION_METRICS = (*METRICS, "loss")
+# What a candidate's score is, per metric, and which way is better (reports and the CLI say it beside the scores).
+METRIC_SCORES = {
+    "cosine": "block start: cosine of the block's input and output, higher is better",
+    "angular": "block start: angular distance of the block's input and output, lower is better",
+    "block-influence": "layer: block influence (1 - cosine of its input and output), lower is better",
+    "loss": "block start: held-out perplexity of the patched model, lower is better",
+}
+# How `export` folds a patch into the stock architecture (`export.py`).
+FOLDS = ("down-proj", "scalar")
+
+__all__ = ["FOLDS", "METRICS", "METRIC_SCORES", "PATCH_CHOICES", "PATCH_KINDS", "SELECTION_METRICS"]
