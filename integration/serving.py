@@ -51,7 +51,9 @@ def serve_command(checkpoint: str | Path, vllm: str | Path, extra: list[str] | t
     if not config_path.exists():
         raise LinearPatchError(f"{checkpoint} is not a model folder (no config.json); pass a checkpoint folder.")
     config = json.loads(config_path.read_text())
-    command = [str(vllm), "serve", str(folder)]
+    # As typed (`pruned/`, not Path's `pruned`): vLLM serves the model under this name, and the OpenAI API's
+    # "model" field must repeat it exactly.
+    command = [str(vllm), "serve", str(checkpoint)]
     if str(config.get("model_type")).startswith("linearpatch_"):
         command += ["--trust-remote-code", "--model-impl", "transformers"]
     elif not (folder / EXPORT_RECORD).exists():
