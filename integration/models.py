@@ -274,6 +274,11 @@ def check_same_base(config, dense_config, dense: str, role: str) -> None:
         )
 
 
+def _is_patch_adapter(name_or_path: str, kind: str | None) -> bool:
+    """Whether a model input is a patch adapter folder (a dense model or teacher never is one)."""
+    return (Path(str(name_or_path)) / "adapter_config.json").exists() and kind not in ("dense", "teacher")
+
+
 def check_model_files(name_or_path: str, kind: str | None = None):
     """Open and check a model input without loading its weights: its config and family (see [`load_config`]), and
     for a local folder its safetensors files (every shard present and as long as its header says, every index entry
@@ -286,7 +291,7 @@ def check_model_files(name_or_path: str, kind: str | None = None):
     Raises:
         ModelNotFoundError, UnsupportedModelError, CheckpointMismatchError: naming the model and the fix.
     """
-    if (Path(str(name_or_path)) / "adapter_config.json").exists() and kind not in ("dense", "teacher"):
+    if _is_patch_adapter(name_or_path, kind):
         from .distillation.adapter import check_adapter_files
 
         return check_adapter_files(name_or_path)
@@ -327,8 +332,7 @@ def load_model(
     device = resolve_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    adapter = Path(str(name_or_path)) / "adapter_config.json"
-    if adapter.exists() and kind not in ("dense", "teacher"):
+    if _is_patch_adapter(name_or_path, kind):
         from .distillation.adapter import load_patch_adapter
 
         return load_patch_adapter(name_or_path, dtype=dtype, device=device)
