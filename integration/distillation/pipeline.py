@@ -259,7 +259,8 @@ def distill_checkpoint(
     seq_len = fit_context(student_config, seq_len, sizes.seq_len)
     windows = token_windows(data, student_tokenizer, num_samples, seq_len, seed=seed)
     finished = work_dir / FINISHED_ADAPTER
-    if resume and finished.exists():
+    from_finished = resume and finished.exists()
+    if from_finished:
         log.warning("linearpatch: %s holds finished training: writing the output from it, without training.", work_dir)
 
     student_bytes = SafetensorsCheckpoint(resolve_model(checkpoint)).nbytes(getattr(torch, dtype))
@@ -289,7 +290,7 @@ def distill_checkpoint(
         overrides["max_steps"] = max_steps
     trainer_dir = work_dir if keep_work else staging_path(output.parent / f"{output.name}.work")
     initial = {name: tensor.detach().clone() for name, tensor in patch_weights(student).items()}
-    if resume and finished.exists():
+    if from_finished:
         model, history = _load_finished(student, finished)
     else:
         try:
@@ -312,7 +313,8 @@ def distill_checkpoint(
             if not keep_work:
                 shutil.rmtree(trainer_dir, ignore_errors=True)
     check_trained(model, initial, lr)
-    _keep_finished(model, history, finished)
+    if not from_finished:  # a resumed run's finished training is already there
+        _keep_finished(model, history, finished)
     losses = [entry["loss"] for entry in history if "loss" in entry]
     summary = next((entry for entry in history if "train_loss" in entry), {})
     report = DistillReport(
