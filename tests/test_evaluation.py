@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,18 +71,27 @@ def test_offline_tasks_are_built_from_installed_packages(tmp_path):
     assert len(mmlu_dev_documents()) > 250
 
 
-def test_lm_eval_in_memory_on_tiny_model(tmp_path, smollm2_tokenizer):
+def test_lm_eval_in_memory_on_tiny_model_forks_nothing(tmp_path, smollm2_tokenizer, monkeypatch):
+    # lm-eval would bootstrap wiki_last_word's perplexity stderr in a fork pool; a fork of a process with running torch
+    # threads can hang (it did in CI), so evaluation must not fork at all.
+    def no_fork(*args, **kwargs):
+        raise AssertionError("lm_eval_tasks forked a process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
     model = tiny_llama(vocab_size=len(smollm2_tokenizer))
     scores = lm_eval_tasks(
         model,
         smollm2_tokenizer,
-        ["wiki_next_sentence"],
+        ["wiki_next_sentence", "wiki_last_word"],
         limit=8,
         batch_size=4,
         include_path=str(build_offline_tasks(tmp_path, num_documents=20)),
     )
     assert set(scores["wiki_next_sentence"]) >= {"acc", "acc_norm"}
     assert 0.0 <= scores["wiki_next_sentence"]["acc"] <= 1.0
+    # The bootstrapped standard error is still there, and finite.
+    assert 0.0 < scores["wiki_last_word"]["perplexity_stderr"] < float("inf")
+    assert "DISABLE_MULTIPROC" not in os.environ  # the switch does not outlive the call
 
 
 def test_lm_eval_cli_runs_on_saved_patched_checkpoint(tiny_checkpoint, tmp_path):

@@ -11,6 +11,7 @@ and checked by the bench (`python -m bench --check`); the demo, the main job, ru
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,22 @@ def embedded_stand_in(home: Path, tokenizer) -> Path:
     return cache
 
 
+def run_or_dump(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run`, except that a command still running after `timeout` seconds has every Python process it
+    started print each thread's stack (faulthandler, on SIGABRT) before the test fails: a hang names where it waits."""
+    env = {**kwargs.pop("env"), "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        out, err = process.communicate()
+        return subprocess.CompletedProcess(command, -signal.SIGABRT, out, f"timed out after {timeout} s\n{err}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 @pytest.mark.parametrize("chain", list(EXPECTED))
 def test_readme_examples_run_as_written(chain, tmp_path, smollm2_tokenizer):
     server, state, endpoint = start_hub_server()
@@ -121,8 +138,8 @@ def test_readme_examples_run_as_written(chain, tmp_path, smollm2_tokenizer):
                 command = [sys.executable, "-c", python_code]
             else:
                 continue
-            result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
-            assert result.returncode == 0, f"{code}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            result = run_or_dump(command, cwd=work, env=env, timeout=600)
+            assert result.returncode == 0, f"{code}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     finally:
         server.shutdown()
     for path in EXPECTED[chain]:

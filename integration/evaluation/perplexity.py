@@ -1,6 +1,7 @@
 """Perplexity as the paper reports it: non-overlapping windows over a concatenated corpus, token-level mean NLL."""
 
 import math
+import os
 
 import torch
 from tqdm.auto import tqdm
@@ -53,6 +54,14 @@ def corpus_perplexity(
     )
 
 
+# lm-eval estimates the standard error of a perplexity metric (wiki_last_word's) by resampling the per-document scores:
+# 100000 times by default, in a fork pool of one process per core. Forking a process whose torch and tokenizer threads
+# are running can leave a child stuck on a lock it inherited held, and the pool's shutdown waiting on it forever (CI's
+# `linearpatch eval` hung 20 minutes, twice; reproduced here: the worker on a futex, the parent in waitpid). So the
+# resampling stays in this process; 1000 resamples give the standard error to about 2%.
+BOOTSTRAP_ITERS = 1000
+
+
 def lm_eval_tasks(
     model,
     tokenizer,
@@ -64,7 +73,8 @@ def lm_eval_tasks(
     """Run lm-eval on an in-memory model; return `{task: {"acc": .., "acc_stderr": .., "acc_norm": .., ...}}`.
 
     Offline tasks (see `tasks.OFFLINE_TASKS`) are built on first use; other names are lm-eval's own tasks (they
-    download their data from the Hub).
+    download their data from the Hub). Nothing is forked: bootstrapped standard errors use `BOOTSTRAP_ITERS`
+    resamples in this process.
     """
     from unittest import mock
 
@@ -84,9 +94,15 @@ def lm_eval_tasks(
     with (
         mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", no_git),
         mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", no_git),
+        mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}),  # lm-eval's switch to resample without a pool
     ):
         results = simple_evaluate(
-            model=wrapped, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False
+            model=wrapped,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=BOOTSTRAP_ITERS,
         )
     scores = {}
     for task, values in results["results"].items():
