@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVING_VENV := .venv-serving
 SERVING_STAMP := $(SERVING_VENV)/.installed
 
-.PHONY: setup serving demo test test-fast lint bench bench-check clean
+.PHONY: setup serving environments demo test test-fast lint bench bench-check clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,11 @@ demo: $(STAMP)
 PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-test: $(STAMP) $(SERVING_STAMP)
+# Both environments side by side: pip spends most of an install on one core (unpacking, compiling bytecode).
+environments:
+	$(MAKE) -j2 $(STAMP) $(SERVING_STAMP)
+
+test: environments
 	$(VENV)/bin/ruff check .
 	$(PYTEST) tests
 

@@ -13,6 +13,13 @@ os.environ.setdefault("HF_MODULES_CACHE", str(Path(_HF_HOME) / "modules"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist, one torch thread per core in all: each worker's torch, and every CLI process a test starts (they
+# inherit this), would otherwise start one OpenMP thread per core, and 4 threads on 2 cores spin against each other
+# (measured, test_families + test_search + test_sequential at -n 2: 237 s with the default, 166 s with one each; -n 3
+# with one each: 165 s). Set before anything imports torch.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest  # noqa: E402
 from helpers import SMOLLM2_PRUNE, tiny_llama  # noqa: E402
