@@ -3,9 +3,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -92,46 +89,6 @@ def test_lm_eval_in_memory_on_tiny_model_forks_nothing(tmp_path, smollm2_tokeniz
     # The bootstrapped standard error is still there, and finite.
     assert 0.0 < scores["wiki_last_word"]["perplexity_stderr"] < float("inf")
     assert "DISABLE_MULTIPROC" not in os.environ  # the switch does not outlive the call
-
-
-def test_lm_eval_cli_runs_on_saved_patched_checkpoint(tiny_checkpoint, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
-    patched = prune_layers(dense, [2, 3], patches=[random_patch(64, 1)])
-    patched.save_pretrained(tmp_path / "patched")
-    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(tmp_path / "patched")
-    tasks = build_offline_tasks(tmp_path / "tasks", num_documents=20)
-    lm_eval = Path(sys.executable).parent / "lm-eval"
-    result = subprocess.run(
-        [
-            str(lm_eval),
-            "run",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={tmp_path / 'patched'},trust_remote_code=True,dtype=float32",
-            "--tasks",
-            "wiki_next_sentence",
-            "--include_path",
-            str(tasks),
-            "--limit",
-            "4",
-            "--device",
-            "cpu",
-            "--output_path",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = list((tmp_path / "out").rglob("results_*.json"))
-    assert results, result.stdout[-2000:]
-    data = json.loads(results[0].read_text())
-    assert "acc,none" in data["results"]["wiki_next_sentence"]
 
 
 def test_plots_show_the_statistics(tmp_path):

@@ -234,7 +234,7 @@ def _limited_run(arguments: list[str], limit: int = 2_000_000) -> subprocess.Com
     )
 
 
-def test_a_full_disk_is_one_line_and_distill_keeps_its_training(tiny_checkpoint, pruned, tmp_path):
+def test_a_full_disk_is_one_line_and_distill_keeps_its_training(tiny_checkpoint, pruned, tmp_path, linearpatch_cli):
     from linearpatch.integration.data import load_texts
 
     load_texts("wikipedia-calibration")  # its cache is written here, not under the limit below
@@ -252,9 +252,7 @@ def test_a_full_disk_is_one_line_and_distill_keeps_its_training(tiny_checkpoint,
     result = _limited_run(distill)
     assert_one_line_error(result.returncode, result.stderr, "Could not write", "--resume")
     assert (tmp_path / "distilled.work" / "finished-adapter").is_dir() and not output.exists()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "linearpatch.cli", *distill, "--resume"], capture_output=True, text=True, timeout=600
-    )
+    resumed = linearpatch_cli(*distill, "--resume")  # the disk has room again
     assert resumed.returncode == 0, resumed.stderr
     assert "without training" in resumed.stderr and "'loss'" not in resumed.stdout  # no step ran
     assert (output / "model.safetensors").exists() and not (tmp_path / "distilled.work").exists()

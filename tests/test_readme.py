@@ -11,6 +11,7 @@ and checked by the bench (`python -m bench --check`); the demo, the main job, ru
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -106,17 +107,49 @@ def run_or_dump(command: list[str], timeout: float, **kwargs) -> subprocess.Comp
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
+# `linearpatch` commands that run in this process, through `main` with the words as typed (like the `linearpatch_cli`
+# fixture): a new interpreter per command costs seconds of imports. `push` and `pull` start one, as a user's shell
+# would: huggingface_hub fixes the Hub's address and caches when it is imported. So do lm-eval's CLI and the Python
+# blocks (a fresh session, where the package-free reload is the point).
+IN_PROCESS = {"prune", "distill", "eval", "report", "export"}
+
+
+def shell_commands(code: str) -> list[str]:
+    """The commands of a bash block: continued lines joined, blank and comment-only lines dropped."""
+    lines = code.replace("\\\n", " ").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def runs_in_process(command: str) -> list[str] | None:
+    """The arguments of `linearpatch COMMAND ...` when it can run through `main`; None for anything a shell must
+    expand or another program runs."""
+    if any(mark in command for mark in "~$|&;<>`"):
+        return None
+    words = shlex.split(command, comments=True)
+    return words[1:] if words[:1] == ["linearpatch"] and words[1:2] and words[1] in IN_PROCESS else None
+
+
+def test_readme_commands_are_split_as_a_shell_would():
+    block = "linearpatch eval a/ b/ --output e/   # JSON\n\n# note\nlm-eval run --tasks t \\\n    --limit 10\n"
+    assert shell_commands(block) == [
+        "linearpatch eval a/ b/ --output e/   # JSON",
+        "lm-eval run --tasks t      --limit 10",
+    ]
+    assert runs_in_process(shell_commands(block)[0]) == ["eval", "a/", "b/", "--output", "e/"]
+    assert runs_in_process("lm-eval run --include_path ~/x") is None
+    assert runs_in_process("linearpatch push distilled/ my-org/x") is None
+
+
 @pytest.mark.parametrize("chain", list(EXPECTED))
-def test_readme_examples_run_as_written(chain, tmp_path, smollm2_tokenizer):
+def test_readme_examples_run_as_written(chain, tmp_path, smollm2_tokenizer, linearpatch_cli, monkeypatch):
     server, state, endpoint = start_hub_server()
     # `~` in the README's commands is this home: the stand-in's cache, and the offline task folder `eval` builds there.
     home = tmp_path / "home"
     cache = embedded_stand_in(home, smollm2_tokenizer)
+    ours = {"HOME": str(home), "LINEARPATCH_CACHE": str(cache), "LINEARPATCH_QUICK": "1"}
     env = {
         **os.environ,
-        "HOME": str(home),
-        "LINEARPATCH_CACHE": str(cache),
-        "LINEARPATCH_QUICK": "1",
+        **ours,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "HF_ENDPOINT": endpoint,
         "HF_HOME": str(tmp_path / "hf-home"),
@@ -130,19 +163,36 @@ def test_readme_examples_run_as_written(chain, tmp_path, smollm2_tokenizer):
     blocks = [(language, code) for section, language, code in readme_blocks() if chain_of(section) == chain]
     python = [index for index, (language, _) in enumerate(blocks) if language == "python"]
     python_code = "\n".join(blocks[index][1] for index in python)
+
+    printed = {}  # command -> what it printed
+
+    def run(command: list[str], shown: str) -> None:
+        result = run_or_dump(command, cwd=work, env=env, timeout=600)
+        assert result.returncode == 0, f"{shown}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        printed[shown] = result.stdout
+
     try:
         for index, (language, code) in enumerate(blocks):
-            if language == "bash":
-                command = ["bash", "-e", "-o", "pipefail", "-c", code]
-            elif index == python[-1]:  # the Python blocks are one session, like a notebook
-                command = [sys.executable, "-c", python_code]
-            else:
-                continue
-            result = run_or_dump(command, cwd=work, env=env, timeout=600)
-            assert result.returncode == 0, f"{code}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+            if language == "python" and index == python[-1]:  # the Python blocks are one session, like a notebook
+                run([sys.executable, "-c", python_code], python_code)
+            elif language == "bash":
+                for command in shell_commands(code):
+                    arguments = runs_in_process(command)
+                    if arguments is None:
+                        run(["bash", "-e", "-o", "pipefail", "-c", command], command)
+                        continue
+                    with monkeypatch.context() as patched:
+                        patched.chdir(work)
+                        for name, value in ours.items():
+                            patched.setenv(name, value)
+                        result = linearpatch_cli(*arguments)
+                    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     finally:
         server.shutdown()
     for path in EXPECTED[chain]:
         assert (work / path).exists(), path
     if chain == "use":
         assert {"my-org/smollm2-pruned-linearpatch", "my-org/smollm2-patch-adapter"} <= set(state.repos)
+        # lm-eval's own CLI loaded pruned/ with trust_remote_code and scored the offline task: its results table.
+        (table,) = [out for command, out in printed.items() if command.startswith("lm-eval run")]
+        assert re.search(r"wiki_next_sentence.*\|\s*acc\s*\|", table), table[-2000:]
