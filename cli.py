@@ -531,7 +531,8 @@ _MAIN_PROCESS = None
 
 def _interrupt(signum, frame):
     """SIGTERM behaves like Ctrl-C in the command's own process: unwind, clean staging folders, report. A forked
-    child (lm-eval's worker pools) inherits this handler; it ends quietly, as SIGTERM's default would end it."""
+    child (a library's worker pool; `eval` keeps lm-eval's own in-process) inherits this handler; it ends quietly, as
+    SIGTERM's default would end it."""
     if os.getpid() != _MAIN_PROCESS:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)

@@ -196,9 +196,9 @@ def test_an_adapter_trained_on_a_saved_checkpoint_loads_everywhere(tiny_checkpoi
 
 # 5. Tracebacks where one line is promised.
 def test_forked_workers_end_quietly_when_their_pool_is_terminated(monkeypatch, capfd):
-    """lm-eval bootstraps a perplexity's standard error in a fork pool and ends it with `terminate()` (SIGTERM). The
-    workers inherit the CLI's SIGTERM handler: it must end them as SIGTERM would, not raise KeyboardInterrupt there
-    (one traceback per worker, after a successful `eval`)."""
+    """A library's fork pool (lm-eval's bootstrap pool did this before `eval` kept it in-process) ends with
+    `terminate()` (SIGTERM). The workers inherit the CLI's SIGTERM handler: it must end them as SIGTERM would, not
+    raise KeyboardInterrupt there (one traceback per worker, after a successful command)."""
     import multiprocessing
     import time
 
