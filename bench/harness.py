@@ -142,6 +142,6 @@ def evaluation_windows(tokenizer, windows: int, seq_len: int = 512) -> dict:
 
 def perplexities(model, evaluation: dict) -> dict[str, float]:
     """Chunked perplexity of `model` on each corpus of `evaluation` (from [`evaluation_windows`])."""
-    from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+    from linearpatch.integration.measurement.perplexity import chunked_perplexity
 
     return {corpus: chunked_perplexity(model, windows) for corpus, windows in evaluation.items()}

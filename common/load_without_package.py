@@ -1,6 +1,6 @@
 """Run as a script: load checkpoints with trust_remote_code in a process where `linearpatch` cannot be imported.
 
-This is how a user without the package sees a checkpoint; `checkpoints.logits_without_package` runs it by file path
+This is how a user without the package sees a checkpoint; `remote_check.logits_without_package` runs it by file path
 (never as `linearpatch.…`, which would import the package). It imports only torch, safetensors and transformers.
 
 usage: load_without_package.py INPUTS.safetensors OUTPUTS.safetensors CHECKPOINT [CHECKPOINT ...]
@@ -12,6 +12,7 @@ A CHECKPOINT is loaded with AutoModelForCausalLM and trust_remote_code, unless p
 """
 
 import importlib.abc
+import importlib.util
 import sys
 
 
@@ -42,8 +43,8 @@ def import_only(checkpoint: str) -> None:
 
 
 def main() -> None:
-    try:
-        import linearpatch  # noqa: F401
+    try:  # the blocker above refuses it; finding it would mean the package leaks into this process
+        importlib.util.find_spec("linearpatch")
     except ModuleNotFoundError:
         pass
     else:

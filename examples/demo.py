@@ -17,7 +17,7 @@ import linearpatch
 from linearpatch.common.files import check_output
 from linearpatch.common.remote_check import logits_without_package
 from linearpatch.integration.data import token_windows
-from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+from linearpatch.integration.measurement.perplexity import chunked_perplexity
 from linearpatch.integration.models import DEFAULT_MODEL
 from linearpatch.integration.pruning.selection import parse_layers
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
-from linearpatch.common.names import EXPORT_RECORD, is_repo_id
+from linearpatch.common.names import DISTILL_RECORD, EVAL_FILES, EXPORT_RECORD, PRUNE_RECORD, is_repo_id
 
 from .validate import CheckpointInfo, InvalidCheckpointError, find_local_paths
 
@@ -84,11 +84,9 @@ def _model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
     # The dense family: `linearpatch_qwen3` -> `qwen3` (Hub tag and wording).
     family = str(config.get("model_type", "linearpatch_llama")).removeprefix("linearpatch_")
     counts = parameter_counts(info)
-    report = _read_json(info.path / "linearpatch_report.json") or {}
-    distill = _read_json(info.path / "linearpatch_distill.json")
-    evaluation = (
-        (info.path / "linearpatch_eval.md").read_text() if (info.path / "linearpatch_eval.md").exists() else None
-    )
+    report = _read_json(info.path / PRUNE_RECORD) or {}
+    distill = _read_json(info.path / DISTILL_RECORD)
+    evaluation = (info.path / EVAL_FILES[1]).read_text() if (info.path / EVAL_FILES[1]).exists() else None
     data = ModelCardData(
         base_model=base_model if is_repo_id(base_model) else None,
         library_name="transformers",

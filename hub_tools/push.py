@@ -6,7 +6,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 
-from linearpatch.common.names import is_repo_id
+from linearpatch.common.names import ADAPTER_CONFIG, CONFIG_FILE, is_repo_id
 
 from .card import model_card
 from .connection import hub_errors
@@ -47,17 +47,17 @@ def push_to_hub(
     if base_model is not None and not is_repo_id(base_model):
         raise InvalidCheckpointError(f"--base-model {base_model!r} must be a Hub repo id (org/name).")
     overrides: dict[str, bytes] = {}
-    adapter_config = folder / "adapter_config.json"
+    adapter_config = folder / ADAPTER_CONFIG
     if adapter_config.exists() and base_model:
         values = json.loads(adapter_config.read_text())
         values["base_model_name_or_path"] = base_model
-        overrides["adapter_config.json"] = json.dumps(values, indent=2).encode()
-    info = validate_folder(folder, check_import=False, adapter_config_override=overrides.get("adapter_config.json"))
+        overrides[ADAPTER_CONFIG] = json.dumps(values, indent=2).encode()
+    info = validate_folder(folder, check_import=False, adapter_config_override=overrides.get(ADAPTER_CONFIG))
     if info.kind == "model" and base_model:
         info.config["base_model"] = base_model
-        values = json.loads((folder / "config.json").read_text())
+        values = json.loads((folder / CONFIG_FILE).read_text())
         values["base_model"] = base_model
-        overrides["config.json"] = json.dumps(values, indent=2).encode()
+        overrides[CONFIG_FILE] = json.dumps(values, indent=2).encode()
     card = model_card(info, repo_id)
     overrides["README.md"] = str(card).encode()
     # The cheap checks are done; offline mode is said before the import check, which starts a clean interpreter.

@@ -6,13 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.names import EXPORT_RECORD, is_repo_id
+from linearpatch.common.names import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONFIG_FILE,
+    EXPORT_RECORD,
+    TOKENIZER_FILES,
+    is_repo_id,
+)
 from linearpatch.common.remote_check import check_remote_code_imports
 from linearpatch.modeling import checkpoint_model_types
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MODELING_FILES = ("configuration_linearpatch.py", "modeling_linearpatch.py")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 _LOCAL_PATH = re.compile(
     r"(?<![\w/.:-])(?:/(?:home|root|tmp|Users|mnt|var|data|work|opt|scratch)\b[^\s\"']*|~/[^\s\"']*|[A-Za-z]:\\[^\s\"']*)"
 )
@@ -70,9 +76,9 @@ def validate_folder(
             f"{path} holds pickle files {pickles}: only safetensors are pushed (pickles can run code when loaded). "
             "Re-save with `save_pretrained(..., safe_serialization=True)` and delete them."
         )
-    if (path / "adapter_config.json").exists():
-        config = json.loads(adapter_config_override or (path / "adapter_config.json").read_text())
-        if "adapter_model.safetensors" not in files:
+    if (path / ADAPTER_CONFIG).exists():
+        config = json.loads(adapter_config_override or (path / ADAPTER_CONFIG).read_text())
+        if ADAPTER_WEIGHTS not in files:
             raise InvalidCheckpointError(f"{path} is an adapter without adapter_model.safetensors.")
         base = config.get("base_model_name_or_path")
         if not is_repo_id(base):
@@ -81,9 +87,9 @@ def validate_folder(
                 "and pass its repo id as --base-model ORG/NAME."
             )
         return CheckpointInfo(path, "adapter", config, files)
-    if not (path / "config.json").exists():
+    if not (path / CONFIG_FILE).exists():
         raise InvalidCheckpointError(f"{path} has no config.json: not a checkpoint.")
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / CONFIG_FILE).read_text())
     if EXPORT_RECORD in files:  # `linearpatch export`: a stock architecture, no remote code by design
         if config.get("auto_map") or config.get("model_type") in checkpoint_model_types():
             raise InvalidCheckpointError(f"{path} has {EXPORT_RECORD} but is not a stock-architecture model.")

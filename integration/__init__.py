@@ -1,10 +1,13 @@
-"""What linearpatch does with models, one room per concept:
+"""The library's core: what linearpatch does with models, one room per concept (README, Layout, for the layers):
 
-- `models`, `data`, `defaults`: resolving, validating, loading and saving models; text and token windows; default
-  sizes;
-- `pruning`: the calibration pass, block selection, patch estimation, `prune` and `prune_checkpoint`;
-- `distillation`: the teacher cache, the patch-only adapter and Trainer, `distill_checkpoint`;
-- `evaluation`: perplexity, lm-eval tasks, `compare_models`, figures.
+- `models`, `adapter`, `data`, `defaults`, `shards`, `layerwise`: resolving, checking, loading and saving checkpoints
+  (the patch adapter format included); text and token windows; default sizes; safetensors shards; running a model
+  larger than memory layer by layer;
+- `measurement`: the calibration pass over the dense model, the Hadamard transform, perplexity;
+- `pruning`: block selection, patch estimation, the outcome search, and the `prune` job;
+- `distillation`: the teacher cache, the patch-only adapter's Trainer, and the `distill` job;
+- `evaluation`: lm-eval tasks, `compare_models`, figures;
+- `export` and `serving`: the stock-architecture export and vLLM.
 
-Each `linearpatch` command calls one function here and prints what it returns.
+Each `linearpatch` command calls one job here and prints what it returns.
 """

@@ -373,7 +373,7 @@ def export_checkpoint(
     Returns:
         `ExportReport`
     """
-    from .evaluation.perplexity import chunked_perplexity
+    from .measurement.perplexity import chunked_perplexity
     from .models import (
         fit_context,
         load_config,

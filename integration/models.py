@@ -24,9 +24,10 @@ from linearpatch.common.errors import (
     UnsupportedModelError,
 )
 from linearpatch.common.files import atomic_directory, rename_no_replace, staging_path
-from linearpatch.common.names import REPO_ID, is_repo_id
+from linearpatch.common.names import ADAPTER_CONFIG, CONFIG_FILE, PRUNE_RECORD, REPO_ID, WEIGHTS_FILE, is_repo_id
 from linearpatch.modeling import checkpoint_model_types, supported_model_types
 
+from .adapter import adapter_base, base_identity, check_adapter_folder, merge_patch_adapter, write_adapter
 from .defaults import default_device
 from .shards import SafetensorsCheckpoint, refuse_non_finite
 
@@ -107,7 +108,7 @@ def resolve_model(name_or_path: str) -> str:
     spec = EMBEDDED_MODELS.get(name_or_path)
     if spec is not None:
         target = cache_dir() / "models" / name_or_path
-        if not (target / "model.safetensors").exists():
+        if not (target / WEIGHTS_FILE).exists():
             _convert_embedded(name_or_path, spec, target)
         return str(target)
     if Path(name_or_path).expanduser().exists():
@@ -138,7 +139,7 @@ def portable_model_id(name_or_path: str | None) -> str | None:
     snapshot = _CACHE_SNAPSHOT.search(str(path.resolve()))
     if snapshot:
         return f"{snapshot['org']}/{snapshot['name']}"
-    config = path / "config.json"
+    config = path / CONFIG_FILE
     if config.exists():
         recorded = json.loads(config.read_text()).get("base_model")
         if is_repo_id(recorded):
@@ -276,7 +277,7 @@ def check_same_base(config, dense_config, dense: str, role: str) -> None:
 
 def _is_patch_adapter(name_or_path: str, kind: str | None) -> bool:
     """Whether a model input is a patch adapter folder (a dense model or teacher never is one)."""
-    return (Path(str(name_or_path)) / "adapter_config.json").exists() and kind not in ("dense", "teacher")
+    return (Path(str(name_or_path)) / ADAPTER_CONFIG).exists() and kind not in ("dense", "teacher")
 
 
 def check_model_files(name_or_path: str, kind: str | None = None):
@@ -292,9 +293,7 @@ def check_model_files(name_or_path: str, kind: str | None = None):
         ModelNotFoundError, UnsupportedModelError, CheckpointMismatchError: naming the model and the fix.
     """
     if _is_patch_adapter(name_or_path, kind):
-        from .distillation.adapter import check_adapter_files
-
-        return check_adapter_files(name_or_path)
+        return _check_adapter_files(name_or_path)
     config = load_config(name_or_path, kind)
     path = Path(resolve_model(name_or_path))
     if path.is_dir():
@@ -333,8 +332,6 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if _is_patch_adapter(name_or_path, kind):
-        from .distillation.adapter import load_patch_adapter
-
         return load_patch_adapter(name_or_path, dtype=dtype, device=device)
     load_config(name_or_path, kind)
     path = resolve_model(name_or_path)
@@ -357,6 +354,71 @@ def load_model(
     for name, tensor in model.state_dict().items():  # one pass over the weights: cheap next to any use of them
         refuse_non_finite(f"{name_or_path}: {name}", tensor)
     return model.eval(), load_tokenizer(path)
+
+
+def _check_adapter_files(adapter_dir: str | Path):
+    """[`check_model_files`] of a patch adapter: its own files, the checkpoint it belongs to (a LinearPatch checkpoint
+    whose files are complete), and that its patches fit that checkpoint's. Returns the base checkpoint's config."""
+    base = adapter_base(adapter_dir)
+    try:
+        config = check_model_files(base, kind="checkpoint")
+    except LinearPatchError as error:
+        raise CheckpointMismatchError(
+            f"The adapter {adapter_dir} names {base} as its base, which is not a usable LinearPatch checkpoint "
+            f"({_one_line(error)}). Save the adapter with `save_patch_adapter(model, folder, base=CHECKPOINT)` or "
+            "`linearpatch distill --adapter-only`."
+        ) from error
+    check_adapter_folder(adapter_dir, base, config)
+    return config
+
+
+def _one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=torch.float32, device: str = "cpu"):
+    """Load a LinearPatch checkpoint, check that the adapter in `adapter_dir` belongs to it, and merge the adapter.
+
+    Args:
+        adapter_dir (`str` or `Path`): a folder written by `linearpatch distill --adapter-only` or
+            [`save_patch_adapter`].
+        base (`str`, *optional*): the pruned checkpoint (default: the one the adapter records).
+
+    Returns:
+        `tuple[LinearPatchForCausalLM, tokenizer]`: the merged model, in eval mode.
+    """
+    model, tokenizer = load_model(adapter_base(adapter_dir, base), dtype=dtype, device=device, kind="checkpoint")
+    return merge_patch_adapter(model, adapter_dir), tokenizer
+
+
+def save_patch_adapter(peft_model, folder: str | Path, base: str | Path, overwrite: bool = False) -> Path:
+    r"""
+    Save the trained patches of `peft_model` (from [`distill`]) as an adapter that belongs to the pruned checkpoint
+    `base`: stock PEFT (`AutoPeftModelForCausalLM`, `PeftModel.from_pretrained`) and every linearpatch load path load
+    it, and linearpatch checks that it is loaded onto that checkpoint.
+
+    Args:
+        peft_model (`PeftModel`): the trained model.
+        folder (`str` or `Path`): the adapter folder to create (atomically).
+        base (`str` or `Path`): where the pruned checkpoint is (a folder from [`save_checkpoint`], or its Hub id).
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing folder.
+
+    Raises:
+        CheckpointMismatchError: if `base` is not the checkpoint the patches were trained on.
+    """
+    identity = base_identity(peft_model.get_base_model())
+    config = load_config(str(base), kind="checkpoint")
+    if list(config.pruned_layers) != identity["pruned_layers"]:
+        raise CheckpointMismatchError(
+            f"{base} has pruned layers {list(config.pruned_layers)}, but the patches were trained on a model without "
+            f"layers {identity['pruned_layers']}: pass the checkpoint the model was saved to."
+        )
+    local = Path(str(base)).expanduser().exists()
+    base_path = str(Path(str(base)).expanduser().resolve()) if local else str(base)
+    hub_id = str(base) if not local and is_repo_id(str(base)) else None
+    with atomic_directory(folder, overwrite) as staging:
+        write_adapter(peft_model, staging, identity, hub_id, base_path)
+    return Path(folder)
 
 
 def save_checkpoint(
@@ -387,7 +449,7 @@ def save_checkpoint(
     """
     files = dict(extra_files or {})
     if report is not None:
-        files["linearpatch_report.json"] = report.to_json()
+        files[PRUNE_RECORD] = report.to_json()
     with atomic_directory(output, overwrite) as staging:
         write_checkpoint_files(staging, model, tokenizer, files)
     # The model now lives there, as if loaded from there: a PEFT adapter trained on it records this folder as its base.
@@ -419,10 +481,12 @@ __all__ = [
     "embedded_name_for",
     "load_config",
     "load_model",
+    "load_patch_adapter",
     "load_tokenizer",
     "portable_model_id",
     "resolve_device",
     "resolve_model",
     "save_checkpoint",
+    "save_patch_adapter",
     "write_checkpoint_files",
 ]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.names import EXPORT_RECORD
+from linearpatch.common.names import CONFIG_FILE, EXPORT_RECORD
 
 # Where `make serving` puts vLLM, relative to the repository (the package root when installed editable).
 SERVING_VENV = Path(__file__).resolve().parents[1] / ".venv-serving"
@@ -47,7 +47,7 @@ def serve_command(checkpoint: str | Path, vllm: str | Path, extra: list[str] | t
         LinearPatchError: for a folder that is neither.
     """
     folder = Path(checkpoint)
-    config_path = folder / "config.json"
+    config_path = folder / CONFIG_FILE
     if not config_path.exists():
         raise LinearPatchError(f"{checkpoint} is not a model folder (no config.json); pass a checkpoint folder.")
     config = json.loads(config_path.read_text())

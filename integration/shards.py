@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from linearpatch.common.errors import CheckpointMismatchError
+from linearpatch.common.names import WEIGHTS_FILE
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {
     "F64": torch.float64,
@@ -116,7 +116,7 @@ class SafetensorsCheckpoint:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         index_file = self.folder / SAFE_WEIGHTS_INDEX_NAME
-        single = self.folder / SAFE_WEIGHTS_NAME
+        single = self.folder / WEIGHTS_FILE
         if index_file.exists():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
@@ -124,10 +124,10 @@ class SafetensorsCheckpoint:
                 raise CheckpointMismatchError(f"{index_file} is not a safetensors index ({error}).") from error
             shards = sorted(set(weight_map.values()))
         elif single.exists():
-            weight_map, shards = None, [SAFE_WEIGHTS_NAME]
+            weight_map, shards = None, [WEIGHTS_FILE]
         else:
             raise CheckpointMismatchError(
-                f"{self.folder} has no safetensors weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}): "
+                f"{self.folder} has no safetensors weights ({WEIGHTS_FILE} or {SAFE_WEIGHTS_INDEX_NAME}): "
                 "linearpatch never loads pickled (.bin) weights; convert them with "
                 "`save_pretrained(..., safe_serialization=True)` in a trusted environment."
             )
@@ -329,9 +329,9 @@ def write_sharded_safetensors(
     total = sum(pending.nbytes for shard in shards for _, pending in shard)
     bar = tqdm(total=total, desc="writing weights", unit="B", unit_scale=True, disable=not progress)
     if len(shards) == 1:
-        _write_shard(folder / SAFE_WEIGHTS_NAME, shards[0], metadata, bar)
+        _write_shard(folder / WEIGHTS_FILE, shards[0], metadata, bar)
         bar.close()
-        return [SAFE_WEIGHTS_NAME]
+        return [WEIGHTS_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):

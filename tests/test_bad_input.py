@@ -187,7 +187,7 @@ def other_vocabulary_teacher(tmp_path_factory, smollm2_tokenizer):
 def test_teacher_with_another_vocabulary_fails_before_the_cache(
     pruned_checkpoint, other_vocabulary_teacher, tmp_path, capsys, monkeypatch
 ):
-    import linearpatch.integration.distillation.pipeline as pipeline
+    import linearpatch.integration.distillation.job as pipeline
 
     monkeypatch.setattr(pipeline, "build_cache_in_subprocess", lambda *a, **k: pytest.fail("cache was built"))
     code = main(

@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import tiny_llama
 
+from linearpatch.integration.measurement.calibration import calibrate
+from linearpatch.integration.measurement.hadamard import hadamard_matrix
 from linearpatch.integration.pruning import prune
-from linearpatch.integration.pruning.calibration import calibrate
-from linearpatch.integration.pruning.hadamard import hadamard_matrix
 from linearpatch.integration.pruning.patches import estimate_patch
 from linearpatch.integration.pruning.selection import candidate_scores, parse_layers, select_layers
 

@@ -17,9 +17,14 @@ from linearpatch.integration.evaluation.comparison import (
     retained_performance,
 )
 from linearpatch.integration.evaluation.figures import cosine_matrix, write_report_plots
-from linearpatch.integration.evaluation.perplexity import chunked_perplexity, lm_eval_tasks
-from linearpatch.integration.evaluation.tasks import OFFLINE_TASKS, build_offline_tasks, mmlu_dev_documents
-from linearpatch.integration.pruning.calibration import calibrate
+from linearpatch.integration.evaluation.tasks import (
+    OFFLINE_TASKS,
+    build_offline_tasks,
+    lm_eval_tasks,
+    mmlu_dev_documents,
+)
+from linearpatch.integration.measurement.calibration import calibrate
+from linearpatch.integration.measurement.perplexity import chunked_perplexity
 from linearpatch.modeling import prune_layers
 
 

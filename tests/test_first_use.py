@@ -14,8 +14,8 @@ import torch
 from helpers import tiny_family, tiny_llama
 from test_bad_input import QUICK, assert_one_line_error
 
-import linearpatch.integration.distillation.pipeline as distill_pipeline
-import linearpatch.integration.pruning.pipeline as prune_pipeline
+import linearpatch.integration.distillation.job as distill_pipeline
+import linearpatch.integration.pruning.job as prune_pipeline
 from linearpatch.cli import main
 
 DISTILL = ["--top-k", "8", *QUICK]
@@ -169,8 +169,12 @@ def test_an_adapter_trained_on_a_saved_checkpoint_loads_everywhere(tiny_checkpoi
 
     import linearpatch
     from linearpatch.integration.data import token_windows
-    from linearpatch.integration.distillation import build_teacher_cache, distill, load_patch_adapter
-    from linearpatch.integration.distillation.adapter import save_patch_adapter
+    from linearpatch.integration.distillation import (
+        build_teacher_cache,
+        distill,
+        load_patch_adapter,
+        save_patch_adapter,
+    )
 
     dense, tokenizer = linearpatch.load_model(str(tiny_checkpoint))
     pruned, report = linearpatch.prune(dense, tokenizer, layers=[2, 3], num_samples=4, seq_len=32, progress=False)

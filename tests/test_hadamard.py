@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from linearpatch.integration.pruning.hadamard import (
+from linearpatch.integration.measurement.hadamard import (
     SUPPORTED_BASES,
     factor_hidden_size,
     hadamard_matrix,

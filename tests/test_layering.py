@@ -1,9 +1,11 @@
-"""The layering that keeps each concept in one room (issue #10): modeling/ is what a checkpoint ships, hub_tools/
-never reaches into integration/, and cli.py only parses, calls and prints."""
+"""The layering that keeps each concept in one room (issues #10, #21): the package's import graph, built from the code,
+has no circle and no arrow from a lower layer to a higher one; modeling/ is what a checkpoint ships, hub_tools/ never
+reaches into integration/, and cli.py only parses, calls and prints."""
 
 import ast
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,192 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             found.add(node.module)
     return found
+
+
+# The layers, lowest first (README, Layout). A module imports from its own layer and the ones below it, never above;
+# every module of the package is placed here, so a new one is placed on purpose. A name with a dot after it covers
+# the modules under it too; the most specific name decides.
+LAYERS = {
+    "common": ["linearpatch.common"],
+    "modeling": ["linearpatch.modeling"],
+    "loading": [
+        "linearpatch.integration.choices",
+        "linearpatch.integration.defaults",
+        "linearpatch.integration.shards",
+        "linearpatch.integration.adapter",
+        "linearpatch.integration.models",
+        "linearpatch.integration.data",
+        "linearpatch.integration.layerwise",
+    ],
+    "measurement": ["linearpatch.integration.measurement"],
+    "operations": [
+        "linearpatch.integration.pruning.patches",
+        "linearpatch.integration.pruning.selection",
+        "linearpatch.integration.pruning.search",
+        "linearpatch.integration.pruning.streaming",
+        "linearpatch.integration.distillation.teacher_cache",
+        "linearpatch.integration.distillation.trainer",
+        "linearpatch.integration.evaluation.tasks",
+    ],
+    "jobs": [
+        "linearpatch.integration.pruning.job",
+        "linearpatch.integration.distillation.job",
+        "linearpatch.integration.evaluation.comparison",
+        "linearpatch.integration.evaluation.figures",
+        "linearpatch.integration.export",
+        "linearpatch.integration.serving",
+        "linearpatch.hub_tools",
+    ],
+    # The public faces: the command line, and the package folders that re-export their rooms' API.
+    "interface": [
+        "linearpatch",
+        "linearpatch.cli",
+        "linearpatch.integration",
+        "linearpatch.integration.pruning",
+        "linearpatch.integration.distillation",
+        "linearpatch.integration.evaluation",
+    ],
+}
+SKIPPED = {".venv", ".venv-serving", "tests", "bench", "examples", "build"}
+
+
+def package_modules() -> dict[str, Path]:
+    """`linearpatch.x.y` -> file, for every module of the installed package (the repository root is `linearpatch`)."""
+    modules = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if SKIPPED & set(parts) or any(part.startswith(".") for part in parts):
+            continue
+        name = ".".join(("linearpatch", *parts)).removesuffix(".__init__")
+        modules[name] = path
+    return modules
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, anywhere in the file (a function-level import is an arrow too).
+    `from a import b` points at `a.b` when that is a module, else at `a`; a module's own parent packages are not
+    arrows (Python imports them first whatever the code says)."""
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                for alias in node.names:
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        ancestors = {name.rsplit(".", n)[0] for n in range(1, name.count(".") + 1)}
+        graph[name] = {owner(t) for t in targets if t.startswith("linearpatch")} - {None, name} - ancestors
+    return graph
+
+
+def layer_of(name: str) -> int:
+    matches = [
+        (len(entry), index)
+        for index, entries in enumerate(LAYERS.values())
+        for entry in entries
+        if name == entry or name.startswith(entry + ".")
+    ]
+    return max(matches)[1] if matches else -1
+
+
+def circles(graph: dict[str, Iterable[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each a circle of imports."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                found.append(sorted(component))
+
+    for node in list(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def upward_imports(graph: dict[str, Iterable[str]]) -> list[str]:
+    names = list(LAYERS)
+    return [
+        f"{source} ({names[layer_of(source)]}) imports {target} ({names[layer_of(target)]})"
+        for source, targets in graph.items()
+        for target in targets
+        if layer_of(target) > layer_of(source)
+    ]
+
+
+def rooms(graph: dict[str, Iterable[str]]) -> dict[str, set[str]]:
+    """The graph between the rooms of integration/ (pruning, distillation, evaluation, measurement, models, ...) and
+    the top-level folders: a circle between two rooms is a circle even when no two modules form one."""
+
+    def room(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:3]) if parts[1:2] == ["integration"] else ".".join(parts[:2])
+
+    merged: dict[str, set[str]] = {}
+    for source, targets in graph.items():
+        merged.setdefault(room(source), set()).update(room(t) for t in targets if room(t) != room(source))
+    return merged
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(name for name in package_modules() if layer_of(name) < 0)
+    assert not unplaced, f"place {unplaced} in LAYERS (and the README's Layout)"
+
+
+def test_the_import_graph_has_no_circle():
+    graph = import_graph(package_modules())
+    assert not circles(graph), circles(graph)
+    room_graph = rooms(graph)
+    assert not circles(room_graph), circles(room_graph)
+
+
+def test_no_module_imports_from_a_higher_layer():
+    assert not upward_imports(import_graph(package_modules()))
+
+
+def test_the_checks_find_a_planted_circle_and_upward_import():
+    # The old arrows of issue #21: models sent adapter folders to distillation's adapter, which loaded models back;
+    # evaluation's figures took `calibrate` from pruning, which imports evaluation.
+    planted = {
+        "linearpatch.integration.models": {"linearpatch.integration.distillation.job"},
+        "linearpatch.integration.distillation.job": {"linearpatch.integration.models"},
+        "linearpatch.integration.evaluation.figures": {"linearpatch.integration.pruning.patches"},
+        "linearpatch.integration.pruning.patches": {"linearpatch.integration.evaluation.figures"},
+    }
+    assert len(circles(planted)) == 2
+    assert len(upward_imports(planted)) == 2  # loading -> jobs, operations -> jobs
+    assert circles(rooms(planted))
+    real = import_graph(package_modules())
+    assert "linearpatch.integration.adapter" in real["linearpatch.integration.models"]  # arrows are found at all
+    assert "linearpatch.integration.measurement.calibration" in real["linearpatch.integration.evaluation.figures"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "modeling").glob("*.py")), ids=lambda p: p.name)

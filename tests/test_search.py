@@ -10,7 +10,7 @@ from helpers import FAMILY_OVERRIDES, random_patch, tiny_family
 
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.integration.data import TokenWindows
-from linearpatch.integration.evaluation.perplexity import chunked_perplexity
+from linearpatch.integration.measurement.perplexity import chunked_perplexity
 from linearpatch.integration.pruning import prune
 from linearpatch.integration.pruning.search import HeldOutScorer, patch_variants, split_holdout
 from linearpatch.modeling import prune_layers

@@ -234,7 +234,7 @@ def test_cli_distill_with_a_teacher_larger_than_max_memory(tmp_path, sharded_den
 
 
 def test_student_device_map_only_when_it_does_not_fit():
-    from linearpatch.integration.distillation.pipeline import choose_device_map
+    from linearpatch.integration.distillation.job import choose_device_map
 
     assert choose_device_map(10**6, "cuda:1", "200MB") == {}
     spread = choose_device_map(10**9, "cuda:1", "200MB")

@@ -15,7 +15,7 @@ def _peak_rss_of_calibration(seq_len: int, total_tokens: int, device: str) -> di
         "import torch\n"
         "from bench.harness import PeakRss\n"
         "from linearpatch.integration.models import load_model\n"
-        "from linearpatch.integration.pruning.calibration import calibrate\n"
+        "from linearpatch.integration.measurement.calibration import calibrate\n"
         f"model, _ = load_model('smollm2-135m', device={device!r})\n"
         f"ids = torch.randint(3, 49152, ({total_tokens // seq_len}, {seq_len}))\n"
         "with torch.no_grad(): model.model(ids[:1, :8])\n"
@@ -33,8 +33,8 @@ def run(device: str, quick: bool) -> dict:
     import torch
 
     from linearpatch.integration.data import token_windows
+    from linearpatch.integration.measurement.calibration import calibrate
     from linearpatch.integration.models import load_model
-    from linearpatch.integration.pruning.calibration import calibrate
 
     model, tokenizer = load_model("smollm2-135m", device=device)
     windows = token_windows("wikipedia-calibration", tokenizer, 4 if quick else 8, 512, seed=0)

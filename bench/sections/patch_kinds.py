@@ -11,9 +11,9 @@ HADAMARD_OVER_PLAIN = 1.8  # plain pruning's perplexity over the Hadamard patch'
 
 def run(device: str, quick: bool) -> dict:
     from linearpatch.integration.data import token_windows
+    from linearpatch.integration.measurement.calibration import calibrate
     from linearpatch.integration.models import load_model
     from linearpatch.integration.pruning import prune
-    from linearpatch.integration.pruning.calibration import calibrate
 
     model, tokenizer = load_model("smollm2-135m", device=device)
     calibration = token_windows("wikipedia-calibration", tokenizer, 8 if quick else 64, 512, seed=0)

@@ -21,9 +21,9 @@ EVALUATION_SLACK = 1.15  # evaluation text may exceed the held-out target by thi
 
 def run(device: str, quick: bool) -> dict:
     from linearpatch.integration.data import token_windows
+    from linearpatch.integration.measurement.calibration import calibrate
     from linearpatch.integration.models import load_model
     from linearpatch.integration.pruning import prune
-    from linearpatch.integration.pruning.calibration import calibrate
 
     model, tokenizer = load_model("smollm2-135m", device=device)
     evaluation = evaluation_windows(tokenizer, 2 if quick else 12)

@@ -10,7 +10,7 @@ GAP_AT_LEAST = 0.10
 
 
 def run(device: str, quick: bool) -> dict:
-    from linearpatch.integration.evaluation.perplexity import lm_eval_tasks
+    from linearpatch.integration.evaluation.tasks import lm_eval_tasks
     from linearpatch.integration.models import load_model
     from linearpatch.modeling import prune_layers
 

@@ -1,7 +1,8 @@
 """Distillation: the offline top-K teacher cache, the patch-only PEFT adapter and Trainer, `distill_checkpoint`."""
 
-from .adapter import base_identity, check_adapter_base, load_patch_adapter, save_patch_adapter
-from .pipeline import DistillReport, build_cache_in_subprocess, distill_checkpoint
+from ..adapter import base_identity, check_adapter_base
+from ..models import load_patch_adapter, save_patch_adapter
+from .job import DistillReport, build_cache_in_subprocess, distill_checkpoint
 from .teacher_cache import TeacherCacheDataset, TopKTeacherCache, build_teacher_cache
 from .trainer import TopKDistillationTrainer, distill, distillation_arguments, get_patch_peft_model, top_k_kl_loss
 

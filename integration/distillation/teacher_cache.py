@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from linearpatch.common.files import clean_stale_staging, sha256_file, staging_path, write_text_atomically
+from linearpatch.common.names import CONFIG_FILE, TEACHER_CACHE_MANIFEST
 
-MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
@@ -78,9 +78,9 @@ class TopKTeacherCache:
             ValueError: if the cache is incomplete or a shard is missing or corrupt.
         """
         path = Path(path)
-        manifest_path = path / MANIFEST
+        manifest_path = path / TEACHER_CACHE_MANIFEST
         if not manifest_path.exists():
-            raise ValueError(f"{path} is not a teacher cache (no {MANIFEST}).")
+            raise ValueError(f"{path} is not a teacher cache (no {TEACHER_CACHE_MANIFEST}).")
         manifest = json.loads(manifest_path.read_text())
         if not manifest.get("complete"):
             raise ValueError(f"The teacher cache {path} is incomplete; build it again to resume.")
@@ -139,7 +139,7 @@ def build_teacher_cache(
     indices_dtype = index_dtype(vocab_size)
     num_windows, seq_len = input_ids.shape
     plan = [(start, min(start + shard_windows, num_windows)) for start in range(0, num_windows, shard_windows)]
-    manifest_path = path / MANIFEST
+    manifest_path = path / TEACHER_CACHE_MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     done = {shard["file"]: shard for shard in manifest.get("shards", [])}
     value_bytes = torch.finfo(value_dtype).bits // 8
@@ -260,7 +260,7 @@ def checkpoint_fingerprint(folder: str | Path, dtype: torch.dtype) -> str:
     teacher that is run layer by layer and never held whole."""
     folder = Path(folder)
     digest = hashlib.sha256(str(dtype).encode())
-    for file in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+    for file in sorted(folder.glob("*.safetensors")) + [folder / CONFIG_FILE]:
         digest.update(file.name.encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()

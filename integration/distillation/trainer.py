@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from linearpatch.common.errors import CheckpointMismatchError
 
-from .adapter import quiet_peft
+from ..adapter import quiet_peft
 from .teacher_cache import TeacherCacheDataset, TopKTeacherCache
 
 

@@ -1,9 +1,9 @@
 """Evaluation: chunked perplexity, lm-eval tasks (offline ones included), model comparison, figures."""
 
+from ..measurement.perplexity import chunked_perplexity, corpus_perplexity
 from .comparison import ModelComparison, ModelEvaluation, compare_models, retained_performance
 from .figures import plot_checkpoint, write_report_plots
-from .perplexity import chunked_perplexity, corpus_perplexity, lm_eval_tasks
-from .tasks import OFFLINE_TASKS, build_offline_tasks
+from .tasks import OFFLINE_TASKS, build_offline_tasks, lm_eval_tasks
 
 __all__ = [
     "OFFLINE_TASKS",

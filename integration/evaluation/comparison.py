@@ -9,14 +9,14 @@ import torch
 
 from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
 from linearpatch.common.files import check_output, write_files_atomically
+from linearpatch.common.names import EVAL_FILES
 
 from ..data import token_windows
 from ..defaults import DEFAULT_TASKS, perplexity_sizes, task_limit
+from ..measurement.perplexity import chunked_perplexity, corpus_perplexity
 from ..models import check_model_files, fit_context, load_model, load_tokenizer, resolve_device
-from .perplexity import chunked_perplexity, corpus_perplexity, lm_eval_tasks
-from .tasks import OFFLINE_TASKS, chance_accuracy, task_manager
+from .tasks import OFFLINE_TASKS, chance_accuracy, lm_eval_tasks, task_manager
 
-EVAL_FILES = ("linearpatch_eval.json", "linearpatch_eval.md")
 # A task counts as solved by the dense model only if it beats chance by more than this many standard errors.
 CHANCE_STDERRS = 2.0
 DEFAULT_PERPLEXITY_CORPORA = ("wikipedia-eval", "lee-news")

@@ -12,9 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from linearpatch.common.files import staging_path, write_text_atomically
+from linearpatch.common.names import PLOTS_RECORD, PRUNE_RECORD
 from linearpatch.modeling import contiguous_gaps
 
-from ..pruning.calibration import CalibrationStatistics, calibrate
+from ..measurement.calibration import CalibrationStatistics, calibrate
 
 
 def _save_figure(figure, path: Path) -> dict:
@@ -252,7 +253,7 @@ def plot_depth_curve(curve: list[dict], target: float | None, path: Path) -> dic
     return dict(curve=curve, target=target, figure=labels)
 
 
-PLOT_FILES = ("cosine_heatmap.png", "layer_magnitudes.png", "cut_mismatch.png", "linearpatch_plots.json")
+PLOT_FILES = ("cosine_heatmap.png", "layer_magnitudes.png", "cut_mismatch.png", PLOTS_RECORD)
 DEPTH_CURVE_FILE = "depth_curve.png"
 
 
@@ -292,7 +293,7 @@ def write_report_plots(
     if prune_report and prune_report.get("depth_curve"):
         target = (prune_report.get("holdout") or {}).get("target_ppl_ratio")
         data["depth_curve"] = plot_depth_curve(prune_report["depth_curve"], target, directory / DEPTH_CURVE_FILE)
-    write_text_atomically(directory / "linearpatch_plots.json", json.dumps(data))
+    write_text_atomically(directory / PLOTS_RECORD, json.dumps(data))
     return data
 
 
@@ -344,7 +345,7 @@ def plot_checkpoint(
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise LinearPatchError(f"{checkpoint} is not a local folder: pull it first (`linearpatch pull`).")
-    report_file = folder / "linearpatch_report.json"
+    report_file = folder / PRUNE_RECORD
     prune_report = json.loads(report_file.read_text()) if report_file.is_file() else None
     written = list(PLOT_FILES) + ([DEPTH_CURVE_FILE] if prune_report and prune_report.get("depth_curve") else [])
     for name in written:

@@ -14,6 +14,7 @@ winogrande, wsc273, race, copa, mmlu).
 
 import functools
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -221,13 +222,73 @@ def _task_manager(tasks: tuple[str, ...], include_path: str | None):
     return manager
 
 
+# lm-eval estimates the standard error of a perplexity metric (wiki_last_word's) by resampling the per-document scores:
+# 100000 times by default, in a fork pool of one process per core. Forking a process whose torch and tokenizer threads
+# are running can leave a child stuck on a lock it inherited held, and the pool's shutdown waiting on it forever (CI's
+# `linearpatch eval` hung 20 minutes, twice; reproduced here: the worker on a futex, the parent in waitpid). So the
+# resampling stays in this process; 1000 resamples give the standard error to about 2%.
+BOOTSTRAP_ITERS = 1000
+
+
+def lm_eval_tasks(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int = 8,
+    include_path: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run lm-eval on an in-memory model; return `{task: {"acc": .., "acc_stderr": .., "acc_norm": .., ...}}`.
+
+    Offline tasks (see `OFFLINE_TASKS`) are built on first use; other names are lm-eval's own tasks (they
+    download their data from the Hub). Nothing is forked: bootstrapped standard errors use `BOOTSTRAP_ITERS`
+    resamples in this process.
+    """
+    from unittest import mock
+
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(tasks, include_path)
+    device = str(next(model.parameters()).device)
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", device=device, batch_size=batch_size)
+    # lm-eval records the git commit of the current directory by running `git describe`, which prints "fatal: not a
+    # git repository" outside one; that commit says nothing about the models evaluated here.
+    no_git = lambda: None  # noqa: E731
+    with (
+        mock.patch.object(lm_eval.loggers.utils, "get_git_commit_hash", no_git),
+        mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", no_git),
+        mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}),  # lm-eval's switch to resample without a pool
+    ):
+        results = simple_evaluate(
+            model=wrapped,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=BOOTSTRAP_ITERS,
+        )
+    scores = {}
+    for task, values in results["results"].items():
+        scores[task] = {
+            key.split(",")[0]: float(value)
+            for key, value in values.items()
+            if "," in key and isinstance(value, int | float)
+        }
+    return scores
+
+
 __all__ = [
+    "BOOTSTRAP_ITERS",
     "OFFLINE_TASKS",
     "task_manager",
     "PAPER_TASKS",
     "CHANCE_ACCURACY",
     "build_offline_tasks",
     "chance_accuracy",
+    "lm_eval_tasks",
     "last_word_documents",
     "mmlu_dev_documents",
     "next_sentence_documents",

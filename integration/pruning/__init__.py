@@ -1,8 +1,8 @@
 """Pruning: the calibration pass, block selection, patch estimation (Hadamard and the baselines), `prune`."""
 
-from .calibration import CalibrationStatistics, calibrate
+from ..measurement.calibration import CalibrationStatistics, calibrate
+from .job import PruneReport, check_prune_arguments, prune, prune_checkpoint
 from .patches import PATCH_CHOICES, PATCH_KINDS, estimate_patch
-from .pipeline import PruneReport, check_prune_arguments, prune, prune_checkpoint
 from .selection import METRICS, SELECTION_METRICS, candidate_scores, parse_layers, select_layers
 
 __all__ = [

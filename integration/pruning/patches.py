@@ -3,8 +3,8 @@
 import torch
 
 from ..choices import PATCH_CHOICES, PATCH_KINDS
-from .calibration import CalibrationStatistics
-from .hadamard import hadamard_matrix
+from ..measurement.calibration import CalibrationStatistics
+from ..measurement.hadamard import hadamard_matrix
 
 # The lstsq regulariser, relative to the mean diagonal of X^T X (`--patch auto` also tries a grid around it).
 DEFAULT_RIDGE = 1e-2

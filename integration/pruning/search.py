@@ -30,9 +30,9 @@ from linearpatch.modeling import prune_layers
 
 from ..data import TokenWindows
 from ..defaults import DEFAULT_CANDIDATES
-from ..evaluation.perplexity import summed_next_token_nll
-from .calibration import CalibrationStatistics
-from .hadamard import hadamard_supported
+from ..measurement.calibration import CalibrationStatistics
+from ..measurement.hadamard import hadamard_supported
+from ..measurement.perplexity import summed_next_token_nll
 from .patches import DEFAULT_RIDGE, estimate_patch
 
 # The ridge values `--patch auto` tries for the least-squares patch, relative to the mean diagonal of X^T X (1e-2 is

@@ -3,7 +3,7 @@
 import torch
 
 from ..choices import METRICS, SELECTION_METRICS
-from .calibration import CalibrationStatistics
+from ..measurement.calibration import CalibrationStatistics
 
 
 def parse_layers(text: str) -> list[int]:

@@ -1,4 +1,5 @@
-"""A patch adapter knows which pruned checkpoint it belongs to.
+"""The patch adapter, a checkpoint format: a PEFT adapter holding only the patches of a pruned checkpoint, which knows
+the checkpoint it belongs to. (Loading one onto its base is `models.load_model`'s; training one is distillation's.)
 
 PEFT only warns when an adapter's modules do not match the model it is loaded onto, and then merges nothing: a
 patch trained for layers 20..24 silently does nothing on a model pruned at 12..16. Every adapter written by
@@ -17,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
+from linearpatch.common.errors import CheckpointMismatchError
+from linearpatch.common.names import ADAPTER_CONFIG, ADAPTER_RECORD, ADAPTER_WEIGHTS
 
-ADAPTER_RECORD = "linearpatch_adapter.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from .shards import read_header
 
 
 @contextlib.contextmanager
@@ -176,41 +177,6 @@ def write_adapter(
     (Path(folder) / "README.md").write_text(adapter_card(identity, base_model, recipe))
 
 
-def save_patch_adapter(peft_model, folder: str | Path, base: str | Path, overwrite: bool = False) -> Path:
-    r"""
-    Save the trained patches of `peft_model` (from [`distill`]) as an adapter that belongs to the pruned checkpoint
-    `base`: stock PEFT (`AutoPeftModelForCausalLM`, `PeftModel.from_pretrained`) and every linearpatch load path load
-    it, and linearpatch checks that it is loaded onto that checkpoint.
-
-    Args:
-        peft_model (`PeftModel`): the trained model.
-        folder (`str` or `Path`): the adapter folder to create (atomically).
-        base (`str` or `Path`): where the pruned checkpoint is (a folder from [`save_checkpoint`], or its Hub id).
-        overwrite (`bool`, *optional*, defaults to `False`): replace an existing folder.
-
-    Raises:
-        CheckpointMismatchError: if `base` is not the checkpoint the patches were trained on.
-    """
-    from linearpatch.common.files import atomic_directory
-    from linearpatch.common.names import is_repo_id
-
-    from ..models import load_config
-
-    identity = base_identity(peft_model.get_base_model())
-    config = load_config(str(base), kind="checkpoint")
-    if list(config.pruned_layers) != identity["pruned_layers"]:
-        raise CheckpointMismatchError(
-            f"{base} has pruned layers {list(config.pruned_layers)}, but the patches were trained on a model without "
-            f"layers {identity['pruned_layers']}: pass the checkpoint the model was saved to."
-        )
-    local = Path(str(base)).expanduser().exists()
-    base_path = str(Path(str(base)).expanduser().resolve()) if local else str(base)
-    hub_id = str(base) if not local and is_repo_id(str(base)) else None
-    with atomic_directory(folder, overwrite) as staging:
-        write_adapter(peft_model, staging, identity, hub_id, base_path)
-    return Path(folder)
-
-
 def adapter_base(adapter_dir: str | Path, base: str | None = None) -> str:
     """The pruned checkpoint an adapter belongs to: `base` if given, else the one its `linearpatch_adapter.json`
     records (local path first, then Hub id), else its PEFT `base_model_name_or_path`.
@@ -221,7 +187,7 @@ def adapter_base(adapter_dir: str | Path, base: str | None = None) -> str:
     adapter_dir = Path(adapter_dir)
     record_path = adapter_dir / ADAPTER_RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     candidates = [base] if base else [record.get("base_model_path"), record.get("base_model")]
     candidates.append(config.get("base_model_name_or_path"))
     source = next((c for c in candidates if c and (Path(c).exists() or "/" in c)), None)
@@ -241,82 +207,48 @@ def _expected_patch_shapes(config) -> dict[str, list[int]]:
     return shapes
 
 
-def check_adapter_files(adapter_dir: str | Path):
-    """Check a patch adapter folder without loading any weights: its files, the checkpoint it belongs to (a
-    LinearPatch checkpoint whose files are complete), and that its patches fit that checkpoint's.
-
-    Returns:
-        The base checkpoint's config.
+def check_adapter_folder(adapter_dir: str | Path, base: str, base_config) -> None:
+    """Check an adapter folder's own files against the config of the checkpoint it names (`base`), without loading
+    any weights: the weights file is there and whole, and its patches are the ones that checkpoint has.
 
     Raises:
         CheckpointMismatchError: naming what is wrong and what to do.
     """
-    from ..models import check_model_files
-    from ..shards import read_header
-
     adapter_dir = Path(adapter_dir)
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise CheckpointMismatchError(f"The adapter {adapter_dir} has no {ADAPTER_WEIGHTS}: save it again.")
     read_header(weights)  # a truncated or corrupt file fails here
-    base = adapter_base(adapter_dir)
-    try:
-        config = check_model_files(base, kind="checkpoint")
-    except LinearPatchError as error:
-        raise CheckpointMismatchError(
-            f"The adapter {adapter_dir} names {base} as its base, which is not a usable LinearPatch checkpoint "
-            f"({_one_line(error)}). Save the adapter with `save_patch_adapter(model, folder, base=CHECKPOINT)` or "
-            "`linearpatch distill --adapter-only`."
-        ) from error
-    shapes, expected = _adapter_patch_shapes(adapter_dir), _expected_patch_shapes(config)
+    shapes, expected = _adapter_patch_shapes(adapter_dir), _expected_patch_shapes(base_config)
     record_path = adapter_dir / ADAPTER_RECORD
     recorded = json.loads(record_path.read_text()).get("pruned_layers") if record_path.exists() else None
-    if shapes != expected or (recorded is not None and recorded != list(config.pruned_layers)):
+    if shapes != expected or (recorded is not None and recorded != list(base_config.pruned_layers)):
         raise CheckpointMismatchError(
             f"The adapter {adapter_dir} holds patches {_short(shapes)} but its base {base} has {_short(expected)}: it "
             "belongs to a differently pruned model. Load it onto the checkpoint it was trained on."
         )
-    return config
 
 
-def _one_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=torch.float32, device: str = "cpu"):
-    """Load a LinearPatch checkpoint, check that the adapter in `adapter_dir` belongs to it, and merge the adapter.
-
-    Args:
-        adapter_dir (`str` or `Path`): a folder written by `linearpatch distill --adapter-only` or
-            [`save_patch_adapter`].
-        base (`str`, *optional*): the pruned checkpoint (default: the one the adapter records).
-
-    Returns:
-        `tuple[LinearPatchForCausalLM, tokenizer]`: the merged model, in eval mode.
-    """
+def merge_patch_adapter(model, adapter_dir: str | Path):
+    """`model` (the adapter's base checkpoint, loaded) with the adapter in `adapter_dir` merged, after checking that
+    the adapter was trained on it (see [`check_adapter_base`]). In eval mode."""
     from peft import PeftModel
 
-    from ..models import load_model
-
-    adapter_dir = Path(adapter_dir)
-    model, tokenizer = load_model(adapter_base(adapter_dir, base), dtype=dtype, device=device, kind="checkpoint")
     check_adapter_base(adapter_dir, model)
     with quiet_peft():
         merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    return merged.eval(), tokenizer
+    return merged.eval()
 
 
 __all__ = [
-    "ADAPTER_RECORD",
     "adapter_card",
     "adapter_base",
     "base_identity",
     "canonical_patch_name",
     "check_adapter_base",
-    "check_adapter_files",
-    "load_patch_adapter",
+    "check_adapter_folder",
+    "merge_patch_adapter",
     "patch_weights",
-    "save_patch_adapter",
     "write_adapter",
     "write_adapter_record",
 ]

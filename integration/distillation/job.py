@@ -27,18 +27,17 @@ from linearpatch.common.files import (
     refuse_overlap,
     staging_path,
 )
+from linearpatch.common.names import DISTILL_RECORD, TEACHER_CACHE_MANIFEST
 
+from ..adapter import base_identity, patch_weights, write_adapter
 from ..data import local_text_file, token_windows
 from ..defaults import distillation_sizes
 from ..layerwise import available_memory, memory_limit
 from ..shards import SafetensorsCheckpoint, format_size
-from .adapter import base_identity, patch_weights, write_adapter
-from .teacher_cache import MANIFEST, TopKTeacherCache
+from .teacher_cache import TopKTeacherCache
 from .trainer import distill
 
 log = logging.getLogger("linearpatch")
-
-DISTILL_RECORD = "linearpatch_distill.json"
 
 
 @dataclass
@@ -132,7 +131,7 @@ def build_cache_in_subprocess(
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
-            if any(cache_root.glob(f"*/{MANIFEST}")):
+            if any(cache_root.glob(f"*/{TEACHER_CACHE_MANIFEST}")):
                 ledger.partial[str(cache_root)] = (
                     "the teacher cache keeps its finished shards and resumes on the next run"
                 )
@@ -426,7 +425,7 @@ def _load_finished(student, folder: Path):
     """The model and log of a finished training kept by [`_keep_finished`]."""
     from peft import PeftModel
 
-    from .adapter import quiet_peft
+    from ..adapter import quiet_peft
 
     with quiet_peft():
         model = PeftModel.from_pretrained(student, str(folder))
@@ -451,7 +450,6 @@ def choose_device_map(model_bytes: int, device: str, max_memory: str | None) -> 
 
 
 __all__ = [
-    "DISTILL_RECORD",
     "DistillReport",
     "build_cache_in_subprocess",
     "check_recipe",

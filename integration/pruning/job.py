@@ -15,15 +15,15 @@ from transformers import PreTrainedModel
 
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import atomic_directory, check_output, refuse_overlap
-from linearpatch.common.names import is_repo_id
+from linearpatch.common.names import PRUNE_RECORD, is_repo_id
 from linearpatch.modeling import contiguous_gaps, normalize_pruned_layers, prune_layers
 
 from ..data import TokenWindows, local_text_file, token_windows
 from ..defaults import calibration_sizes, figure_sizes, perplexity_sizes
 from ..layerwise import choose_sequential
+from ..measurement.calibration import CalibrationStatistics, calibrate
+from ..measurement.hadamard import factor_hidden_size
 from ..shards import SafetensorsCheckpoint, parse_size
-from .calibration import CalibrationStatistics, calibrate
-from .hadamard import factor_hidden_size
 from .patches import PATCH_CHOICES, estimate_patch, scale_summary
 from .search import (
     DEFAULT_CANDIDATES,
@@ -633,7 +633,7 @@ def prune_checkpoint(
     Returns:
         `PruneReport` (with `output` and `evaluation` filled in).
     """
-    from ..evaluation.perplexity import chunked_perplexity
+    from ..measurement.perplexity import chunked_perplexity
     from ..models import (
         fit_context,
         load_config,
@@ -741,7 +741,7 @@ def prune_checkpoint(
             }
     report.output = str(output)
     with atomic_directory(output, overwrite) as staging:
-        write_checkpoint_files(staging, pruned, tokenizer, {"linearpatch_report.json": report.to_json()})
+        write_checkpoint_files(staging, pruned, tokenizer, {PRUNE_RECORD: report.to_json()})
         if plot_windows is not None:  # inside the staging folder: the checkpoint appears complete or not at all
             from ..evaluation.figures import write_report_plots
 
@@ -803,7 +803,7 @@ def _prune_sequentially(
             max_shard_size=max_shard_size,
             progress=progress,
         )
-        write_checkpoint_files(staging, None, load_tokenizer(), {"linearpatch_report.json": report.to_json()})
+        write_checkpoint_files(staging, None, load_tokenizer(), {PRUNE_RECORD: report.to_json()})
     return report
 
 

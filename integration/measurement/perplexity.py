@@ -1,0 +1,57 @@
+"""Perplexity as the paper reports it: non-overlapping windows over a concatenated corpus, token-level mean NLL. The
+search, the export comparison and `eval` all score with it."""
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import TokenWindows, token_windows
+
+
+def summed_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Sum over every window of the NLL of each token given the ones before it (the last position predicts nothing).
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(windows, seq_len, vocab)`): the model's logits for `input_ids`.
+        input_ids (`torch.LongTensor` of shape `(windows, seq_len)`): the scored tokens.
+    """
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return nll.item()
+
+
+@torch.no_grad()
+def chunked_perplexity(
+    model, windows: TokenWindows | torch.Tensor, batch_size: int = 1, progress: bool = False
+) -> float:
+    """exp(mean NLL) over every predicted token of every window (each window is scored independently).
+
+    Args:
+        model: a causal LM.
+        windows (`TokenWindows` or `torch.LongTensor` of shape `(num_windows, seq_len)`): from
+            `token_windows(..., sampling="chunked")`.
+        batch_size (`int`, *optional*, defaults to 1): windows per forward.
+        progress (`bool`, *optional*, defaults to `False`): progress bar.
+    """
+    input_ids = windows.input_ids if isinstance(windows, TokenWindows) else windows
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for first in tqdm(range(0, len(input_ids), batch_size), desc="perplexity", disable=not progress):
+        batch = input_ids[first : first + batch_size].to(device)
+        total_nll += summed_next_token_nll(model(batch, use_cache=False).logits, batch)
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+def corpus_perplexity(
+    model, tokenizer, source: str, num_windows: int | None = 16, seq_len: int = 512, **kwargs
+) -> float:
+    """[`chunked_perplexity`] on the first `num_windows` non-overlapping windows of `source`."""
+    return chunked_perplexity(
+        model, token_windows(source, tokenizer, num_windows, seq_len, sampling="chunked"), **kwargs
+    )
+
+
+__all__ = ["chunked_perplexity", "corpus_perplexity", "summed_next_token_nll"]
