@@ -21,10 +21,8 @@ from safetensors.torch import save_file
 from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError, OutputWriteError
 from linearpatch.common.files import (
     atomic_directory,
-    check_output,
     clean_stale_staging,
     ledger,
-    refuse_overlap,
     staging_path,
 )
 from linearpatch.common.names import DISTILL_RECORD, TEACHER_CACHE_MANIFEST
@@ -72,6 +70,14 @@ class DistillReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def summary(self) -> str:
+        """What was trained and written: what `linearpatch distill` prints."""
+        loss = f", final loss {self.train_loss:.4f}" if self.train_loss is not None else ""
+        return (
+            f"Distilled {self.data['num_windows']} windows in {self.steps} steps{loss} "
+            f"({self.bytes_per_token} cache bytes/token); {self.kind} written to {self.output}"
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -218,37 +224,25 @@ def distill_checkpoint(
         `DistillReport`
     """
     from ..models import cache_dir as default_cache_dir
-    from ..models import (
-        fit_context,
-        load_config,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_model,
-        write_checkpoint_files,
-    )
+    from ..models import fit_context, load_model, load_tokenizer, resolve_model, write_checkpoint_files
+    from ..opening import open_job
 
-    output = Path(output)
-    check_output(output, overwrite)
-    device = resolve_device(device)
     check_recipe(num_samples, seq_len, top_k, epochs, max_steps, lr, temperature)
-    student_config = load_config(checkpoint, kind="checkpoint")
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "teacher-cache"
+    output = Path(output)
+    work_dir = Path(work_dir) if work_dir else output.with_name(f"{output.name}.work")
+    inputs = {
+        "teacher": resolve_model(teacher),
+        "teacher cache": cache_root,
+        "work folder": work_dir if work_dir.exists() else None,
+        "training text": local_text_file(data),
+    }
+    job = open_job(checkpoint, "checkpoint", output, overwrite, device, inputs)
+    device, student_config = job.device, job.config
     if not student_config.patch_positions:
         raise LinearPatchError(f"{checkpoint} was pruned without patches (patch 'none'): there is nothing to train.")
     if not 1 <= top_k <= student_config.vocab_size:
         raise LinearPatchError(f"--top-k {top_k} must be in 1..{student_config.vocab_size} (the vocabulary size).")
-    cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "teacher-cache"
-    work_dir = Path(work_dir) if work_dir else output.with_name(f"{output.name}.work")
-    refuse_overlap(
-        output,
-        {
-            "checkpoint": resolve_model(checkpoint),
-            "teacher": resolve_model(teacher),
-            "teacher cache": cache_root,
-            "work folder": work_dir if work_dir.exists() else None,
-            "training text": local_text_file(data),
-        },
-    )
     if resume and not work_dir.exists():
         raise LinearPatchError(f"--resume: there is no work folder {work_dir} to resume from; run without --resume.")
     student_tokenizer = load_tokenizer(checkpoint)
@@ -262,7 +256,7 @@ def distill_checkpoint(
     if from_finished:
         log.warning("linearpatch: %s holds finished training: writing the output from it, without training.", work_dir)
 
-    student_bytes = SafetensorsCheckpoint(resolve_model(checkpoint)).nbytes(getattr(torch, dtype))
+    student_bytes = SafetensorsCheckpoint(job.model_path).nbytes(getattr(torch, dtype))
     spread = choose_device_map(student_bytes, device, max_memory)
     cache = build_cache_in_subprocess(
         teacher, windows.input_ids, cache_root, top_k, device, dtype, sequential_teacher, max_memory

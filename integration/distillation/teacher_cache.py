@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from linearpatch.common.files import clean_stale_staging, sha256_file, staging_path, write_text_atomically
 from linearpatch.common.names import CONFIG_FILE, TEACHER_CACHE_MANIFEST
 
+from ..measurement.capture import capture_input
+
 FORMAT_VERSION = 1
 
 
@@ -199,10 +201,6 @@ def build_teacher_cache(
     return TopKTeacherCache.open(path, verify=False)
 
 
-class _FinalHidden(Exception):
-    """Stops a layer-by-layer forward at the final norm's input."""
-
-
 @contextlib.contextmanager
 def _logits_source(teacher, input_ids: torch.Tensor):
     """Yield `logits_of(windows: slice)`: the teacher's logits for those rows of `input_ids`.
@@ -219,23 +217,12 @@ def _logits_source(teacher, input_ids: torch.Tensor):
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     base = teacher.model
-    captured = {}
-
-    def stop(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        raise _FinalHidden
-
-    handle = base.norm.register_forward_pre_hook(stop, with_kwargs=True)
     layerwise.in_place = True  # nothing needs a layer's input once its output is written
     try:
-        base(input_ids=input_ids.to(layerwise.device), use_cache=False)
-    except _FinalHidden:
-        pass
+        hidden = capture_input(base, base.norm, input_ids=input_ids.to(layerwise.device), use_cache=False)
     finally:
-        handle.remove()
         layerwise.in_place = False
         layerwise.close_bar()
-    hidden = captured.pop("hidden")
     norm, head = layerwise.load("model.norm"), layerwise.load("lm_head")
     current: dict[str, slice] = {}
     base_forward = base.forward

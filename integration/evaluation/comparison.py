@@ -11,9 +11,8 @@ from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
 from linearpatch.common.files import check_output, write_files_atomically
 from linearpatch.common.names import EVAL_FILES
 
-from ..data import token_windows
 from ..defaults import DEFAULT_TASKS, perplexity_sizes, task_limit
-from ..measurement.perplexity import chunked_perplexity, corpus_perplexity
+from ..measurement.perplexity import chunked_perplexity, corpus_perplexity, held_out_windows
 from ..models import check_model_files, fit_context, load_model, load_tokenizer, resolve_device
 from .tasks import OFFLINE_TASKS, chance_accuracy, lm_eval_tasks, task_manager
 
@@ -296,9 +295,7 @@ def compare_models(
     if tasks:
         task_manager(list(tasks))
     tokenizer = load_tokenizer(baseline)
-    windows = {
-        corpus: token_windows(corpus, tokenizer, perplexity_windows, seq_len, sampling="chunked") for corpus in corpora
-    }
+    windows = held_out_windows(tokenizer, corpora, perplexity_windows, seq_len)
 
     dense = load_model(baseline, dtype=dtype, device=device)
     known = [task for task in tasks if task in OFFLINE_TASKS]

@@ -1,6 +1,6 @@
 """One streaming calibration pass over the dense model, keeping only the statistics LinearPatch needs.
 
-Notation (METHOD.md): X_l is the residual-stream input of decoder layer l (before its input norm) for l < L, and X_L
+Notation: X_l is the residual-stream input of decoder layer l (before its input norm) for l < L, and X_L
 is the input of the final norm. Per window the pass keeps, for every layer l:
 
 - the per-channel mean |X_l| and mean |X_l H| (Hadamard-rotated) -> `[windows, L + 1, C]`;
@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import TokenWindows
+from .capture import StopForward, raise_stop
 from .hadamard import hadamard_supported, hadamard_transform
 
 
@@ -66,10 +67,6 @@ class CalibrationStatistics:
     def block_influence(self) -> torch.Tensor:
         """ShortGPT Block Influence of each layer: BI_l = 1 - mean_t cos(X_l[t], X_{l+1}[t]), l = 0..L-1."""
         return 1.0 - self.cosine[: self.num_layers, self.distances.index(1)]
-
-
-class _StopForward(Exception):
-    """Raised by the last needed hook: layers after it would be computed for nothing."""
 
 
 @torch.no_grad()
@@ -182,7 +179,7 @@ def calibrate(
         while len(recent) > keep:
             recent.popitem(last=False)
         if index == last_layer:
-            raise _StopForward
+            raise StopForward
 
     def hook_for(index: int):
         def hook(module, args, kwargs):
@@ -212,7 +209,7 @@ def calibrate(
             record_part(0, hidden[part], part, lambda j: None)
             keep_copy(0, part, hidden[part])
         if last_layer == 0:
-            raise _StopForward
+            raise StopForward
 
     def observe(index: int, part: slice, before: torch.Tensor, after: torch.Tensor) -> None:
         for sub in chunks(part.stop - part.start):
@@ -229,9 +226,6 @@ def calibrate(
             for j in [j for j in history if not needed_later(j, index + 1)]:
                 del history[j]
 
-    def stop(module, args, kwargs):
-        raise _StopForward
-
     if layerwise is None:
         handles = [layer.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
         handles.append(base.norm.register_forward_pre_hook(hook_for(num_layers), with_kwargs=True))
@@ -241,7 +235,7 @@ def calibrate(
         handles = [layers[0].register_forward_pre_hook(record_embeddings, with_kwargs=True)]
         if last_layer > 0:
             owner = base.norm if last_layer == num_layers else layers[last_layer]
-            handles.append(owner.register_forward_pre_hook(stop, with_kwargs=True))
+            handles.append(owner.register_forward_pre_hook(raise_stop, with_kwargs=True))
         layerwise.observer, layerwise.in_place = observe, True
     started = time.perf_counter()
     try:
@@ -252,7 +246,7 @@ def calibrate(
             recent.clear()
             try:
                 base(input_ids=batch, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             token_count += batch.numel()
             bar.update(batch.shape[0])

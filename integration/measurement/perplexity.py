@@ -54,4 +54,20 @@ def corpus_perplexity(
     )
 
 
-__all__ = ["chunked_perplexity", "corpus_perplexity", "summed_next_token_nll"]
+def held_out_windows(tokenizer, corpora, num_windows: int, seq_len: int) -> dict[str, TokenWindows]:
+    """The first `num_windows` non-overlapping windows of each corpus (what every held-out comparison scores)."""
+    return {corpus: token_windows(corpus, tokenizer, num_windows, seq_len, sampling="chunked") for corpus in corpora}
+
+
+def perplexity_table(models: dict, windows: dict[str, TokenWindows], progress: bool = False) -> dict:
+    """`{name: {corpus: perplexity}}` of each model on each corpus's windows, side by side."""
+    return {
+        name: {
+            corpus: chunked_perplexity(model, corpus_windows, progress=progress)
+            for corpus, corpus_windows in windows.items()
+        }
+        for name, model in models.items()
+    }
+
+
+__all__ = ["chunked_perplexity", "corpus_perplexity", "held_out_windows", "perplexity_table", "summed_next_token_nll"]

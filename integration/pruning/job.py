@@ -14,10 +14,11 @@ import torch
 from transformers import PreTrainedModel
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.files import atomic_directory, check_output, refuse_overlap
+from linearpatch.common.files import atomic_directory
 from linearpatch.common.names import PRUNE_RECORD, is_repo_id
 from linearpatch.modeling import contiguous_gaps, normalize_pruned_layers, prune_layers
 
+from ..choices import METRIC_SCORES
 from ..data import TokenWindows, local_text_file, token_windows
 from ..defaults import calibration_sizes, figure_sizes, perplexity_sizes
 from ..layerwise import choose_sequential
@@ -100,6 +101,29 @@ class PruneReport:
         held-out perplexity)."""
         reverse = self.metric == "cosine"
         return sorted(self.candidate_scores.items(), key=lambda item: item[1], reverse=reverse)[:count]
+
+    def summary(self) -> str:
+        """What was pruned, how it was chosen, and the perplexities measured: what `linearpatch prune` prints."""
+        chosen = f" -> {self.patch_kind}" if self.patch_kind != self.patch else ""
+        how = f"{self.metric}, patch {self.patch}{chosen}"
+        lines = [f"Pruned layers {self.pruned_layers} of {self.num_dense_layers} ({how})"]
+        if self.holdout:
+            lines.append(
+                f"Held-out calibration perplexity (dense {self.holdout['dense_perplexity']:.2f}): "
+                + ", ".join(f"{c['label']} {c['heldout_perplexity']:.2f}" for c in self.patch_choices)
+            )
+        for point in self.depth_curve:
+            lines.append(
+                f"  {point['num_layers']:>3} layers: {point['ratio']:.3f}x ({point['patch']}, layers "
+                f"{point['layers'][0]}-{point['layers'][1]}); plain {point['plain_ratio']:.3f}x, "
+                f"{point['fixed_patch']} {point['fixed_ratio']:.3f}x"
+            )
+        if self.candidate_scores:
+            scores = ", ".join(f"{start}: {score:.4f}" for start, score in self.top_candidates())
+            lines.append(f"Top candidates ({METRIC_SCORES[self.metric]}): {scores}")
+        for name, values in self.evaluation.items():
+            lines.append(f"  {name:>6} perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+        return "\n".join(lines)
 
 
 def check_choice_options(
@@ -633,37 +657,26 @@ def prune_checkpoint(
     Returns:
         `PruneReport` (with `output` and `evaluation` filled in).
     """
-    from ..measurement.perplexity import chunked_perplexity
-    from ..models import (
-        fit_context,
-        load_config,
-        load_model,
-        load_tokenizer,
-        portable_model_id,
-        resolve_device,
-        resolve_model,
-        write_checkpoint_files,
-    )
+    from ..measurement.perplexity import held_out_windows, perplexity_table
+    from ..models import fit_context, load_model, load_tokenizer, portable_model_id, write_checkpoint_files
+    from ..opening import open_job
 
-    output = Path(output)
-    check_output(output, overwrite)
-    device = resolve_device(device)
     check_choice_options(layers, metric, patch, target_ppl_ratio, holdout)
     if base_model is not None and not is_repo_id(base_model):
         raise LinearPatchError(
             f"--base-model {base_model!r} is not a Hub repo id (org/name): it is recorded so that another machine "
             "can find the dense model."
         )
-    config = load_config(model, kind="dense")
-    inputs = {"dense model": resolve_model(model), "calibration text": local_text_file(calibration)}
+    inputs = {"calibration text": local_text_file(calibration)}
     inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in eval_corpora if eval_windows}
-    refuse_overlap(output, inputs)
+    job = open_job(model, "dense", output, overwrite, device, inputs)
+    output, device, config = job.output, job.device, job.config
     metric, patch = resolve_choice(metric, patch, target_ppl_ratio)
     explicit = check_prune_arguments(
         num_layers, layers, metric, patch, config.num_hidden_layers, config.hidden_size, target_ppl_ratio
     )
     # Every shard is checked (present, complete) before anything is computed or written.
-    checkpoint = SafetensorsCheckpoint(resolve_model(model))
+    checkpoint = SafetensorsCheckpoint(job.model_path)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     sequential = choose_sequential(checkpoint.nbytes(torch_dtype), device, sequential, max_memory)
     if sequential and chooses_by_outcome(metric, patch, target_ppl_ratio):
@@ -683,12 +696,7 @@ def prune_checkpoint(
     windows = token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed) if needs_calibration else None
     if chooses_by_outcome(metric, patch, target_ppl_ratio):
         split_holdout(windows, holdout)  # too few windows to hold some out fails here, before the model loads
-    evaluation_windows = {}
-    if eval_windows:
-        evaluation_windows = {
-            corpus: token_windows(corpus, tokenizer, eval_windows, eval_seq_len, sampling="chunked")
-            for corpus in eval_corpora
-        }
+    evaluation_windows = held_out_windows(tokenizer, eval_corpora, eval_windows, eval_seq_len) if eval_windows else {}
     figures = figure_sizes(device)
     plot_windows = None
     if plots:
@@ -733,12 +741,8 @@ def prune_checkpoint(
         holdout=holdout,
         candidates=candidates,
     )
-    for name, candidate in (("dense", dense), ("pruned", pruned)):
-        if evaluation_windows:
-            report.evaluation[name] = {
-                corpus: chunked_perplexity(candidate, windows_, progress=progress)
-                for corpus, windows_ in evaluation_windows.items()
-            }
+    if evaluation_windows:
+        report.evaluation |= perplexity_table({"dense": dense, "pruned": pruned}, evaluation_windows, progress)
     report.output = str(output)
     with atomic_directory(output, overwrite) as staging:
         write_checkpoint_files(staging, pruned, tokenizer, {PRUNE_RECORD: report.to_json()})
