@@ -72,31 +72,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         candidates=args.candidates,
     )
-    chosen = f" -> {report.patch_kind}" if report.patch_kind != report.patch else ""
-    print(
-        f"Pruned layers {report.pruned_layers} of {report.num_dense_layers} "
-        f"({report.metric}, patch {report.patch}{chosen})"
-    )
-    if report.holdout:
-        print(
-            f"Held-out calibration perplexity (dense {report.holdout['dense_perplexity']:.2f}): "
-            + ", ".join(f"{c['label']} {c['heldout_perplexity']:.2f}" for c in report.patch_choices)
-        )
-    for point in report.depth_curve:
-        print(
-            f"  {point['num_layers']:>3} layers: {point['ratio']:.3f}x ({point['patch']}, layers "
-            f"{point['layers'][0]}-{point['layers'][1]}); plain {point['plain_ratio']:.3f}x, "
-            f"{point['fixed_patch']} {point['fixed_ratio']:.3f}x"
-        )
-    if report.candidate_scores:
-        from linearpatch.integration.choices import METRIC_SCORES
-
-        print(
-            f"Top candidates ({METRIC_SCORES[report.metric]}):",
-            ", ".join(f"{start}: {score:.4f}" for start, score in report.top_candidates()),
-        )
-    for name, values in report.evaluation.items():
-        print(f"  {name:>6} perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    print(report.summary())
     print(f"Saved to {report.output} (report: linearpatch_report.json{', plots' if args.plots else ''})")
     return 0
 
@@ -132,11 +108,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         sequential_teacher=args.sequential_teacher,
         max_memory=args.max_memory,
     )
-    loss = f", final loss {report.train_loss:.4f}" if report.train_loss is not None else ""
-    print(
-        f"Distilled {report.data['num_windows']} windows in {report.steps} steps{loss} "
-        f"({report.bytes_per_token} cache bytes/token); {report.kind} written to {report.output}"
-    )
+    print(report.summary())
     return 0
 
 
@@ -200,16 +172,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         max_shard_size=args.max_shard_size,
     )
-    for fold in report.folds:
-        exact = "exact" if fold["exact"] else f"approximate (fit error {fold.get('relative_error', 0):.3f})"
-        where = "the final norm" if fold["position"] >= report.num_layers else f"kept layer {fold['position']}"
-        print(f"patch before {where}: {fold['how']}, {exact}")
-    if report.perplexity:  # skipped by a sequential export
-        corpora = list(next(iter(report.perplexity.values())))
-        print("| model | " + " | ".join(corpora) + " |\n|---|" + "---|" * len(corpora))
-        for name, values in report.perplexity.items():
-            print(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
-    print(f"Wrote a stock {report.architecture} (no remote code) to {report.output} (report: linearpatch_export.json)")
+    print(report.summary())
     return 0
 
 

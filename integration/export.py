@@ -8,7 +8,8 @@ elsewhere, and measures what that costs:
 - a gap at layer 0: the patch acts on the token embeddings, so `embed_tokens <- embed_tokens @ P` is exact (the head
   is untied first if it was tied);
 - `scalar` (Prune&Comp): a scalar patch r before kept layer p equals dividing what every kept layer from p on writes
-  into the residual stream by r (`o_proj` and `down_proj`; in Gemma 3 the `(1 + w)` of the norms after them): the
+  into the residual stream by r (the writers of the family's `ResidualLayout`: `o_proj` and `down_proj`; in Gemma 3
+  the `(1 + w)` of the norms after them, in OLMo 2 their `w`): the
   stream after the gap is then the patched one divided by r, and every later layer and the final norm read it
   through a scale-invariant RMSNorm. Exact up to RMSNorm's eps (relative error about
   eps / mean(h^2) of the stream after the gap, which is large in real models, so below 1e-6 there); for any other
@@ -16,8 +17,8 @@ elsewhere, and measures what that costs:
   embeddings and the layers before it keeps the eps error away from the small early-layer streams;
 - `down-proj` (ReplaceMe-style): the patched stream entering kept layer p is `(a + m) P`, with `a` the stream after
   the attention of layer p-1 and `m` its MLP output. A C x C matrix T fitted by ridge least squares on calibration
-  text so that `a + m T ~= (a + m) P` is folded into that layer's `down_proj` (`W <- T^T W`). In Gemma 3 the MLP
-  output passes through a norm after `down_proj`, so T is diagonal there and folded into that norm's `(1 + w)`.
+  text so that `a + m T ~= (a + m) P` is folded into that layer's `down_proj` (`W <- T^T W`). Where the MLP output
+  passes through a norm after `down_proj` (Gemma 3, OLMo 2), T is diagonal and folded into that norm's weight.
 
 `linearpatch_export.json` beside the weights records held-out perplexity of the patched checkpoint, the export and
 plain pruning, side by side.
@@ -33,7 +34,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.files import atomic_directory, check_output, refuse_overlap
+from linearpatch.common.files import atomic_directory
 from linearpatch.common.names import EXPORT_RECORD
 from linearpatch.modeling import family_of
 
@@ -41,6 +42,7 @@ from .choices import FOLDS
 from .data import local_text_file, token_windows
 from .defaults import calibration_sizes, perplexity_sizes
 from .layerwise import choose_sequential
+from .measurement.capture import run_until
 from .shards import SafetensorsCheckpoint, parse_size
 
 # Config fields that only a LinearPatch checkpoint has.
@@ -57,39 +59,6 @@ _LINEARPATCH_FIELDS = (
     "model_type",
     "transformers_version",
 )
-
-
-@dataclass(frozen=True)
-class ResidualWriters:
-    """Where a family's decoder layer adds to the residual stream, by module name inside the layer.
-
-    Args:
-        after_attention (`str`): the module whose input is the stream after the attention block.
-        mlp_output (`str`): the module whose output is the MLP's contribution to the stream.
-        writers (`tuple[str, ...]`): the modules whose outputs are added to the stream.
-        gemma_norms (`bool`): the writers are `(1 + w)` RMSNorms (Gemma), not Linear layers.
-    """
-
-    after_attention: str
-    mlp_output: str
-    writers: tuple[str, ...]
-    gemma_norms: bool = False
-
-
-LLAMA_WRITERS = ResidualWriters("post_attention_layernorm", "mlp", ("self_attn.o_proj", "mlp.down_proj"))
-# Families whose layers write into the stream otherwise than Llama's (dense model_type -> writers).
-RESIDUAL_WRITERS = {
-    "gemma3_text": ResidualWriters(
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-        ("post_attention_layernorm", "post_feedforward_layernorm"),
-        gemma_norms=True,
-    ),
-}
-
-
-def residual_writers(config) -> ResidualWriters:
-    return RESIDUAL_WRITERS.get(family_of(config).dense_model_type, LLAMA_WRITERS)
 
 
 @dataclass
@@ -126,6 +95,21 @@ class ExportReport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def summary(self) -> str:
+        """Each fold, the held-out comparison and where the model went: what `linearpatch export` prints."""
+        lines = []
+        for fold in self.folds:
+            exact = "exact" if fold["exact"] else f"approximate (fit error {fold.get('relative_error', 0):.3f})"
+            where = "the final norm" if fold["position"] >= self.num_layers else f"kept layer {fold['position']}"
+            lines.append(f"patch before {where}: {fold['how']}, {exact}")
+        if self.perplexity:  # skipped by a sequential export
+            corpora = list(next(iter(self.perplexity.values())))
+            lines += ["| model | " + " | ".join(corpora) + " |", "|---|" + "---|" * len(corpora)]
+            for name, values in self.perplexity.items():
+                lines.append(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
+        lines.append(f"Wrote a stock {self.architecture} (no remote code) to {self.output} (report: {EXPORT_RECORD})")
+        return "\n".join(lines)
+
 
 def _patch_matrices(model) -> dict[int, torch.Tensor]:
     """Kept-layer position -> P (float64) of a LinearPatch model."""
@@ -152,10 +136,6 @@ def stock_model(config) -> PreTrainedModel:
     return family_of(config).dense_causal_lm_class(config)
 
 
-class _StopForward(Exception):
-    """Ends a forward once the layer a fold needs has run."""
-
-
 @torch.no_grad()
 def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, m) of kept layer `position - 1` for every token of `input_ids`: the stream after its attention and its
@@ -163,7 +143,7 @@ def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Ten
     layers up to `position - 1` one layer at a time."""
     layers = model.model.layers
     layer = layers[position - 1]
-    where = residual_writers(model.config)
+    where = family_of(model.config).residual
     captured = {}
 
     def before_mlp(module, args):
@@ -172,26 +152,20 @@ def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Ten
     def mlp_output(module, args, output):
         captured.setdefault("m", []).append(output.detach().cpu())
 
-    def stop(module, args):
-        raise _StopForward
-
     # The norm before the MLP reads the residual after attention; `mlp_output` produces what the MLP adds to it.
     handles = [
         layer.get_submodule(where.after_attention).register_forward_pre_hook(before_mlp),
         layer.get_submodule(where.mlp_output).register_forward_hook(mlp_output),
     ]
     layerwise = getattr(model, "layerwise", None)
+    after = layers[position] if position < len(layers) else model.model.norm  # the layers after it are not needed
     try:
         if layerwise is None:
             for window in input_ids:
-                model.model(input_ids=window[None].to(next(model.parameters()).device), use_cache=False)
+                run_until(model.model, after, input_ids=window[None].to(model.device), use_cache=False)
         else:
-            after = layers[position] if position < len(layers) else model.model.norm
-            handles.append(after.register_forward_pre_hook(stop))
-            try:
-                model.model(input_ids=input_ids.to(layerwise.device), use_cache=False)
-            except _StopForward:
-                pass
+            try:  # every window at once, through the layers up to this one, each loaded once
+                run_until(model.model, after, input_ids=input_ids.to(layerwise.device), use_cache=False)
             finally:
                 layerwise.close_bar()
     finally:
@@ -224,7 +198,8 @@ def plan_folds(
     """
     if fold not in FOLDS:
         raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
-    where = residual_writers(config)
+    where = family_of(config).residual
+    offset = where.writer_norm_offset
     transforms: dict[str, list] = {}
 
     def add(key: str, function) -> None:
@@ -244,13 +219,13 @@ def plan_folds(
             for index in range(position, config.num_hidden_layers):
                 for name in where.writers:
                     prefix = f"model.layers.{index}.{name}"
-                    if where.gemma_norms:  # output = normalised(x) * (1 + w)
-                        add(f"{prefix}.weight", lambda t, r=ratio: ((1.0 + t.double()) / r - 1.0).to(t.dtype))
+                    if offset is not None:  # output = normalised(x) * (offset + w)
+                        add(f"{prefix}.weight", lambda t, r=ratio: ((offset + t.double()) / r - offset).to(t.dtype))
                     else:
                         for key in (f"{prefix}.weight", f"{prefix}.bias"):
                             add(key, lambda t, r=ratio: (t.double() / r).to(t.dtype))
             how = f"{' and '.join(where.writers)} from kept layer {position} on divided by the scalar {ratio:.6g}"
-            described.append(dict(position=position, how=how, exact=scalar))
+            described.append(dict(position=position, how=how, exact=scalar and where.reads_through_norms))
             continue
         if stream_at is None:
             raise LinearPatchError("The down-proj fold needs calibration windows (input_ids).")
@@ -260,15 +235,15 @@ def plan_folds(
         # Every later layer reads the stream through RMSNorm, so what matters is each token's error relative to its
         # own norm; unweighted least squares would fit the few massive-activation tokens and nothing else.
         weight = 1.0 / patched.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
-        if where.gemma_norms:
-            # The MLP output leaves through a norm: only a per-channel T (into its `1 + w`) can be folded.
+        if offset is not None:
+            # The MLP output leaves through a norm: only a per-channel T (into its `offset + w`) can be folded.
             prefix = f"model.layers.{position - 1}.{where.mlp_output}"
             gram = (m * m * weight).sum(dim=0)
             scales = (m * target * weight).sum(dim=0) / (gram + ridge * gram.mean())
             transform = torch.diag(scales)
-            add(f"{prefix}.weight", lambda t, s=scales: ((1.0 + t.double()) * s - 1.0).to(t.dtype))
+            add(f"{prefix}.weight", lambda t, s=scales: ((offset + t.double()) * s - offset).to(t.dtype))
         else:
-            prefix = f"model.layers.{position - 1}.mlp.down_proj"
+            prefix = f"model.layers.{position - 1}.{where.writers[-1]}"
             gram = m.T @ (m * weight)
             damping = ridge * gram.diagonal().mean()
             transform = torch.linalg.solve(gram + damping * torch.eye(size, dtype=gram.dtype), m.T @ (target * weight))
@@ -373,30 +348,19 @@ def export_checkpoint(
     Returns:
         `ExportReport`
     """
-    from .measurement.perplexity import chunked_perplexity
-    from .models import (
-        fit_context,
-        load_config,
-        load_model,
-        load_tokenizer,
-        portable_model_id,
-        resolve_device,
-        resolve_model,
-        write_checkpoint_files,
-    )
+    from .measurement.perplexity import held_out_windows, perplexity_table
+    from .models import fit_context, load_model, load_tokenizer, portable_model_id, write_checkpoint_files
+    from .opening import open_job
 
     started = time.perf_counter()
-    output = Path(output)
-    check_output(output, overwrite)
     if fold not in FOLDS:
         raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
-    device = resolve_device(device)
-    config = load_config(checkpoint, kind="checkpoint")
+    inputs = {"calibration text": local_text_file(calibration)}
+    inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in eval_corpora if eval_windows != 0}
+    job = open_job(checkpoint, "checkpoint", output, overwrite, device, inputs)
+    output, device, config = job.output, job.device, job.config
     needs_fit = fold == "down-proj" and any(p > 0 for p in config.patch_positions)
     eval_windows = perplexity_sizes(device).num_samples if eval_windows is None else eval_windows
-    inputs = {"checkpoint": resolve_model(checkpoint), "calibration text": local_text_file(calibration)}
-    inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in eval_corpora if eval_windows}
-    refuse_overlap(output, inputs)
     tokenizer = load_tokenizer(checkpoint)
     sizes, held_out = calibration_sizes(device), perplexity_sizes(device)
     windows = None
@@ -404,7 +368,7 @@ def export_checkpoint(
         num_samples = sizes.num_samples if num_samples is None else num_samples
         seq_len = fit_context(config, seq_len, sizes.seq_len)
         windows = token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed)
-    checkpoint_weights = SafetensorsCheckpoint(resolve_model(checkpoint))
+    checkpoint_weights = SafetensorsCheckpoint(job.model_path)
     sequential = choose_sequential(
         checkpoint_weights.nbytes(torch.float32), device, sequential, max_memory, "checkpoint"
     )
@@ -424,10 +388,7 @@ def export_checkpoint(
             started,
         )
     eval_seq_len = fit_context(config, None, held_out.seq_len)
-    evaluation = {
-        corpus: token_windows(corpus, tokenizer, eval_windows, eval_seq_len, sampling="chunked")
-        for corpus in (eval_corpora if eval_windows else ())
-    }
+    evaluation = held_out_windows(tokenizer, eval_corpora, eval_windows, eval_seq_len) if eval_windows else {}
 
     patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
     stock, described = export_model(patched, fold, windows.input_ids if windows is not None else None)
@@ -438,11 +399,9 @@ def export_checkpoint(
             plain = stock_model(stock_config(patched.config))
         plain.load_state_dict(plain_state, strict=not patched.config.tie_word_embeddings, assign=True)
         plain.tie_weights()
-        for name, candidate in (("patched", patched), ("export", stock), ("plain", plain.eval())):
-            perplexity[name] = {
-                corpus: chunked_perplexity(candidate, corpus_windows, progress=progress)
-                for corpus, corpus_windows in evaluation.items()
-            }
+        perplexity = perplexity_table(
+            {"patched": patched, "export": stock, "plain": plain.eval()}, evaluation, progress
+        )
     report = ExportReport(
         source=portable_model_id(checkpoint),
         fold=fold,

@@ -11,7 +11,17 @@ from .configuration_linearpatch import (
     contiguous_gaps,
     patch_positions_for,
 )
-from .families import FAMILIES, Family, checkpoint_model_types, family_of, register_family, supported_model_types
+from .families import (
+    FAMILIES,
+    GEMMA3_RESIDUAL,
+    LLAMA_RESIDUAL,
+    Family,
+    ResidualLayout,
+    checkpoint_model_types,
+    family_of,
+    register_family,
+    supported_model_types,
+)
 from .modeling_linearpatch import (
     LinearPatch,
     LinearPatchForCausalLM,
@@ -29,7 +39,10 @@ from .pruning import normalize_pruned_layers, patch_state_dict, prune_layers, pr
 
 __all__ = [
     "FAMILIES",
+    "GEMMA3_RESIDUAL",
+    "LLAMA_RESIDUAL",
     "Family",
+    "ResidualLayout",
     "LinearPatch",
     "LinearPatchConfig",
     "LinearPatchConfigMixin",

@@ -130,8 +130,9 @@ class LinearPatchConfigMixin(PreTrainedConfig):
 
 
 def linearpatch_config_class(family_config: type[PreTrainedConfig], model_type: str) -> type[PreTrainedConfig]:
-    """The LinearPatch configuration of one family: `family_config` (e.g. `Qwen3Config`) plus the pruning fields, under
-    its own `model_type` (e.g. `linearpatch_qwen3`). `dense_model_type` names the family it was pruned from."""
+    """The LinearPatch configuration of a family registered at run time (`register_family`): `family_config` plus the
+    pruning fields, under its own `model_type` (e.g. `linearpatch_olmo2`). `dense_model_type` names the family it
+    was pruned from. The built-in families' configs are the class statements below."""
     name = f"LinearPatch{family_config.__name__}"
     namespace = {"model_type": model_type, "dense_model_type": family_config.model_type, "__module__": __name__}
     namespace["__doc__"] = (
@@ -161,10 +162,37 @@ class LinearPatchConfig(LinearPatchConfigMixin, LlamaConfig):
 
 # One `model_type` per family: each checkpoint's config is its family's own, validated by that family's class, so a
 # Qwen3 checkpoint keeps Qwen3's fields and defaults, and engines that pick code by model type see which family it is.
-LinearPatchMistralConfig = linearpatch_config_class(MistralConfig, "linearpatch_mistral")
-LinearPatchQwen2Config = linearpatch_config_class(Qwen2Config, "linearpatch_qwen2")
-LinearPatchQwen3Config = linearpatch_config_class(Qwen3Config, "linearpatch_qwen3")
-LinearPatchGemma3TextConfig = linearpatch_config_class(Gemma3TextConfig, "linearpatch_gemma3_text")
+@strict
+class LinearPatchMistralConfig(LinearPatchConfigMixin, MistralConfig):
+    r"""`MistralConfig` of a layer-pruned model, plus the fields of [`LinearPatchConfigMixin`]."""
+
+    model_type = "linearpatch_mistral"
+    dense_model_type = "mistral"
+
+
+@strict
+class LinearPatchQwen2Config(LinearPatchConfigMixin, Qwen2Config):
+    r"""`Qwen2Config` of a layer-pruned model, plus the fields of [`LinearPatchConfigMixin`]."""
+
+    model_type = "linearpatch_qwen2"
+    dense_model_type = "qwen2"
+
+
+@strict
+class LinearPatchQwen3Config(LinearPatchConfigMixin, Qwen3Config):
+    r"""`Qwen3Config` of a layer-pruned model, plus the fields of [`LinearPatchConfigMixin`]."""
+
+    model_type = "linearpatch_qwen3"
+    dense_model_type = "qwen3"
+
+
+@strict
+class LinearPatchGemma3TextConfig(LinearPatchConfigMixin, Gemma3TextConfig):
+    r"""`Gemma3TextConfig` of a layer-pruned model, plus the fields of [`LinearPatchConfigMixin`]."""
+
+    model_type = "linearpatch_gemma3_text"
+    dense_model_type = "gemma3_text"
+
 
 __all__ = [
     "LinearPatchConfig",

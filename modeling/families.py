@@ -1,4 +1,7 @@
-"""The model families linearpatch prunes, keyed by the dense model's `model_type`, and how to add one."""
+"""The model families linearpatch prunes, keyed by the dense model's `model_type`: one entry per family holds every
+fact about it that the package needs (its classes, residual layout, logit soft-cap, per-layer config fields). Adding a
+family is an entry here (or a `register_family` call) and, for `trust_remote_code` loading, its class statements in
+the Hub-side files."""
 
 from dataclasses import dataclass
 
@@ -26,14 +29,75 @@ from . import modeling_linearpatch as models
 
 
 @dataclass(frozen=True)
+class ResidualLayout:
+    r"""
+    Where a family's decoder layer reads and writes the residual stream, by module name inside the layer: what the
+    stock export folds a patch into.
+
+    Args:
+        after_attention (`str`): the module whose input is the stream after the attention block.
+        mlp_output (`str`): the module whose output is the MLP's contribution to the stream.
+        writers (`tuple[str, str]`): the modules whose outputs are added to the stream: the attention's, then the
+            MLP's.
+        writer_norm_offset (`float`, *optional*): `None` when the writers are Linear layers; when they are RMSNorms
+            applied to each block's output before it is added, the offset of their weight (`1.0` for Gemma's
+            `(1 + w)`, `0.0` for a plain `w`, as in OLMo 2).
+        reads_through_norms (`bool`, *optional*, defaults to `True`): every block reads the stream through an
+            RMSNorm, so a scalar on the stream moves into the writers exactly (up to eps). OLMo 2's blocks read the
+            stream as it is: its scalar folds are approximations.
+    """
+
+    after_attention: str = "post_attention_layernorm"
+    mlp_output: str = "mlp"
+    writers: tuple[str, str] = ("self_attn.o_proj", "mlp.down_proj")
+    writer_norm_offset: float | None = None
+    reads_through_norms: bool = True
+
+
+LLAMA_RESIDUAL = ResidualLayout()
+# Gemma 3 normalises each block's output before adding it: the writers are the post norms, the MLP's input norm is
+# `pre_feedforward_layernorm`.
+GEMMA3_RESIDUAL = ResidualLayout(
+    after_attention="pre_feedforward_layernorm",
+    mlp_output="post_feedforward_layernorm",
+    writers=("post_attention_layernorm", "post_feedforward_layernorm"),
+    writer_norm_offset=1.0,
+)
+# Config fields that describe the decoder layers: lists with one entry per layer (sliced to the kept layers), counts
+# of the first layers (`max_window_layers`: the first N use full attention; recounted over the kept layers), and
+# periodic patterns that a family recomputes from the depth (dropped: the sliced `layer_types` is explicit). Every
+# field any built-in family has; a config without one skips it.
+PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
+LAYER_COUNT_FIELDS = ("max_window_layers",)
+LAYER_PATTERN_FIELDS = ("sliding_window_pattern", "_sliding_window_pattern")
+
+
+@dataclass(frozen=True)
 class Family:
-    """One supported family: its dense (stock) classes and the LinearPatch classes of its pruned checkpoints."""
+    r"""
+    One supported family: every fact about it that linearpatch needs, in one entry.
+
+    Args:
+        dense_config_class, dense_causal_lm_class: the family's stock (dense) classes.
+        config_class, model_class, causal_lm_class: the LinearPatch classes of its pruned checkpoints (the Hub-side
+            files).
+        residual (`ResidualLayout`): where its layers write the residual stream (the export's folds).
+        logit_softcap_field (`str`, *optional*): the config field of a `tanh` soft-cap its causal LM applies to the
+            logits after the head (Gemma's `final_logit_softcapping`), for code that runs the head itself.
+        per_layer_fields, layer_count_fields, layer_pattern_fields: its config fields that describe the decoder layers
+            (see `PER_LAYER_FIELDS`), re-indexed when layers are removed.
+    """
 
     dense_config_class: type[PreTrainedConfig]
     dense_causal_lm_class: type[PreTrainedModel]
     config_class: type[PreTrainedConfig]
     model_class: type[PreTrainedModel]
     causal_lm_class: type[PreTrainedModel]
+    residual: ResidualLayout = LLAMA_RESIDUAL
+    logit_softcap_field: str | None = None
+    per_layer_fields: tuple[str, ...] = PER_LAYER_FIELDS
+    layer_count_fields: tuple[str, ...] = LAYER_COUNT_FIELDS
+    layer_pattern_fields: tuple[str, ...] = LAYER_PATTERN_FIELDS
 
     @property
     def dense_model_type(self) -> str:
@@ -42,6 +106,10 @@ class Family:
     @property
     def model_type(self) -> str:
         return self.config_class.model_type
+
+    def logit_softcap(self, config) -> float | None:
+        """The soft-cap of `config`'s logits (`logits = tanh(logits / cap) * cap`), or `None`."""
+        return getattr(config, self.logit_softcap_field, None) if self.logit_softcap_field else None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -66,6 +134,9 @@ def register_family(
     decoder_layer: type[nn.Module],
     final_norm: type[nn.Module],
     base_model: type[PreTrainedModel],
+    *,
+    residual: ResidualLayout = LLAMA_RESIDUAL,
+    logit_softcap_field: str | None = None,
 ) -> Family:
     r"""
     Teach linearpatch a family with the Llama residual structure (each decoder layer maps the residual stream to the
@@ -75,7 +146,13 @@ def register_family(
 
     Checkpoints of a family registered this way load with linearpatch installed (and this call made); the Hub-side
     files only define the built-in families, so loading them with `trust_remote_code` alone needs the family added
-    there.
+    there. A built-in family is the same entry, written out in `FAMILIES` below, with its class statements in the
+    Hub-side files.
+
+    Args:
+        dense_config_class, dense_causal_lm_class, decoder_layer, final_norm, base_model: the family's own classes.
+        residual (`ResidualLayout`, *optional*): where its layers write the residual stream, when not as Llama's.
+        logit_softcap_field (`str`, *optional*): the config field of a soft-cap on the logits, if it has one.
 
     Example:
 
@@ -96,7 +173,16 @@ def register_family(
     model_class, causal_lm_class = models.linearpatch_model_classes(
         config_class, decoder_layer, final_norm, base_model, dense_causal_lm_class, name
     )
-    return _add(Family(dense_config_class, dense_causal_lm_class, config_class, model_class, causal_lm_class))
+    family = Family(
+        dense_config_class,
+        dense_causal_lm_class,
+        config_class,
+        model_class,
+        causal_lm_class,
+        residual=residual,
+        logit_softcap_field=logit_softcap_field,
+    )
+    return _add(family)
 
 
 for _family in (
@@ -109,7 +195,8 @@ for _family in (
     Family(Qwen3Config, Qwen3ForCausalLM, configs.LinearPatchQwen3Config, models.LinearPatchQwen3Model,
            models.LinearPatchQwen3ForCausalLM),
     Family(Gemma3TextConfig, Gemma3ForCausalLM, configs.LinearPatchGemma3TextConfig,
-           models.LinearPatchGemma3TextModel, models.LinearPatchGemma3TextForCausalLM),
+           models.LinearPatchGemma3TextModel, models.LinearPatchGemma3TextForCausalLM,
+           residual=GEMMA3_RESIDUAL, logit_softcap_field="final_logit_softcapping"),
 ):  # fmt: skip
     _add(_family)
 
@@ -142,7 +229,10 @@ def family_of(config: PreTrainedConfig | dict) -> Family:
 
 __all__ = [
     "FAMILIES",
+    "GEMMA3_RESIDUAL",
+    "LLAMA_RESIDUAL",
     "Family",
+    "ResidualLayout",
     "checkpoint_model_types",
     "family_of",
     "register_family",

@@ -169,6 +169,14 @@ class LinearPatchModelMixin(LinearPatchPreTrainedMixin):
     patched_layer_class: type[nn.Module]
     patched_norm_class: type[nn.Module]
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Keep each patch on the device of the layer it feeds when `device_map` splits the model.
+        if "patched_layer_class" in cls.__dict__:
+            inherited = super(cls, cls)._no_split_modules or []
+            family_layers = [name for name in inherited if not name.startswith("LinearPatch")]
+            cls._no_split_modules = [*family_layers, cls.patched_layer_class.__name__]
+
     def post_init(self):
         # The family's `__init__` calls `post_init` last, after building its plain layers and norm.
         for position in self.config.patch_positions:
@@ -183,6 +191,11 @@ class LinearPatchCausalLMMixin(LinearPatchPreTrainedMixin):
     """Mixed into a family's causal LM. `base_model_class` is the family's LinearPatch base model."""
 
     base_model_class: type[PreTrainedModel]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "base_model_class" in cls.__dict__:
+            cls._no_split_modules = cls.base_model_class._no_split_modules
 
     def __init__(self, config):
         # The `__init__` of every supported family's causal LM, with the LinearPatch base model: calling the family's
@@ -202,76 +215,172 @@ def linearpatch_model_classes(
     causal_lm: type[PreTrainedModel],
     name: str,
 ) -> tuple[type[PreTrainedModel], type[PreTrainedModel]]:
-    """The LinearPatch base model and causal LM of a family, from that family's transformers classes.
+    """The LinearPatch base model and causal LM of a family registered at run time (`register_family`), from that
+    family's transformers classes: what the class statements below write out for the built-in families.
 
     The family must have the Llama residual structure: `model.layers[i](hidden_states, ...)` returns the residual
     stream, `model.norm(hidden_states)` is the final RMSNorm built as `final_norm(hidden_size, eps=rms_norm_eps)`, and
     the causal LM is `model` + an `lm_head` Linear.
 
     Returns:
-        `(LinearPatch{name}Model, LinearPatch{name}ForCausalLM)`, defined in this module (so that `save_pretrained`
-        copies this file and `auto_map` names them).
+        `(LinearPatch{name}Model, LinearPatch{name}ForCausalLM)`.
     """
     module = {"__module__": __name__}
     layer = type(f"LinearPatch{name}DecoderLayer", (LinearPatchLayerMixin, decoder_layer), dict(module))
     norm = type(f"LinearPatch{name}FinalNorm", (LinearPatchNormMixin, final_norm), dict(module))
-    model = type(
-        f"LinearPatch{name}Model",
-        (LinearPatchModelMixin, base_model),
-        {
-            **module,
-            "config_class": config_class,
-            "patched_layer_class": layer,
-            "patched_norm_class": norm,
-            # Keep each patch on the device of the layer it feeds when `device_map` splits the model.
-            "_no_split_modules": [*(base_model._no_split_modules or []), layer.__name__],
-        },
-    )
+    namespace = {**module, "config_class": config_class, "patched_layer_class": layer, "patched_norm_class": norm}
+    model = type(f"LinearPatch{name}Model", (LinearPatchModelMixin, base_model), namespace)
     lm = type(
         f"LinearPatch{name}ForCausalLM",
         (LinearPatchCausalLMMixin, causal_lm),
-        {
-            **module,
-            "config_class": config_class,
-            "base_model_class": model,
-            "_no_split_modules": model._no_split_modules,
-        },
+        {**module, "config_class": config_class, "base_model_class": model},
     )
     return model, lm
 
 
-# Llama keeps the v0.1 class names, which `auto_map` and `architectures` of existing checkpoints refer to.
-LinearPatchModel, LinearPatchForCausalLM = linearpatch_model_classes(
-    LinearPatchConfig, LlamaDecoderLayer, LlamaRMSNorm, LlamaModel, LlamaForCausalLM, ""
-)
-LinearPatchMistralModel, LinearPatchMistralForCausalLM = linearpatch_model_classes(
-    LinearPatchMistralConfig, MistralDecoderLayer, MistralRMSNorm, MistralModel, MistralForCausalLM, "Mistral"
-)
-LinearPatchQwen2Model, LinearPatchQwen2ForCausalLM = linearpatch_model_classes(
-    LinearPatchQwen2Config, Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2Model, Qwen2ForCausalLM, "Qwen2"
-)
-LinearPatchQwen3Model, LinearPatchQwen3ForCausalLM = linearpatch_model_classes(
-    LinearPatchQwen3Config, Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3Model, Qwen3ForCausalLM, "Qwen3"
-)
-LinearPatchGemma3TextModel, LinearPatchGemma3TextForCausalLM = linearpatch_model_classes(
-    LinearPatchGemma3TextConfig, Gemma3DecoderLayer, Gemma3RMSNorm, Gemma3TextModel, Gemma3ForCausalLM, "Gemma3Text"
-)
+# The built-in families, one block each: the family's decoder layer and final norm with the patch mixins, its base
+# model and causal LM with the LinearPatch ones. Llama keeps the v0.1 class names, which `auto_map` and
+# `architectures` of existing checkpoints refer to.
+class LinearPatchDecoderLayer(LinearPatchLayerMixin, LlamaDecoderLayer):
+    pass
+
+
+class LinearPatchFinalNorm(LinearPatchNormMixin, LlamaRMSNorm):
+    pass
+
+
+class LinearPatchModel(LinearPatchModelMixin, LlamaModel):
+    r"""A layer-pruned `LlamaModel` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchConfig
+    patched_layer_class = LinearPatchDecoderLayer
+    patched_norm_class = LinearPatchFinalNorm
+
+
+class LinearPatchForCausalLM(LinearPatchCausalLMMixin, LlamaForCausalLM):
+    r"""A layer-pruned `LlamaForCausalLM` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchConfig
+    base_model_class = LinearPatchModel
+
+
+class LinearPatchMistralDecoderLayer(LinearPatchLayerMixin, MistralDecoderLayer):
+    pass
+
+
+class LinearPatchMistralFinalNorm(LinearPatchNormMixin, MistralRMSNorm):
+    pass
+
+
+class LinearPatchMistralModel(LinearPatchModelMixin, MistralModel):
+    r"""A layer-pruned `MistralModel` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchMistralConfig
+    patched_layer_class = LinearPatchMistralDecoderLayer
+    patched_norm_class = LinearPatchMistralFinalNorm
+
+
+class LinearPatchMistralForCausalLM(LinearPatchCausalLMMixin, MistralForCausalLM):
+    r"""A layer-pruned `MistralForCausalLM` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchMistralConfig
+    base_model_class = LinearPatchMistralModel
+
+
+class LinearPatchQwen2DecoderLayer(LinearPatchLayerMixin, Qwen2DecoderLayer):
+    pass
+
+
+class LinearPatchQwen2FinalNorm(LinearPatchNormMixin, Qwen2RMSNorm):
+    pass
+
+
+class LinearPatchQwen2Model(LinearPatchModelMixin, Qwen2Model):
+    r"""A layer-pruned `Qwen2Model` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchQwen2Config
+    patched_layer_class = LinearPatchQwen2DecoderLayer
+    patched_norm_class = LinearPatchQwen2FinalNorm
+
+
+class LinearPatchQwen2ForCausalLM(LinearPatchCausalLMMixin, Qwen2ForCausalLM):
+    r"""A layer-pruned `Qwen2ForCausalLM` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchQwen2Config
+    base_model_class = LinearPatchQwen2Model
+
+
+class LinearPatchQwen3DecoderLayer(LinearPatchLayerMixin, Qwen3DecoderLayer):
+    pass
+
+
+class LinearPatchQwen3FinalNorm(LinearPatchNormMixin, Qwen3RMSNorm):
+    pass
+
+
+class LinearPatchQwen3Model(LinearPatchModelMixin, Qwen3Model):
+    r"""A layer-pruned `Qwen3Model` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchQwen3Config
+    patched_layer_class = LinearPatchQwen3DecoderLayer
+    patched_norm_class = LinearPatchQwen3FinalNorm
+
+
+class LinearPatchQwen3ForCausalLM(LinearPatchCausalLMMixin, Qwen3ForCausalLM):
+    r"""A layer-pruned `Qwen3ForCausalLM` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchQwen3Config
+    base_model_class = LinearPatchQwen3Model
+
+
+class LinearPatchGemma3TextDecoderLayer(LinearPatchLayerMixin, Gemma3DecoderLayer):
+    pass
+
+
+class LinearPatchGemma3TextFinalNorm(LinearPatchNormMixin, Gemma3RMSNorm):
+    pass
+
+
+class LinearPatchGemma3TextModel(LinearPatchModelMixin, Gemma3TextModel):
+    r"""A layer-pruned `Gemma3TextModel` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchGemma3TextConfig
+    patched_layer_class = LinearPatchGemma3TextDecoderLayer
+    patched_norm_class = LinearPatchGemma3TextFinalNorm
+
+
+class LinearPatchGemma3TextForCausalLM(LinearPatchCausalLMMixin, Gemma3ForCausalLM):
+    r"""A layer-pruned `Gemma3ForCausalLM` with a LinearPatch matrix after each gap."""
+
+    config_class = LinearPatchGemma3TextConfig
+    base_model_class = LinearPatchGemma3TextModel
+
 
 __all__ = [
     "LinearPatch",
     "LinearPatchCausalLMMixin",
+    "LinearPatchDecoderLayer",
+    "LinearPatchFinalNorm",
     "LinearPatchForCausalLM",
+    "LinearPatchGemma3TextDecoderLayer",
+    "LinearPatchGemma3TextFinalNorm",
     "LinearPatchGemma3TextForCausalLM",
     "LinearPatchGemma3TextModel",
     "LinearPatchLayerMixin",
+    "LinearPatchMistralDecoderLayer",
+    "LinearPatchMistralFinalNorm",
     "LinearPatchMistralForCausalLM",
     "LinearPatchMistralModel",
     "LinearPatchModel",
     "LinearPatchModelMixin",
     "LinearPatchNormMixin",
     "LinearPatchPreTrainedMixin",
+    "LinearPatchQwen2DecoderLayer",
+    "LinearPatchQwen2FinalNorm",
     "LinearPatchQwen2ForCausalLM",
     "LinearPatchQwen2Model",
+    "LinearPatchQwen3DecoderLayer",
+    "LinearPatchQwen3FinalNorm",
     "LinearPatchQwen3ForCausalLM",
     "LinearPatchQwen3Model",
     "linearpatch_model_classes",

@@ -8,12 +8,8 @@ from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from .configuration_linearpatch import LinearPatchConfigMixin, contiguous_gaps
-from .families import family_of
+from .families import Family, family_of
 
-# Config entries that hold one value per decoder layer (sliced to the kept layers), and entries that would recompute
-# a per-layer pattern from the dense depth (dropped: the sliced `layer_types` is explicit).
-PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
-PATTERN_KEYS = ("sliding_window_pattern", "_sliding_window_pattern")
 _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<index>\d+)\.(?P<rest>.+)$")
 
 
@@ -66,8 +62,9 @@ def prune_state_dict(
     return out
 
 
-def pruned_config_values(values: dict, pruned_layers: list[int]) -> dict:
-    """Re-index a dense config's per-layer entries to the kept layers (pure, on `to_dict()` values).
+def pruned_config_values(values: dict, pruned_layers: list[int], family: Family) -> dict:
+    """Re-index a dense config's per-layer entries (the family's, see `PER_LAYER_FIELDS`) to the kept layers (pure, on
+    `to_dict()` values).
 
     - `layer_types` (sliding/full attention in Qwen2/Qwen3/Gemma 3/Mistral-style configs) and other per-layer lists
       keep the entries of the kept layers;
@@ -78,7 +75,7 @@ def pruned_config_values(values: dict, pruned_layers: list[int]) -> dict:
     num_layers = values["num_hidden_layers"]
     kept = [index for index in range(num_layers) if index not in set(pruned_layers)]
     values = dict(values)
-    for key in PER_LAYER_KEYS:
+    for key in family.per_layer_fields:
         if values.get(key) is not None:
             if len(values[key]) != num_layers:
                 raise ValueError(
@@ -86,9 +83,10 @@ def pruned_config_values(values: dict, pruned_layers: list[int]) -> dict:
                     "fix the config."
                 )
             values[key] = [values[key][index] for index in kept]
-    if values.get("max_window_layers") is not None:
-        values["max_window_layers"] = sum(1 for index in kept if index < values["max_window_layers"])
-    for key in PATTERN_KEYS:
+    for key in family.layer_count_fields:
+        if values.get(key) is not None:
+            values[key] = sum(1 for index in kept if index < values[key])
+    for key in family.layer_pattern_fields:
         values.pop(key, None)
     values["num_hidden_layers"] = len(kept)
     return values
@@ -113,7 +111,7 @@ def pruned_config(
     values = dense_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
         values.pop(key, None)
-    values = pruned_config_values(values, pruned_layers)
+    values = pruned_config_values(values, pruned_layers, family)
     values.update(
         original_num_hidden_layers=num_layers,
         pruned_layers=pruned_layers,

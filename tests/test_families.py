@@ -9,7 +9,7 @@ import torch
 from helpers import FAMILY_OVERRIDES, random_patch, tiny_family
 
 from linearpatch.common.remote_check import logits_without_package
-from linearpatch.modeling import FAMILIES, contiguous_gaps, prune_layers, pruned_config
+from linearpatch.modeling import FAMILIES, GEMMA3_RESIDUAL, contiguous_gaps, prune_layers, pruned_config
 
 FAMILY_NAMES = list(FAMILY_OVERRIDES)
 GAPS = {"start": [0, 1], "middle": [2, 3], "end": [4, 5], "two-gaps": [1, 4, 5]}
@@ -124,16 +124,36 @@ def test_register_family_adds_a_family_with_the_same_residual_structure(tmp_path
     from transformers.models.olmo2 import modeling_olmo2 as olmo2
 
     from linearpatch.cli import main
-    from linearpatch.modeling import register_family
+    from linearpatch.integration.export import export_model
+    from linearpatch.modeling import ResidualLayout, register_family
 
+    # As in the README: OLMo 2 normalises each block's output (a plain `w`) before adding it to the stream, and its
+    # blocks read the stream as it is.
+    residual = ResidualLayout(
+        after_attention="mlp",
+        mlp_output="post_feedforward_layernorm",
+        writers=("post_attention_layernorm", "post_feedforward_layernorm"),
+        writer_norm_offset=0.0,
+        reads_through_norms=False,
+    )
     family = register_family(
-        olmo2.Olmo2Config, olmo2.Olmo2ForCausalLM, olmo2.Olmo2DecoderLayer, olmo2.Olmo2RMSNorm, olmo2.Olmo2Model
+        olmo2.Olmo2Config,
+        olmo2.Olmo2ForCausalLM,
+        olmo2.Olmo2DecoderLayer,
+        olmo2.Olmo2RMSNorm,
+        olmo2.Olmo2Model,
+        residual=residual,
     )
     try:
         assert family.model_type == "linearpatch_olmo2"
         torch.manual_seed(0)
         config = olmo2.Olmo2Config(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            rms_norm_eps=1e-12,  # the scalar fold is exact up to eps / mean(h^2): see test_export.py
         )
         dense = olmo2.Olmo2ForCausalLM(config).eval()
         patches = [random_patch(64, seed=3)]
@@ -143,6 +163,20 @@ def test_register_family_adds_a_family_with_the_same_residual_structure(tmp_path
         expected = skipped_and_patched(dense, [1, 2], patches, INPUT_IDS)
         with torch.no_grad():
             torch.testing.assert_close(reloaded(INPUT_IDS).logits, expected, rtol=0, atol=1e-5)
+        # The export folds into the writers the entry names, and claims exactness only where the entry allows it:
+        # a gap at layer 0 (the embeddings) is exact for every family; a scalar fold is not, for OLMo 2, and says so.
+        at_start = prune_layers(dense, [0, 1], patches=patches)
+        stock, folds = export_model(at_start, "down-proj")
+        assert folds[0]["exact"] and type(stock) is olmo2.Olmo2ForCausalLM
+        with torch.no_grad():
+            assert (stock(INPUT_IDS).logits - at_start(INPUT_IDS).logits).abs().max().item() <= 1e-4
+        scaled = prune_layers(dense, [1, 2], patches=[1.7 * torch.eye(64)])
+        stock, folds = export_model(scaled, "scalar")
+        assert not folds[0]["exact"] and folds[0]["how"].startswith("post_attention_layernorm and post_feedforward")
+        with torch.no_grad():
+            plain = prune_layers(dense, [1, 2], add_patches=False)(INPUT_IDS).logits
+            want = scaled(INPUT_IDS).logits
+            assert (stock(INPUT_IDS).logits - want).abs().mean() < (plain - want).abs().mean()
 
         # The CLI in the same process: prune, then distill (its teacher runs in a child without the registration).
         monkeypatch.setenv("LINEARPATCH_QUICK", "1")
@@ -158,6 +192,80 @@ def test_register_family_adds_a_family_with_the_same_residual_structure(tmp_path
         assert family.causal_lm_class.from_pretrained(distilled).config.patch_kind == "hadamard+distilled"
     finally:
         FAMILIES.pop("olmo2")
+
+
+# A sixth family is its registry entry and a row here: (copied family, its transformers classes' names, what the
+# entry says besides the classes). Each row is a built-in family under new names, registered as a new one would be.
+SIXTH_FAMILIES = {
+    "qwen2": ("Qwen2DecoderLayer", "Qwen2RMSNorm", "Qwen2Model", {}),
+    "gemma3_text": (
+        "Gemma3DecoderLayer",
+        "Gemma3RMSNorm",
+        "Gemma3TextModel",
+        dict(residual=GEMMA3_RESIDUAL, logit_softcap_field="final_logit_softcapping"),
+    ),
+}
+
+
+@pytest.mark.parametrize("copied", list(SIXTH_FAMILIES))
+def test_a_sixth_family_is_one_registry_entry(copied, tmp_path, smollm2_tokenizer, monkeypatch):
+    """Issue #21: a family with a known residual structure needs only its registry entry. A renamed copy of a
+    built-in family (its own model_type and class names, registered with `register_family` and nothing else) prunes by
+    outcome from the CLI (the search runs the head itself at an end gap), reloads as its LinearPatch class, and
+    exports to its own stock class exactly where the fold is exact (the folds write where the entry says: without
+    the Gemma copy's `residual`, its scalar fold is off by 0.47 in the logits)."""
+    import importlib
+
+    from huggingface_hub.dataclasses import strict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from linearpatch.cli import main
+    from linearpatch.integration.export import export_model
+    from linearpatch.modeling import register_family
+
+    source = FAMILIES[copied]
+    family_module = importlib.import_module(source.dense_causal_lm_class.__module__)
+    layer, norm, base = (getattr(family_module, name) for name in SIXTH_FAMILIES[copied][:3])
+    facts = SIXTH_FAMILIES[copied][3]
+    model_type = f"{copied}_renamed"
+    config_class = strict(type(f"Renamed{source.dense_config_class.__name__}", (source.dense_config_class,), {}))
+    config_class.model_type = model_type
+    lm_class = type(f"Renamed{source.dense_causal_lm_class.__name__}", (source.dense_causal_lm_class,), {})
+    lm_class.config_class = config_class
+    # What the user does for their own model anyway, so that transformers loads its dense checkpoints.
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, lm_class, exist_ok=True)
+    family = register_family(config_class, lm_class, layer, norm, base, **facts)
+    try:
+        template = tiny_family(copied, vocab_size=len(smollm2_tokenizer), seed=5, rms_norm_eps=1e-12)
+        values = {k: v for k, v in template.config.to_dict().items() if k not in ("model_type", "architectures")}
+        dense = lm_class(config_class(**values)).eval()
+        dense.load_state_dict(template.state_dict())
+        dense_folder, pruned = tmp_path / "dense", tmp_path / "pruned"
+        dense.save_pretrained(dense_folder)
+        smollm2_tokenizer.save_pretrained(dense_folder)
+
+        monkeypatch.setenv("LINEARPATCH_QUICK", "1")
+        sizes = ["--num-samples", "8", "--seq-len", "16", "--eval-windows", "1"]
+        prune = ["prune", str(dense_folder), "--layers", "4-5", "--patch", "auto", *sizes, "--output", str(pruned)]
+        assert main(prune) == 0
+        config = json.loads((pruned / "config.json").read_text())
+        assert config["model_type"] == f"linearpatch_{model_type}" and config["pruned_layers"] == [4, 5]
+        assert type(AutoModelForCausalLM.from_pretrained(pruned)) is family.causal_lm_class
+
+        input_ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+        cases = [
+            ("scalar", prune_layers(dense, [2, 3, 5], patches=[1.7 * torch.eye(64), 0.6 * torch.eye(64)])),
+            ("down-proj", prune_layers(dense, [0, 1], patches=[random_patch(64, 2)])),
+        ]
+        for fold, patched in cases:
+            assert type(patched) is family.causal_lm_class
+            stock, folds = export_model(patched, fold)
+            assert all(item["exact"] for item in folds) and type(stock) is lm_class
+            with torch.no_grad():
+                assert (stock(input_ids).logits - patched(input_ids).logits).abs().max().item() <= 1e-4, fold
+    finally:
+        FAMILIES.pop(model_type)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from helpers import CASES, build_case, random_patch, tiny_llama
+from helpers import CASES, FAMILY_OVERRIDES, build_case, random_patch, tiny_family, tiny_llama
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM, LlamaModel
 
 from linearpatch.common.remote_check import logits_without_package
-from linearpatch.modeling import LinearPatchConfig, LinearPatchForCausalLM, LinearPatchModel, prune_layers
+from linearpatch.integration.export import stock_config
+from linearpatch.modeling import FAMILIES, LinearPatchForCausalLM, LinearPatchModel, prune_layers, pruned_config
 
 INPUT_IDS = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(7))
 
@@ -132,32 +132,27 @@ def test_cache_equals_no_cache(saved_cases, name):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize(
-    "ours, llama",
-    [(LinearPatchModel, LlamaModel), (LinearPatchForCausalLM, LlamaForCausalLM)],
-    ids=["model", "causal-lm"],
-)
-def test_constructors_do_not_drift_from_llama(ours, llama):
-    """Our `__init__`s restate Llama's (to build each layer once): any attribute or submodule Llama adds must exist
-    here too, so a transformers upgrade that changes Llama fails this test instead of dropping it silently."""
-    values = build_case(**CASES["untied-fp32-two-gaps"])[1].config.to_dict()
-    config = LinearPatchConfig(**{k: v for k, v in values.items() if k not in ("model_type", "architectures")})
-    plain = llama_config_for(config)
-    ours_model, llama_model = ours(config), llama(plain)
-    assert set(vars(llama_model)) <= set(vars(ours_model)), set(vars(llama_model)) - set(vars(ours_model))
-    llama_modules = {n for n, _ in llama_model.named_modules()}
+@pytest.mark.parametrize("part", ["model", "causal-lm"])
+@pytest.mark.parametrize("family", list(FAMILY_OVERRIDES))
+def test_constructors_do_not_drift_from_the_family(family, part):
+    """Our `__init__`s restate the family's (to build each layer once): any attribute or submodule the family's own
+    class adds must exist here too, so a transformers upgrade that changes a family fails this test instead of
+    dropping it silently."""
+    entry = FAMILIES[family]
+    config = pruned_config(tiny_family(family).config, [1, 4, 5])  # two gaps: a patched layer and a patched norm
+    plain = stock_config(config)
+    if part == "model":
+        ours_model, family_model = entry.model_class(config), type(entry.dense_causal_lm_class(plain).model)(plain)
+    else:
+        ours_model, family_model = entry.causal_lm_class(config), entry.dense_causal_lm_class(plain)
+    assert set(vars(family_model)) <= set(vars(ours_model)), set(vars(family_model)) - set(vars(ours_model))
+    family_modules = {n for n, _ in family_model.named_modules()}
     our_modules = {n for n, _ in ours_model.named_modules() if "linear_patch" not in n}
-    assert llama_modules == our_modules, llama_modules ^ our_modules
+    assert family_modules == our_modules, family_modules ^ our_modules
+    assert any("linear_patch" in n for n, _ in ours_model.named_modules())
     ours_by_name = dict(ours_model.named_modules())
-    for name, module in llama_model.named_modules():
-        assert isinstance(ours_by_name[name], type(module)), name  # every Llama module, or a subclass of it
-
-
-def llama_config_for(config):
-    from transformers import LlamaConfig
-
-    keep = {k: v for k, v in config.to_dict().items() if k in LlamaConfig().to_dict() and k != "model_type"}
-    return LlamaConfig(**keep)
+    for name, module in family_model.named_modules():
+        assert isinstance(ours_by_name[name], type(module)), name  # every module of the family, or a subclass of it
 
 
 def test_config_json_is_what_the_contract_promises(saved_cases):

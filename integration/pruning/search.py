@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from linearpatch.modeling import prune_layers
+from linearpatch.modeling import family_of, prune_layers
 
 from ..data import TokenWindows
 from ..defaults import DEFAULT_CANDIDATES
@@ -164,7 +164,7 @@ class HeldOutScorer:
         else:
             # A gap that reaches the last layer: its patch sits before the final norm, which is all that is left.
             tail = prune_layers(self.model, range(start, end), patches=patches, add_patches=patch is not None)
-            softcap = getattr(tail.config, "final_logit_softcapping", None)  # Gemma's, applied after the head
+            softcap = family_of(tail.config).logit_softcap(tail.config)  # applied after the head (Gemma's)
 
             def logits_of(hidden):
                 logits = tail.lm_head(tail.model.norm(hidden))
