@@ -158,9 +158,12 @@ def register_family(
 
     ```python
     >>> from transformers.models.olmo2 import modeling_olmo2 as olmo2
-    >>> from linearpatch.modeling import register_family
+    >>> from linearpatch.modeling import ResidualLayout, register_family
+    >>> post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2 normalises block outputs
+    >>> layout = ResidualLayout("mlp", post_norms[1], post_norms, writer_norm_offset=0.0, reads_through_norms=False)
     >>> family = register_family(
-    ...     olmo2.Olmo2Config, olmo2.Olmo2ForCausalLM, olmo2.Olmo2DecoderLayer, olmo2.Olmo2RMSNorm, olmo2.Olmo2Model
+    ...     olmo2.Olmo2Config, olmo2.Olmo2ForCausalLM, olmo2.Olmo2DecoderLayer, olmo2.Olmo2RMSNorm, olmo2.Olmo2Model,
+    ...     residual=layout,
     ... )
     >>> family.model_type
     'linearpatch_olmo2'
