@@ -42,36 +42,51 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+# Each command's flags map onto the fields of its request (`linearpatch.integration.requests`), by name; these are the
+# flags whose name differs from their field's.
+RENAMED_FLAGS = {
+    "prune": {"eval_corpus": "eval_corpora"},
+    "distill": {},
+    "eval": {"ppl_corpus": "corpora", "ppl_windows": "perplexity_windows"},
+    "export": {"eval_corpus": "eval_corpora"},
+}
+
+
+def request_fields(command: str, request_class, dests) -> dict[str, str]:
+    """Flag dest -> the request field it sets, for each of `dests` that sets one."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(request_class)}
+    renamed = RENAMED_FLAGS[command]
+    return {dest: renamed.get(dest, dest) for dest in dests if renamed.get(dest, dest) in names}
+
+
+def request_from(args: argparse.Namespace, command: str, request_class, **converted):
+    """The request the parsed flags make: each flag's value under its field's name, then the fields the CLI converts
+    (e.g. `--layers 20-24` into a list)."""
+    fields = request_fields(command, request_class, vars(args))
+    return request_class(**({field: getattr(args, dest) for dest, field in fields.items()} | converted))
+
+
+def take_defaults(parser: argparse.ArgumentParser, command: str, request_class) -> None:
+    """A command's defaults are its request's: each flag's default is read from the field it sets (a tuple shown as
+    a list, as argparse gives it back), so that the CLI restates none of them."""
+    import dataclasses
+
+    defaults = {field.name: field.default for field in dataclasses.fields(request_class)}
+    fields = request_fields(command, request_class, [action.dest for action in parser._actions])
+    for action in parser._actions:
+        default = defaults.get(fields.get(action.dest), dataclasses.MISSING)
+        if action.option_strings and default is not dataclasses.MISSING:
+            action.default = list(default) if isinstance(default, tuple) else default
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from linearpatch.integration.pruning import parse_layers, prune_checkpoint
+    from linearpatch.integration.requests import PruneRequest
 
-    report = prune_checkpoint(
-        args.model,
-        args.output,
-        num_layers=args.num_layers,
-        layers=parse_layers(args.layers) if args.layers else None,
-        metric=args.metric,
-        patch=args.patch,
-        calibration=args.calibration,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        device=args.device,
-        base_model=args.base_model,
-        eval_windows=args.eval_windows,
-        eval_seq_len=args.eval_seq_len,
-        eval_corpora=args.eval_corpus,
-        plots=args.plots,
-        overwrite=args.overwrite,
-        sequential=args.sequential,
-        max_memory=args.max_memory,
-        max_shard_size=args.max_shard_size,
-        target_ppl_ratio=args.target_ppl_ratio,
-        holdout=args.holdout,
-        candidates=args.candidates,
-    )
+    layers = parse_layers(args.layers) if args.layers else None
+    report = prune_checkpoint(**request_from(args, "prune", PruneRequest, layers=layers).options())
     print(report.summary())
     print(f"Saved to {report.output} (report: linearpatch_report.json{', plots' if args.plots else ''})")
     return 0
@@ -79,56 +94,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from linearpatch.integration.distillation import distill_checkpoint
+    from linearpatch.integration.requests import DistillRequest
 
-    report = distill_checkpoint(
-        args.checkpoint,
-        args.teacher,
-        args.output,
-        top_k=args.top_k,
-        data=args.data,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_steps=args.max_steps,
-        temperature=args.temperature,
-        seed=args.seed,
-        bf16=args.bf16,
-        activation_checkpointing=args.activation_checkpointing,
-        save_steps=args.save_steps,
-        resume=args.resume,
-        work_dir=args.work_dir,
-        cache_dir=args.cache_dir,
-        adapter_only=args.adapter_only,
-        dtype=args.dtype,
-        device=args.device,
-        overwrite=args.overwrite,
-        sequential_teacher=args.sequential_teacher,
-        max_memory=args.max_memory,
-    )
+    report = distill_checkpoint(**request_from(args, "distill", DistillRequest).options())
     print(report.summary())
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from linearpatch.integration.evaluation import compare_models
+    from linearpatch.integration.requests import EvalRequest
 
-    result = compare_models(
-        args.models,
-        args.baseline,
-        tasks=args.tasks,
-        limit=args.limit,
-        corpora=args.ppl_corpus,
-        perplexity_windows=args.ppl_windows,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        device=args.device,
-        output=args.output,
-        overwrite=args.overwrite,
-    )
+    result = compare_models(**request_from(args, "eval", EvalRequest).options())
     print(result.table)
     print(f"Took {result.seconds / 60:.1f} min (estimated {result.estimate_seconds / 60:.1f}).")
     if result.written:
@@ -155,23 +132,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from linearpatch.integration.export import export_checkpoint
+    from linearpatch.integration.requests import ExportRequest
 
-    report = export_checkpoint(
-        args.checkpoint,
-        args.output,
-        fold=args.fold,
-        calibration=args.calibration,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        eval_corpora=args.eval_corpus,
-        eval_windows=args.eval_windows,
-        device=args.device,
-        overwrite=args.overwrite,
-        sequential=args.sequential,
-        max_memory=args.max_memory,
-        max_shard_size=args.max_shard_size,
-    )
+    report = export_checkpoint(**request_from(args, "export", ExportRequest).options())
     print(report.summary())
     return 0
 
@@ -205,8 +168,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    # Defaults: the command's request (`take_defaults`).
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,15 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The choices' names, without torch: --help shows at once.
     from linearpatch.integration.choices import FOLDS, PATCH_CHOICES, SELECTION_METRICS
-    from linearpatch.integration.defaults import (
-        CALIBRATION,
-        DEFAULT_CANDIDATES,
-        DEFAULT_TASKS,
-        DISTILLATION,
-        FIGURES,
-        PERPLEXITY,
-        TASK_LIMIT,
-    )
+    from linearpatch.integration.defaults import CALIBRATION, DISTILLATION, FIGURES, PERPLEXITY, TASK_LIMIT
+    from linearpatch.integration.requests import DistillRequest, EvalRequest, ExportRequest, PruneRequest
 
     def sizes(table) -> str:
         return (
@@ -280,26 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--candidates",
         type=non_negative_int,
-        default=DEFAULT_CANDIDATES,
         help="blocks per depth that --metric loss scores, best cosine first (0: every start)",
     )
-    prune.add_argument(
-        "--calibration", default="wikipedia-calibration", help="embedded corpus, .txt/.jsonl file or datasets name"
-    )
+    prune.add_argument("--calibration", help="embedded corpus, .txt/.jsonl file or datasets name")
     prune.add_argument("--num-samples", type=positive_int, help=f"calibration windows (default: {sizes(CALIBRATION)})")
     prune.add_argument("--seq-len", type=positive_int, help="tokens per calibration window (default: see above)")
-    prune.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
-    prune.add_argument("--batch-size", type=positive_int, default=1, help="windows per calibration forward")
+    prune.add_argument("--seed", type=int, help="seed of the calibration window offsets")
+    prune.add_argument("--batch-size", type=positive_int, help="windows per calibration forward")
     prune.add_argument(
         "--base-model", help="Hub id to record as the dense model (default: the model's own Hub id, if any)"
     )
-    prune.add_argument(
-        "--eval-windows", type=non_negative_int, default=0, help="also report held-out perplexity on N windows"
-    )
+    prune.add_argument("--eval-windows", type=non_negative_int, help="also report held-out perplexity on N windows")
     prune.add_argument("--eval-seq-len", type=positive_int, help="tokens per evaluation window (default: as eval)")
-    prune.add_argument(
-        "--eval-corpus", nargs="+", default=["wikipedia-eval", "lee-news"], help="corpora for --eval-windows"
-    )
+    prune.add_argument("--eval-corpus", nargs="+", help="corpora for --eval-windows")
     prune.add_argument("--plots", action="store_true", help="also write the figures of `linearpatch report`")
     prune.add_argument(
         "--sequential",
@@ -311,10 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--max-memory", help="memory the model may use on the device, e.g. 200MB or 80GB (default: its free memory)"
     )
-    prune.add_argument("--max-shard-size", default="5GB", help="weights shard size of a sequential output")
+    prune.add_argument("--max-shard-size", help="weights shard size of a sequential output")
     prune.add_argument("--output", required=True, help="checkpoint folder to create")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_model_options(prune)
+    take_defaults(prune, "prune", PruneRequest)
     prune.set_defaults(handler=cmd_prune)
 
     distill = commands.add_parser(
@@ -323,24 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("checkpoint", help="a LinearPatch checkpoint (from `linearpatch prune`)")
     distill.add_argument("--teacher", required=True, help="the dense model (run once, in a separate process)")
     distill.add_argument("--output", required=True, help="folder for the merged checkpoint (or the adapter)")
-    distill.add_argument("--top-k", type=positive_int, default=100, help="teacher log-probabilities kept per token")
-    distill.add_argument(
-        "--data", default="wikipedia-calibration", help="training text (embedded corpus, file, datasets name)"
-    )
+    distill.add_argument("--top-k", type=positive_int, help="teacher log-probabilities kept per token")
+    distill.add_argument("--data", help="training text (embedded corpus, file, datasets name)")
     distill.add_argument("--num-samples", type=positive_int, help=f"training windows (default: {sizes(DISTILLATION)})")
     distill.add_argument("--seq-len", type=positive_int, help="tokens per training window (default: see above)")
-    distill.add_argument("--epochs", type=float, default=1.0, help="passes over the training windows")
-    distill.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (cosine decay to lr/20)")
-    distill.add_argument("--batch-size", type=positive_int, default=1, help="windows per device per step")
-    distill.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="steps per update")
-    distill.add_argument("--max-steps", type=non_negative_int, default=0, help="stop after N steps (0: no limit)")
-    distill.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
-    distill.add_argument("--seed", type=int, default=1, help="window sampling and training seed")
+    distill.add_argument("--epochs", type=float, help="passes over the training windows")
+    distill.add_argument("--lr", type=float, help="AdamW learning rate (cosine decay to lr/20)")
+    distill.add_argument("--batch-size", type=positive_int, help="windows per device per step")
+    distill.add_argument("--gradient-accumulation-steps", type=positive_int, help="steps per update")
+    distill.add_argument("--max-steps", type=non_negative_int, help="stop after N steps (0: no limit)")
+    distill.add_argument("--temperature", type=float, help="distillation temperature")
+    distill.add_argument("--seed", type=int, help="window sampling and training seed")
     distill.add_argument("--bf16", action="store_true", help="train in bf16 mixed precision (GPU)")
     distill.add_argument("--activation-checkpointing", action="store_true", help="trade compute for memory")
-    distill.add_argument(
-        "--save-steps", type=non_negative_int, default=0, help="Trainer checkpoint every N steps (for --resume)"
-    )
+    distill.add_argument("--save-steps", type=non_negative_int, help="Trainer checkpoint every N steps (for --resume)")
     distill.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --work-dir")
     distill.add_argument(
         "--work-dir", help="Trainer checkpoints with --save-steps (default: OUTPUT.work beside the output)"
@@ -360,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     distill.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_model_options(distill)
+    take_defaults(distill, "distill", DistillRequest)
     distill.set_defaults(handler=cmd_distill)
 
     evaluate = commands.add_parser(
@@ -370,28 +318,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--tasks",
         nargs="*",
-        default=list(DEFAULT_TASKS),
         help="lm-eval tasks: the offline ones, or lm-eval names (arc_easy, piqa, ...) with Hub access",
     )
     evaluate.add_argument(
         "--limit",
         type=int,
-        default=-1,
         help=f"documents per task (-1: {TASK_LIMIT['cpu']} on CPU, all on GPU, {TASK_LIMIT['quick']} quick; 0: all)",
     )
-    evaluate.add_argument(
-        "--ppl-corpus", nargs="*", default=["wikipedia-eval", "lee-news"], help="corpora for chunked perplexity"
-    )
+    evaluate.add_argument("--ppl-corpus", nargs="*", help="corpora for chunked perplexity")
     evaluate.add_argument(
         "--ppl-windows", type=positive_int, help=f"windows per corpus (default: {sizes(PERPLEXITY)})"
     )
     evaluate.add_argument("--seq-len", type=positive_int, help="perplexity window length (paper: 2048)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size")
+    evaluate.add_argument("--batch-size", type=positive_int, help="lm-eval batch size")
     evaluate.add_argument(
         "--output", help="folder for linearpatch_eval.json/.md (a checkpoint folder: push shows it on the card)"
     )
     evaluate.add_argument("--overwrite", action="store_true", help="replace existing linearpatch_eval files")
     _add_model_options(evaluate)
+    take_defaults(evaluate, "eval", EvalRequest)
     evaluate.set_defaults(handler=cmd_eval)
 
     report = commands.add_parser(
@@ -419,18 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True, help="folder for the stock-architecture model")
     export.add_argument(
         "--fold",
-        default="down-proj",
         choices=FOLDS,
         help="down-proj: least-squares fold into the previous layer's MLP; scalar: Prune&Comp scaling (exact for "
         "scalar patches); a gap at layer 0 is always folded exactly into the embeddings",
     )
-    export.add_argument("--calibration", default="wikipedia-calibration", help="text for the down-proj fit")
+    export.add_argument("--calibration", help="text for the down-proj fit")
     export.add_argument("--num-samples", type=positive_int, help=f"fit windows (default: {sizes(CALIBRATION)})")
     export.add_argument("--seq-len", type=positive_int, help="tokens per fit window (default: see above)")
-    export.add_argument("--seed", type=int, default=0, help="seed of the fit window offsets")
-    export.add_argument(
-        "--eval-corpus", nargs="*", default=["wikipedia-eval", "lee-news"], help="held-out perplexity corpora"
-    )
+    export.add_argument("--seed", type=int, help="seed of the fit window offsets")
+    export.add_argument("--eval-corpus", nargs="*", help="held-out perplexity corpora")
     export.add_argument(
         "--eval-windows",
         type=non_negative_int,
@@ -445,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
         "not fit --max-memory; skips the held-out comparison)",
     )
     export.add_argument("--max-memory", help="memory the checkpoint may use on the device, e.g. 200MB")
-    export.add_argument("--max-shard-size", default="5GB", help="weights shard size of a sequential output")
+    export.add_argument("--max-shard-size", help="weights shard size of a sequential output")
     export.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    take_defaults(export, "export", ExportRequest)
     export.set_defaults(handler=cmd_export)
 
     serve = commands.add_parser(

@@ -43,6 +43,7 @@ from .data import local_text_file, token_windows
 from .defaults import calibration_sizes, perplexity_sizes
 from .layerwise import choose_sequential
 from .measurement.capture import run_until
+from .requests import ExportRequest
 from .shards import SafetensorsCheckpoint, parse_size
 
 # Config fields that only a LinearPatch checkpoint has.
@@ -307,23 +308,7 @@ def export_model(
     return stock.eval(), described
 
 
-def export_checkpoint(
-    checkpoint: str,
-    output: str | Path,
-    fold: str = "down-proj",
-    calibration: str = "wikipedia-calibration",
-    num_samples: int | None = None,
-    seq_len: int | None = None,
-    seed: int = 0,
-    eval_corpora: tuple[str, ...] | list[str] = ("wikipedia-eval", "lee-news"),
-    eval_windows: int | None = None,
-    device: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    sequential: bool | None = None,
-    max_memory: str | int | None = None,
-    max_shard_size: str | int = "5GB",
-) -> ExportReport:
+def export_checkpoint(checkpoint: str, output: str | Path, **options) -> ExportReport:
     r"""
     `linearpatch export`: write a folder of the family's stock architecture (`model_type: llama`, `qwen3`, ...; no
     `auto_map`, no remote code) that any engine loads, with the patches folded into the weights, and measure what
@@ -344,10 +329,33 @@ def export_checkpoint(
             device's free memory). The held-out comparison, which needs whole models, is then skipped (logged).
         max_memory (`str` or `int`, *optional*), max_shard_size (`str` or `int`, *optional*): see
             `linearpatch prune`.
+        Other keywords: the fields of [`ExportRequest`], which hold every default.
 
     Returns:
         `ExportReport`
     """
+    return _export_checkpoint_job(**ExportRequest(checkpoint=checkpoint, output=output, **options).options())
+
+
+def _export_checkpoint_job(
+    *,
+    checkpoint,
+    output,
+    fold,
+    calibration,
+    num_samples,
+    seq_len,
+    seed,
+    eval_corpora,
+    eval_windows,
+    device,
+    overwrite,
+    progress,
+    sequential,
+    max_memory,
+    max_shard_size,
+) -> ExportReport:
+    """The job of [`export_checkpoint`]: the fields of [`ExportRequest`] as keywords, without defaults."""
     from .measurement.perplexity import held_out_windows, perplexity_table
     from .models import fit_context, load_model, load_tokenizer, portable_model_id, write_checkpoint_files
     from .opening import open_job

@@ -1,10 +1,12 @@
 """Every CLI command, run as a user types it (in-process through `main`, and once through the console script)."""
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from linearpatch.cli import main
@@ -88,3 +90,44 @@ def test_prune_refuses_to_overwrite_and_bad_layers(tiny_checkpoint, tmp_path, ca
     )
     assert not (output / "keep.txt").exists() and (output / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+REQUESTS = {"prune": "PruneRequest", "distill": "DistillRequest", "eval": "EvalRequest", "export": "ExportRequest"}
+# The smallest command line of each, and the request fields it sets.
+MINIMAL = {
+    "prune": (["prune", "m", "--num-layers", "2", "--output", "o"], dict(model="m", output="o", num_layers=2)),
+    "distill": (["distill", "c", "--teacher", "t", "--output", "o"], dict(checkpoint="c", teacher="t", output="o")),
+    "eval": (["eval", "a", "b", "--baseline", "d"], dict(models=["a", "b"], baseline="d")),
+    "export": (["export", "c", "--output", "o"], dict(checkpoint="c", output="o")),
+}
+
+
+def _as_lists(values: dict) -> dict:
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+
+@pytest.mark.parametrize("command", list(REQUESTS))
+def test_each_command_maps_its_flags_onto_its_request_and_restates_no_default(command):
+    """Issue #21: a command's options and defaults live in its request; every field but `progress` (Python only) has
+    a flag, every flag's default is the field's, and the smallest command line asks for the request's defaults."""
+    import dataclasses
+
+    import linearpatch.integration.requests as requests
+    from linearpatch.cli import build_parser, request_fields, request_from
+
+    request_class = getattr(requests, REQUESTS[command])
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {action.dest: action for action in subparsers.choices[command]._actions}
+    fields = request_fields(command, request_class, actions)
+    all_fields = {field.name: field for field in dataclasses.fields(request_class)}
+    assert set(fields.values()) == set(all_fields) - {"progress"}
+    assert set(fields) <= set(actions)
+    for dest, name in fields.items():
+        default = all_fields[name].default
+        if actions[dest].option_strings and default is not dataclasses.MISSING:
+            assert actions[dest].default == (list(default) if isinstance(default, tuple) else default), dest
+    argv, given = MINIMAL[command]
+    args = parser.parse_args(argv)
+    made = request_from(args, command, request_class, **({"layers": None} if command == "prune" else {}))
+    assert _as_lists(made.options()) == _as_lists(request_class(**given).options())

@@ -31,6 +31,7 @@ from ..adapter import base_identity, patch_weights, write_adapter
 from ..data import local_text_file, token_windows
 from ..defaults import distillation_sizes
 from ..layerwise import available_memory, memory_limit
+from ..requests import DistillRequest
 from ..shards import SafetensorsCheckpoint, format_size
 from .teacher_cache import TopKTeacherCache
 from .trainer import distill
@@ -172,34 +173,7 @@ def check_teacher_matches(teacher: str, student_config, student_tokenizer) -> No
         )
 
 
-def distill_checkpoint(
-    checkpoint: str,
-    teacher: str,
-    output: str | Path,
-    top_k: int = 100,
-    data: str = "wikipedia-calibration",
-    num_samples: int | None = None,
-    seq_len: int | None = None,
-    epochs: float = 1.0,
-    lr: float = 1e-4,
-    batch_size: int = 1,
-    gradient_accumulation_steps: int = 1,
-    max_steps: int = 0,
-    temperature: float = 1.0,
-    seed: int = 1,
-    bf16: bool = False,
-    activation_checkpointing: bool = False,
-    save_steps: int = 0,
-    resume: bool = False,
-    work_dir: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    adapter_only: bool = False,
-    dtype: str = "float32",
-    device: str | None = None,
-    overwrite: bool = False,
-    sequential_teacher: bool | None = None,
-    max_memory: str | None = None,
-) -> DistillReport:
+def distill_checkpoint(checkpoint: str, teacher: str, output: str | Path, **options) -> DistillReport:
     r"""
     `linearpatch distill`: train only the patches of `checkpoint` from `teacher`'s top-K logits and save the result.
 
@@ -218,11 +192,47 @@ def distill_checkpoint(
         max_memory (`str`, *optional*): memory a model may use on the device (e.g. `80GB`); defaults to its free
             memory. A student larger than this is loaded with `device_map="auto"` (layers spread over the GPUs and
             the CPU by accelerate).
-        Other arguments: the recipe (paper: AdamW lr 1e-4, weight decay 1e-4, cosine to lr/20, batch 1, one epoch).
+        Other keywords: the fields of [`DistillRequest`] (the recipe among them: paper AdamW lr 1e-4, weight decay
+            1e-4, cosine to lr/20, batch 1, one epoch), which hold every default.
 
     Returns:
         `DistillReport`
     """
+    return _distill_checkpoint_job(
+        **DistillRequest(checkpoint=checkpoint, teacher=teacher, output=output, **options).options()
+    )
+
+
+def _distill_checkpoint_job(
+    *,
+    checkpoint,
+    teacher,
+    output,
+    top_k,
+    data,
+    num_samples,
+    seq_len,
+    epochs,
+    lr,
+    batch_size,
+    gradient_accumulation_steps,
+    max_steps,
+    temperature,
+    seed,
+    bf16,
+    activation_checkpointing,
+    save_steps,
+    resume,
+    work_dir,
+    cache_dir,
+    adapter_only,
+    dtype,
+    device,
+    overwrite,
+    sequential_teacher,
+    max_memory,
+) -> DistillReport:
+    """The job of [`distill_checkpoint`]: the fields of [`DistillRequest`] as keywords, without defaults."""
     from ..models import cache_dir as default_cache_dir
     from ..models import fit_context, load_model, load_tokenizer, resolve_model, write_checkpoint_files
     from ..opening import open_job

@@ -11,14 +11,14 @@ from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
 from linearpatch.common.files import check_output, write_files_atomically
 from linearpatch.common.names import EVAL_FILES
 
-from ..defaults import DEFAULT_TASKS, perplexity_sizes, task_limit
+from ..defaults import perplexity_sizes, task_limit
 from ..measurement.perplexity import chunked_perplexity, corpus_perplexity, held_out_windows
 from ..models import check_model_files, fit_context, load_model, load_tokenizer, resolve_device
+from ..requests import EvalRequest
 from .tasks import OFFLINE_TASKS, chance_accuracy, lm_eval_tasks, task_manager
 
 # A task counts as solved by the dense model only if it beats chance by more than this many standard errors.
 CHANCE_STDERRS = 2.0
-DEFAULT_PERPLEXITY_CORPORA = ("wikipedia-eval", "lee-news")
 # (requests, tokens) a document of an offline task costs, roughly: four (context plus one choice) requests of about 60
 # tokens each for the multiple-choice tasks; one passage of about 160 tokens for the last-word task.
 _DOCUMENT_COST = {"wiki_next_sentence": (4, 240), "mmlu_dev_offline": (4, 240), "wiki_last_word": (1, 160)}
@@ -241,21 +241,7 @@ def _measure_tokens_per_second(model, seq_len: int) -> float:
     return window.numel() / max(time.perf_counter() - started, 1e-6)
 
 
-def compare_models(
-    models: list[str],
-    baseline: str,
-    tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
-    limit: int | None = -1,
-    corpora: list[str] | tuple[str, ...] = DEFAULT_PERPLEXITY_CORPORA,
-    perplexity_windows: int | None = None,
-    seq_len: int | None = None,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    device: str | None = None,
-    output: str | Path | None = None,
-    overwrite: bool = False,
-    log=print,
-) -> ModelComparison:
+def compare_models(models: list[str], baseline: str, log=print, **options) -> ModelComparison:
     r"""
     `linearpatch eval`: evaluate the dense baseline and each model on the same tasks and corpora, side by side.
 
@@ -273,10 +259,31 @@ def compare_models(
         output (`str` or `Path`, *optional*): folder for `linearpatch_eval.json` and `.md` (a checkpoint's own
             folder works: `linearpatch push` puts the table on its card).
         log (`callable`, *optional*, defaults to `print`): where progress lines go.
+        Other keywords: the fields of [`EvalRequest`], which hold every default.
 
     Returns:
         `ModelComparison`
     """
+    return _compare_models_job(**EvalRequest(models=models, baseline=baseline, **options).options(), log=log)
+
+
+def _compare_models_job(
+    *,
+    models,
+    baseline,
+    tasks,
+    limit,
+    corpora,
+    perplexity_windows,
+    seq_len,
+    batch_size,
+    dtype,
+    device,
+    output,
+    overwrite,
+    log=print,
+) -> ModelComparison:
+    """The job of [`compare_models`]: the fields of [`EvalRequest`] as keywords, without defaults."""
     started = time.perf_counter()
     device = resolve_device(device)
     if limit is not None and limit < -1:

@@ -24,6 +24,7 @@ from ..defaults import calibration_sizes, figure_sizes, perplexity_sizes
 from ..layerwise import choose_sequential
 from ..measurement.calibration import CalibrationStatistics, calibrate
 from ..measurement.hadamard import factor_hidden_size
+from ..requests import DEFAULT_CALIBRATION, PruneRequest
 from ..shards import SafetensorsCheckpoint, parse_size
 from .patches import PATCH_CHOICES, estimate_patch, scale_summary
 from .search import (
@@ -37,9 +38,6 @@ from .search import (
     split_holdout,
 )
 from .selection import SELECTION_METRICS, candidate_scores, select_layers
-
-DEFAULT_CALIBRATION = "wikipedia-calibration"
-DEFAULT_EVAL_CORPORA = ("wikipedia-eval", "lee-news")
 
 
 @dataclass
@@ -603,34 +601,7 @@ def _report(base_model, total, plan: PruningPlan, started) -> PruneReport:
     )
 
 
-def prune_checkpoint(
-    model: str,
-    output: str | Path,
-    num_layers: int | None = None,
-    layers: list[int] | None = None,
-    metric: str | None = None,
-    patch: str | None = None,
-    calibration: str = DEFAULT_CALIBRATION,
-    num_samples: int | None = None,
-    seq_len: int | None = None,
-    seed: int = 0,
-    batch_size: int = 1,
-    dtype: str = "float32",
-    device: str | None = None,
-    base_model: str | None = None,
-    eval_windows: int = 0,
-    eval_seq_len: int | None = None,
-    eval_corpora: list[str] | tuple[str, ...] = DEFAULT_EVAL_CORPORA,
-    plots: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    sequential: bool | None = None,
-    max_memory: str | int | None = None,
-    max_shard_size: str | int = "5GB",
-    target_ppl_ratio: float | None = None,
-    holdout: int | None = None,
-    candidates: int = DEFAULT_CANDIDATES,
-) -> PruneReport:
+def prune_checkpoint(model: str, output: str | Path, **options) -> PruneReport:
     r"""
     `linearpatch prune`: load a dense model by name, prune it with LinearPatch and save the checkpoint folder
     (weights, remote-code files, tokenizer, `linearpatch_report.json`, optionally plots).
@@ -652,11 +623,44 @@ def prune_checkpoint(
             defaults to the device's free memory.
         max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`): weights shard size of a sequential
             output (more than one shard gets a `model.safetensors.index.json`).
-        Other arguments: as for [`prune`] and [`load_model`].
+        Other keywords: the fields of [`PruneRequest`], which hold every default (the CLI's included).
 
     Returns:
         `PruneReport` (with `output` and `evaluation` filled in).
     """
+    return _prune_checkpoint_job(**PruneRequest(model=model, output=output, **options).options())
+
+
+def _prune_checkpoint_job(
+    *,
+    model,
+    output,
+    num_layers,
+    layers,
+    metric,
+    patch,
+    calibration,
+    num_samples,
+    seq_len,
+    seed,
+    batch_size,
+    dtype,
+    device,
+    base_model,
+    eval_windows,
+    eval_seq_len,
+    eval_corpora,
+    plots,
+    overwrite,
+    progress,
+    sequential,
+    max_memory,
+    max_shard_size,
+    target_ppl_ratio,
+    holdout,
+    candidates,
+) -> PruneReport:
+    """The job of [`prune_checkpoint`]: the fields of [`PruneRequest`] as keywords, without defaults."""
     from ..measurement.perplexity import held_out_windows, perplexity_table
     from ..models import fit_context, load_model, load_tokenizer, portable_model_id, write_checkpoint_files
     from ..opening import open_job
