@@ -356,8 +356,8 @@ def _export_checkpoint_job(
     max_shard_size,
 ) -> ExportReport:
     """The job of [`export_checkpoint`]: the fields of [`ExportRequest`] as keywords, without defaults."""
-    from .measurement.perplexity import held_out_windows, perplexity_table
-    from .models import fit_context, load_model, load_tokenizer, portable_model_id, write_checkpoint_files
+    from .measurement.perplexity import held_out_windows
+    from .models import fit_context, load_tokenizer, portable_model_id
     from .opening import open_job
 
     started = time.perf_counter()
@@ -380,36 +380,15 @@ def _export_checkpoint_job(
     sequential = choose_sequential(
         checkpoint_weights.nbytes(torch.float32), device, sequential, max_memory, "checkpoint"
     )
+    evaluation = {}
+    if eval_windows and not sequential:
+        eval_seq_len = fit_context(config, None, held_out.seq_len)
+        evaluation = held_out_windows(tokenizer, eval_corpora, eval_windows, eval_seq_len)
     if sequential:
-        return _export_sequentially(
-            checkpoint_weights,
-            config,
-            tokenizer,
-            output,
-            fold,
-            windows,
-            portable_model_id(checkpoint),
-            device,
-            parse_size(max_shard_size),
-            overwrite,
-            progress,
-            started,
-        )
-    eval_seq_len = fit_context(config, None, held_out.seq_len)
-    evaluation = held_out_windows(tokenizer, eval_corpora, eval_windows, eval_seq_len) if eval_windows else {}
-
-    patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
-    stock, described = export_model(patched, fold, windows.input_ids if windows is not None else None)
-    perplexity = {}
-    if evaluation:
-        plain_state = {k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}
-        with torch.device(device), no_init_weights():
-            plain = stock_model(stock_config(patched.config))
-        plain.load_state_dict(plain_state, strict=not patched.config.tie_word_embeddings, assign=True)
-        plain.tie_weights()
-        perplexity = perplexity_table(
-            {"patched": patched, "export": stock, "plain": plain.eval()}, evaluation, progress
-        )
+        pipeline = SequentialExport(checkpoint_weights, config, device, progress, parse_size(max_shard_size))
+    else:
+        pipeline = InMemoryExport(checkpoint, device)
+    described = pipeline.fold(fold, windows)
     report = ExportReport(
         source=portable_model_id(checkpoint),
         fold=fold,
@@ -417,69 +396,7 @@ def _export_checkpoint_job(
         pruned_layers=list(config.pruned_layers),
         patch_positions=list(config.patch_positions),
         folds=described,
-        perplexity=perplexity,
-        calibration=windows.describe() if windows is not None else {},
-        architecture=type(stock).__name__,
-        output=str(output),
-        num_layers=config.num_hidden_layers,
-    )
-    report.seconds = round(time.perf_counter() - started, 2)
-    with atomic_directory(output, overwrite) as staging:
-        write_checkpoint_files(staging, stock, tokenizer, {EXPORT_RECORD: report.to_json()})
-    return report
-
-
-def _export_sequentially(
-    checkpoint, config, tokenizer, output, fold, windows, source, device, max_shard_size, overwrite, progress, started
-) -> ExportReport:
-    """`export_checkpoint` without holding the checkpoint: the fold is planned from the patches (and, for `down-proj`,
-    from a layer-by-layer pass up to each gap), then every tensor is read, folded and written in turn."""
-    import logging
-
-    from transformers import GenerationConfig
-
-    from linearpatch.modeling.pruning import patch_key
-
-    from .layerwise import layerwise_model
-    from .models import write_checkpoint_files
-    from .shards import write_sharded_safetensors
-
-    logging.getLogger("linearpatch").warning(
-        "linearpatch: sequential export: the held-out comparison of patched, export and plain pruning needs whole "
-        "models and is skipped; run `linearpatch eval` on the output where it fits."
-    )
-    patches = {position: checkpoint.read(patch_key(config, position)).double() for position in config.patch_positions}
-    needs_fit = fold == "down-proj" and any(position > 0 for position in patches)
-    with layerwise_model(checkpoint.folder, device=device, progress=progress) as model:
-        stream_at = (lambda position: _stream_at(model, position, windows.input_ids)) if needs_fit else None
-        transforms, described = plan_folds(config, patches, fold, stream_at)
-    stock = stock_config(config)
-    untie = 0 in config.patch_positions
-    stock.tie_word_embeddings = config.tie_word_embeddings and not untie
-    stock.dtype = torch.float32
-    with torch.device("meta"):
-        expected = stock_model(stock).state_dict().keys()
-    sources = {key: key for key in checkpoint.keys() if ".linear_patch." not in key}
-    if config.tie_word_embeddings and untie:
-        sources["lm_head.weight"] = "model.embed_tokens.weight"  # the head keeps the unfolded embeddings
-    plan = []
-    for key in expected:
-        if key == "lm_head.weight" and stock.tie_word_embeddings:
-            continue
-        if key not in sources:
-            raise LinearPatchError(f"{checkpoint.folder} has no {key!r}: the checkpoint does not match its config.")
-        # Folded tensors are read whole; the others (most of them) stream in blocks.
-        transform = (
-            (lambda tensor, functions=transforms[key]: apply_folds(tensor, functions)) if key in transforms else None
-        )
-        plan.append((key, checkpoint.pending(sources[key], torch.float32, transform)))
-    report = ExportReport(
-        source=source,
-        fold=fold,
-        base_model=config.base_model,
-        pruned_layers=list(config.pruned_layers),
-        patch_positions=list(config.patch_positions),
-        folds=described,
+        perplexity=pipeline.compare(evaluation, progress),
         calibration=windows.describe() if windows is not None else {},
         architecture=family_of(config).dense_causal_lm_class.__name__,
         output=str(output),
@@ -487,20 +404,126 @@ def _export_sequentially(
     )
     report.seconds = round(time.perf_counter() - started, 2)
     with atomic_directory(output, overwrite) as staging:
-        write_sharded_safetensors(staging, plan, max_shard_size=max_shard_size, progress=progress)
-        stock.save_pretrained(staging)
+        pipeline.write(staging, tokenizer, {EXPORT_RECORD: report.to_json()})
+    return report
+
+
+class InMemoryExport:
+    """The export job's pipeline for a checkpoint that fits: loaded whole, folded into a stock model
+    ([`export_model`]), compared side by side with the patched model and plain pruning, saved."""
+
+    def __init__(self, checkpoint: str, device: str):
+        from .models import load_model
+
+        self.device = device
+        self.patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
+        self.stock = None
+
+    def fold(self, fold: str, windows) -> list[dict]:
+        self.stock, described = export_model(self.patched, fold, windows.input_ids if windows is not None else None)
+        return described
+
+    def compare(self, evaluation: dict, progress: bool) -> dict:
+        """Held-out perplexity of the patched model, the export and plain pruning (the patched weights, no patch)."""
+        from .measurement.perplexity import perplexity_table
+
+        if not evaluation:
+            return {}
+        patched = self.patched
+        plain_state = {k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}
+        with torch.device(self.device), no_init_weights():
+            plain = stock_model(stock_config(patched.config))
+        plain.load_state_dict(plain_state, strict=not patched.config.tie_word_embeddings, assign=True)
+        plain.tie_weights()
+        return perplexity_table(
+            {"patched": patched, "export": self.stock, "plain": plain.eval()}, evaluation, progress
+        )
+
+    def write(self, staging: Path, tokenizer, records: dict[str, str]) -> None:
+        from .models import write_checkpoint_files
+
+        write_checkpoint_files(staging, self.stock, tokenizer, records)
+
+
+class SequentialExport:
+    """The export job's pipeline for a checkpoint that does not fit: never held whole. The fold is planned from the
+    patches (and, for `down-proj`, from a layer-by-layer pass up to each gap), then every tensor is read, folded and
+    written in turn, in shards of `max_shard_size`. The held-out comparison, which needs whole models, is skipped."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, config, device: str, progress: bool, max_shard_size: int):
+        import logging
+
+        logging.getLogger("linearpatch").warning(
+            "linearpatch: sequential export: the held-out comparison of patched, export and plain pruning needs whole "
+            "models and is skipped; run `linearpatch eval` on the output where it fits."
+        )
+        self.checkpoint, self.config, self.device = checkpoint, config, device
+        self.progress, self.max_shard_size = progress, max_shard_size
+        self.plan, self.stock = [], None
+
+    def fold(self, fold: str, windows) -> list[dict]:
+        from linearpatch.modeling.pruning import patch_key
+
+        from .layerwise import layerwise_model
+
+        checkpoint, config = self.checkpoint, self.config
+        patches = {
+            position: checkpoint.read(patch_key(config, position)).double() for position in config.patch_positions
+        }
+        needs_fit = fold == "down-proj" and any(position > 0 for position in patches)
+        with layerwise_model(checkpoint.folder, device=self.device, progress=self.progress) as model:
+            stream_at = (lambda position: _stream_at(model, position, windows.input_ids)) if needs_fit else None
+            transforms, described = plan_folds(config, patches, fold, stream_at)
+        stock = stock_config(config)
+        untie = 0 in config.patch_positions
+        stock.tie_word_embeddings = config.tie_word_embeddings and not untie
+        stock.dtype = torch.float32
+        with torch.device("meta"):
+            expected = stock_model(stock).state_dict().keys()
+        sources = {key: key for key in checkpoint.keys() if ".linear_patch." not in key}
+        if config.tie_word_embeddings and untie:
+            sources["lm_head.weight"] = "model.embed_tokens.weight"  # the head keeps the unfolded embeddings
+        for key in expected:
+            if key == "lm_head.weight" and stock.tie_word_embeddings:
+                continue
+            if key not in sources:
+                raise LinearPatchError(
+                    f"{checkpoint.folder} has no {key!r}: the checkpoint does not match its config."
+                )
+            # Folded tensors are read whole; the others (most of them) stream in blocks.
+            transform = (
+                (lambda tensor, functions=transforms[key]: apply_folds(tensor, functions))
+                if key in transforms
+                else None
+            )
+            self.plan.append((key, checkpoint.pending(sources[key], torch.float32, transform)))
+        self.stock = stock
+        return described
+
+    def compare(self, evaluation: dict, progress: bool) -> dict:
+        return {}
+
+    def write(self, staging: Path, tokenizer, records: dict[str, str]) -> None:
+        from transformers import GenerationConfig
+
+        from .models import write_checkpoint_files
+        from .shards import write_sharded_safetensors
+
+        write_sharded_safetensors(staging, self.plan, max_shard_size=self.max_shard_size, progress=self.progress)
+        self.stock.save_pretrained(staging)
         try:
-            GenerationConfig.from_pretrained(checkpoint.folder).save_pretrained(staging)
+            GenerationConfig.from_pretrained(self.checkpoint.folder).save_pretrained(staging)
         except OSError:
             pass
-        write_checkpoint_files(staging, None, tokenizer, {EXPORT_RECORD: report.to_json()})
-    return report
+        write_checkpoint_files(staging, None, tokenizer, records)
 
 
 __all__ = [
     "EXPORT_RECORD",
     "FOLDS",
     "ExportReport",
+    "InMemoryExport",
+    "SequentialExport",
     "apply_folds",
     "export_checkpoint",
     "export_model",
