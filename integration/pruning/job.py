@@ -661,8 +661,8 @@ def _prune_checkpoint_job(
     candidates,
 ) -> PruneReport:
     """The job of [`prune_checkpoint`]: the fields of [`PruneRequest`] as keywords, without defaults."""
-    from ..measurement.perplexity import held_out_windows, perplexity_table
-    from ..models import fit_context, load_model, load_tokenizer, portable_model_id, write_checkpoint_files
+    from ..measurement.perplexity import held_out_windows
+    from ..models import fit_context, load_tokenizer, portable_model_id
     from ..opening import open_job
 
     check_choice_options(layers, metric, patch, target_ppl_ratio, holdout)
@@ -706,119 +706,147 @@ def _prune_checkpoint_job(
     if plots:
         plot_windows = token_windows("wikipedia-eval", tokenizer, figures.num_samples, figures.seq_len, seed=seed)
 
+    base_model = base_model or portable_model_id(model)
     if sequential:
         # The tokenizer is not needed while the layers run: its memory is returned first, and it is loaded again
         # to be saved.
         del tokenizer
-        return _prune_sequentially(
-            checkpoint,
-            config,
-            lambda: load_tokenizer(model),
-            output,
-            explicit,
-            num_layers,
-            metric,
-            patch,
-            windows,
-            base_model or portable_model_id(model),
-            torch_dtype,
-            device,
-            parse_size(max_shard_size),
-            overwrite,
-            progress,
+        pipeline = SequentialPrune(
+            checkpoint, config, lambda: load_tokenizer(model), torch_dtype, device, parse_size(max_shard_size)
         )
-
-    dense, tokenizer = load_model(model, dtype=dtype, device=device, kind="dense")
-    pruned, report = prune(
-        dense,
-        tokenizer,
-        num_layers=num_layers,
-        layers=explicit,
-        metric=None if explicit is not None else metric,  # explicit layers are chosen by nothing
-        patch=patch,
-        calibration=windows if windows is not None else calibration,
+    else:
+        pipeline = InMemoryPrune(model, dtype, device)
+    report = pipeline.prune(
+        windows if windows is not None else calibration,
+        explicit,
+        num_layers,
+        metric,
+        patch,
+        base_model,
+        progress,
         seed=seed,
         batch_size=batch_size,
-        base_model=base_model or portable_model_id(model),
-        progress=progress,
         target_ppl_ratio=target_ppl_ratio,
         holdout=holdout,
         candidates=candidates,
     )
     if evaluation_windows:
-        report.evaluation |= perplexity_table({"dense": dense, "pruned": pruned}, evaluation_windows, progress)
+        report.evaluation |= pipeline.compare(evaluation_windows, progress)
     report.output = str(output)
     with atomic_directory(output, overwrite) as staging:
-        write_checkpoint_files(staging, pruned, tokenizer, {PRUNE_RECORD: report.to_json()})
+        pipeline.write(staging, {PRUNE_RECORD: report.to_json()}, plot_windows, report, progress)
+    return report
+
+
+class InMemoryPrune:
+    """The prune job's pipeline for a model that fits: loaded whole, pruned by [`prune`] (every choice by outcome
+    available), compared with the dense model, saved with the figures if asked."""
+
+    def __init__(self, model: str, dtype: str, device: str):
+        from ..models import load_model
+
+        self.dense, self.tokenizer = load_model(model, dtype=dtype, device=device, kind="dense")
+        self.pruned = None
+
+    def prune(self, calibration, explicit, num_layers, metric, patch, base_model, progress, **choice) -> PruneReport:
+        self.pruned, report = prune(
+            self.dense,
+            self.tokenizer,
+            num_layers=num_layers,
+            layers=explicit,
+            metric=None if explicit is not None else metric,  # explicit layers are chosen by nothing
+            patch=patch,
+            calibration=calibration,
+            base_model=base_model,
+            progress=progress,
+            **choice,
+        )
+        return report
+
+    def compare(self, windows: dict, progress: bool) -> dict:
+        from ..measurement.perplexity import perplexity_table
+
+        return perplexity_table({"dense": self.dense, "pruned": self.pruned}, windows, progress)
+
+    def write(self, staging: Path, records: dict[str, str], plot_windows, report: PruneReport, progress: bool) -> None:
+        from ..models import write_checkpoint_files
+
+        write_checkpoint_files(staging, self.pruned, self.tokenizer, records)
         if plot_windows is not None:  # inside the staging folder: the checkpoint appears complete or not at all
             from ..evaluation.figures import write_report_plots
 
             write_report_plots(
-                dense, pruned, plot_windows.input_ids, staging, progress=progress, prune_report=report.to_dict()
+                self.dense,
+                self.pruned,
+                plot_windows.input_ids,
+                staging,
+                progress=progress,
+                prune_report=report.to_dict(),
             )
-    return report
 
 
-def _prune_sequentially(
-    checkpoint,
-    config,
-    load_tokenizer,
-    output,
-    explicit,
-    num_layers,
-    metric,
-    patch,
-    windows,
-    base_model,
-    dtype,
-    device,
-    max_shard_size,
-    overwrite,
-    progress,
-) -> PruneReport:
-    """The sequential `linearpatch prune`: calibrate with the model's layers loaded one at a time, then stream the
-    kept tensors and the patches from the dense shards to the output."""
-    from transformers import GenerationConfig
+class SequentialPrune:
+    """The prune job's pipeline for a model that does not fit: calibrated with its layers loaded one at a time from
+    the shards ([`layerwise_model`]), then the kept tensors and the patches streamed from the dense shards to the
+    output. Choosing by outcome, comparing and plotting need the model whole and are refused before this runs."""
 
-    from linearpatch.modeling import pruned_config
+    def __init__(self, checkpoint, config, load_tokenizer, dtype, device: str, max_shard_size: int):
+        self.checkpoint, self.config, self.load_tokenizer = checkpoint, config, load_tokenizer
+        self.dtype, self.device, self.max_shard_size = dtype, device, max_shard_size
+        self.plan = self.pruned_config = None
 
-    from ..layerwise import layerwise_model
-    from ..models import write_checkpoint_files
-    from .streaming import write_pruned_checkpoint
+    def prune(self, windows, explicit, num_layers, metric, patch, base_model, progress, **choice) -> PruneReport:
+        from linearpatch.modeling import pruned_config
 
-    started = time.perf_counter()
-    with layerwise_model(checkpoint.folder, dtype=dtype, device=device, progress=progress) as skeleton:
-        plan = plan_pruning(skeleton, windows, explicit, num_layers, metric, patch, progress=progress)
-    plan.check_finite()
-    metadata = dict(base_model=base_model, selection_metric=plan.metric, patch_kind=plan.patch_kind)
-    pruned = pruned_config(config, plan.layers, add_patches=plan.patches is not None, **metadata)
-    try:
-        generation_config = GenerationConfig.from_pretrained(checkpoint.folder)
-    except OSError:
-        generation_config = None
-    report = _report(base_model, config.num_hidden_layers, plan, started)
-    report.output = str(output)
-    report.calibration["sequential"] = True
-    with atomic_directory(output, overwrite) as staging:
+        from ..layerwise import layerwise_model
+
+        # `choice` (batch size, choosing by outcome) is the in-memory pipeline's: the windows are already cut, one
+        # batch is every window, and choosing by outcome was refused for a sequential prune.
+        started = time.perf_counter()
+        folder, dtype, device = self.checkpoint.folder, self.dtype, self.device
+        with layerwise_model(folder, dtype=dtype, device=device, progress=progress) as skeleton:
+            plan = plan_pruning(skeleton, windows, explicit, num_layers, metric, patch, progress=progress)
+        plan.check_finite()
+        metadata = dict(base_model=base_model, selection_metric=plan.metric, patch_kind=plan.patch_kind)
+        self.pruned_config = pruned_config(self.config, plan.layers, add_patches=plan.patches is not None, **metadata)
+        self.plan = plan
+        report = _report(base_model, self.config.num_hidden_layers, plan, started)
+        report.calibration["sequential"] = True
+        return report
+
+    def compare(self, windows: dict, progress: bool) -> dict:
+        return {}
+
+    def write(self, staging: Path, records: dict[str, str], plot_windows, report: PruneReport, progress: bool) -> None:
+        from transformers import GenerationConfig
+
+        from ..models import write_checkpoint_files
+        from .streaming import write_pruned_checkpoint
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(self.checkpoint.folder)
+        except OSError:
+            generation_config = None
         write_pruned_checkpoint(
             staging,
-            checkpoint,
-            pruned,
-            plan.patches or [],
-            config.num_hidden_layers,
-            dtype=dtype,
+            self.checkpoint,
+            self.pruned_config,
+            self.plan.patches or [],
+            self.config.num_hidden_layers,
+            dtype=self.dtype,
             generation_config=generation_config,
-            max_shard_size=max_shard_size,
+            max_shard_size=self.max_shard_size,
             progress=progress,
         )
-        write_checkpoint_files(staging, None, load_tokenizer(), {PRUNE_RECORD: report.to_json()})
-    return report
+        write_checkpoint_files(staging, None, self.load_tokenizer(), records)
 
 
 __all__ = [
     "DEFAULT_CALIBRATION",
+    "InMemoryPrune",
     "PruneReport",
     "PruningPlan",
+    "SequentialPrune",
     "check_choice_options",
     "check_prune_arguments",
     "choose_sequential",
