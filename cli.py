@@ -426,12 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    lines = text.splitlines()
-    return lines[0] + (" (...)" if len(lines) > 1 else "")
-
-
 _MAIN_PROCESS = None
 
 
@@ -451,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.vllm_args = unknown  # `serve` passes the options it does not know to vllm
-    from linearpatch.common.errors import LinearPatchError
+    from linearpatch.common.errors import LinearPatchError, first_line
     from linearpatch.common.files import ledger
 
     ledger.reset()
@@ -465,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (LinearPatchError, ValueError, OSError) as error:
         # User-facing errors (bad input, missing files, Hub failures) get one line; bugs keep their traceback.
-        print(f"linearpatch {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"linearpatch {args.command}: error: {first_line(error, mark_more=True)}", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -25,6 +25,13 @@ class OutputWriteError(LinearPatchError, OSError):
     """The output could not be written (no space left, a read-only place, a file too large)."""
 
 
+def first_line(error: BaseException, mark_more: bool = False) -> str:
+    """The first line of an error's message (its type when it has none), to quote it in one line; `mark_more` adds
+    " (...)" when lines were dropped."""
+    lines = (str(error).strip() or type(error).__name__).splitlines()
+    return lines[0] + (" (...)" if mark_more and len(lines) > 1 else "")
+
+
 __all__ = [
     "CheckpointMismatchError",
     "LinearPatchError",
@@ -32,4 +39,5 @@ __all__ = [
     "OutputExistsError",
     "OutputWriteError",
     "UnsupportedModelError",
+    "first_line",
 ]

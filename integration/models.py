@@ -22,6 +22,7 @@ from linearpatch.common.errors import (
     LinearPatchError,
     ModelNotFoundError,
     UnsupportedModelError,
+    first_line,
 )
 from linearpatch.common.files import atomic_directory, rename_no_replace, staging_path
 from linearpatch.common.names import ADAPTER_CONFIG, CONFIG_FILE, PRUNE_RECORD, REPO_ID, WEIGHTS_FILE, is_repo_id
@@ -365,15 +366,11 @@ def _check_adapter_files(adapter_dir: str | Path):
     except LinearPatchError as error:
         raise CheckpointMismatchError(
             f"The adapter {adapter_dir} names {base} as its base, which is not a usable LinearPatch checkpoint "
-            f"({_one_line(error)}). Save the adapter with `save_patch_adapter(model, folder, base=CHECKPOINT)` or "
+            f"({first_line(error)}). Save the adapter with `save_patch_adapter(model, folder, base=CHECKPOINT)` or "
             "`linearpatch distill --adapter-only`."
         ) from error
     check_adapter_folder(adapter_dir, base, config)
     return config
-
-
-def _one_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=torch.float32, device: str = "cpu"):
