@@ -246,6 +246,19 @@ def fit_context(config, seq_len: int | None, default: int, option: str = "--seq-
     return seq_len
 
 
+def check_same_vocabulary(name: str, vocab_size: int, reference: str, reference_vocab_size: int, why: str) -> None:
+    """Refuse a model whose vocabulary is not the one it is compared with token by token (a teacher's with its
+    student's, a candidate's with the baseline's).
+
+    Raises:
+        CheckpointMismatchError: naming both vocabularies, then `why` (what compares them and what to use).
+    """
+    if vocab_size != reference_vocab_size:
+        raise CheckpointMismatchError(
+            f"{name} has a vocabulary of {vocab_size} tokens and {reference} {reference_vocab_size}: {why}"
+        )
+
+
 def check_same_base(config, dense_config, dense: str, role: str) -> None:
     """Refuse a dense model (a teacher, a `report --dense`) that is not of the checkpoint's family and shapes: its
     statistics or logits would be compared with the pruned model's layer by layer and token by token.
@@ -475,6 +488,7 @@ __all__ = [
     "fit_context",
     "check_model_files",
     "check_same_base",
+    "check_same_vocabulary",
     "embedded_name_for",
     "load_config",
     "load_model",

@@ -156,15 +156,17 @@ def check_teacher_matches(teacher: str, student_config, student_tokenizer) -> No
     Raises:
         CheckpointMismatchError: naming both vocabularies.
     """
-    from ..models import check_same_base, load_config, load_tokenizer
+    from ..models import check_same_base, check_same_vocabulary, load_config, load_tokenizer
 
     teacher_config = load_config(teacher, kind="dense")
-    if teacher_config.vocab_size != student_config.vocab_size:
-        raise CheckpointMismatchError(
-            f"The teacher {teacher} has a vocabulary of {teacher_config.vocab_size} tokens, the student "
-            f"{student_config.vocab_size}: distillation compares logits token by token, so use the dense model the "
-            f"checkpoint was pruned from ({student_config.base_model or 'see its config'})."
-        )
+    check_same_vocabulary(
+        f"The teacher {teacher}",
+        teacher_config.vocab_size,
+        "the student",
+        student_config.vocab_size,
+        "distillation compares logits token by token, so use the dense model the checkpoint was pruned from "
+        f"({student_config.base_model or 'see its config'}).",
+    )
     check_same_base(student_config, teacher_config, teacher, "teacher")
     if load_tokenizer(teacher).get_vocab() != student_tokenizer.get_vocab():
         raise CheckpointMismatchError(

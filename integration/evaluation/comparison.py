@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
+from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import check_output, write_files_atomically
 from linearpatch.common.names import EVAL_FILES
 
 from ..defaults import perplexity_sizes, task_limit
 from ..measurement.perplexity import chunked_perplexity, corpus_perplexity, held_out_windows
-from ..models import check_model_files, fit_context, load_model, load_tokenizer, resolve_device
+from ..models import check_model_files, check_same_vocabulary, fit_context, load_model, load_tokenizer, resolve_device
 from ..requests import EvalRequest
 from .tasks import OFFLINE_TASKS, chance_accuracy, lm_eval_tasks, task_manager
 
@@ -218,20 +218,6 @@ class ModelComparison:
     written: list[str] = field(default_factory=list)
 
 
-def check_same_vocabulary(name: str, config, baseline: str, baseline_config) -> None:
-    """Refuse a model whose vocabulary is not the baseline's: every model is scored on the baseline's tokens, and
-    retained performance compares like with like.
-
-    Raises:
-        CheckpointMismatchError: naming both vocabularies.
-    """
-    if config.vocab_size != baseline_config.vocab_size:
-        raise CheckpointMismatchError(
-            f"{name} has a vocabulary of {config.vocab_size} tokens and the baseline {baseline} "
-            f"{baseline_config.vocab_size}: compare a pruned model with the dense model it was pruned from."
-        )
-
-
 def _measure_tokens_per_second(model, seq_len: int) -> float:
     window = torch.randint(0, model.config.vocab_size, (1, min(seq_len, 256)), device=next(model.parameters()).device)
     with torch.no_grad():
@@ -294,7 +280,14 @@ def _compare_models_job(
     # Every model, adapter and export is opened and checked before the first forward pass of any of them.
     dense_config = check_model_files(baseline)
     for name in models:
-        check_same_vocabulary(name, check_model_files(name), baseline, dense_config)
+        # Every model is scored on the baseline's tokens, and retained performance compares like with like.
+        check_same_vocabulary(
+            name,
+            check_model_files(name).vocab_size,
+            f"the baseline {baseline}",
+            dense_config.vocab_size,
+            "compare a pruned model with the dense model it was pruned from.",
+        )
     limit = task_limit(device) if limit == -1 else (limit or None)
     sizes = perplexity_sizes(device)
     perplexity_windows = sizes.num_samples if perplexity_windows is None else perplexity_windows
@@ -353,7 +346,6 @@ __all__ = [
     "compare_models",
     "average_accuracy",
     "chance_flags",
-    "check_same_vocabulary",
     "comparison",
     "evaluate_model",
     "markdown_table",
