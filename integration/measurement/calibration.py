@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import TokenWindows
-from .capture import StopForward, raise_stop
+from .capture import StopForward, raise_stop, run_until
 from .hadamard import hadamard_supported, hadamard_transform
 
 
@@ -244,10 +244,7 @@ def calibrate(
             batch = input_ids[first : first + batch_size].to(device)
             batch_slice = slice(first, first + batch.shape[0])
             recent.clear()
-            try:
-                base(input_ids=batch, use_cache=False)
-            except StopForward:
-                pass
+            run_until(base, None, input_ids=batch, use_cache=False)  # the hooks end it after the last needed layer
             token_count += batch.numel()
             bar.update(batch.shape[0])
         bar.close()
