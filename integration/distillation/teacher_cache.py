@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from linearpatch.common.files import clean_stale_staging, sha256_file, staging_path, write_text_atomically
 from linearpatch.common.names import CONFIG_FILE, TEACHER_CACHE_MANIFEST
 
-from ..measurement.capture import capture_input
+from ..measurement.capture import logits_source
 
 FORMAT_VERSION = 1
 
@@ -177,7 +177,7 @@ def build_teacher_cache(
             bar.update(end - start)
             continue
         values, indices = [], []
-        with torch.no_grad(), _logits_source(teacher, input_ids[start:end]) as logits_of:
+        with torch.no_grad(), logits_source(teacher, input_ids[start:end]) as logits_of:
             for first in range(start, end, batch_size):
                 batch = slice(first - start, min(first + batch_size, end) - start)
                 log_probs = torch.log_softmax(logits_of(batch).float(), dim=-1)
@@ -199,47 +199,6 @@ def build_teacher_cache(
     manifest["complete"] = True
     _write_manifest(manifest_path, manifest)
     return TopKTeacherCache.open(path, verify=False)
-
-
-@contextlib.contextmanager
-def _logits_source(teacher, input_ids: torch.Tensor):
-    """Yield `logits_of(windows: slice)`: the teacher's logits for those rows of `input_ids`.
-
-    In memory this is the teacher's forward on the rows. Layer by layer, every window first goes through the decoder
-    layers (each loaded once), then the final norm and the LM head are loaded and the causal LM's own forward runs
-    per slice on the stored hidden states, so that what follows the base model (a logit soft-cap, say) is the
-    family's."""
-    layerwise = getattr(teacher, "layerwise", None)
-    if layerwise is None:
-        device = next(teacher.parameters()).device
-        yield lambda rows: teacher(input_ids[rows].to(device), use_cache=False).logits
-        return
-    from transformers.modeling_outputs import BaseModelOutputWithPast
-
-    base = teacher.model
-    layerwise.in_place = True  # nothing needs a layer's input once its output is written
-    try:
-        hidden = capture_input(base, base.norm, input_ids=input_ids.to(layerwise.device), use_cache=False)
-    finally:
-        layerwise.in_place = False
-        layerwise.close_bar()
-    norm, head = layerwise.load("model.norm"), layerwise.load("lm_head")
-    current: dict[str, slice] = {}
-    base_forward = base.forward
-    base.forward = lambda *args, **kwargs: BaseModelOutputWithPast(
-        last_hidden_state=norm(hidden[current["rows"]].to(layerwise.device))
-    )
-
-    def logits_of(rows: slice) -> torch.Tensor:
-        current["rows"] = rows
-        return teacher(input_ids[rows].to(layerwise.device), use_cache=False).logits
-
-    try:
-        yield logits_of
-    finally:
-        base.forward = base_forward
-        layerwise.release(norm)
-        layerwise.release(head)
 
 
 def checkpoint_fingerprint(folder: str | Path, dtype: torch.dtype) -> str:

@@ -54,4 +54,46 @@ def capture_input(model: nn.Module, module: nn.Module, **inputs) -> torch.Tensor
     return captured["hidden"]
 
 
-__all__ = ["StopForward", "capture_input", "raise_stop", "run_until", "stop_before"]
+@contextlib.contextmanager
+def logits_source(model, input_ids: torch.Tensor):
+    """Yield `logits_of(windows: slice)`: `model`'s logits for those rows of `input_ids` (the teacher cache's and the
+    export's held-out scoring's one way to get logits from a model in memory or run layer by layer).
+
+    In memory this is the model's forward on the rows. Layer by layer, every window first goes through the decoder
+    layers (each loaded once), then the final norm and the LM head are loaded and the causal LM's own forward runs
+    per slice on the stored hidden states, so that what follows the base model (a logit soft-cap, say) is the
+    family's."""
+    layerwise = getattr(model, "layerwise", None)
+    if layerwise is None:
+        device = next(model.parameters()).device
+        yield lambda rows: model(input_ids[rows].to(device), use_cache=False).logits
+        return
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    base = model.model
+    layerwise.in_place = True  # nothing needs a layer's input once its output is written
+    try:
+        hidden = capture_input(base, base.norm, input_ids=input_ids.to(layerwise.device), use_cache=False)
+    finally:
+        layerwise.in_place = False
+        layerwise.close_bar()
+    norm, head = layerwise.load("model.norm"), layerwise.load("lm_head")
+    current: dict[str, slice] = {}
+    base_forward = base.forward
+    base.forward = lambda *args, **kwargs: BaseModelOutputWithPast(
+        last_hidden_state=norm(hidden[current["rows"]].to(layerwise.device))
+    )
+
+    def logits_of(rows: slice) -> torch.Tensor:
+        current["rows"] = rows
+        return model(input_ids[rows].to(layerwise.device), use_cache=False).logits
+
+    try:
+        yield logits_of
+    finally:
+        base.forward = base_forward
+        layerwise.release(norm)
+        layerwise.release(head)
+
+
+__all__ = ["StopForward", "capture_input", "logits_source", "raise_stop", "run_until", "stop_before"]
