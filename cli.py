@@ -46,7 +46,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 # flags whose name differs from their field's.
 RENAMED_FLAGS = {
     "prune": {"eval_corpus": "eval_corpora"},
-    "distill": {},
+    "distill": {"eval_corpus": "eval_corpora"},
     "eval": {"ppl_corpus": "corpora", "ppl_windows": "perplexity_windows"},
     "export": {"eval_corpus": "eval_corpora"},
 }
@@ -295,6 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--cache-dir", help="teacher cache root (default: ~/.cache/linearpatch/teacher-cache)")
     distill.add_argument("--adapter-only", action="store_true", help="write only the PEFT adapter, not merged")
     distill.add_argument(
+        "--export",
+        action="store_true",
+        help="train, per gap, a map on the MLP output before it instead of the patch (started from the best "
+        "training-free `export --fold auto`) and write the family's stock architecture with it folded in",
+    )
+    distill.add_argument("--eval-corpus", nargs="*", help="with --export: held-out perplexity corpora")
+    distill.add_argument(
+        "--eval-windows",
+        type=non_negative_int,
+        help=f"with --export: held-out windows per corpus; 0 skips the comparison (default: {sizes(PERPLEXITY)})",
+    )
+    distill.add_argument(
         "--sequential-teacher",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -365,10 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--fold",
         choices=FOLDS,
-        help="down-proj: least-squares fold into the previous layer's MLP; scalar: Prune&Comp scaling (exact for "
-        "scalar patches); a gap at layer 0 is always folded exactly into the embeddings",
+        help="auto: fit a map on the MLP output before each gap (folded into that layer's down_proj) to each "
+        "objective and keep the best on held-out calibration windows; down-proj: reproduce the patched stream; "
+        "down-proj-dense / down-proj-cosine: reproduce the dense model's stream by least squares / cosine distance; "
+        "scalar: Prune&Comp scaling (exact for scalar patches). A gap at layer 0 is always folded exactly into the "
+        "embeddings",
     )
-    export.add_argument("--calibration", help="text for the down-proj fit")
+    export.add_argument(
+        "--dense",
+        help="the dense model the checkpoint was pruned from, for the dense objectives (default: its base_model; "
+        "auto leaves them out, with a warning, when that cannot be opened)",
+    )
+    export.add_argument("--calibration", help="text for the fit")
     export.add_argument("--num-samples", type=positive_int, help=f"fit windows (default: {sizes(CALIBRATION)})")
     export.add_argument("--seq-len", type=positive_int, help="tokens per fit window (default: see above)")
     export.add_argument("--seed", type=int, help="seed of the fit window offsets")

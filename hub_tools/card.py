@@ -171,18 +171,34 @@ def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
         f"A stock `{architecture}` (no remote code) exported from {origin} of "
         f"{'`' + base_model + '`' if base_model else f'a {family} model'}: decoder layers "
         f"`{export.get('pruned_layers')}` "
-        f"were removed and the LinearPatch matrices folded into the weights with the `{export.get('fold')}` fold.",
+        f"were removed and the LinearPatch matrices folded into the weights with the `{export.get('fold')}` fold"
+        f"{' and distilled' if export.get('distilled') else ''}.",
         "",
         "**This is a folded approximation of the patched checkpoint**: a patch before the first layer, or a scalar "
-        "patch, folds exactly; any other patch is approximated (see the perplexity table).",
+        "patch, folds exactly; any other gap gets a map on the MLP output of the layer before it, folded exactly into "
+        "that layer's weights but fitted (or trained) to stand in for the patch, so its outputs differ from the "
+        "patched checkpoint's (see the perplexity table).",
         "",
         "## Folds",
         "",
     ]
-    lines += [
-        f"- before kept layer {fold['position']}: {fold['how']} ({'exact' if fold['exact'] else 'approximate'})"
-        for fold in export.get("folds", [])
-    ]
+    for fold in export.get("folds", []):
+        objective = f", objective `{fold['objective']}`" if "objective" in fold else ""
+        exact = "exact" if fold["exact"] else "approximate"
+        lines.append(f"- before kept layer {fold['position']}: {fold['how']} ({exact}{objective})")
+        scores = fold.get("heldout_perplexity")
+        if scores:
+            shown = ", ".join(f"`{name}` {value:.2f}" for name, value in scores.items())
+            lines.append(f"  - held-out calibration perplexity of each candidate: {shown}")
+    distilled = export.get("distilled") or {}
+    if distilled:
+        training = distilled.get("training", {})
+        lines += [
+            "",
+            f"The maps were then distilled from `{training.get('teacher')}`'s top-{training.get('top_k')} logits "
+            f"({training.get('steps')} steps on {training.get('data', {}).get('num_windows')} windows), starting "
+            "from the best training-free fold.",
+        ]
     perplexity = export.get("perplexity", {})
     if perplexity:
         corpora = list(next(iter(perplexity.values())))

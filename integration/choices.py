@@ -17,7 +17,11 @@ METRIC_SCORES = {
     "block-influence": "layer: block influence (1 - cosine of its input and output), lower is better",
     "loss": "block start: held-out perplexity of the patched model, lower is better",
 }
-# How `export` folds a patch into the stock architecture (`export.py`).
-FOLDS = ("down-proj", "scalar")
+# What a map on the MLP output before a gap is fitted to reproduce (`folding.py`): the patched stream, or the dense
+# model's stream after the removed block by least squares or by cosine distance.
+FOLD_OBJECTIVES = ("down-proj", "down-proj-dense", "down-proj-cosine")
+# How `export` folds a patch into the stock architecture (`export.py`): a map fitted to one objective, `auto` (each
+# objective fitted and the best on held-out windows kept), or `scalar` (Prune&Comp).
+FOLDS = ("auto", *FOLD_OBJECTIVES, "scalar")
 
-__all__ = ["FOLDS", "METRICS", "METRIC_SCORES", "PATCH_CHOICES", "PATCH_KINDS", "SELECTION_METRICS"]
+__all__ = ["FOLDS", "FOLD_OBJECTIVES", "METRICS", "METRIC_SCORES", "PATCH_CHOICES", "PATCH_KINDS", "SELECTION_METRICS"]

@@ -15,16 +15,20 @@ elsewhere, and measures what that costs:
   eps / mean(h^2) of the stream after the gap, which is large in real models, so below 1e-6 there); for any other
   patch r is its mean scale `trace(P) / C` (an approximation). Dividing after the gap rather than multiplying the
   embeddings and the layers before it keeps the eps error away from the small early-layer streams;
-- `down-proj` (ReplaceMe-style): the patched stream entering kept layer p is `(a + m) P`, with `a` the stream after
-  the attention of layer p-1 and `m` its MLP output. A C x C matrix T fitted by ridge least squares on calibration
-  text so that `a + m T ~= (a + m) P` is folded into that layer's `down_proj` (`W <- T^T W`). Where the MLP output
-  passes through a norm after `down_proj` (Gemma 3, OLMo 2), T is diagonal and folded into that norm's weight.
+- a map fold (ReplaceMe-style; see `folding.py`): a C x C map T on the MLP output `m` of kept layer p-1, folded
+  exactly into its `down_proj` (`W <- T^T W`; a diagonal T into the norm after it in Gemma 3 and OLMo 2), fitted on
+  calibration text so that `a + m T` (`a` the stream after that layer's attention) reproduces an objective:
+  `down-proj` the patched stream `(a + m) P`, `down-proj-dense` and `down-proj-cosine` the dense model's stream
+  after the removed block (least squares, or cosine distance), which skips the patch's own approximation. `auto`
+  (the default) fits every objective per gap, scores each on held-out calibration windows (one in eight, as
+  `--patch auto` does) and keeps the best; a scalar patch's exact scalar fold is then a candidate too.
 
-`linearpatch_export.json` beside the weights records held-out perplexity of the patched checkpoint, the export and
-plain pruning, side by side.
+`linearpatch_export.json` beside the weights records every candidate's score, and held-out perplexity of the patched
+checkpoint, the export and plain pruning, side by side.
 """
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,18 +37,30 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.errors import LinearPatchError, first_line
 from linearpatch.common.files import atomic_directory
 from linearpatch.common.names import EXPORT_RECORD
 from linearpatch.modeling import family_of
 
-from .choices import FOLDS
+from .choices import FOLD_OBJECTIVES, FOLDS
 from .data import local_text_file, token_windows
 from .defaults import calibration_sizes, perplexity_sizes
+from .folding import (
+    FOLD_MAPS,
+    attach_fold_maps,
+    detach_fold_maps,
+    diagonal_maps,
+    fit_map,
+    map_site,
+    map_transforms,
+    relative_error,
+)
 from .layerwise import choose_sequential
 from .measurement.capture import run_until
 from .requests import ExportRequest
 from .shards import SafetensorsCheckpoint, parse_size
+
+logger = logging.getLogger("linearpatch")
 
 # Config fields that only a LinearPatch checkpoint has.
 _LINEARPATCH_FIELDS = (
@@ -68,16 +84,20 @@ class ExportReport:
     What `export_checkpoint` did (saved as `linearpatch_export.json`).
 
     Args:
-        source (`str`): the LinearPatch checkpoint's Hub id, when it has one. fold (`str`): `down-proj` or `scalar`.
+        source (`str`): the LinearPatch checkpoint's Hub id, when it has one. fold (`str`): one of `FOLDS`.
         base_model (`str`): the dense model the checkpoint was pruned from.
         pruned_layers (`list[int]`), patch_positions (`list[int]`): from the checkpoint.
-        folds (`list[dict]`): per patch: position, how it was folded, and whether exactly.
+        folds (`list[dict]`): per patch: position, how it was folded, whether exactly, the objective kept and (for
+            `auto`) the held-out calibration perplexity of every candidate.
         perplexity (`dict`): held-out perplexity per corpus of `patched`, `export` and `plain` pruning (empty when
             skipped: a sequential export, or `eval_windows=0`).
         calibration (`dict`): the windows `down-proj` was fitted on.
         architecture (`str`): the stock class written, e.g. `Qwen3ForCausalLM`.
         output (`str`), seconds (`float`).
         num_layers (`int`): the kept layers (a patch at this position acts before the final norm).
+        dense (`str`, *optional*): the dense model the dense objectives were fitted to.
+        distilled (`dict`): for `distill --export`, the training's report and the held-out perplexity of the
+            training-free fold it started from.
     """
 
     source: str | None
@@ -92,6 +112,8 @@ class ExportReport:
     output: str = ""
     seconds: float = 0.0
     num_layers: int = 0
+    dense: str | None = None
+    distilled: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -102,7 +124,12 @@ class ExportReport:
         for fold in self.folds:
             exact = "exact" if fold["exact"] else f"approximate (fit error {fold.get('relative_error', 0):.3f})"
             where = "the final norm" if fold["position"] >= self.num_layers else f"kept layer {fold['position']}"
-            lines.append(f"patch before {where}: {fold['how']}, {exact}")
+            objective = f" [{fold['objective']}]" if "objective" in fold else ""
+            lines.append(f"patch before {where}: {fold['how']}{objective}, {exact}")
+            scores = fold.get("heldout_perplexity")
+            if scores:
+                shown = ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
+                lines.append(f"  held-out calibration perplexity: {shown}")
         if self.perplexity:  # skipped by a sequential export
             corpora = list(next(iter(self.perplexity.values())))
             lines += ["| model | " + " | ".join(corpora) + " |", "|---|" + "---|" * len(corpora)]
@@ -110,16 +137,6 @@ class ExportReport:
                 lines.append(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
         lines.append(f"Wrote a stock {self.architecture} (no remote code) to {self.output} (report: {EXPORT_RECORD})")
         return "\n".join(lines)
-
-
-def _patch_matrices(model) -> dict[int, torch.Tensor]:
-    """Kept-layer position -> P (float64) of a LinearPatch model."""
-    config = model.config
-    patches = {}
-    for position in config.patch_positions:
-        owner = model.model.norm if position == config.num_hidden_layers else model.model.layers[position]
-        patches[position] = owner.linear_patch.weight.detach().double()
-    return patches
 
 
 def stock_config(config) -> PreTrainedConfig:
@@ -178,82 +195,203 @@ def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Ten
     return a, m
 
 
+def original_index(config, position: int) -> int:
+    """The dense layer that kept layer `position` was (the dense model's depth for the final norm)."""
+    kept = [i for i in range(config.original_num_hidden_layers) if i not in set(config.pruned_layers)]
+    return kept[position] if position < len(kept) else config.original_num_hidden_layers
+
+
+@torch.no_grad()
+def dense_streams(dense, config, positions, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Kept-layer position -> the dense model's residual stream where that kept layer was (entering its original
+    layer, or the final norm), every token of `input_ids`, float64 `[tokens, C]`: the target of the dense fold
+    objectives. `dense` may be a [`layerwise_model`]."""
+    base = dense.model
+    sites = {}
+    for position in positions:
+        index = original_index(config, position)
+        sites[position] = base.layers[index] if index < len(base.layers) else base.norm
+    captured: dict[int, list] = {position: [] for position in sites}
+
+    def hook_for(position: int):
+        def hook(module, args, kwargs):
+            captured[position].append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+
+        return hook
+
+    handles = [site.register_forward_pre_hook(hook_for(p), with_kwargs=True) for p, site in sites.items()]
+    depth = {id(layer): index for index, layer in enumerate(base.layers)} | {id(base.norm): len(base.layers)}
+    last = max(sites.values(), key=lambda module: depth[id(module)])
+    layerwise = getattr(dense, "layerwise", None)
+    try:
+        if layerwise is None:
+            for window in input_ids:
+                run_until(base, last, input_ids=window[None].to(dense.device), use_cache=False)
+        else:
+            try:
+                run_until(base, last, input_ids=input_ids.to(layerwise.device), use_cache=False)
+            finally:
+                layerwise.close_bar()
+    finally:
+        for handle in handles:
+            handle.remove()
+    size = config.hidden_size
+    return {p: torch.cat([x.reshape(-1, size) for x in chunks]).double() for p, chunks in captured.items()}
+
+
+@torch.no_grad()
+def heldout_perplexity(model, input_ids: torch.Tensor, maps: dict[int, torch.Tensor]) -> float:
+    """Perplexity of `model` (in memory or a [`layerwise_model`]) on `input_ids` with `maps` attached in place of
+    their patches (see [`attach_fold_maps`]): how a candidate fold scores."""
+    import math
+
+    from .measurement.capture import logits_source
+    from .measurement.perplexity import summed_next_token_nll
+
+    handles = attach_fold_maps(model, maps)
+    nll = 0.0
+    try:
+        with logits_source(model, input_ids) as logits_of:
+            for row in range(len(input_ids)):
+                nll += summed_next_token_nll(logits_of(slice(row, row + 1)), input_ids[row : row + 1])
+    finally:
+        detach_fold_maps(model, handles)
+    return math.exp(nll / input_ids[:, 1:].numel())
+
+
+@dataclass
+class FoldPlan:
+    r"""
+    How every patch is folded (see the module docstring).
+
+    Args:
+        transforms (`dict[str, list]`): state-dict key -> the functions to apply to that tensor, in order.
+        described (`list[dict]`): per patch: position, how it was folded, whether exactly, the objective and the
+            held-out score of every candidate (`auto`).
+        maps (`dict[int, torch.Tensor]`): position -> the map folded there (`T`; `P` itself at layer 0), for every
+            patch not folded as a scalar: what `distill --export` starts from.
+        fixed (`dict[str, list]`): the part of `transforms` that is not the maps' (the scalar folds).
+    """
+
+    transforms: dict[str, list]
+    described: list[dict]
+    maps: dict[int, torch.Tensor]
+    fixed: dict[str, list] = field(default_factory=dict)
+
+
+def _scalar_transforms(config, position: int, ratio: float) -> dict[str, list]:
+    """Divide what every kept layer from `position` on writes into the stream by `ratio` (the scalar fold)."""
+    where = family_of(config).residual
+    offset = where.writer_norm_offset
+    transforms: dict[str, list] = {}
+    for index in range(position, config.num_hidden_layers):
+        for name in where.writers:
+            prefix = f"model.layers.{index}.{name}"
+            if offset is not None:  # output = normalised(x) * (offset + w)
+                transforms[f"{prefix}.weight"] = [lambda t, r=ratio: ((offset + t.double()) / r - offset).to(t.dtype)]
+            else:
+                for key in (f"{prefix}.weight", f"{prefix}.bias"):
+                    transforms[key] = [lambda t, r=ratio: (t.double() / r).to(t.dtype)]
+    return transforms
+
+
+def _merge(transforms: dict[str, list], more: dict[str, list]) -> None:
+    for key, functions in more.items():
+        transforms.setdefault(key, []).extend(functions)
+
+
 def plan_folds(
-    config, patches: dict[int, torch.Tensor], fold: str, stream_at=None, ridge: float = 1e-3
-) -> tuple[dict[str, list], list[dict]]:
+    config,
+    patches: dict[int, torch.Tensor],
+    fold: str,
+    stream_at=None,
+    ridge: float = 1e-3,
+    dense_at=None,
+    score=None,
+) -> FoldPlan:
     """How to fold every patch (see the module docstring), as functions of single tensors: a pure plan that applies
     to a state dict in memory or to tensors streamed from the shards one by one.
 
     Args:
         config: the LinearPatch config.
         patches (`dict[int, torch.Tensor]`): kept-layer position -> P (float64).
-        fold (`str`): `down-proj` or `scalar`.
-        stream_at (`callable`, *optional*): `position -> (a, m)` (see [`_stream_at`]), needed by `down-proj` for gaps
-            after layer 0.
-        ridge (`float`, *optional*, defaults to 1e-3): `down-proj` regulariser, relative to the mean diagonal of
-            m^T m.
+        fold (`str`): one of `FOLDS`: `auto`, an objective of `FOLD_OBJECTIVES`, or `scalar`.
+        stream_at (`callable`, *optional*): `position -> (a, m)` on the fit windows (see [`_stream_at`]), needed by
+            every map fold for gaps after layer 0.
+        ridge (`float`, *optional*, defaults to 1e-3): least-squares regulariser, relative to the mean diagonal of
+            the (weighted) Gram matrix.
+        dense_at (`callable`, *optional*): `position -> y`, the dense model's stream there on the same windows (see
+            [`dense_streams`]); needed by the dense objectives, which `auto` leaves out without it.
+        score (`callable`, *optional*): `(position, maps) -> held-out perplexity` of the patched model with `maps`
+            in place of that gap's patch (`{}`: the patch kept); needed by `auto`.
 
     Returns:
-        `(transforms, described)`: state-dict key -> the functions to apply to that tensor, in order; and a
-        description of each fold.
+        [`FoldPlan`]
     """
     if fold not in FOLDS:
         raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
     where = family_of(config).residual
-    offset = where.writer_norm_offset
+    diagonal = diagonal_maps(config)
     transforms: dict[str, list] = {}
-
-    def add(key: str, function) -> None:
-        transforms.setdefault(key, []).append(function)
-
-    described = []
+    described, maps = [], {}
     for position in sorted(patches):
         patch = patches[position]
         size = patch.shape[0]
         if position == 0:
-            add("model.embed_tokens.weight", lambda t, p=patch: (t.double() @ p).to(t.dtype))
+            maps[0] = patch
             described.append(dict(position=0, how="embed_tokens @ P", exact=True))
             continue
         scalar = torch.allclose(patch, patch.diagonal().mean() * torch.eye(size, dtype=patch.dtype), atol=1e-6)
+        ratio = float(patch.diagonal().mean())
+        exact_scalar = scalar and where.reads_through_norms
+        scalar_how = f"{' and '.join(where.writers)} from kept layer {position} on divided by the scalar {ratio:.6g}"
         if fold == "scalar" or scalar and fold == "down-proj":
-            ratio = float(patch.diagonal().mean())
-            for index in range(position, config.num_hidden_layers):
-                for name in where.writers:
-                    prefix = f"model.layers.{index}.{name}"
-                    if offset is not None:  # output = normalised(x) * (offset + w)
-                        add(f"{prefix}.weight", lambda t, r=ratio: ((offset + t.double()) / r - offset).to(t.dtype))
-                    else:
-                        for key in (f"{prefix}.weight", f"{prefix}.bias"):
-                            add(key, lambda t, r=ratio: (t.double() / r).to(t.dtype))
-            how = f"{' and '.join(where.writers)} from kept layer {position} on divided by the scalar {ratio:.6g}"
-            described.append(dict(position=position, how=how, exact=scalar and where.reads_through_norms))
+            _merge(transforms, _scalar_transforms(config, position, ratio))
+            described.append(dict(position=position, how=scalar_how, exact=exact_scalar, objective="scalar"))
             continue
-        if stream_at is None:
-            raise LinearPatchError("The down-proj fold needs calibration windows (input_ids).")
-        a, m = stream_at(position)
-        patched = (a + m) @ patch
-        target = patched - a
-        # Every later layer reads the stream through RMSNorm, so what matters is each token's error relative to its
-        # own norm; unweighted least squares would fit the few massive-activation tokens and nothing else.
-        weight = 1.0 / patched.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
-        if offset is not None:
-            # The MLP output leaves through a norm: only a per-channel T (into its `offset + w`) can be folded.
-            prefix = f"model.layers.{position - 1}.{where.mlp_output}"
-            gram = (m * m * weight).sum(dim=0)
-            scales = (m * target * weight).sum(dim=0) / (gram + ridge * gram.mean())
-            transform = torch.diag(scales)
-            add(f"{prefix}.weight", lambda t, s=scales: ((offset + t.double()) * s - offset).to(t.dtype))
+        if fold == "auto":
+            objectives = [o for o in FOLD_OBJECTIVES if o == "down-proj" or dense_at is not None]
+            if scalar:  # the scalar fold reproduces this patch itself: it stands in for the patched objective
+                objectives = ["scalar", *objectives[1:]]
+            if len(objectives) > 1 and score is None:
+                raise LinearPatchError("The auto fold needs held-out windows to score its candidates.")
         else:
-            prefix = f"model.layers.{position - 1}.{where.writers[-1]}"
-            gram = m.T @ (m * weight)
-            damping = ridge * gram.diagonal().mean()
-            transform = torch.linalg.solve(gram + damping * torch.eye(size, dtype=gram.dtype), m.T @ (target * weight))
-            add(f"{prefix}.weight", lambda t, f=transform: (f.T @ t.double()).to(t.dtype))
-            add(f"{prefix}.bias", lambda t, f=transform: (t.double() @ f).to(t.dtype))
-        residual = float(((m @ transform - target) * weight.sqrt()).norm() / (target * weight.sqrt()).norm())
-        how = f"{prefix.removeprefix('model.layers.')} (kept layer {position - 1})"
-        described.append(dict(position=position, how=how, exact=False, relative_error=residual))
-    return transforms, sorted(described, key=lambda item: item["position"])
+            objectives = [fold]
+        if stream_at is None:
+            raise LinearPatchError(f"The {fold} fold needs calibration windows (input_ids).")
+        if dense_at is None and any(o.startswith("down-proj-") for o in objectives):
+            raise LinearPatchError(f"The {fold} fold needs the dense model (pass --dense MODEL).")
+        a, m = stream_at(position)
+        dense = dense_at(position) if len(objectives) > 1 or objectives[0] != "down-proj" else None
+        candidates, errors = {}, {}
+        for objective in objectives:
+            if objective == "scalar":
+                candidates[objective] = None
+                continue
+            target = (a + m) @ patch if objective == "down-proj" else dense
+            candidates[objective] = fit_map(objective, a, m, target, diagonal, ridge)
+            errors[objective] = relative_error(a, m, target, candidates[objective])
+        scores = {}
+        if len(candidates) > 1:
+            scores = {
+                objective: score(position, {} if transform is None else {position: transform})
+                for objective, transform in candidates.items()
+            }
+            chosen = min(candidates, key=scores.get)  # the first listed on a tie
+        else:
+            chosen = objectives[0]
+        entry = dict(position=position, objective=chosen)
+        if scores:
+            entry["heldout_perplexity"] = scores
+        if chosen == "scalar":
+            _merge(transforms, _scalar_transforms(config, position, ratio))
+            described.append(dict(entry, how=scalar_how, exact=exact_scalar))
+            continue
+        maps[position] = candidates[chosen]
+        described.append(dict(entry, how=map_site(config, position), exact=False, relative_error=errors[chosen]))
+    fixed = {key: list(functions) for key, functions in transforms.items()}
+    _merge(transforms, map_transforms(config, maps))
+    return FoldPlan(transforms, sorted(described, key=lambda item: item["position"]), maps, fixed)
 
 
 def apply_folds(tensor: torch.Tensor, functions: list) -> torch.Tensor:
@@ -262,50 +400,148 @@ def apply_folds(tensor: torch.Tensor, functions: list) -> torch.Tensor:
     return tensor
 
 
-def fold_state_dict(model, fold: str, input_ids: torch.Tensor | None = None, ridge: float = 1e-3) -> tuple[dict, list]:
+def split_fit_heldout(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration windows split into (fit, held out) for `--fold auto`: one in eight held out, at least one (as
+    `--patch auto` splits them).
+
+    Raises:
+        LinearPatchError: for fewer than two windows.
+    """
+    count = len(input_ids)
+    if count < 2:
+        raise LinearPatchError(
+            f"--fold auto scores each fold on held-out calibration windows, so it needs at least 2 (got {count}): "
+            "raise --num-samples, or choose one fold (e.g. --fold down-proj-dense)."
+        )
+    holdout = max(1, count // 8)
+    return input_ids[:-holdout], input_ids[-holdout:]
+
+
+def plan_model_folds(
+    model, fold: str, input_ids: torch.Tensor | None = None, dense=None, ridge: float = 1e-3
+) -> FoldPlan:
+    """The [`FoldPlan`] of the LinearPatch `model` (in memory or a [`layerwise_model`]).
+
+    Args:
+        model: the LinearPatch causal LM (not modified).
+        fold (`str`): one of `FOLDS`.
+        input_ids (`torch.LongTensor`, *optional*): calibration windows, needed by every map fold for gaps after
+            layer 0; `auto` holds out one in eight of them to score its candidates (when it has `dense`).
+        dense (*optional*): the dense model (in memory or a [`layerwise_model`]) for the dense objectives; `auto`
+            without it compares only the folds that need none.
+        ridge (`float`, *optional*, defaults to 1e-3): least-squares regulariser.
+    """
+    config = model.config
+    patches = _patch_matrices(model)
+    fit_ids, heldout_ids = input_ids, None
+    needs_fit = any(position > 0 for position in patches) and fold != "scalar"
+    if needs_fit and fold == "auto" and dense is not None and input_ids is not None:
+        # Without the dense model, auto has one candidate per gap: nothing to score, every window fits it.
+        fit_ids, heldout_ids = split_fit_heldout(input_ids)
+    stream_at = None if fit_ids is None else lambda position: _stream_at(model, position, fit_ids)
+    dense_at = None
+    if dense is not None and fit_ids is not None:
+        streams = {}
+
+        def dense_at(position: int) -> torch.Tensor:
+            if not streams:  # one pass of the dense model for every gap, on first use
+                gaps = [p for p in patches if p > 0]
+                streams.update(dense_streams(dense, config, gaps, fit_ids))
+            return streams[position]
+
+    score = None
+    if heldout_ids is not None:
+
+        def score(position: int, maps: dict) -> float:
+            return heldout_perplexity(model, heldout_ids, maps)
+
+    return plan_folds(config, patches, fold, stream_at, ridge, dense_at, score)
+
+
+def _patch_matrices(model) -> dict[int, torch.Tensor]:
+    """Kept-layer position -> P (float64) of a LinearPatch model (in memory, or read from the shards of a
+    [`layerwise_model`])."""
+    from linearpatch.modeling.pruning import patch_key
+
+    config = model.config
+    layerwise = getattr(model, "layerwise", None)
+    if layerwise is not None:
+        return {p: layerwise.checkpoint.read(patch_key(config, p)).double() for p in config.patch_positions}
+    patches = {}
+    for position in config.patch_positions:
+        owner = model.model.norm if position == config.num_hidden_layers else model.model.layers[position]
+        patches[position] = owner.linear_patch.weight.detach().double()
+    return patches
+
+
+def fold_state_dict(
+    model, fold: str, input_ids: torch.Tensor | None = None, ridge: float = 1e-3, dense=None
+) -> tuple[dict, list]:
     """The state dict of the stock (family) equivalent of the LinearPatch `model` with every patch folded (see
-    [`plan_folds`]), and a description of each fold.
+    [`plan_model_folds`]), and a description of each fold.
 
     Args:
         model (`PreTrainedModel`): the LinearPatch causal LM (not modified).
-        fold (`str`): `down-proj` or `scalar`.
-        input_ids (`torch.LongTensor`, *optional*): calibration windows, needed by `down-proj` for gaps after layer 0.
-        ridge (`float`, *optional*, defaults to 1e-3): `down-proj` regulariser.
+        fold (`str`): one of `FOLDS`.
+        input_ids (`torch.LongTensor`, *optional*): calibration windows, needed by the map folds for gaps after
+            layer 0.
+        ridge (`float`, *optional*, defaults to 1e-3): least-squares regulariser.
+        dense (*optional*): the dense model, for the dense objectives.
     """
-    config = model.config
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".linear_patch." not in k}
-    if config.tie_word_embeddings:  # the head's own copy; only a fold at layer 0 makes it differ (and unties)
+    plan = plan_model_folds(model, fold, input_ids, dense, ridge)
+    return apply_plan(model, plan.transforms), plan.described
+
+
+def apply_plan(model, transforms: dict[str, list]) -> dict:
+    """`model`'s state dict without patches (the head's own copy where it is tied), with `transforms` applied."""
+    state = {
+        key: value.detach().clone()
+        for key, value in model.state_dict().items()
+        if ".linear_patch." not in key and not key.startswith(f"{FOLD_MAPS}.")
+    }
+    if model.config.tie_word_embeddings:  # the head's own copy; only a fold at layer 0 makes it differ (and unties)
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
-    stream_at = None if input_ids is None else lambda position: _stream_at(model, position, input_ids)
-    transforms, described = plan_folds(config, _patch_matrices(model), fold, stream_at, ridge)
     for key, functions in transforms.items():
         if key in state:
             state[key] = apply_folds(state[key], functions)
-    return state, described
+    return state
 
 
-def export_model(
-    model, fold: str = "down-proj", input_ids: torch.Tensor | None = None
-) -> tuple[PreTrainedModel, list]:
-    """A stock causal LM of the family (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...) equivalent (exactly or
-    approximately, see [`fold_state_dict`]) to the LinearPatch `model`."""
-    state, described = fold_state_dict(model, fold, input_ids)
-    config = stock_config(model.config)
-    # Still tied unless the embeddings were folded (a gap at layer 0), which needs the head's own copy.
-    untie = 0 in model.config.patch_positions
-    config.tie_word_embeddings = model.config.tie_word_embeddings and not untie
-    config.dtype = state["model.embed_tokens.weight"].dtype
+def stock_from_state(state: dict, config, untie: bool, generation_config=None) -> PreTrainedModel:
+    """The stock causal LM of the LinearPatch `config`'s family holding the folded `state`; its head keeps its own
+    copy when `untie` (the embeddings were folded: a map at layer 0)."""
+    stock_configuration = stock_config(config)
+    stock_configuration.tie_word_embeddings = config.tie_word_embeddings and not untie
+    stock_configuration.dtype = state["model.embed_tokens.weight"].dtype
     with torch.device(state["model.embed_tokens.weight"].device), no_init_weights():
-        stock = stock_model(config)
+        stock = stock_model(stock_configuration)
     missing, unexpected = stock.load_state_dict(state, strict=False, assign=True)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise LinearPatchError(
             f"Folded weights do not fit a stock {type(stock).__name__}: missing {missing}, unexpected {unexpected}."
         )
-    if config.tie_word_embeddings:
+    if stock_configuration.tie_word_embeddings:
         stock.tie_weights()
-    stock.generation_config = model.generation_config
-    return stock.eval(), described
+    if generation_config is not None:
+        stock.generation_config = generation_config
+    return stock.eval()
+
+
+def export_model(
+    model, fold: str = "auto", input_ids: torch.Tensor | None = None, dense=None
+) -> tuple[PreTrainedModel, list]:
+    """A stock causal LM of the family (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...) equivalent (exactly or
+    approximately, see [`fold_state_dict`]) to the LinearPatch `model`, and a description of each fold.
+
+    Args:
+        model (`PreTrainedModel`): the LinearPatch causal LM (not modified).
+        fold (`str`, *optional*, defaults to `"auto"`): one of `FOLDS`.
+        input_ids (`torch.LongTensor`, *optional*): calibration windows (see [`plan_model_folds`]).
+        dense (*optional*): the dense model the checkpoint was pruned from, for the dense objectives.
+    """
+    state, described = fold_state_dict(model, fold, input_ids, dense=dense)
+    untie = 0 in model.config.patch_positions
+    return stock_from_state(state, model.config, untie, model.generation_config), described
 
 
 def export_checkpoint(checkpoint: str, output: str | Path, **options) -> ExportReport:
@@ -342,6 +578,7 @@ def _export_checkpoint_job(
     checkpoint,
     output,
     fold,
+    dense,
     calibration,
     num_samples,
     seq_len,
@@ -367,7 +604,8 @@ def _export_checkpoint_job(
     inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in eval_corpora if eval_windows != 0}
     job = open_job(checkpoint, "checkpoint", output, overwrite, device, inputs)
     output, device, config = job.output, job.device, job.config
-    needs_fit = fold == "down-proj" and any(p > 0 for p in config.patch_positions)
+    needs_fit = fold != "scalar" and any(p > 0 for p in config.patch_positions)
+    dense_model = resolve_dense(config, dense, fold) if needs_fit else None
     eval_windows = perplexity_sizes(device).num_samples if eval_windows is None else eval_windows
     tokenizer = load_tokenizer(checkpoint)
     sizes, held_out = calibration_sizes(device), perplexity_sizes(device)
@@ -376,6 +614,8 @@ def _export_checkpoint_job(
         num_samples = sizes.num_samples if num_samples is None else num_samples
         seq_len = fit_context(config, seq_len, sizes.seq_len)
         windows = token_windows(calibration, tokenizer, num_samples, seq_len, seed=seed)
+        if fold == "auto" and dense_model is not None:
+            split_fit_heldout(windows.input_ids)  # refuse too few windows before any model is loaded
     checkpoint_weights = SafetensorsCheckpoint(job.model_path)
     sequential = choose_sequential(
         checkpoint_weights.nbytes(torch.float32), device, sequential, max_memory, "checkpoint"
@@ -388,7 +628,7 @@ def _export_checkpoint_job(
         pipeline = SequentialExport(checkpoint_weights, config, device, progress, parse_size(max_shard_size))
     else:
         pipeline = InMemoryExport(checkpoint, device)
-    described = pipeline.fold(fold, windows)
+    described = pipeline.fold(fold, windows, dense_model)
     report = ExportReport(
         source=portable_model_id(checkpoint),
         fold=fold,
@@ -401,11 +641,52 @@ def _export_checkpoint_job(
         architecture=family_of(config).dense_causal_lm_class.__name__,
         output=str(output),
         num_layers=config.num_hidden_layers,
+        dense=dense_model,
     )
     report.seconds = round(time.perf_counter() - started, 2)
     with atomic_directory(output, overwrite) as staging:
         pipeline.write(staging, tokenizer, {EXPORT_RECORD: report.to_json()})
     return report
+
+
+def resolve_dense(config, dense: str | None, fold: str) -> str | None:
+    """The dense model for the dense fold objectives: `dense`, else the one the checkpoint was pruned from
+    (`base_model`). `None` for a fold that needs none, and for `auto` when the default cannot be found (logged: the
+    dense objectives are then left out of the comparison).
+
+    Raises:
+        LinearPatchError: when a given `dense`, or the default that a dense objective needs, cannot be found or is
+            not the checkpoint's base.
+    """
+    from .models import check_same_base, embedded_name_for, load_config, resolve_model
+
+    if fold not in ("auto", "down-proj-dense", "down-proj-cosine"):
+        return None
+    name = dense or embedded_name_for(config.base_model)
+    try:
+        if not name:
+            raise LinearPatchError("the checkpoint records no base_model")
+        dense_config = load_config(name, kind="dense")
+    except (LinearPatchError, OSError) as error:
+        if dense is None and fold == "auto":
+            logger.warning(
+                "linearpatch: --fold auto: the dense model %s cannot be opened (%s), so only the folds that need none "
+                "are compared; pass --dense MODEL to add the dense objectives (usually much better).",
+                name,
+                first_line(error),
+            )
+            return None
+        raise LinearPatchError(
+            f"--fold {fold} fits the fold to the dense model's stream, but {name or 'the dense model'} cannot be "
+            f"opened ({first_line(error)}): pass --dense with the model the checkpoint was pruned from."
+        ) from error
+    check_same_base(config, dense_config, name, "dense model")
+    return resolve_model(name)
+
+
+def plain_model(patched) -> PreTrainedModel:
+    """Plain pruning of a LinearPatch model: a stock model of its family with its weights and no patches."""
+    return stock_from_state(apply_plan(patched, {}), patched.config, untie=False)
 
 
 class InMemoryExport:
@@ -417,11 +698,25 @@ class InMemoryExport:
 
         self.device = device
         self.patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
-        self.stock = None
+        self.stock, self.plan = None, None
 
-    def fold(self, fold: str, windows) -> list[dict]:
-        self.stock, described = export_model(self.patched, fold, windows.input_ids if windows is not None else None)
-        return described
+    def fold(self, fold: str, windows, dense: str | None = None) -> list[dict]:
+        """Fold every patch; `dense` (a model path) is loaded whole while the fold is planned, then released."""
+        import contextlib
+
+        from .models import load_model
+
+        input_ids = windows.input_ids if windows is not None else None
+        with contextlib.ExitStack() as stack:
+            dense_model = None
+            if dense is not None:
+                dense_model, _ = load_model(dense, device=self.device, kind="dense")
+                stack.callback(dense_model.to, "meta")  # free its memory as soon as the fold is planned
+            self.plan = plan_model_folds(self.patched, fold, input_ids, dense_model)
+        state = apply_plan(self.patched, self.plan.transforms)
+        untie = 0 in self.patched.config.patch_positions
+        self.stock = stock_from_state(state, self.patched.config, untie, self.patched.generation_config)
+        return self.plan.described
 
     def compare(self, evaluation: dict, progress: bool) -> dict:
         """Held-out perplexity of the patched model, the export and plain pruning (the patched weights, no patch)."""
@@ -429,15 +724,8 @@ class InMemoryExport:
 
         if not evaluation:
             return {}
-        patched = self.patched
-        plain_state = {k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}
-        with torch.device(self.device), no_init_weights():
-            plain = stock_model(stock_config(patched.config))
-        plain.load_state_dict(plain_state, strict=not patched.config.tie_word_embeddings, assign=True)
-        plain.tie_weights()
-        return perplexity_table(
-            {"patched": patched, "export": self.stock, "plain": plain.eval()}, evaluation, progress
-        )
+        models = {"patched": self.patched, "export": self.stock, "plain": plain_model(self.patched)}
+        return perplexity_table(models, evaluation, progress)
 
     def write(self, staging: Path, tokenizer, records: dict[str, str]) -> None:
         from .models import write_checkpoint_files
@@ -447,33 +735,33 @@ class InMemoryExport:
 
 class SequentialExport:
     """The export job's pipeline for a checkpoint that does not fit: never held whole. The fold is planned from the
-    patches (and, for `down-proj`, from a layer-by-layer pass up to each gap), then every tensor is read, folded and
-    written in turn, in shards of `max_shard_size`. The held-out comparison, which needs whole models, is skipped."""
+    patches (and, for the map folds, from layer-by-layer passes of the checkpoint and the dense model), then every
+    tensor is read, folded and written in turn, in shards of `max_shard_size`. The held-out comparison, which needs
+    whole models, is skipped."""
 
     def __init__(self, checkpoint: SafetensorsCheckpoint, config, device: str, progress: bool, max_shard_size: int):
-        import logging
-
-        logging.getLogger("linearpatch").warning(
+        logger.warning(
             "linearpatch: sequential export: the held-out comparison of patched, export and plain pruning needs whole "
             "models and is skipped; run `linearpatch eval` on the output where it fits."
         )
         self.checkpoint, self.config, self.device = checkpoint, config, device
         self.progress, self.max_shard_size = progress, max_shard_size
-        self.plan, self.stock = [], None
+        self.pending, self.stock, self.plan = [], None, None
 
-    def fold(self, fold: str, windows) -> list[dict]:
-        from linearpatch.modeling.pruning import patch_key
+    def fold(self, fold: str, windows, dense: str | None = None) -> list[dict]:
+        import contextlib
 
         from .layerwise import layerwise_model
 
         checkpoint, config = self.checkpoint, self.config
-        patches = {
-            position: checkpoint.read(patch_key(config, position)).double() for position in config.patch_positions
-        }
-        needs_fit = fold == "down-proj" and any(position > 0 for position in patches)
-        with layerwise_model(checkpoint.folder, device=self.device, progress=self.progress) as model:
-            stream_at = (lambda position: _stream_at(model, position, windows.input_ids)) if needs_fit else None
-            transforms, described = plan_folds(config, patches, fold, stream_at)
+        input_ids = windows.input_ids if windows is not None else None
+        with contextlib.ExitStack() as stack:
+            model = stack.enter_context(layerwise_model(checkpoint.folder, device=self.device, progress=self.progress))
+            dense_model = None
+            if dense is not None:
+                dense_model = stack.enter_context(layerwise_model(dense, device=self.device, progress=self.progress))
+            plan = self.plan = plan_model_folds(model, fold, input_ids, dense_model)
+        transforms = plan.transforms
         stock = stock_config(config)
         untie = 0 in config.patch_positions
         stock.tie_word_embeddings = config.tie_word_embeddings and not untie
@@ -496,9 +784,9 @@ class SequentialExport:
                 if key in transforms
                 else None
             )
-            self.plan.append((key, checkpoint.pending(sources[key], torch.float32, transform)))
+            self.pending.append((key, checkpoint.pending(sources[key], torch.float32, transform)))
         self.stock = stock
-        return described
+        return plan.described
 
     def compare(self, evaluation: dict, progress: bool) -> dict:
         return {}
@@ -509,7 +797,7 @@ class SequentialExport:
         from .models import write_checkpoint_files
         from .shards import write_sharded_safetensors
 
-        write_sharded_safetensors(staging, self.plan, max_shard_size=self.max_shard_size, progress=self.progress)
+        write_sharded_safetensors(staging, self.pending, max_shard_size=self.max_shard_size, progress=self.progress)
         self.stock.save_pretrained(staging)
         try:
             GenerationConfig.from_pretrained(self.checkpoint.folder).save_pretrained(staging)
@@ -522,11 +810,19 @@ __all__ = [
     "EXPORT_RECORD",
     "FOLDS",
     "ExportReport",
+    "FoldPlan",
     "InMemoryExport",
     "SequentialExport",
     "apply_folds",
+    "apply_plan",
+    "dense_streams",
     "export_checkpoint",
     "export_model",
     "fold_state_dict",
+    "heldout_perplexity",
+    "plain_model",
     "plan_folds",
+    "plan_model_folds",
+    "resolve_dense",
+    "stock_from_state",
 ]

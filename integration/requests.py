@@ -103,6 +103,11 @@ class DistillRequest(Request):
         sequential_teacher (`bool`, *optional*), max_memory (`str`, *optional*): build the teacher cache layer by
             layer (default: when the teacher does not fit `max_memory`); a larger student is spread with
             `device_map="auto"`.
+        export (`bool`): train the stock export's fold maps instead of the patches and write the family's stock
+            architecture (`distillation/folded.py`); its training-free start is fitted on the export's calibration
+            windows of `data`.
+        eval_corpora (`tuple[str, ...]`), eval_windows (`int`, *optional*): with `export`, held-out perplexity of the
+            patched checkpoint, the training-free and the distilled export and plain pruning (0: skip).
     """
 
     checkpoint: str
@@ -131,6 +136,9 @@ class DistillRequest(Request):
     overwrite: bool = False
     sequential_teacher: bool | None = None
     max_memory: str | None = None
+    export: bool = False
+    eval_corpora: tuple[str, ...] = DEFAULT_EVAL_CORPORA
+    eval_windows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -172,9 +180,12 @@ class ExportRequest(Request):
     Args:
         checkpoint (`str`): a LinearPatch checkpoint (folder or Hub id).
         output (`str` or `Path`): the stock-architecture folder to create.
-        fold (`str`): `down-proj` or `scalar` (see `export.py`).
+        fold (`str`): one of `FOLDS`: `auto` (each objective fitted, the best on held-out windows kept), `down-proj`,
+            `down-proj-dense`, `down-proj-cosine` or `scalar` (see `export.py`).
+        dense (`str`, *optional*): the dense model, for the dense objectives (default: the checkpoint's
+            `base_model`).
         calibration (`str`), num_samples (`int`, *optional*), seq_len (`int`, *optional*), seed (`int`): text for
-            the `down-proj` fit.
+            the fit (and, for `auto`, its held-out windows: one in eight).
         eval_corpora (`tuple[str, ...]`), eval_windows (`int`, *optional*): held-out perplexity of the patched
             checkpoint, the export and plain pruning (0: skip; default: the device's evaluation size).
         device (`str`, *optional*), overwrite (`bool`), progress (`bool`), sequential (`bool`, *optional*),
@@ -183,7 +194,8 @@ class ExportRequest(Request):
 
     checkpoint: str
     output: str | Path
-    fold: str = "down-proj"
+    fold: str = "auto"
+    dense: str | None = None
     calibration: str = DEFAULT_CALIBRATION
     num_samples: int | None = None
     seq_len: int | None = None

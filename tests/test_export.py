@@ -100,5 +100,114 @@ def test_push_takes_an_export_and_says_it_is_folded(checkpoint, tmp_path):
     assert main(["export", str(tmp_path / "p"), "--output", str(tmp_path / "e"), *QUICK]) == 0
     info = validate_folder(tmp_path / "e")
     card = str(model_card(info, "org/tiny-export"))
-    assert info.kind == "export" and "folded approximation" in card and "down-proj" in card
+    assert info.kind == "export" and "folded approximation" in card and "objective `down-proj`" in card
     assert "trust_remote_code" not in card
+
+
+def _random_maps(model, positions, seed):
+    """A random map per position: full, or diagonal where the family folds only diagonal maps after layer 0."""
+    from linearpatch.integration.folding import diagonal_maps
+
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.hidden_size
+    maps = {}
+    for position in positions:
+        if position > 0 and diagonal_maps(model.config):
+            maps[position] = 1 + 0.3 * torch.randn(size, generator=generator, dtype=torch.float64)
+        else:
+            noise = 0.2 * torch.randn(size, size, generator=generator, dtype=torch.float64)
+            maps[position] = torch.eye(size, dtype=torch.float64) + noise
+    return maps
+
+
+@pytest.mark.parametrize("family", list(FAMILY_OVERRIDES))
+def test_map_folds_are_exact_for_every_family(family):
+    """The exported model equals the model it folds: the pruned model with each map applied to the MLP output of the
+    layer before its gap (the embeddings at layer 0), patches bypassed, at every kind of gap."""
+    from linearpatch.integration.distillation.folded import fold_trained
+    from linearpatch.integration.export import FoldPlan
+    from linearpatch.integration.folding import attach_fold_maps
+
+    dense = tiny_family(family, **REALISTIC)
+    # A gap at layer 0, one in the middle, and one that reaches the last layer (its map on the last kept layer).
+    patched = prune_layers(dense, [0, 2, 5], patches=[random_patch(64, 1), random_patch(64, 2), random_patch(64, 3)])
+    assert patched.config.patch_positions == [0, 1, 3]
+    maps = _random_maps(patched, patched.config.patch_positions, seed=4)
+    handles = attach_fold_maps(patched, maps)
+    with torch.no_grad():
+        mapped = patched(INPUT_IDS).logits
+    stock, _, difference = fold_trained(patched, handles, FoldPlan({}, [], maps), INPUT_IDS)
+    assert type(stock) is FAMILIES[family].dense_causal_lm_class and not hasattr(patched, "fold_maps")
+    with torch.no_grad():
+        assert (stock(INPUT_IDS).logits - mapped).abs().max().item() <= 1e-4
+        assert difference <= 1e-4
+        # The maps changed the model: the check above is not comparing the pruned model with itself.
+        assert (patched(INPUT_IDS).logits - mapped).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_fold_auto_scores_every_objective_and_keeps_the_best(family):
+    from linearpatch.integration.export import export_model, heldout_perplexity, split_fit_heldout
+
+    dense = tiny_family(family, **REALISTIC)
+    patched = prune_layers(dense, [2, 3], patches=[random_patch(64, 4, scale=0.5)])
+    windows = torch.randint(3, 256, (16, 32), generator=torch.Generator().manual_seed(5))
+    stock, folds = export_model(patched, "auto", windows, dense=dense)
+    (fold,) = folds
+    scores = fold["heldout_perplexity"]
+    assert list(scores) == ["down-proj", "down-proj-dense", "down-proj-cosine"]
+    assert fold["objective"] == min(scores, key=scores.get)
+    # The recorded score is the export's own perplexity on the held-out windows.
+    _, held_out = split_fit_heldout(windows)
+    assert heldout_perplexity(stock, held_out, {}) == pytest.approx(scores[fold["objective"]], rel=1e-4)
+    # Without the dense model only the patched objective is left: nothing to compare, nothing held out.
+    (without_dense,) = export_model(patched, "auto", windows)[1]
+    assert without_dense["objective"] == "down-proj" and "heldout_perplexity" not in without_dense
+
+
+def test_fold_objectives_fit_their_targets():
+    """Least squares reproduces a stream that a map can reach exactly; cosine never ends worse than its start."""
+    from linearpatch.integration.folding import fit_map
+
+    generator = torch.Generator().manual_seed(0)
+    a, m = torch.randn(512, 16, generator=generator).double(), torch.randn(512, 16, generator=generator).double()
+    truth = torch.randn(16, 16, generator=generator).double()
+    target = a + m @ truth
+    assert torch.allclose(fit_map("down-proj-dense", a, m, target, ridge=0), truth, atol=1e-8)
+    scales = fit_map("down-proj-dense", a, m, a + m * 1.5, diagonal=True, ridge=0)
+    assert torch.allclose(scales, torch.full((16,), 1.5, dtype=torch.float64))
+    noisy = target + 3 * torch.randn(512, 16, generator=generator).double()
+
+    def cosine_distance(transform):
+        return 1 - torch.nn.functional.cosine_similarity(a + m @ transform, noisy, dim=1).mean()
+
+    start, refined = fit_map("down-proj-dense", a, m, noisy), fit_map("down-proj-cosine", a, m, noisy)
+    assert cosine_distance(refined) < cosine_distance(start)
+    with pytest.raises(ValueError, match="Unknown fold objective"):
+        fit_map("dense", a, m, target)
+
+
+def test_export_cli_auto_uses_the_dense_model_and_refuses_a_dense_fold_without_one(checkpoint, tmp_path, capsys):
+    _prune(checkpoint, str(tmp_path / "p"), "--layers", "2-3")
+    output = tmp_path / "e"
+    assert main(["export", str(tmp_path / "p"), "--dense", str(checkpoint), "--output", str(output), *QUICK]) == 0
+    record = json.loads((output / "linearpatch_export.json").read_text())
+    (fold,) = record["folds"]
+    assert record["fold"] == "auto" and record["dense"] == str(checkpoint)
+    assert set(fold["heldout_perplexity"]) == {"down-proj", "down-proj-dense", "down-proj-cosine"}
+    assert "held-out calibration perplexity" in capsys.readouterr().out
+    code = main(["export", str(tmp_path / "p"), "--fold", "down-proj-dense", "--output", str(tmp_path / "x"), *QUICK])
+    assert code == 2 and "pass --dense" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    code = main(
+        [
+            "export",
+            str(tmp_path / "p"),
+            "--dense",
+            str(checkpoint),
+            "--output",
+            str(tmp_path / "y"),
+            "--num-samples",
+            "1",
+        ]
+    )
+    assert code == 2 and "at least 2" in capsys.readouterr().err

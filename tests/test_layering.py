@@ -51,10 +51,12 @@ LAYERS = {
         "linearpatch.integration.distillation.teacher_cache",
         "linearpatch.integration.distillation.trainer",
         "linearpatch.integration.evaluation.tasks",
+        "linearpatch.integration.folding",
     ],
     "jobs": [
         "linearpatch.integration.pruning.job",
         "linearpatch.integration.distillation.job",
+        "linearpatch.integration.distillation.folded",
         "linearpatch.integration.evaluation.comparison",
         "linearpatch.integration.evaluation.figures",
         "linearpatch.integration.export",

@@ -242,10 +242,14 @@ def test_student_device_map_only_when_it_does_not_fit():
     assert choose_device_map(10**9, "cpu", "200MB") == {}  # nowhere to spread to on a CPU
 
 
-@pytest.mark.parametrize("fold", ["down-proj", "scalar"])
-def test_cli_sequential_export_writes_the_in_memory_tensors(tmp_path, sharded_pruned, fold, linearpatch_cli):
+@pytest.mark.parametrize("fold", ["down-proj", "scalar", "auto"])
+def test_cli_sequential_export_writes_the_in_memory_tensors(
+    tmp_path, sharded_dense, sharded_pruned, fold, linearpatch_cli
+):
     pruned = sharded_pruned
     common = ["export", str(pruned), "--fold", fold, "--num-samples", "3", "--seq-len", "32", "--eval-windows", "1"]
+    if fold == "auto":  # the dense objectives, fitted to a dense model run layer by layer too
+        common += ["--dense", str(sharded_dense)]
     in_memory = linearpatch_cli(*common, "--output", str(tmp_path / "memory"))
     assert in_memory.returncode == 0, in_memory.stderr
     limited = linearpatch_cli(
@@ -265,4 +269,11 @@ def test_cli_sequential_export_writes_the_in_memory_tensors(tmp_path, sharded_pr
     folds = [
         json.loads((tmp_path / name / "linearpatch_export.json").read_text())["folds"] for name in ("seq", "memory")
     ]
-    assert folds[0] == folds[1]
+    # The same fold from the same windows; floats (fit error, held-out scores) up to the order of the sums.
+    numbers = [[{k: v for k, v in item.items() if isinstance(v, float)} for item in found] for found in folds]
+    words = [[{k: v for k, v in item.items() if not isinstance(v, float | dict)} for item in found] for found in folds]
+    scores = [[item.get("heldout_perplexity", {}) for item in found] for found in folds]
+    assert words[0] == words[1] and len(numbers[0]) == len(numbers[1])
+    for seq, memory in zip(numbers[0] + scores[0], numbers[1] + scores[1], strict=True):
+        assert seq == pytest.approx(memory, rel=1e-5)
+    assert fold != "auto" or len(scores[0][0]) == 3
