@@ -270,3 +270,46 @@ def test_distill_cli_never_loads_teacher_in_training_process(
     else:
         config = json.loads((output / "config.json").read_text())
         assert config["patch_kind"] == "hadamard+distilled" and (output / "modeling_linearpatch.py").exists()
+
+
+def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(
+    tiny_checkpoint, tiny_pruned_checkpoint, tmp_path
+):
+    """`distill --export`: the maps start from the training-free auto fold (fitted to the teacher), only they train,
+    and the result is the family's stock architecture, equal to the trained student it folds and loadable without
+    remote code or the package."""
+    from safetensors.torch import load_file
+
+    from linearpatch.cli import main
+    from linearpatch.common.remote_check import logits_without_package
+
+    output, start = tmp_path / "distilled-export", tmp_path / "training-free"
+    common = ["--num-samples", "8", "--seq-len", "16", "--eval-windows", "1", "--eval-corpus", "lee-news"]
+    teacher = ["--teacher", str(tiny_checkpoint), "--top-k", "8", "--cache-dir", str(tmp_path / "cache")]
+    arguments = ["distill", str(tiny_pruned_checkpoint), *teacher, "--export", "--output", str(output), *common]
+    assert main(arguments + ["--lr", "1e-2"]) == 0
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    assert not (output / "modeling_linearpatch.py").exists()
+    record = json.loads((output / "linearpatch_export.json").read_text())
+    (fold,) = record["folds"]
+    assert fold["position"] == 2 and "(distilled)" in fold["how"]
+    assert fold["objective"] == min(fold["heldout_perplexity"], key=fold["heldout_perplexity"].get)
+    assert record["distilled"]["fold_check_max_logit_difference"] <= 1e-4
+    assert record["distilled"]["training"]["kind"] == "export" and record["distilled"]["training"]["steps"] == 8
+    assert set(record["perplexity"]) == {"patched", "training-free export", "export", "plain"}
+    # Training moved the folded map away from its training-free start, and only the layer it folds into.
+    assert (
+        main(["export", str(tiny_pruned_checkpoint), "--dense", str(tiny_checkpoint), "--output", str(start), *common])
+        == 0
+    )
+    trained, fitted = load_file(output / "model.safetensors"), load_file(start / "model.safetensors")
+    changed = {key for key in trained if not torch.equal(trained[key], fitted[key])}
+    assert changed == {"model.layers.1.mlp.down_proj.weight"}
+    input_ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    (got,) = logits_without_package([f"stock:{output}"], input_ids)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(output).eval()(input_ids).logits
+    assert (got - want).abs().max().item() <= 1e-5

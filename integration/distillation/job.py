@@ -8,6 +8,7 @@ The teacher never enters the training process: it runs in a child that dies with
 import ctypes
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -25,16 +26,19 @@ from linearpatch.common.files import (
     ledger,
     staging_path,
 )
-from linearpatch.common.names import DISTILL_RECORD, TEACHER_CACHE_MANIFEST
+from linearpatch.common.names import DISTILL_RECORD, EXPORT_RECORD, TEACHER_CACHE_MANIFEST
+from linearpatch.modeling import family_of
 
 from ..adapter import base_identity, patch_weights, write_adapter
 from ..data import local_text_file, token_windows
-from ..defaults import distillation_sizes
+from ..defaults import distillation_sizes, perplexity_sizes
+from ..folding import FOLD_MAPS, attach_fold_maps
 from ..layerwise import available_memory, memory_limit
 from ..requests import DistillRequest
 from ..shards import SafetensorsCheckpoint, format_size
+from .folded import target_modules
 from .teacher_cache import TopKTeacherCache
-from .trainer import distill
+from .trainer import distill, get_patch_peft_model
 
 log = logging.getLogger("linearpatch")
 
@@ -49,8 +53,10 @@ class DistillReport:
         epochs (`float`), lr (`float`), batch_size (`int`), gradient_accumulation_steps (`int`),
         temperature (`float`): the recipe.
         cache (`str`): the teacher cache's key. bytes_per_token (`int`): its size per token.
-        output (`str`): where the result was written. kind (`str`): `merged` or `adapter`.
+        output (`str`): where the result was written. kind (`str`): `merged`, `adapter` or `export`.
         train_loss (`float`): mean training loss. steps (`int`): optimiser steps.
+        perplexity (`dict`): with `export`, held-out perplexity per corpus of the patched checkpoint, the
+            training-free and the distilled export, and plain pruning.
     """
 
     teacher: str
@@ -68,6 +74,7 @@ class DistillReport:
     train_loss: float | None = None
     steps: int = 0
     log: list[dict] = field(default_factory=list)
+    perplexity: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,10 +82,18 @@ class DistillReport:
     def summary(self) -> str:
         """What was trained and written: what `linearpatch distill` prints."""
         loss = f", final loss {self.train_loss:.4f}" if self.train_loss is not None else ""
-        return (
+        lines = []
+        if self.perplexity:
+            corpora = list(next(iter(self.perplexity.values())))
+            lines += ["| model | " + " | ".join(corpora) + " |", "|---|" + "---|" * len(corpora)]
+            for name, values in self.perplexity.items():
+                lines.append(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
+        what = "a stock model (no remote code)" if self.kind == "export" else self.kind
+        lines.append(
             f"Distilled {self.data['num_windows']} windows in {self.steps} steps{loss} "
-            f"({self.bytes_per_token} cache bytes/token); {self.kind} written to {self.output}"
+            f"({self.bytes_per_token} cache bytes/token); {what} written to {self.output}"
         )
+        return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -233,6 +248,9 @@ def _distill_checkpoint_job(
     overwrite,
     sequential_teacher,
     max_memory,
+    export,
+    eval_corpora,
+    eval_windows,
 ) -> DistillReport:
     """The job of [`distill_checkpoint`]: the fields of [`DistillRequest`] as keywords, without defaults."""
     from ..models import cache_dir as default_cache_dir
@@ -240,6 +258,11 @@ def _distill_checkpoint_job(
     from ..opening import open_job
 
     check_recipe(num_samples, seq_len, top_k, epochs, max_steps, lr, temperature)
+    if export and adapter_only:
+        raise LinearPatchError(
+            "--export writes a stock model with the trained maps folded in, --adapter-only writes only an adapter: "
+            "choose one."
+        )
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "teacher-cache"
     output = Path(output)
     work_dir = Path(work_dir) if work_dir else output.with_name(f"{output.name}.work")
@@ -249,6 +272,8 @@ def _distill_checkpoint_job(
         "work folder": work_dir if work_dir.exists() else None,
         "training text": local_text_file(data),
     }
+    if export and eval_windows != 0:
+        inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in eval_corpora}
     job = open_job(checkpoint, "checkpoint", output, overwrite, device, inputs)
     device, student_config = job.device, job.config
     if not student_config.patch_positions:
@@ -273,9 +298,17 @@ def _distill_checkpoint_job(
     cache = build_cache_in_subprocess(
         teacher, windows.input_ids, cache_root, top_k, device, dtype, sequential_teacher, max_memory
     )
-    # The student (pruned checkpoint) is the only model this process loads.
+    folded = None
+    if export:  # the training-free start; the teacher is held only while it is fitted, layer by layer if need be
+        folded = _export_start(checkpoint, teacher, data, seed, student_config, student_tokenizer, device, spread)
+    # The student (pruned checkpoint) is the only model this process trains.
     student, tokenizer = load_model(checkpoint, dtype=dtype, device=device, kind="checkpoint", **spread)
     identity = base_identity(student)
+    weights_of = patch_weights
+    if folded is not None:
+        folded.handles = attach_fold_maps(student, folded.plan.maps)
+        student = get_patch_peft_model(student, target_modules=target_modules(folded.plan.maps))
+        weights_of = _map_weights
     keep_work = bool(save_steps) or resume
     overrides = dict(
         learning_rate=lr,
@@ -294,7 +327,7 @@ def _distill_checkpoint_job(
     if max_steps:
         overrides["max_steps"] = max_steps
     trainer_dir = work_dir if keep_work else staging_path(output.parent / f"{output.name}.work")
-    initial = {name: tensor.detach().clone() for name, tensor in patch_weights(student).items()}
+    initial = {name: tensor.detach().clone() for name, tensor in weights_of(student).items()}
     if from_finished:
         model, history = _load_finished(student, finished)
     else:
@@ -317,7 +350,7 @@ def _distill_checkpoint_job(
         finally:
             if not keep_work:
                 shutil.rmtree(trainer_dir, ignore_errors=True)
-    check_trained(model, initial, lr)
+    check_trained(model, initial, lr, weights_of)
     if not from_finished:  # a resumed run's finished training is already there
         _keep_finished(model, history, finished)
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -334,7 +367,7 @@ def _distill_checkpoint_job(
         cache=cache.manifest["key"],
         bytes_per_token=cache.bytes_per_token,
         output=str(output),
-        kind="adapter" if adapter_only else "merged",
+        kind="adapter" if adapter_only else "export" if export else "merged",
         train_loss=summary.get("train_loss", losses[-1] if losses else None),
         steps=max((entry.get("step", 0) for entry in history), default=0),
         log=[entry for entry in history if "loss" in entry],
@@ -350,6 +383,8 @@ def _distill_checkpoint_job(
                 write_adapter(model, staging, identity, None if local else checkpoint, base_path, report.to_dict())
                 tokenizer.save_pretrained(staging)
                 (staging / DISTILL_RECORD).write_text(report.to_json())
+            elif folded is not None:
+                folded.write(staging, model.merge_and_unload(), tokenizer, report, windows, eval_corpora, eval_windows)
             else:
                 merged = model.merge_and_unload()
                 merged.config.patch_kind = f"{merged.config.patch_kind or 'hadamard'}+distilled"
@@ -393,13 +428,17 @@ def check_recipe(
         raise LinearPatchError(f"--epochs {epochs} trains for zero steps: give a number above 0 (or --max-steps N).")
 
 
-def check_trained(model, initial: dict[str, torch.Tensor], lr: float) -> None:
+def check_trained(model, initial: dict[str, torch.Tensor], lr: float, weights_of=patch_weights) -> None:
     """Refuse a training result that must not be written: non-finite patches, or patches no step changed.
+
+    Args:
+        weights_of (`callable`, *optional*): `(model, trained=False) -> {name: tensor}` of what was trained (the
+            patches; the fold maps for `--export`).
 
     Raises:
         LinearPatchError: saying what happened and what to change.
     """
-    trained = patch_weights(model, trained=True)
+    trained = weights_of(model, trained=True)
     bad = [name for name, tensor in trained.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise LinearPatchError(
@@ -407,6 +446,91 @@ def check_trained(model, initial: dict[str, torch.Tensor], lr: float) -> None:
         )
     if trained.keys() != initial.keys() or all(torch.equal(trained[n].cpu(), initial[n].cpu()) for n in initial):
         raise LinearPatchError("No training step changed the patches, so nothing was written: raise --epochs or --lr.")
+
+
+def _map_weights(model, trained: bool = False) -> dict[str, torch.Tensor]:
+    """The fold maps of a `distill --export` student by position (`fold_maps.19`): the frozen start, or with
+    `trained=True` the adapter's trained copies."""
+    weights = {}
+    for key, tensor in model.state_dict().items():
+        match = re.search(rf"(?:^|\.)({FOLD_MAPS}\.\d+)\.", key)
+        if match and (".ln_tuning_layers." in key) == trained:
+            weights[match[1]] = tensor
+    return weights
+
+
+@dataclass
+class _FoldedExport:
+    """`distill --export`'s state: the training-free plan it starts from and, once attached, the maps' hooks."""
+
+    plan: object
+    calibration: dict
+    source: str | None
+    handles: list = field(default_factory=list)
+
+    def write(self, staging: Path, merged, tokenizer, report, windows, eval_corpora, eval_windows) -> None:
+        """Fold the trained maps into a stock model, compare it on held-out text, and write it with both records."""
+        from ..export import ExportReport, apply_plan, plain_model, stock_from_state
+        from ..measurement.perplexity import held_out_windows, perplexity_table
+        from ..models import fit_context, write_checkpoint_files
+        from .folded import fold_trained
+
+        config = merged.config
+        stock, maps, difference = fold_trained(merged, self.handles, self.plan, windows.input_ids[:1])
+        perplexity = {}
+        if eval_windows != 0:
+            device = next(merged.parameters()).device
+            sizes = perplexity_sizes(device.type)
+            count = sizes.num_samples if eval_windows is None else eval_windows
+            evaluation = held_out_windows(tokenizer, eval_corpora, count, fit_context(config, None, sizes.seq_len))
+            untie = 0 in self.plan.maps
+            start = stock_from_state(apply_plan(merged, self.plan.transforms), config, untie, merged.generation_config)
+            models = {"patched": merged, "training-free export": start, "export": stock, "plain": plain_model(merged)}
+            perplexity = perplexity_table(models, evaluation, progress=True)
+            report.perplexity = perplexity
+        described = [
+            dict(entry, how=entry["how"] + " (distilled)") if entry["position"] in maps else entry
+            for entry in self.plan.described
+        ]
+        record = ExportReport(
+            source=self.source,
+            fold="auto",
+            base_model=config.base_model,
+            pruned_layers=list(config.pruned_layers),
+            patch_positions=list(config.patch_positions),
+            folds=described,
+            perplexity=perplexity,
+            calibration=self.calibration,
+            architecture=family_of(config).dense_causal_lm_class.__name__,
+            output=report.output,
+            num_layers=config.num_hidden_layers,
+            dense=report.teacher,
+            distilled=dict(
+                training={key: value for key, value in report.to_dict().items() if key != "log"},
+                fold_check_max_logit_difference=difference,
+            ),
+        )
+        write_checkpoint_files(
+            staging, stock, tokenizer, {DISTILL_RECORD: report.to_json(), EXPORT_RECORD: record.to_json()}
+        )
+
+
+def _export_start(checkpoint, teacher, data, seed, config, tokenizer, device, spread) -> _FoldedExport:
+    """The training-free fold `distill --export` starts from: `--fold auto` on the export's calibration windows of
+    `data`, fitted to the teacher (the dense model), held whole only when the student fits the device."""
+    from ..defaults import calibration_sizes
+    from ..models import fit_context, portable_model_id, resolve_model
+    from .folded import training_free_plan
+
+    sizes = calibration_sizes(device)
+    windows = token_windows(data, tokenizer, sizes.num_samples, fit_context(config, None, sizes.seq_len), seed=seed)
+    plan = training_free_plan(checkpoint, resolve_model(teacher), windows, device, sequential=bool(spread))
+    if not plan.maps:
+        raise LinearPatchError(
+            "Every patch of this checkpoint folds exactly into the stock weights (a scalar patch), so there is no map "
+            "to train: run `linearpatch export`, or `linearpatch distill` without --export to train the patches."
+        )
+    return _FoldedExport(plan, windows.describe(), portable_model_id(checkpoint))
 
 
 # In the work folder (OUTPUT.work): the trained patches and the log of a run whose output is not written yet.

@@ -49,7 +49,12 @@ def top_k_kl_loss(
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def get_patch_peft_model(model, adapter_name: str = "default", base_model_name_or_path: str | None = None):
+def get_patch_peft_model(
+    model,
+    adapter_name: str = "default",
+    base_model_name_or_path: str | None = None,
+    target_modules: list[str] | None = None,
+):
     """Wrap a `LinearPatchForCausalLM` so that the patch matrices are the only trainable parameters.
 
     Uses PEFT's LN-tuning method (a trainable full copy of each targeted module) on the `linear_patch` modules, so
@@ -61,12 +66,16 @@ def get_patch_peft_model(model, adapter_name: str = "default", base_model_name_o
         adapter_name (`str`, *optional*, defaults to `"default"`).
         base_model_name_or_path (`str`, *optional*): recorded in the adapter config; set it to the pruned
             model's Hub id before pushing, never a local path.
+        target_modules (`list[str]`, *optional*, defaults to `["linear_patch"]`): the modules to train instead, e.g.
+            the fold maps of `distill --export` (`fold_maps.19`, see `folding.attach_fold_maps`).
     """
     from peft import LNTuningConfig, get_peft_model
 
-    if not any(name.endswith("linear_patch") for name, _ in model.named_modules()):
-        raise ValueError("The model has no LinearPatch to train (it was pruned with patch='none').")
-    config = LNTuningConfig(target_modules=["linear_patch"], task_type="CAUSAL_LM")
+    target_modules = target_modules or ["linear_patch"]
+    names = [name for name, _ in model.named_modules()]
+    if not any(name == target or name.endswith(f".{target}") for name in names for target in target_modules):
+        raise ValueError(f"The model has no {' or '.join(target_modules)} to train (pruned with patch='none'?).")
+    config = LNTuningConfig(target_modules=target_modules, task_type="CAUSAL_LM")
     with quiet_peft():
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if base_model_name_or_path is not None:
