@@ -1,5 +1,6 @@
 """Run in vLLM's own environment (.venv-serving) by tests/test_serving.py: greedy-decode prompts with the offline
-`vllm.LLM` API on each checkpoint and write the generated token ids as JSON.
+`vllm.LLM` API on each checkpoint (a stock export with vLLM's native kernels) and write the generated token ids
+as JSON.
 
 usage: serving_check.py OUTPUT.json MAX_TOKENS CHECKPOINT [CHECKPOINT ...] < prompts.json
 """
@@ -15,10 +16,13 @@ def main() -> None:
     prompts = json.load(sys.stdin)
     results = {}
     for checkpoint in checkpoints:
+        with open(f"{checkpoint}/config.json") as stream:
+            remote_code = "auto_map" in json.load(stream)
         llm = LLM(
             model=checkpoint,
-            trust_remote_code=True,
-            model_impl="transformers",
+            trust_remote_code=remote_code,
+            # A LinearPatch checkpoint runs in the Transformers backend; a stock export in vLLM's native kernels.
+            model_impl="transformers" if remote_code else "auto",
             dtype="float32",
             max_model_len=256,
             enforce_eager=True,

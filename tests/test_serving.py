@@ -90,18 +90,41 @@ def assert_same_greedy(served: dict[str, list[dict]], path: Path, max_tokens: in
     assert got == want, path.name
 
 
+@pytest.fixture(scope="module")
+def distilled_export(tmp_path_factory, smollm2_tokenizer):
+    """`linearpatch distill --export` of a tiny Gemma 3 (its maps are diagonal, folded into the norms after the MLP)
+    with a gap at layer 0 (its map folded into the embeddings) and one in the middle: a stock `gemma3_text` folder."""
+    root = tmp_path_factory.mktemp("distilled-export")
+    sizes = dict(hidden_size=128, head_dim=32, intermediate_size=256, query_pre_attn_scalar=32)
+    dense = tiny_family("gemma3_text", vocab_size=len(smollm2_tokenizer), seed=11, **sizes)
+    pruned = prune_layers(dense, [0, 3], patches=[random_patch(128, 3), random_patch(128, 4)])
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        model.save_pretrained(root / name)
+        smollm2_tokenizer.save_pretrained(root / name)
+    sizes = ["--num-samples", "8", "--seq-len", "16", "--eval-windows", "0", "--top-k", "8", "--lr", "1e-2"]
+    command = ["distill", str(root / "pruned"), "--teacher", str(root / "dense"), "--export", *sizes]
+    assert main([*command, "--cache-dir", str(root / "cache"), "--output", str(root / "export")]) == 0
+    assert json.loads((root / "export" / "config.json").read_text())["model_type"] == "gemma3_text"
+    return root / "export"
+
+
 # Each vLLM engine start costs about a minute on 2 cores, so each checkpoint is served once: the suite's SmolLM2 prune
 # (a patch before kept layer 20 and one before the final norm) through `linearpatch serve` below, and Gemma 3, the
 # family furthest from Llama (scaled embeddings, norms around the MLP, alternating sliding/full attention, a gap at the
-# end), through the offline API here; `-m exhaustive` serves every family.
+# end), through the offline API here, with a distilled Gemma 3 export through the native kernels; `-m exhaustive`
+# serves every family.
 @pytest.fixture(scope="module")
-def served(serving_python, family_checkpoints, tmp_path_factory):
-    paths = [family_checkpoints["gemma3_text"]]
+def served(serving_python, family_checkpoints, distilled_export, tmp_path_factory):
+    paths = [family_checkpoints["gemma3_text"], distilled_export]
     return vllm_greedy(serving_python, paths, tmp_path_factory.mktemp("vllm"), MAX_TOKENS)
 
 
 def test_vllm_greedy_equals_transformers_for_gemma3(served, family_checkpoints):
     assert_same_greedy(served, family_checkpoints["gemma3_text"], MAX_TOKENS)
+
+
+def test_vllm_native_kernels_serve_a_distilled_export_as_transformers_does(served, distilled_export):
+    assert_same_greedy(served, distilled_export, MAX_TOKENS)
 
 
 @pytest.mark.exhaustive
