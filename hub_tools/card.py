@@ -193,9 +193,11 @@ def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
     distilled = export.get("distilled") or {}
     if distilled:
         training = distilled.get("training", {})
+        teacher = training.get("teacher")
+        teacher = f"`{teacher}`'s" if is_repo_id(teacher) else "the dense model's"  # never a local path
         lines += [
             "",
-            f"The maps were then distilled from `{training.get('teacher')}`'s top-{training.get('top_k')} logits "
+            f"The maps were then distilled from {teacher} top-{training.get('top_k')} logits "
             f"({training.get('steps')} steps on {training.get('data', {}).get('num_windows')} windows), starting "
             "from the best training-free fold.",
         ]

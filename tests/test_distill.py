@@ -298,6 +298,11 @@ def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(
     assert record["distilled"]["fold_check_max_logit_difference"] <= 1e-4
     assert record["distilled"]["training"]["kind"] == "export" and record["distilled"]["training"]["steps"] == 8
     assert set(record["perplexity"]) == {"patched", "training-free export", "export", "plain"}
+    from linearpatch.hub_tools import model_card, validate_folder
+
+    info = validate_folder(output)  # what `push` checks and writes on the card: the measured comparison
+    card = str(model_card(info, "org/distilled-export"))
+    assert info.kind == "export" and "distilled from" in card and "| training-free export |" in card
     # Training moved the folded map away from its training-free start, and only the layer it folds into.
     assert (
         main(["export", str(tiny_pruned_checkpoint), "--dense", str(tiny_checkpoint), "--output", str(start), *common])
