@@ -59,6 +59,7 @@ def no_calibration(monkeypatch):
         (["--lr", "0"], "--lr 0.0 must be above 0"),
         (["--lr=-1e-4"], "--lr -0.0001 must be above 0"),
         (["--epochs", "0"], "zero steps"),
+        (["--export", "--adapter-only"], "--adapter-only writes only an adapter"),
     ],
 )
 def test_distill_refuses_a_recipe_that_cannot_train(
