@@ -37,6 +37,7 @@ EXPECTED = {
         "patch-adapter",
         "eval",
         "pruned-stock",
+        "distilled-stock",
     ),
     "Choose by outcome": ("pruned-auto", "pruned-loss", "pruned-target/depth_curve.png"),
     "Models larger than the machine": ("pruned-seq", "pruned-limited"),

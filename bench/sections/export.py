@@ -1,54 +1,143 @@
-"""What `linearpatch export --fold down-proj` keeps of the patch: held-out perplexity of the patched checkpoint, its
-stock-architecture export and plain pruning, SmolLM2 with layers 20..24 removed (16 x 256 fit windows, 4 x 512
-held-out windows per corpus)."""
+"""What the stock export keeps of the patch's gain, training-free and distilled: SmolLM2 with layers 20..24 removed,
+every command at its CLI defaults (`prune`, `export` with `--fold auto`, `distill` and `distill --export` on the same
+windows, steps and teacher cache), held-out perplexity on text no fit saw (the export's own comparison windows)."""
 
-from ..harness import BLOCK, Claim, evaluation_windows, per_corpus, perplexities
+from ..harness import BLOCK, Claim, per_corpus
 
-TITLE = "Stock export (SmolLM2, about 3 minutes on 2 CPU cores)"
+TITLE = "Stock export, training-free and distilled (SmolLM2, about 35 minutes on 2 CPU cores)"
 DEFAULT = False
+TRAINING_FREE_RATIO = 1.25  # the export's perplexity over its patched checkpoint's, at most
+# The same for a `--patch auto` checkpoint, whose least-squares patch maps the whole stream: a map on the MLP output
+# alone measured 1.36 / 1.41 (issue 22's 1.25 is not reached yet); this bound only guards against regressions.
+AUTO_RATIO = 1.5
+DISTILLED_RATIO = 1.10  # the distilled export's over the distilled patch's, at most
 
 
 def run(device: str, quick: bool) -> dict:
-    from transformers import LlamaForCausalLM
+    import tempfile
+    import time
+    from pathlib import Path
 
-    import linearpatch
-    from linearpatch.integration.data import token_windows
-    from linearpatch.integration.export import export_model, stock_config
+    from linearpatch.integration.distillation import distill_checkpoint
+    from linearpatch.integration.export import export_checkpoint
+    from linearpatch.integration.measurement.perplexity import held_out_windows, perplexity_table
     from linearpatch.integration.models import load_model
+    from linearpatch.integration.pruning import prune_checkpoint
 
-    model, tokenizer = load_model("smollm2-135m", device=device)
-    calibration = token_windows("wikipedia-calibration", tokenizer, 4 if quick else 16, 256, seed=0)
-    patched, _ = linearpatch.prune(model, tokenizer, layers=BLOCK, calibration=calibration, progress=False)
-    exported, folds = export_model(patched, "down-proj", calibration.input_ids)
-    plain = LlamaForCausalLM(stock_config(patched.config))
-    plain.load_state_dict({k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}, strict=False)
-    plain.tie_weights()
-    evaluation = evaluation_windows(tokenizer, 2 if quick else 4)
-    perplexity = {
-        name: perplexities(candidate, evaluation)
-        for name, candidate in (("patched", patched), ("export", exported), ("plain", plain.eval()))
+    sizes = dict(num_samples=8, seq_len=128) if quick else {}
+    evaluation = dict(eval_windows=2) if quick else {}
+    training = dict(num_samples=16, seq_len=128) if quick else {}
+    seconds, perplexity, folds = {}, {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+
+        def timed(name, function, *args, **options):
+            started = time.perf_counter()
+            result = function(*args, **options)
+            seconds[name] = round(time.perf_counter() - started, 1)
+            return result
+
+        for kind in ("hadamard", "auto"):
+            timed(
+                f"prune {kind}",
+                prune_checkpoint,
+                "smollm2-135m",
+                root / kind,
+                layers=BLOCK,
+                patch=kind,
+                eval_windows=0,
+                progress=False,
+                **sizes,
+            )
+            report = timed(
+                f"export {kind}",
+                export_checkpoint,
+                str(root / kind),
+                root / f"{kind}-export",
+                progress=False,
+                **sizes,
+                **evaluation,
+            )
+            perplexity[f"{kind} patched"] = report.perplexity["patched"]
+            perplexity[f"{kind} export"] = report.perplexity["export"]
+            perplexity["plain"] = report.perplexity["plain"]
+            folds[kind] = report.folds
+        cache = dict(cache_dir=root / "teacher-cache", **training)
+        timed("distill", distill_checkpoint, str(root / "hadamard"), "smollm2-135m", root / "distilled", **cache)
+        distilled = timed(
+            "distill --export",
+            distill_checkpoint,
+            str(root / "hadamard"),
+            "smollm2-135m",
+            root / "distilled-export",
+            export=True,
+            **cache,
+            **evaluation,
+        )
+        perplexity["distilled export start"] = distilled.perplexity["training-free export"]
+        perplexity["distilled export"] = distilled.perplexity["export"]
+        model, tokenizer = load_model(str(root / "distilled"), device=device)
+        corpora = list(perplexity["plain"])
+        windows = held_out_windows(tokenizer, corpora, 2 if quick else 8, 128 if quick else 512)
+        perplexity["distilled patch"] = perplexity_table({"distilled": model}, windows, False)["distilled"]
+    ratios = {
+        "hadamard export over patched": _ratio(perplexity["hadamard export"], perplexity["hadamard patched"]),
+        "auto export over patched": _ratio(perplexity["auto export"], perplexity["auto patched"]),
+        "distilled export over distilled patch": _ratio(perplexity["distilled export"], perplexity["distilled patch"]),
     }
-    return dict(folds=folds, perplexity=perplexity)
+    return dict(perplexity=perplexity, ratios=ratios, folds=folds, seconds=seconds, steps=distilled.steps)
+
+
+def _ratio(numerator: dict, denominator: dict) -> dict:
+    return {corpus: numerator[corpus] / denominator[corpus] for corpus in numerator}
 
 
 def markdown(v: dict) -> list[str]:
-    corpora = list(v["perplexity"]["patched"])
-    lines = ["**Stock export** (`--fold down-proj`, SmolLM2, layers 20..24; held-out perplexity, 4 x 512 tokens)", ""]
-    lines += ["| model | " + " | ".join(corpora) + " |", "|---|" + "---|" * len(corpora)]
-    lines += [
-        f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |"
-        for name, values in v["perplexity"].items()
+    perplexity = v["perplexity"]
+    corpora = list(perplexity["plain"])
+    lines = [
+        "**Stock export** (SmolLM2, layers 20..24 removed, CLI defaults; held-out perplexity on 8 x 512 tokens)",
+        "",
+        "| model | " + " | ".join(corpora) + " |",
+        "|---|" + "---|" * len(corpora),
     ]
-    return [*lines, ""]
+    lines += [
+        f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |" for name, values in perplexity.items()
+    ]
+    lines += ["", "| ratio | " + " | ".join(corpora) + " |", "|---|" + "---|" * len(corpora)]
+    lines += [
+        f"| {name} | " + " | ".join(f"{values[c]:.3f}" for c in corpora) + " |" for name, values in v["ratios"].items()
+    ]
+    chosen = ", ".join(f"{kind}: {folds[-1].get('objective')}" for kind, folds in v["folds"].items())
+    return [*lines, "", f"Folds kept by `--fold auto`: {chosen}; distillation ran {v['steps']} steps.", ""]
 
 
 def checks(v: dict) -> list[Claim]:
-    perplexity = v["perplexity"]
+    perplexity, ratios = v["perplexity"], v["ratios"]
     corpora = list(perplexity["plain"])
-    return [
-        Claim(
-            "the down-proj export beats plain pruning on held-out text",
-            all(perplexity["export"][c] < perplexity["plain"][c] for c in corpora),
-            "export " + per_corpus(perplexity["export"], 1) + "; plain " + per_corpus(perplexity["plain"], 1),
+    claims = []
+    for kind, bound in (("hadamard", TRAINING_FREE_RATIO), ("auto", AUTO_RATIO)):
+        ratio = ratios[f"{kind} export over patched"]
+        claims.append(
+            Claim(
+                f"the training-free export of a --patch {kind} checkpoint is at most {bound}x its perplexity",
+                all(ratio[c] <= bound for c in corpora),
+                per_corpus(ratio),
+            )
         )
-    ]
+    ratio = ratios["distilled export over distilled patch"]
+    claims.append(
+        Claim(
+            f"the distilled export is at most {DISTILLED_RATIO}x the distilled patch's perplexity (same budget)",
+            all(ratio[c] <= DISTILLED_RATIO for c in corpora),
+            per_corpus(ratio),
+        )
+    )
+    claims.append(
+        Claim(
+            "the export beats plain pruning on held-out text",
+            all(perplexity["hadamard export"][c] < perplexity["plain"][c] for c in corpora),
+            "export " + per_corpus(perplexity["hadamard export"], 1) + "; plain " + per_corpus(perplexity["plain"], 1),
+        )
+    )
+    return claims
