@@ -261,6 +261,16 @@ def test_a_full_disk_is_one_line_and_distill_keeps_its_training(tiny_checkpoint,
     assert resumed.returncode == 0, resumed.stderr
     assert "without training" in resumed.stderr and "'loss'" not in resumed.stdout  # no step ran
     assert (output / "model.safetensors").exists() and not (tmp_path / "distilled.work").exists()
+    # The same for `distill --export`: its trained fold maps are kept and folded on resume.
+    exported = tmp_path / "distilled-export"
+    distill_export = [*distill[:-1], str(exported), "--export", "--eval-windows", "0"]
+    result = _limited_run(distill_export)
+    assert_one_line_error(result.returncode, result.stderr, "Could not write", "--resume")
+    assert (tmp_path / "distilled-export.work" / "finished-adapter").is_dir() and not exported.exists()
+    resumed = linearpatch_cli(*distill_export, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "without training" in resumed.stderr and "'loss'" not in resumed.stdout
+    assert "auto_map" not in json.loads((exported / "config.json").read_text())
 
 
 def test_an_eval_baseline_or_report_dense_with_another_vocabulary_is_a_message(pruned, tmp_path, capsys):

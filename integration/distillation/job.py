@@ -307,8 +307,9 @@ def _distill_checkpoint_job(
     weights_of = patch_weights
     if folded is not None:
         folded.handles = attach_fold_maps(student, folded.plan.maps)
-        student = get_patch_peft_model(student, target_modules=target_modules(folded.plan.maps))
         weights_of = _map_weights
+        if not from_finished:  # a finished training is loaded onto the bare student below
+            student = get_patch_peft_model(student, target_modules=target_modules(folded.plan.maps))
     keep_work = bool(save_steps) or resume
     overrides = dict(
         learning_rate=lr,
