@@ -19,9 +19,19 @@ METRIC_SCORES = {
 }
 # What a map on the MLP output before a gap is fitted to reproduce (`folding.py`): the patched stream, or the dense
 # model's stream after the removed block by least squares or by cosine distance.
-FOLD_OBJECTIVES = ("down-proj", "down-proj-dense", "down-proj-cosine")
+DENSE_OBJECTIVES = ("down-proj-dense", "down-proj-cosine")  # the ones that need the dense model
+FOLD_OBJECTIVES = ("down-proj", *DENSE_OBJECTIVES)
 # How `export` folds a patch into the stock architecture (`export.py`): a map fitted to one objective, `auto` (each
 # objective fitted and the best on held-out windows kept), or `scalar` (Prune&Comp).
 FOLDS = ("auto", *FOLD_OBJECTIVES, "scalar")
 
-__all__ = ["FOLDS", "FOLD_OBJECTIVES", "METRICS", "METRIC_SCORES", "PATCH_CHOICES", "PATCH_KINDS", "SELECTION_METRICS"]
+__all__ = [
+    "DENSE_OBJECTIVES",
+    "FOLDS",
+    "FOLD_OBJECTIVES",
+    "METRICS",
+    "METRIC_SCORES",
+    "PATCH_CHOICES",
+    "PATCH_KINDS",
+    "SELECTION_METRICS",
+]

@@ -42,7 +42,7 @@ from linearpatch.common.files import atomic_directory
 from linearpatch.common.names import EXPORT_RECORD
 from linearpatch.modeling import family_of
 
-from .choices import FOLD_OBJECTIVES, FOLDS
+from .choices import DENSE_OBJECTIVES, FOLD_OBJECTIVES, FOLDS
 from .data import local_text_file, token_windows
 from .defaults import calibration_sizes, perplexity_sizes
 from .folding import (
@@ -139,19 +139,36 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def stock_config(config) -> PreTrainedConfig:
+def stock_config(config, untie: bool = False) -> PreTrainedConfig:
     """The family's own config (`LlamaConfig`, `Qwen3Config`, ...) of a LinearPatch config: same kept layers (and
-    per-layer fields), no LinearPatch fields, no remote code."""
+    per-layer fields), no LinearPatch fields, no remote code; with `untie` (the embeddings were folded: a map at
+    layer 0) the head keeps its own copy."""
     family = family_of(config)
     values = {key: value for key, value in config.to_dict().items() if key not in _LINEARPATCH_FIELDS}
     stock = family.dense_config_class(**values)
     stock.architectures = [family.dense_causal_lm_class.__name__]
+    stock.tie_word_embeddings = config.tie_word_embeddings and not untie
     return stock
 
 
 def stock_model(config) -> PreTrainedModel:
     """An uninitialised stock causal LM of `config`'s family (build it under `no_init_weights`)."""
     return family_of(config).dense_causal_lm_class(config)
+
+
+def _run_windows_until(model, module, input_ids: torch.Tensor) -> None:
+    """Run every window of `input_ids` through `model`'s base model until `module` (for the hooks that capture what
+    they need): one window at a time in memory; every window at once through a [`layerwise_model`], each layer loaded
+    once."""
+    layerwise = getattr(model, "layerwise", None)
+    if layerwise is None:
+        for window in input_ids:
+            run_until(model.model, module, input_ids=window[None].to(model.device), use_cache=False)
+        return
+    try:
+        run_until(model.model, module, input_ids=input_ids.to(layerwise.device), use_cache=False)
+    finally:
+        layerwise.close_bar()
 
 
 @torch.no_grad()
@@ -175,17 +192,9 @@ def _stream_at(model, position: int, input_ids: torch.Tensor) -> tuple[torch.Ten
         layer.get_submodule(where.after_attention).register_forward_pre_hook(before_mlp),
         layer.get_submodule(where.mlp_output).register_forward_hook(mlp_output),
     ]
-    layerwise = getattr(model, "layerwise", None)
     after = layers[position] if position < len(layers) else model.model.norm  # the layers after it are not needed
     try:
-        if layerwise is None:
-            for window in input_ids:
-                run_until(model.model, after, input_ids=window[None].to(model.device), use_cache=False)
-        else:
-            try:  # every window at once, through the layers up to this one, each loaded once
-                run_until(model.model, after, input_ids=input_ids.to(layerwise.device), use_cache=False)
-            finally:
-                layerwise.close_bar()
+        _run_windows_until(model, after, input_ids)
     finally:
         for handle in handles:
             handle.remove()
@@ -222,16 +231,8 @@ def dense_streams(dense, config, positions, input_ids: torch.Tensor) -> dict[int
     handles = [site.register_forward_pre_hook(hook_for(p), with_kwargs=True) for p, site in sites.items()]
     depth = {id(layer): index for index, layer in enumerate(base.layers)} | {id(base.norm): len(base.layers)}
     last = max(sites.values(), key=lambda module: depth[id(module)])
-    layerwise = getattr(dense, "layerwise", None)
     try:
-        if layerwise is None:
-            for window in input_ids:
-                run_until(base, last, input_ids=window[None].to(dense.device), use_cache=False)
-        else:
-            try:
-                run_until(base, last, input_ids=input_ids.to(layerwise.device), use_cache=False)
-            finally:
-                layerwise.close_bar()
+        _run_windows_until(dense, last, input_ids)
     finally:
         for handle in handles:
             handle.remove()
@@ -265,18 +266,32 @@ class FoldPlan:
     How every patch is folded (see the module docstring).
 
     Args:
-        transforms (`dict[str, list]`): state-dict key -> the functions to apply to that tensor, in order.
+        config: the LinearPatch config it folds.
         described (`list[dict]`): per patch: position, how it was folded, whether exactly, the objective and the
             held-out score of every candidate (`auto`).
         maps (`dict[int, torch.Tensor]`): position -> the map folded there (`T`; `P` itself at layer 0), for every
             patch not folded as a scalar: what `distill --export` starts from.
-        fixed (`dict[str, list]`): the part of `transforms` that is not the maps' (the scalar folds).
+        fixed (`dict[str, list]`): state-dict key -> the functions of the folds that are not maps (the scalar folds).
     """
 
-    transforms: dict[str, list]
+    config: object
     described: list[dict]
     maps: dict[int, torch.Tensor]
     fixed: dict[str, list] = field(default_factory=dict)
+
+    def transforms(self, maps: dict[int, torch.Tensor] | None = None) -> dict[str, list]:
+        """State-dict key -> the functions to apply to that tensor, in order: the fixed folds, then `maps` (by
+        default the plan's own; `distill --export` passes its trained ones)."""
+        transforms = {key: list(functions) for key, functions in self.fixed.items()}
+        _merge(transforms, map_transforms(self.config, self.maps if maps is None else maps))
+        return transforms
+
+    def stock(self, model, maps: dict[int, torch.Tensor] | None = None) -> PreTrainedModel:
+        """The stock model of the LinearPatch `model` (its patches and any attached maps left out) with this plan
+        folded in, `maps` in place of the plan's own if given."""
+        maps = self.maps if maps is None else maps
+        state = apply_plan(model, self.transforms(maps))
+        return stock_from_state(state, model.config, 0 in maps, model.generation_config)
 
 
 def _scalar_transforms(config, position: int, ratio: float) -> dict[str, list]:
@@ -350,7 +365,7 @@ def plan_folds(
             described.append(dict(position=position, how=scalar_how, exact=exact_scalar, objective="scalar"))
             continue
         if fold == "auto":
-            objectives = [o for o in FOLD_OBJECTIVES if o == "down-proj" or dense_at is not None]
+            objectives = [o for o in FOLD_OBJECTIVES if o not in DENSE_OBJECTIVES or dense_at is not None]
             if scalar:  # the scalar fold reproduces this patch itself: it stands in for the patched objective
                 objectives = ["scalar", *objectives[1:]]
             if len(objectives) > 1 and score is None:
@@ -359,10 +374,11 @@ def plan_folds(
             objectives = [fold]
         if stream_at is None:
             raise LinearPatchError(f"The {fold} fold needs calibration windows (input_ids).")
-        if dense_at is None and any(o.startswith("down-proj-") for o in objectives):
+        needs_dense = any(objective in DENSE_OBJECTIVES for objective in objectives)
+        if dense_at is None and needs_dense:
             raise LinearPatchError(f"The {fold} fold needs the dense model (pass --dense MODEL).")
         a, m = stream_at(position)
-        dense = dense_at(position) if len(objectives) > 1 or objectives[0] != "down-proj" else None
+        dense = dense_at(position) if needs_dense else None
         candidates, errors = {}, {}
         for objective in objectives:
             if objective == "scalar":
@@ -389,9 +405,7 @@ def plan_folds(
             continue
         maps[position] = candidates[chosen]
         described.append(dict(entry, how=map_site(config, position), exact=False, relative_error=errors[chosen]))
-    fixed = {key: list(functions) for key, functions in transforms.items()}
-    _merge(transforms, map_transforms(config, maps))
-    return FoldPlan(transforms, sorted(described, key=lambda item: item["position"]), maps, fixed)
+    return FoldPlan(config, sorted(described, key=lambda item: item["position"]), maps, transforms)
 
 
 def apply_folds(tensor: torch.Tensor, functions: list) -> torch.Tensor:
@@ -413,7 +427,9 @@ def split_fit_heldout(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
             f"--fold auto scores each fold on held-out calibration windows, so it needs at least 2 (got {count}): "
             "raise --num-samples, or choose one fold (e.g. --fold down-proj-dense)."
         )
-    holdout = max(1, count // 8)
+    from .pruning.search import default_holdout
+
+    holdout = default_holdout(count)
     return input_ids[:-holdout], input_ids[-holdout:]
 
 
@@ -489,7 +505,7 @@ def fold_state_dict(
         dense (*optional*): the dense model, for the dense objectives.
     """
     plan = plan_model_folds(model, fold, input_ids, dense, ridge)
-    return apply_plan(model, plan.transforms), plan.described
+    return apply_plan(model, plan.transforms()), plan.described
 
 
 def apply_plan(model, transforms: dict[str, list]) -> dict:
@@ -510,8 +526,7 @@ def apply_plan(model, transforms: dict[str, list]) -> dict:
 def stock_from_state(state: dict, config, untie: bool, generation_config=None) -> PreTrainedModel:
     """The stock causal LM of the LinearPatch `config`'s family holding the folded `state`; its head keeps its own
     copy when `untie` (the embeddings were folded: a map at layer 0)."""
-    stock_configuration = stock_config(config)
-    stock_configuration.tie_word_embeddings = config.tie_word_embeddings and not untie
+    stock_configuration = stock_config(config, untie)
     stock_configuration.dtype = state["model.embed_tokens.weight"].dtype
     with torch.device(state["model.embed_tokens.weight"].device), no_init_weights():
         stock = stock_model(stock_configuration)
@@ -539,9 +554,8 @@ def export_model(
         input_ids (`torch.LongTensor`, *optional*): calibration windows (see [`plan_model_folds`]).
         dense (*optional*): the dense model the checkpoint was pruned from, for the dense objectives.
     """
-    state, described = fold_state_dict(model, fold, input_ids, dense=dense)
-    untie = 0 in model.config.patch_positions
-    return stock_from_state(state, model.config, untie, model.generation_config), described
+    plan = plan_model_folds(model, fold, input_ids, dense)
+    return plan.stock(model), plan.described
 
 
 def export_checkpoint(checkpoint: str, output: str | Path, **options) -> ExportReport:
@@ -660,7 +674,7 @@ def resolve_dense(config, dense: str | None, fold: str) -> str | None:
     """
     from .models import check_same_base, embedded_name_for, load_config, resolve_model
 
-    if fold not in ("auto", "down-proj-dense", "down-proj-cosine"):
+    if fold != "auto" and fold not in DENSE_OBJECTIVES:
         return None
     name = dense or embedded_name_for(config.base_model)
     try:
@@ -713,9 +727,7 @@ class InMemoryExport:
                 dense_model, _ = load_model(dense, device=self.device, kind="dense")
                 stack.callback(dense_model.to, "meta")  # free its memory as soon as the fold is planned
             self.plan = plan_model_folds(self.patched, fold, input_ids, dense_model)
-        state = apply_plan(self.patched, self.plan.transforms)
-        untie = 0 in self.patched.config.patch_positions
-        self.stock = stock_from_state(state, self.patched.config, untie, self.patched.generation_config)
+        self.stock = self.plan.stock(self.patched)
         return self.plan.described
 
     def compare(self, evaluation: dict, progress: bool) -> dict:
@@ -761,10 +773,9 @@ class SequentialExport:
             if dense is not None:
                 dense_model = stack.enter_context(layerwise_model(dense, device=self.device, progress=self.progress))
             plan = self.plan = plan_model_folds(model, fold, input_ids, dense_model)
-        transforms = plan.transforms
-        stock = stock_config(config)
+        transforms = plan.transforms()
         untie = 0 in config.patch_positions
-        stock.tie_word_embeddings = config.tie_word_embeddings and not untie
+        stock = stock_config(config, untie)
         stock.dtype = torch.float32
         with torch.device("meta"):
             expected = stock_model(stock).state_dict().keys()

@@ -46,12 +46,22 @@ class FoldMap(nn.Module):
         self.weight = nn.Parameter(weight.detach().float().clone())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        mapped = hidden_states.float() * weight if weight.dim() == 1 else hidden_states.float() @ weight
-        return mapped.to(hidden_states.dtype)
+        return apply_map(hidden_states.float(), self.weight).to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}{' (diagonal)' if self.weight.dim() == 1 else ''}"
+
+
+def apply_map(x: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """`x T`, for a full `T` or a diagonal one stored as its scales."""
+    return x * transform if transform.dim() == 1 else x @ transform
+
+
+def _token_weight(target: torch.Tensor) -> torch.Tensor:
+    """Per token, 1 / mean(target^2): every later layer reads the stream through RMSNorm, so what matters is each
+    token's error relative to its own norm; unweighted least squares would fit the few massive-activation tokens and
+    nothing else."""
+    return 1.0 / target.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def diagonal_maps(config) -> bool:
@@ -97,9 +107,7 @@ def fit_map(
     if objective not in FOLD_OBJECTIVES:
         raise LinearPatchError(f"Unknown fold objective {objective!r}: choose one of {', '.join(FOLD_OBJECTIVES)}.")
     a, m, target = a.double(), m.double(), target.double()
-    # Every later layer reads the stream through RMSNorm, so what matters is each token's error relative to its own
-    # norm; unweighted least squares would fit the few massive-activation tokens and nothing else.
-    weight = 1.0 / target.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
+    weight = _token_weight(target)
     delta = target - a
     if diagonal:
         gram = (m * m * weight).sum(dim=0)
@@ -126,27 +134,29 @@ def _cosine_refine(transform: torch.Tensor, a, m, target, steps: int, max_tokens
     optimizer = torch.optim.Adam([parameter], lr=1e-2 * float(transform.abs().mean()))
 
     def loss_of(value: torch.Tensor) -> torch.Tensor:
-        mapped = a + (m * value if value.dim() == 1 else m @ value)
-        return 1 - nn.functional.cosine_similarity(mapped, target, dim=1).mean()
+        return 1 - nn.functional.cosine_similarity(a + apply_map(m, value), target, dim=1).mean()
 
-    with torch.no_grad():
-        best, best_loss = transform.clone(), float(loss_of(parameter))
-    for _ in range(steps):
+    best, best_loss = transform.clone(), float("inf")
+    for step in range(steps):
+        # The loss of each step's starting point is the one its gradient needs: one evaluation per point visited.
         optimizer.zero_grad()
         loss = loss_of(parameter)
+        if step == 0:  # the least-squares start, kept in full precision
+            best_loss = float(loss)
+        elif float(loss) < best_loss:
+            best, best_loss = parameter.detach().double().clone(), float(loss)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            current = float(loss_of(parameter))
-        if current < best_loss:
-            best, best_loss = parameter.detach().double().clone(), current
+    with torch.no_grad():
+        if steps and float(loss_of(parameter)) < best_loss:  # where the last step landed
+            best = parameter.detach().double().clone()
     return best
 
 
 def relative_error(a: torch.Tensor, m: torch.Tensor, target: torch.Tensor, transform: torch.Tensor) -> float:
     """How far `a + m T` is from `target`, relative to it, each token weighted by its own norm (as fitted)."""
-    weight = 1.0 / target.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
-    mapped = a + (m * transform if transform.dim() == 1 else m @ transform)
+    weight = _token_weight(target)
+    mapped = a + apply_map(m, transform)
     return float(((mapped - target) * weight.sqrt()).norm() / (target * weight.sqrt()).norm())
 
 
@@ -253,6 +263,7 @@ def map_transforms(config, maps: dict[int, torch.Tensor]) -> dict[str, list]:
 __all__ = [
     "FOLD_MAPS",
     "FoldMap",
+    "apply_map",
     "attach_fold_maps",
     "attached_maps",
     "detach_fold_maps",

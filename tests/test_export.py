@@ -136,7 +136,7 @@ def test_map_folds_are_exact_for_every_family(family):
     handles = attach_fold_maps(patched, maps)
     with torch.no_grad():
         mapped = patched(INPUT_IDS).logits
-    stock, _, difference = fold_trained(patched, handles, FoldPlan({}, [], maps), INPUT_IDS)
+    stock, _, difference = fold_trained(patched, handles, FoldPlan(patched.config, [], maps), INPUT_IDS)
     assert type(stock) is FAMILIES[family].dense_causal_lm_class and not hasattr(patched, "fold_maps")
     with torch.no_grad():
         assert (stock(INPUT_IDS).logits - mapped).abs().max().item() <= 1e-4

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from ..folding import FOLD_MAPS, attached_maps, detach_fold_maps, map_transforms
+from ..folding import FOLD_MAPS, attached_maps, detach_fold_maps
 
 log = logging.getLogger("linearpatch")
 
@@ -56,19 +56,13 @@ def fold_trained(merged, handles: list, plan, check_ids: torch.Tensor | None = N
     Returns:
         `(stock, maps, max_difference)`
     """
-    from ..export import apply_plan, stock_from_state
-
     maps = attached_maps(merged)
     reference = None
     if check_ids is not None:
         device = next(merged.parameters()).device
         reference = merged(check_ids.to(device), use_cache=False).logits.float().cpu()
     detach_fold_maps(merged, handles)
-    transforms = {key: list(functions) for key, functions in plan.fixed.items()}
-    for key, functions in map_transforms(merged.config, maps).items():
-        transforms.setdefault(key, []).extend(functions)
-    state = apply_plan(merged, transforms)
-    stock = stock_from_state(state, merged.config, 0 in maps, merged.generation_config)
+    stock = plan.stock(merged, maps)
     difference = None
     if reference is not None:
         device = next(stock.parameters()).device

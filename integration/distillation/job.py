@@ -471,7 +471,7 @@ class _FoldedExport:
 
     def write(self, staging: Path, merged, tokenizer, report, windows, eval_corpora, eval_windows) -> None:
         """Fold the trained maps into a stock model, compare it on held-out text, and write it with both records."""
-        from ..export import ExportReport, apply_plan, plain_model, stock_from_state
+        from ..export import ExportReport, plain_model
         from ..measurement.perplexity import held_out_windows, perplexity_table
         from ..models import fit_context, write_checkpoint_files
         from .folded import fold_trained
@@ -484,8 +484,7 @@ class _FoldedExport:
             sizes = perplexity_sizes(device.type)
             count = sizes.num_samples if eval_windows is None else eval_windows
             evaluation = held_out_windows(tokenizer, eval_corpora, count, fit_context(config, None, sizes.seq_len))
-            untie = 0 in self.plan.maps
-            start = stock_from_state(apply_plan(merged, self.plan.transforms), config, untie, merged.generation_config)
+            start = self.plan.stock(merged)
             models = {"patched": merged, "training-free export": start, "export": stock, "plain": plain_model(merged)}
             perplexity = perplexity_table(models, evaluation, progress=True)
             report.perplexity = perplexity

@@ -75,11 +75,17 @@ def fixed_variant(hidden_size: int) -> PatchVariant:
     return PatchVariant("hadamard") if hadamard_supported(hidden_size) else PatchVariant("lstsq", DEFAULT_RIDGE)
 
 
+def default_holdout(count: int) -> int:
+    """How many of `count` calibration windows a choice by outcome holds out by default: one in eight, at least one
+    (`--patch auto`, `--metric loss`, the export's `--fold auto`)."""
+    return max(1, count // 8)
+
+
 def split_holdout(windows: TokenWindows, holdout: int | None) -> tuple[TokenWindows, TokenWindows]:
     """Split calibration windows into (fit, held out): the last `holdout` windows (default: one in eight, at least
     one) are held out. The windows are drawn at seeded random offsets, so the last ones are as random as any."""
     count = len(windows.input_ids)
-    holdout = max(1, count // 8) if holdout is None else holdout
+    holdout = default_holdout(count) if holdout is None else holdout
     if not 1 <= holdout < count:
         raise ValueError(
             f"Cannot hold out {holdout} of {count} calibration windows: scoring by outcome needs at least one window "
@@ -231,6 +237,7 @@ __all__ = [
     "RIDGE_GRID",
     "GapChoice",
     "HeldOutScorer",
+    "default_holdout",
     "PatchVariant",
     "fixed_variant",
     "patch_variants",
