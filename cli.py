@@ -380,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: fit a map on the MLP output before each gap (folded into that layer's down_proj) to each "
         "objective and keep the best on held-out calibration windows; down-proj: reproduce the patched stream; "
         "down-proj-dense / down-proj-cosine: reproduce the dense model's stream by least squares / cosine distance; "
-        "scalar: Prune&Comp scaling (exact for scalar patches). A gap at layer 0 is always folded exactly into the "
-        "embeddings",
+        "down-proj-rotated: the same by least squares together with a rotation and scale of the stream after the "
+        "gap, folded into every later layer and the head (Llama, Mistral, Qwen; unties the head); scalar: Prune&Comp "
+        "scaling (exact for scalar patches). A gap at layer 0 is always folded exactly into the embeddings",
     )
     export.add_argument(
         "--dense",

@@ -18,8 +18,11 @@ METRIC_SCORES = {
     "loss": "block start: held-out perplexity of the patched model, lower is better",
 }
 # What a map on the MLP output before a gap is fitted to reproduce (`folding.py`): the patched stream, or the dense
-# model's stream after the removed block by least squares or by cosine distance.
-DENSE_OBJECTIVES = ("down-proj-dense", "down-proj-cosine")  # the ones that need the dense model
+# model's stream after the removed block by least squares, by cosine distance, or by least squares together with a
+# rotation and scale of the stream after the gap.
+DENSE_OBJECTIVES = ("down-proj-dense", "down-proj-cosine", "down-proj-rotated")  # the ones that need the dense model
+# The objective whose fit also rotates and rescales the layers after the gap (see `folding.fit_rotated`).
+ROTATED_OBJECTIVE = "down-proj-rotated"
 FOLD_OBJECTIVES = ("down-proj", *DENSE_OBJECTIVES)
 # How `export` folds a patch into the stock architecture (`export.py`): a map fitted to one objective, `auto` (each
 # objective fitted and the best on held-out windows kept), or `scalar` (Prune&Comp).
@@ -27,6 +30,7 @@ FOLDS = ("auto", *FOLD_OBJECTIVES, "scalar")
 
 __all__ = [
     "DENSE_OBJECTIVES",
+    "ROTATED_OBJECTIVE",
     "FOLDS",
     "FOLD_OBJECTIVES",
     "METRICS",

@@ -19,9 +19,11 @@ elsewhere, and measures what that costs:
   exactly into its `down_proj` (`W <- T^T W`; a diagonal T into the norm after it in Gemma 3 and OLMo 2), fitted on
   calibration text so that `a + m T` (`a` the stream after that layer's attention) reproduces an objective:
   `down-proj` the patched stream `(a + m) P`, `down-proj-dense` and `down-proj-cosine` the dense model's stream
-  after the removed block (least squares, or cosine distance), which skips the patch's own approximation. `auto`
-  (the default) fits every objective per gap, scores each on held-out calibration windows (one in eight, as
-  `--patch auto` does) and keeps the best; a scalar patch's exact scalar fold is then a candidate too.
+  after the removed block (least squares, or cosine distance), which skips the patch's own approximation;
+  `down-proj-rotated` fits, with the map, a rotation and scale of the stream after the gap, folded exactly (up to
+  RMSNorm's eps) into every layer after it and the head (Llama-like layouts; the head is untied). `auto` (the
+  default) fits every objective per gap, scores each on held-out calibration windows (one in eight, as `--patch
+  auto` does) and keeps the best; a scalar patch's exact scalar fold is then a candidate too.
 
 `linearpatch_export.json` beside the weights records every candidate's score, and held-out perplexity of the patched
 checkpoint, the export and plain pruning, side by side.
@@ -42,15 +44,19 @@ from linearpatch.common.files import atomic_directory
 from linearpatch.common.names import EXPORT_RECORD
 from linearpatch.modeling import family_of
 
-from .choices import DENSE_OBJECTIVES, FOLD_OBJECTIVES, FOLDS
+from .choices import DENSE_OBJECTIVES, FOLD_OBJECTIVES, FOLDS, ROTATED_OBJECTIVE
 from .data import local_text_file, token_windows
 from .defaults import calibration_sizes, perplexity_sizes
 from .folding import (
+    FOLD_FRAMES,
     FOLD_MAPS,
     attach_fold_maps,
     detach_fold_maps,
     diagonal_maps,
     fit_map,
+    fit_rotated,
+    frame_norm_keys,
+    frame_transforms,
     map_site,
     map_transforms,
     relative_error,
@@ -241,15 +247,17 @@ def dense_streams(dense, config, positions, input_ids: torch.Tensor) -> dict[int
 
 
 @torch.no_grad()
-def heldout_perplexity(model, input_ids: torch.Tensor, maps: dict[int, torch.Tensor]) -> float:
-    """Perplexity of `model` (in memory or a [`layerwise_model`]) on `input_ids` with `maps` attached in place of
-    their patches (see [`attach_fold_maps`]): how a candidate fold scores."""
+def heldout_perplexity(
+    model, input_ids: torch.Tensor, maps: dict[int, torch.Tensor], frames: dict[int, torch.Tensor] | None = None
+) -> float:
+    """Perplexity of `model` (in memory or a [`layerwise_model`]) on `input_ids` with `maps` (and `frames`) attached
+    in place of their patches (see [`attach_fold_maps`]): how a candidate fold scores."""
     import math
 
     from .measurement.capture import logits_source
     from .measurement.perplexity import summed_next_token_nll
 
-    handles = attach_fold_maps(model, maps)
+    handles = attach_fold_maps(model, maps, frames)
     nll = 0.0
     try:
         with logits_source(model, input_ids) as logits_of:
@@ -272,26 +280,37 @@ class FoldPlan:
         maps (`dict[int, torch.Tensor]`): position -> the map folded there (`T`; `P` itself at layer 0), for every
             patch not folded as a scalar: what `distill --export` starts from.
         fixed (`dict[str, list]`): state-dict key -> the functions of the folds that are not maps (the scalar folds).
+        frames (`dict[int, torch.Tensor]`): position -> the frame `R` of a `down-proj-rotated` fold (see
+            `folding.fit_rotated`); `distill --export` keeps them as fitted.
+        norms (`dict[str, torch.Tensor]`): the reading RMSNorms' weights that the frames absorb.
     """
 
     config: object
     described: list[dict]
     maps: dict[int, torch.Tensor]
     fixed: dict[str, list] = field(default_factory=dict)
+    frames: dict[int, torch.Tensor] = field(default_factory=dict)
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def transforms(self, maps: dict[int, torch.Tensor] | None = None) -> dict[str, list]:
         """State-dict key -> the functions to apply to that tensor, in order: the fixed folds, then `maps` (by
-        default the plan's own; `distill --export` passes its trained ones)."""
+        default the plan's own; `distill --export` passes its trained ones), then the frames."""
         transforms = {key: list(functions) for key, functions in self.fixed.items()}
         _merge(transforms, map_transforms(self.config, self.maps if maps is None else maps))
+        _merge(transforms, frame_transforms(self.config, self.frames, self.norms))
         return transforms
+
+    def unties(self, maps: dict[int, torch.Tensor] | None = None) -> bool:
+        """Whether the export's head needs its own copy of the embeddings: a map at layer 0 changes the embeddings,
+        a frame changes the head."""
+        return 0 in (self.maps if maps is None else maps) or bool(self.frames)
 
     def stock(self, model, maps: dict[int, torch.Tensor] | None = None) -> PreTrainedModel:
         """The stock model of the LinearPatch `model` (its patches and any attached maps left out) with this plan
         folded in, `maps` in place of the plan's own if given."""
         maps = self.maps if maps is None else maps
         state = apply_plan(model, self.transforms(maps))
-        return stock_from_state(state, model.config, 0 in maps, model.generation_config)
+        return stock_from_state(state, model.config, self.unties(maps), model.generation_config)
 
 
 def _scalar_transforms(config, position: int, ratio: float) -> dict[str, list]:
@@ -323,6 +342,7 @@ def plan_folds(
     ridge: float = 1e-3,
     dense_at=None,
     score=None,
+    weight_of=None,
 ) -> FoldPlan:
     """How to fold every patch (see the module docstring), as functions of single tensors: a pure plan that applies
     to a state dict in memory or to tensors streamed from the shards one by one.
@@ -337,8 +357,10 @@ def plan_folds(
             the (weighted) Gram matrix.
         dense_at (`callable`, *optional*): `position -> y`, the dense model's stream there on the same windows (see
             [`dense_streams`]); needed by the dense objectives, which `auto` leaves out without it.
-        score (`callable`, *optional*): `(position, maps) -> held-out perplexity` of the patched model with `maps`
-            in place of that gap's patch (`{}`: the patch kept); needed by `auto`.
+        score (`callable`, *optional*): `(position, maps, frames) -> held-out perplexity` of the patched model with
+            `maps` (and `frames`) in place of that gap's patch (`{}`: the patch kept); needed by `auto`.
+        weight_of (`callable`, *optional*): state-dict key -> the checkpoint's tensor; `down-proj-rotated` reads the
+            norms it absorbs with it (`auto` leaves that objective out without it).
 
     Returns:
         [`FoldPlan`]
@@ -347,8 +369,15 @@ def plan_folds(
         raise LinearPatchError(f"Unknown fold {fold!r}: choose one of {', '.join(FOLDS)}.")
     where = family_of(config).residual
     diagonal = diagonal_maps(config)
+    rotatable = where.rotatable and weight_of is not None
+    if fold == ROTATED_OBJECTIVE and not where.rotatable:
+        raise LinearPatchError(
+            f"--fold {ROTATED_OBJECTIVE} rotates the stream after each gap, which {config.model_type}'s layers cannot "
+            "hold (their blocks do not all read it through plain RMSNorms and write it through Linear layers): "
+            "choose --fold auto or down-proj-dense."
+        )
     transforms: dict[str, list] = {}
-    described, maps = [], {}
+    described, maps, frames = [], {}, {}
     for position in sorted(patches):
         patch = patches[position]
         size = patch.shape[0]
@@ -366,6 +395,8 @@ def plan_folds(
             continue
         if fold == "auto":
             objectives = [o for o in FOLD_OBJECTIVES if o not in DENSE_OBJECTIVES or dense_at is not None]
+            if not rotatable:
+                objectives = [o for o in objectives if o != ROTATED_OBJECTIVE]
             if scalar:  # the scalar fold reproduces this patch itself: it stands in for the patched objective
                 objectives = ["scalar", *objectives[1:]]
             if len(objectives) > 1 and score is None:
@@ -379,18 +410,25 @@ def plan_folds(
             raise LinearPatchError(f"The {fold} fold needs the dense model (pass --dense MODEL).")
         a, m = stream_at(position)
         dense = dense_at(position) if needs_dense else None
-        candidates, errors = {}, {}
+        candidates, candidate_frames, errors = {}, {}, {}
         for objective in objectives:
             if objective == "scalar":
                 candidates[objective] = None
                 continue
             target = (a + m) @ patch if objective == "down-proj" else dense
-            candidates[objective] = fit_map(objective, a, m, target, diagonal, ridge)
-            errors[objective] = relative_error(a, m, target, candidates[objective])
+            if objective == ROTATED_OBJECTIVE:
+                candidates[objective], candidate_frames[objective] = fit_rotated(a, m, target, ridge)
+            else:
+                candidates[objective] = fit_map(objective, a, m, target, diagonal, ridge)
+            errors[objective] = relative_error(a, m, target, candidates[objective], candidate_frames.get(objective))
         scores = {}
         if len(candidates) > 1:
             scores = {
-                objective: score(position, {} if transform is None else {position: transform})
+                objective: score(
+                    position,
+                    {} if transform is None else {position: transform},
+                    {position: candidate_frames[objective]} if objective in candidate_frames else {},
+                )
                 for objective, transform in candidates.items()
             }
             chosen = min(candidates, key=scores.get)  # the first listed on a tie
@@ -404,8 +442,14 @@ def plan_folds(
             described.append(dict(entry, how=scalar_how, exact=exact_scalar))
             continue
         maps[position] = candidates[chosen]
-        described.append(dict(entry, how=map_site(config, position), exact=False, relative_error=errors[chosen]))
-    return FoldPlan(config, sorted(described, key=lambda item: item["position"]), maps, transforms)
+        how = map_site(config, position)
+        if chosen in candidate_frames:
+            frames[position] = candidate_frames[chosen]
+            after = "the head" if position == config.num_hidden_layers else f"kept layers {position}.. and the head"
+            how = f"{how}; {after} rotated and rescaled (scale {float(frames[position].norm() / size**0.5):.4g})"
+        described.append(dict(entry, how=how, exact=False, relative_error=errors[chosen]))
+    norms = {key: weight_of(key).double() for key in frame_norm_keys(config, min(frames))} if frames else {}
+    return FoldPlan(config, sorted(described, key=lambda item: item["position"]), maps, transforms, frames, norms)
 
 
 def apply_folds(tensor: torch.Tensor, functions: list) -> torch.Tensor:
@@ -468,10 +512,19 @@ def plan_model_folds(
     score = None
     if heldout_ids is not None:
 
-        def score(position: int, maps: dict) -> float:
-            return heldout_perplexity(model, heldout_ids, maps)
+        def score(position: int, maps: dict, frames: dict) -> float:
+            return heldout_perplexity(model, heldout_ids, maps, frames)
 
-    return plan_folds(config, patches, fold, stream_at, ridge, dense_at, score)
+    return plan_folds(config, patches, fold, stream_at, ridge, dense_at, score, _weight_reader(model))
+
+
+def _weight_reader(model):
+    """State-dict key -> the tensor of a LinearPatch model in memory, or read from the shards of a
+    [`layerwise_model`]."""
+    layerwise = getattr(model, "layerwise", None)
+    if layerwise is not None:
+        return layerwise.checkpoint.read
+    return lambda key: model.get_parameter(key).detach()
 
 
 def _patch_matrices(model) -> dict[int, torch.Tensor]:
@@ -513,7 +566,7 @@ def apply_plan(model, transforms: dict[str, list]) -> dict:
     state = {
         key: value.detach().clone()
         for key, value in model.state_dict().items()
-        if ".linear_patch." not in key and not key.startswith(f"{FOLD_MAPS}.")
+        if ".linear_patch." not in key and not key.startswith((f"{FOLD_MAPS}.", f"{FOLD_FRAMES}."))
     }
     if model.config.tie_word_embeddings:  # the head's own copy; only a fold at layer 0 makes it differ (and unties)
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
@@ -774,7 +827,7 @@ class SequentialExport:
                 dense_model = stack.enter_context(layerwise_model(dense, device=self.device, progress=self.progress))
             plan = self.plan = plan_model_folds(model, fold, input_ids, dense_model)
         transforms = plan.transforms()
-        untie = 0 in config.patch_positions
+        untie = plan.unties()
         stock = stock_config(config, untie)
         stock.dtype = torch.float32
         with torch.device("meta"):

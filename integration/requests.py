@@ -181,7 +181,7 @@ class ExportRequest(Request):
         checkpoint (`str`): a LinearPatch checkpoint (folder or Hub id).
         output (`str` or `Path`): the stock-architecture folder to create.
         fold (`str`): one of `FOLDS`: `auto` (each objective fitted, the best on held-out windows kept), `down-proj`,
-            `down-proj-dense`, `down-proj-cosine` or `scalar` (see `export.py`).
+            `down-proj-dense`, `down-proj-cosine`, `down-proj-rotated` or `scalar` (see `export.py`).
         dense (`str`, *optional*): the dense model, for the dense objectives (default: the checkpoint's
             `base_model`).
         calibration (`str`), num_samples (`int`, *optional*), seq_len (`int`, *optional*), seed (`int`): text for

@@ -45,6 +45,11 @@ class ResidualLayout:
         reads_through_norms (`bool`, *optional*, defaults to `True`): every block reads the stream through an
             RMSNorm, so a scalar on the stream moves into the writers exactly (up to eps). OLMo 2's blocks read the
             stream as it is: its scalar folds are approximations.
+        readers (`tuple[tuple[str, tuple[str, ...]], ...]`, *optional*): each RMSNorm (plain weight `w`) that reads
+            the stream and the Linear layers that read its output (Llama's: `input_layernorm` -> q, k, v;
+            `post_attention_layernorm` -> gate, up). With Linear writers, a rotation of the stream then folds exactly
+            into every layer (`down-proj-rotated`); `()` where it cannot (Gemma 3's `(1 + w)` norms and normalised
+            writers).
     """
 
     after_attention: str = "post_attention_layernorm"
@@ -52,6 +57,16 @@ class ResidualLayout:
     writers: tuple[str, str] = ("self_attn.o_proj", "mlp.down_proj")
     writer_norm_offset: float | None = None
     reads_through_norms: bool = True
+    readers: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    )
+
+    @property
+    def rotatable(self) -> bool:
+        """Whether a rotation and scale of the stream folds into the layers exactly (up to RMSNorm's eps): every block
+        reads it through a plain-weight RMSNorm into Linear layers, and writes it through Linear layers."""
+        return bool(self.readers) and self.writer_norm_offset is None and self.reads_through_norms
 
 
 LLAMA_RESIDUAL = ResidualLayout()
@@ -62,6 +77,7 @@ GEMMA3_RESIDUAL = ResidualLayout(
     mlp_output="post_feedforward_layernorm",
     writers=("post_attention_layernorm", "post_feedforward_layernorm"),
     writer_norm_offset=1.0,
+    readers=(),
 )
 # Config fields that describe the decoder layers: lists with one entry per layer (sliced to the kept layers), counts
 # of the first layers (`max_window_layers`: the first N use full attention; recounted over the kept layers), and

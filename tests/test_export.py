@@ -120,24 +120,42 @@ def _random_maps(model, positions, seed):
     return maps
 
 
+def _random_frames(model, positions, seed):
+    """A random rotation times a scale per position (a down-proj-rotated frame)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = model.config.hidden_size
+    frames = {}
+    for position in positions:
+        rotation, _ = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+        frames[position] = (0.5 + torch.rand((), generator=generator, dtype=torch.float64)) * rotation
+    return frames
+
+
 @pytest.mark.parametrize("family", list(FAMILY_OVERRIDES))
 def test_map_folds_are_exact_for_every_family(family):
     """The exported model equals the model it folds: the pruned model with each map applied to the MLP output of the
-    layer before its gap (the embeddings at layer 0), patches bypassed, at every kind of gap."""
+    layer before its gap (the embeddings at layer 0), and each frame to the stream after it, patches bypassed, at
+    every kind of gap."""
     from linearpatch.integration.distillation.folded import fold_trained
     from linearpatch.integration.export import FoldPlan
-    from linearpatch.integration.folding import attach_fold_maps
+    from linearpatch.integration.folding import attach_fold_maps, frame_norm_keys
 
     dense = tiny_family(family, **REALISTIC)
     # A gap at layer 0, one in the middle, and one that reaches the last layer (its map on the last kept layer).
     patched = prune_layers(dense, [0, 2, 5], patches=[random_patch(64, 1), random_patch(64, 2), random_patch(64, 3)])
     assert patched.config.patch_positions == [0, 1, 3]
     maps = _random_maps(patched, patched.config.patch_positions, seed=4)
-    handles = attach_fold_maps(patched, maps)
+    # Where the layout allows, both later gaps also rotate and rescale the stream after them (down-proj-rotated):
+    # two frames, so that their composition over the layers after the second gap is checked too.
+    frames = _random_frames(patched, [1, 3], seed=5) if FAMILIES[family].residual.rotatable else {}
+    norms = {key: patched.get_parameter(key).detach().double() for key in frame_norm_keys(patched.config, 1)}
+    handles = attach_fold_maps(patched, maps, frames)
     with torch.no_grad():
         mapped = patched(INPUT_IDS).logits
-    stock, _, difference = fold_trained(patched, handles, FoldPlan(patched.config, [], maps), INPUT_IDS)
+    plan = FoldPlan(patched.config, [], maps, frames=frames, norms=norms)
+    stock, _, difference = fold_trained(patched, handles, plan, INPUT_IDS)
     assert type(stock) is FAMILIES[family].dense_causal_lm_class and not hasattr(patched, "fold_maps")
+    assert not hasattr(patched, "fold_frames")
     with torch.no_grad():
         assert (stock(INPUT_IDS).logits - mapped).abs().max().item() <= 1e-4
         assert difference <= 1e-4
@@ -155,7 +173,9 @@ def test_fold_auto_scores_every_objective_and_keeps_the_best(family):
     stock, folds = export_model(patched, "auto", windows, dense=dense)
     (fold,) = folds
     scores = fold["heldout_perplexity"]
-    assert list(scores) == ["down-proj", "down-proj-dense", "down-proj-cosine"]
+    # Gemma 3's normalised writers cannot hold a rotation of the stream: auto leaves that objective out there.
+    rotated = ["down-proj-rotated"] if FAMILIES[family].residual.rotatable else []
+    assert list(scores) == ["down-proj", "down-proj-dense", "down-proj-cosine", *rotated]
     assert fold["objective"] == min(scores, key=scores.get)
     # The recorded score is the export's own perplexity on the held-out windows.
     _, held_out = split_fit_heldout(windows)
@@ -163,6 +183,9 @@ def test_fold_auto_scores_every_objective_and_keeps_the_best(family):
     # Without the dense model only the patched objective is left: nothing to compare, nothing held out.
     (without_dense,) = export_model(patched, "auto", windows)[1]
     assert without_dense["objective"] == "down-proj" and "heldout_perplexity" not in without_dense
+    if not rotated:  # asked for by name, it is refused with the reason and what to choose instead
+        with pytest.raises(ValueError, match="cannot hold.*choose --fold auto or down-proj-dense"):
+            export_model(patched, "down-proj-rotated", windows, dense=dense)
 
 
 def test_fold_objectives_fit_their_targets():
@@ -187,6 +210,24 @@ def test_fold_objectives_fit_their_targets():
         fit_map("dense", a, m, target)
 
 
+def test_rotated_fit_reaches_a_stream_that_no_map_on_the_mlp_output_can():
+    """A target that rotates and rescales the whole stream (not only the MLP output's part): down-proj-rotated fits
+    it almost exactly, with a frame that is a scale times a rotation, where the map alone cannot."""
+    from linearpatch.integration.folding import fit_map, fit_rotated, relative_error, split_frame
+
+    generator = torch.Generator().manual_seed(1)
+    a, m = torch.randn(2048, 16, generator=generator).double(), torch.randn(2048, 16, generator=generator).double()
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))
+    truth = torch.eye(16, dtype=torch.float64) + 0.3 * torch.randn(16, 16, generator=generator).double()
+    target = 1.7 * (a + m @ truth) @ rotation
+    transform, frame = fit_rotated(a, m, target, ridge=0)
+    scale, fitted = split_frame(frame)
+    assert torch.allclose(fitted @ fitted.T, torch.eye(16, dtype=torch.float64), atol=1e-10)
+    assert relative_error(a, m, target, transform, frame) < 1e-3
+    assert relative_error(a, m, target, fit_map("down-proj-dense", a, m, target, ridge=0)) > 0.5
+    assert scale == pytest.approx(1.7, rel=1e-3)
+
+
 def test_export_cli_auto_uses_the_dense_model_and_refuses_a_dense_fold_without_one(checkpoint, tmp_path, capsys):
     _prune(checkpoint, str(tmp_path / "p"), "--layers", "2-3")
     output = tmp_path / "e"
@@ -194,7 +235,7 @@ def test_export_cli_auto_uses_the_dense_model_and_refuses_a_dense_fold_without_o
     record = json.loads((output / "linearpatch_export.json").read_text())
     (fold,) = record["folds"]
     assert record["fold"] == "auto" and record["dense"] == str(checkpoint)
-    assert set(fold["heldout_perplexity"]) == {"down-proj", "down-proj-dense", "down-proj-cosine"}
+    assert set(fold["heldout_perplexity"]) == {"down-proj", "down-proj-dense", "down-proj-cosine", "down-proj-rotated"}
     assert "held-out calibration perplexity" in capsys.readouterr().out
     code = main(["export", str(tmp_path / "p"), "--fold", "down-proj-dense", "--output", str(tmp_path / "x"), *QUICK])
     assert code == 2 and "pass --dense" in capsys.readouterr().err and not (tmp_path / "x").exists()

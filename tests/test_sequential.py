@@ -242,13 +242,13 @@ def test_student_device_map_only_when_it_does_not_fit():
     assert choose_device_map(10**9, "cpu", "200MB") == {}  # nowhere to spread to on a CPU
 
 
-@pytest.mark.parametrize("fold", ["down-proj", "scalar", "auto"])
+@pytest.mark.parametrize("fold", ["down-proj", "scalar", "auto", "down-proj-rotated"])
 def test_cli_sequential_export_writes_the_in_memory_tensors(
     tmp_path, sharded_dense, sharded_pruned, fold, linearpatch_cli
 ):
     pruned = sharded_pruned
     common = ["export", str(pruned), "--fold", fold, "--num-samples", "3", "--seq-len", "32", "--eval-windows", "1"]
-    if fold == "auto":  # the dense objectives, fitted to a dense model run layer by layer too
+    if fold in ("auto", "down-proj-rotated"):  # the dense objectives, fitted to a dense model run layer by layer too
         common += ["--dense", str(sharded_dense)]
     in_memory = linearpatch_cli(*common, "--output", str(tmp_path / "memory"))
     assert in_memory.returncode == 0, in_memory.stderr
@@ -276,4 +276,4 @@ def test_cli_sequential_export_writes_the_in_memory_tensors(
     assert words[0] == words[1] and len(numbers[0]) == len(numbers[1])
     for seq, memory in zip(numbers[0] + scores[0], numbers[1] + scores[1], strict=True):
         assert seq == pytest.approx(memory, rel=1e-5)
-    assert fold != "auto" or len(scores[0][0]) == 3
+    assert fold != "auto" or len(scores[0][0]) == 4

@@ -306,7 +306,7 @@ def _distill_checkpoint_job(
     identity = base_identity(student)
     weights_of = patch_weights
     if folded is not None:
-        folded.handles = attach_fold_maps(student, folded.plan.maps)
+        folded.handles = attach_fold_maps(student, folded.plan.maps, folded.plan.frames)
         weights_of = _map_weights
         if not from_finished:  # a finished training is loaded onto the bare student below
             student = get_patch_peft_model(student, target_modules=target_modules(folded.plan.maps))

@@ -44,7 +44,9 @@ def capture_input(model: nn.Module, module: nn.Module, **inputs) -> torch.Tensor
         captured["hidden"] = args[0] if args else kwargs["hidden_states"]
         raise StopForward
 
-    handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+    # First of `module`'s pre-hooks: what enters it, before any hook changes it (the export's frames are pre-hooks,
+    # which a layer-by-layer logits pass applies when it calls the module on what is captured here).
+    handle = module.register_forward_pre_hook(capture, with_kwargs=True, prepend=True)
     try:
         model(**inputs)
     except StopForward:
