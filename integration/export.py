@@ -60,6 +60,7 @@ from .folding import (
     map_site,
     map_transforms,
     relative_error,
+    split_frame,
 )
 from .layerwise import choose_sequential
 from .measurement.capture import run_until
@@ -147,7 +148,7 @@ class ExportReport:
 
 def stock_config(config, untie: bool = False) -> PreTrainedConfig:
     """The family's own config (`LlamaConfig`, `Qwen3Config`, ...) of a LinearPatch config: same kept layers (and
-    per-layer fields), no LinearPatch fields, no remote code; with `untie` (the embeddings were folded: a map at
+    per-layer fields), no LinearPatch fields, no remote code; with `untie` (a frame, or the embeddings folded: a map at
     layer 0) the head keeps its own copy."""
     family = family_of(config)
     values = {key: value for key, value in config.to_dict().items() if key not in _LINEARPATCH_FIELDS}
@@ -446,7 +447,7 @@ def plan_folds(
         if chosen in candidate_frames:
             frames[position] = candidate_frames[chosen]
             after = "the head" if position == config.num_hidden_layers else f"kept layers {position}.. and the head"
-            how = f"{how}; {after} rotated and rescaled (scale {float(frames[position].norm() / size**0.5):.4g})"
+            how = f"{how}; {after} rotated and rescaled (scale {split_frame(frames[position])[0]:.4g})"
         described.append(dict(entry, how=how, exact=False, relative_error=errors[chosen]))
     norms = {key: weight_of(key).double() for key in frame_norm_keys(config, min(frames))} if frames else {}
     return FoldPlan(config, sorted(described, key=lambda item: item["position"]), maps, transforms, frames, norms)
@@ -568,7 +569,7 @@ def apply_plan(model, transforms: dict[str, list]) -> dict:
         for key, value in model.state_dict().items()
         if ".linear_patch." not in key and not key.startswith((f"{FOLD_MAPS}.", f"{FOLD_FRAMES}."))
     }
-    if model.config.tie_word_embeddings:  # the head's own copy; only a fold at layer 0 makes it differ (and unties)
+    if model.config.tie_word_embeddings:  # the head's own copy: a fold at layer 0 or a frame makes them differ
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     for key, functions in transforms.items():
         if key in state:
@@ -578,7 +579,7 @@ def apply_plan(model, transforms: dict[str, list]) -> dict:
 
 def stock_from_state(state: dict, config, untie: bool, generation_config=None) -> PreTrainedModel:
     """The stock causal LM of the LinearPatch `config`'s family holding the folded `state`; its head keeps its own
-    copy when `untie` (the embeddings were folded: a map at layer 0)."""
+    copy when `untie` (a map at layer 0 folded into the embeddings, or a frame into the head)."""
     stock_configuration = stock_config(config, untie)
     stock_configuration.dtype = state["model.embed_tokens.weight"].dtype
     with torch.device(state["model.embed_tokens.weight"].device), no_init_weights():
