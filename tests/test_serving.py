@@ -162,7 +162,12 @@ def readme_folder(smollm2_pruned, tmp_path_factory):
     folder = tmp_path_factory.mktemp("readme-serving")
     (folder / "pruned").symlink_to(smollm2_pruned)
     export = ["export", str(smollm2_pruned), "--num-samples", "2", "--seq-len", "64", "--eval-windows", "0"]
+    # The fold that rewrites the most (two frames: every layer after the first gap, the norms' weights moved into
+    # the Linear layers that read them, an untied head), so that vLLM's native Llama is checked on all of it.
+    export += ["--fold", "down-proj-rotated"]
     assert main([*export, "--output", str(folder / "pruned-stock")]) == 0
+    folds = json.loads((folder / "pruned-stock" / "linearpatch_export.json").read_text())["folds"]
+    assert [fold["objective"] for fold in folds] == ["down-proj-rotated"] * 2
     return folder
 
 
