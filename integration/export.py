@@ -533,15 +533,8 @@ def _patch_matrices(model) -> dict[int, torch.Tensor]:
     [`layerwise_model`])."""
     from linearpatch.modeling.pruning import patch_key
 
-    config = model.config
-    layerwise = getattr(model, "layerwise", None)
-    if layerwise is not None:
-        return {p: layerwise.checkpoint.read(patch_key(config, p)).double() for p in config.patch_positions}
-    patches = {}
-    for position in config.patch_positions:
-        owner = model.model.norm if position == config.num_hidden_layers else model.model.layers[position]
-        patches[position] = owner.linear_patch.weight.detach().double()
-    return patches
+    read = _weight_reader(model)
+    return {p: read(patch_key(model.config, p)).double() for p in model.config.patch_positions}
 
 
 def fold_state_dict(
