@@ -10,7 +10,10 @@ Embedded corpora come from installed packages, so the whole flow runs without th
 
 import difflib
 import hashlib
+import importlib.util
 import json
+import logging
+import os
 import random
 import re
 from collections.abc import Callable
@@ -18,14 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.files import write_text_atomically
+from linearpatch.common.files import clean_stale_staging, staging_path, write_text_atomically
 
 from .models import cache_dir
 
 WIKIPEDIA_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+logger = logging.getLogger("linearpatch")
+
 EVAL_EVERY = 5  # every fifth Wikipedia article is held out for evaluation
+
+
+def _gensim_data(name: str) -> Path:
+    """A file of the gensim wheel's test data, found without importing gensim (seconds of scipy imports)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - depends on the install
+        raise RuntimeError("The embedded corpora need gensim: `pip install 'linearpatch[embedded]'`.")
+    return Path(spec.submodule_search_locations[0], "test", "test_data", name)
 
 
 def _wikipedia_articles() -> list[str]:
@@ -35,7 +50,6 @@ def _wikipedia_articles() -> list[str]:
         return json.loads(cached.read_text())
     try:
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-        from gensim.test.utils import datapath
     except ImportError as error:  # pragma: no cover - depends on the install
         raise RuntimeError(
             "The embedded Wikipedia corpus needs gensim: `pip install 'linearpatch[embedded]'`."
@@ -43,7 +57,7 @@ def _wikipedia_articles() -> list[str]:
     import bz2
 
     articles = []
-    with bz2.open(datapath(WIKIPEDIA_DUMP), "rt", encoding="utf-8") as stream:
+    with bz2.open(_gensim_data(WIKIPEDIA_DUMP), "rt", encoding="utf-8") as stream:
         for title, text, _ in extract_pages(stream):
             if text.lstrip().lower().startswith("#redirect"):
                 continue
@@ -56,9 +70,8 @@ def _wikipedia_articles() -> list[str]:
 
 
 def _lee_news() -> list[str]:
-    from gensim.test.utils import datapath
-
-    return [line.strip() for line in Path(datapath("lee_background.cor")).read_text().splitlines() if line.strip()]
+    text = _gensim_data("lee_background.cor").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _pydoc_topics() -> list[str]:
@@ -151,14 +164,65 @@ def load_texts(source: str, text_field: str = "text") -> list[str]:
     return texts
 
 
-def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
-    """All documents tokenised and concatenated, each followed by EOS so that windows may cross documents."""
+def _stream_key(texts: list[str], tokenizer) -> str | None:
+    """What a token stream depends on, hashed: the texts, the tokenizer's whole definition (its `tokenizer.json`) and
+    EOS, and the library versions that run it. None for a tokenizer without a serialisable backend (slow tokenizers),
+    whose stream is not cached."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256()
+    parts = (tokenizers.__version__, transformers.__version__, type(tokenizer).__name__, str(tokenizer.eos_token_id))
+    for part in (*parts, backend.to_str(), *texts):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _tokenize(texts: list[str], tokenizer, batch: int = 64) -> torch.Tensor:
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.extend(separator)
+    for start in range(0, len(texts), batch):  # batched: half the time of one call per document, same ids
+        for document in tokenizer(texts[start : start + batch], add_special_tokens=False)["input_ids"]:
+            ids.extend(document)
+            ids.extend(separator)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """All documents tokenised and concatenated, each followed by EOS so that windows may cross documents.
+
+    Every command cuts windows from a whole corpus (calibration, training, held-out perplexity), and tokenising one
+    takes seconds (the 2.5 MB calibration corpus: about 3 s on one core), so the stream is kept under
+    `cache_dir()/tokens`, keyed by [`_stream_key`]. The cache only saves time: one that cannot be read is rebuilt, one
+    that cannot be written (read-only or full disk) is skipped.
+    """
+    key = _stream_key(texts, tokenizer)
+    if key is None:
+        return _tokenize(texts, tokenizer)
+    cached = cache_dir() / "tokens" / f"{key}.safetensors"
+    if cached.is_file():
+        try:
+            return load_file(str(cached))["input_ids"].long()
+        except Exception as error:  # a damaged cache entry is rebuilt, whatever the damage
+            logger.debug("linearpatch: rebuilding the token cache %s (%s)", cached, error)
+    stream = _tokenize(texts, tokenizer)
+    staging = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(cached.parent)  # what a killed run left
+        staging = staging_path(cached)
+        save_file({"input_ids": stream.to(torch.int32)}, str(staging))
+        os.replace(staging, cached)
+    except (OSError, SafetensorError) as error:
+        logger.debug("linearpatch: not caching the token stream at %s (%s)", cached, error)
+    finally:
+        if staging is not None:
+            staging.unlink(missing_ok=True)
+    return stream
 
 
 @dataclass

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import linearpatch.integration.data as data
 from linearpatch.integration.data import load_texts, token_windows
 
 
@@ -9,7 +10,9 @@ class CharacterTokenizer:
 
     eos_token_id = 0
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text: str | list[str], add_special_tokens=False):
+        if isinstance(text, list):
+            return {"input_ids": [self(one)["input_ids"] for one in text]}
         return {"input_ids": [b + 1 for b in text.encode()]}
 
 
@@ -51,3 +54,47 @@ def test_empty_and_short_data_are_clear_errors(tmp_path):
         token_windows(str(tmp_path / "short.txt"), CharacterTokenizer(), 2, 64)
     with pytest.raises(ValueError, match="not an embedded corpus"):
         load_texts("no-such-corpus-anywhere")
+
+
+def test_the_token_stream_is_cached_by_text_and_tokenizer(smollm2_tokenizer, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LINEARPATCH_CACHE", str(cache))
+    source = tmp_path / "text.txt"
+    source.write_text("\n\n".join(f"Paragraph {i}: the patch restores the magnitudes at the cut." for i in range(40)))
+    texts = load_texts(str(source))
+
+    def stream_of(tokenizer) -> list[int]:  # what the stream is: each document tokenised on its own, then EOS
+        ids = []
+        for text in texts:
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return ids
+
+    def chunked(tokenizer) -> list[int]:
+        return token_windows(str(source), tokenizer, None, 2, sampling="chunked").input_ids.flatten().tolist()
+
+    stream = stream_of(smollm2_tokenizer)
+    cold = token_windows(str(source), smollm2_tokenizer, 4, 16, seed=3)
+    assert chunked(smollm2_tokenizer) == stream[: len(stream) // 2 * 2]
+    (entry,) = (cache / "tokens").iterdir()
+
+    def tokenised_again(*arguments, **options):
+        raise AssertionError("the cached stream was tokenised again")
+
+    with monkeypatch.context() as patched:  # a warm cache gives the same windows without tokenising
+        patched.setattr(data, "_tokenize", tokenised_again)
+        warm = token_windows(str(source), smollm2_tokenizer, 4, 16, seed=3)
+        assert torch.equal(warm.input_ids, cold.input_ids) and warm.total_tokens == len(stream)
+    # The same vocabulary with another EOS, or another text, is another entry: never the stale stream.
+    other_eos = type(smollm2_tokenizer).from_pretrained(smollm2_tokenizer.name_or_path, eos_token="<|im_start|>")
+    other_stream = stream_of(other_eos)
+    assert other_stream != stream and chunked(other_eos) == other_stream[: len(other_stream) // 2 * 2]
+    source.write_text(source.read_text() + "\n\nOne more paragraph.")
+    assert token_windows(str(source), smollm2_tokenizer, 1, 16).total_tokens > len(stream)
+    assert len(list((cache / "tokens").iterdir())) == 3
+    # A damaged entry is rebuilt; a cache that cannot be written only costs the time.
+    source.write_text("\n\n".join(texts))
+    entry.write_bytes(b"not safetensors")
+    assert torch.equal(token_windows(str(source), smollm2_tokenizer, 4, 16, seed=3).input_ids, cold.input_ids)
+    assert data.load_file(str(entry))["input_ids"].tolist() == stream
+    monkeypatch.setenv("LINEARPATCH_CACHE", "/proc/linearpatch-cache")
+    assert torch.equal(token_windows(str(source), smollm2_tokenizer, 4, 16, seed=3).input_ids, cold.input_ids)
