@@ -277,15 +277,19 @@ def test_cli_holds_no_training_saving_or_evaluation_logic():
     assert imported <= allowed, imported - allowed
 
 
-def test_importing_modeling_pulls_in_nothing_else():
+def test_importing_modeling_or_the_teacher_child_pulls_in_nothing_else():
+    # The teacher-cache child that every `distill` starts runs the teacher only: not the Trainer's imports.
     code = (
         "import sys, linearpatch.modeling, linearpatch\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in ('peft', 'lm_eval', 'datasets', 'matplotlib')\n"
         "         or m.startswith(('linearpatch.integration', 'linearpatch.hub_tools', 'linearpatch.cli'))]\n"
         "print(heavy)\n"
+        "from linearpatch.integration.distillation.teacher_cache import run_child\n"
+        "print([m for m in sys.modules if m.split('.')[0] in ('peft', 'lm_eval', 'datasets', 'pandas')\n"
+        "       or m.endswith(('distillation.trainer', 'distillation.job'))])\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.split() == ["[]", "[]"]
 
 
 def test_package_data_and_packages_exist():
