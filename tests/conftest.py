@@ -13,6 +13,11 @@ os.environ.setdefault("HF_MODULES_CACHE", str(Path(_HF_HOME) / "modules"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every default size (calibration, training, held-out perplexity, figures, lm-eval documents) at its smoke-test value,
+# in this process and every command a test starts: the tests check what a command does, not what it measures, and on
+# the tiny models' 49152-token vocabulary the CPU defaults' held-out perplexity alone took seconds per command.
+# Explicit flags still win; tests/test_api.py checks the default sizes themselves with this unset.
+os.environ.setdefault("LINEARPATCH_QUICK", "1")
 # Under pytest-xdist, one torch thread per core in all: each worker's torch, and every CLI process a test starts (they
 # inherit this), would otherwise start one OpenMP thread per core, and 4 threads on 2 cores spin against each other
 # (measured, test_families + test_search + test_sequential at -n 2: 237 s with the default, 166 s with one each; -n 3

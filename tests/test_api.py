@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearpatch
 from linearpatch.cli import main
-from linearpatch.integration.defaults import CALIBRATION
+from linearpatch.integration.defaults import CALIBRATION, Sizes
 
 
 def test_public_names_resolve_lazily():
@@ -17,7 +17,27 @@ def test_public_names_resolve_lazily():
         assert callable(getattr(linearpatch, name)), name
 
 
-def test_api_and_cli_use_the_same_default_calibration(tiny_checkpoint, tmp_path):
+def test_default_sizes_follow_the_device_unless_quick(monkeypatch):
+    from linearpatch.integration import defaults
+
+    monkeypatch.delenv("LINEARPATCH_QUICK")  # the suite runs at smoke-test sizes (tests/conftest.py)
+    assert (defaults.calibration_sizes("cpu"), defaults.calibration_sizes("cuda:1")) == (
+        Sizes(32, 512),
+        Sizes(128, 2048),
+    )
+    assert (defaults.distillation_sizes("cpu"), defaults.perplexity_sizes("cuda")) == (
+        Sizes(256, 512),
+        Sizes(64, 2048),
+    )
+    assert (defaults.task_limit("cpu"), defaults.task_limit("cuda")) == (100, None)
+    monkeypatch.setenv("LINEARPATCH_QUICK", "1")
+    for device in ("cpu", "cuda"):
+        assert defaults.calibration_sizes(device) == defaults.distillation_sizes(device) == Sizes(4, 64)
+        assert (defaults.perplexity_sizes(device), defaults.task_limit(device)) == (Sizes(2, 64), 8)
+
+
+def test_api_and_cli_use_the_same_default_calibration(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.delenv("LINEARPATCH_QUICK")  # the CPU defaults themselves, as a user gets them
     dense, tokenizer = linearpatch.load_model(str(tiny_checkpoint), device="cpu")
     _, report = linearpatch.prune(dense, tokenizer, num_layers=2, progress=False)
     cpu = CALIBRATION["cpu"]

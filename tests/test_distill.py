@@ -303,11 +303,13 @@ def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(
     info = validate_folder(output)  # what `push` checks and writes on the card: the measured comparison
     card = str(model_card(info, "org/distilled-export"))
     assert info.kind == "export" and "distilled from" in card and "| training-free export |" in card
-    # Training moved the folded map away from its training-free start, and only the layer it folds into.
-    assert (
-        main(["export", str(tiny_pruned_checkpoint), "--dense", str(tiny_checkpoint), "--output", str(start), *common])
-        == 0
-    )
+    # Training moved the folded map away from its training-free start (`export` on the same calibration windows: the
+    # default sizes, as --num-samples and --seq-len size distill's training windows, and distill's seed), and only
+    # the layer it folds into.
+    export = ["export", str(tiny_pruned_checkpoint), "--dense", str(tiny_checkpoint), "--output", str(start)]
+    assert main([*export, *common[4:], "--seed", str(record["calibration"]["seed"])]) == 0
+    assert json.loads((start / "linearpatch_export.json").read_text())["calibration"] == record["calibration"]
+    assert json.loads((start / "linearpatch_export.json").read_text())["folds"][0]["objective"] == fold["objective"]
     trained, fitted = load_file(output / "model.safetensors"), load_file(start / "model.safetensors")
     changed = {key for key in trained if not torch.equal(trained[key], fitted[key])}
     assert changed == {"model.layers.1.mlp.down_proj.weight"}
