@@ -2,6 +2,7 @@
 untrained result, no input is ever overwritten, bad input ends in one line before any expensive work, and the README's
 adapter and serve steps work as written."""
 
+import contextlib
 import json
 import os
 import resource
@@ -223,20 +224,23 @@ def test_forked_workers_end_quietly_when_their_pool_is_terminated(monkeypatch, c
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
-def _limited_run(arguments: list[str], limit: int = 2_000_000) -> subprocess.CompletedProcess:
-    """A CLI run in which no file may grow past `limit` bytes: writes fail as on a full disk (EFBIG)."""
+@contextlib.contextmanager
+def full_disk(limit: int = 2_000_000):
+    """No file this process (or a child it starts) writes may grow past `limit` bytes: writes fail as on a full disk
+    (EFBIG; Python ignores SIGXFSZ). Only the soft limit is lowered, so it is raised back after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    return subprocess.run(
-        [sys.executable, "-m", "linearpatch.cli", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=limit_file_size,
-    )
+def _limited_run(cli, arguments: list[str]):
+    """`linearpatch ARGS...` in this process (the `linearpatch_cli` fixture) on a full disk."""
+    with full_disk():
+        return cli(*arguments)
 
 
 def test_a_full_disk_is_one_line_and_distill_keeps_its_training(tiny_checkpoint, pruned, tmp_path, linearpatch_cli):
@@ -248,13 +252,13 @@ def test_a_full_disk_is_one_line_and_distill_keeps_its_training(tiny_checkpoint,
         "export": ["export", str(pruned), *QUICK, "--eval-windows", "1"],
     }
     for name, arguments in runs.items():
-        result = _limited_run([*arguments, "--output", str(tmp_path / name)])
+        result = _limited_run(linearpatch_cli, [*arguments, "--output", str(tmp_path / name)])
         assert_one_line_error(result.returncode, result.stderr, "Could not write", "File too large")
         assert not (tmp_path / name).exists()
     output = tmp_path / "distilled"
     distill = ["distill", str(pruned), "--teacher", str(tiny_checkpoint), *DISTILL]
     distill += ["--cache-dir", str(tmp_path / "cache"), "--output", str(output)]
-    result = _limited_run(distill)
+    result = _limited_run(linearpatch_cli, distill)
     assert_one_line_error(result.returncode, result.stderr, "Could not write", "--resume")
     assert (tmp_path / "distilled.work" / "finished-adapter").is_dir() and not output.exists()
     resumed = linearpatch_cli(*distill, "--resume")  # the disk has room again
@@ -264,7 +268,7 @@ def test_a_full_disk_is_one_line_and_distill_keeps_its_training(tiny_checkpoint,
     # The same for `distill --export`: its trained fold maps are kept and folded on resume.
     exported = tmp_path / "distilled-export"
     distill_export = [*distill[:-1], str(exported), "--export", "--eval-windows", "0"]
-    result = _limited_run(distill_export)
+    result = _limited_run(linearpatch_cli, distill_export)
     assert_one_line_error(result.returncode, result.stderr, "Could not write", "--resume")
     assert (tmp_path / "distilled-export.work" / "finished-adapter").is_dir() and not exported.exists()
     resumed = linearpatch_cli(*distill_export, "--resume")

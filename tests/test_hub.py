@@ -64,10 +64,17 @@ def patched_checkpoint(tiny_checkpoint, tmp_path_factory):
     return path, patched
 
 
-def test_full_checkpoint_round_trip(hub, patched_checkpoint, tmp_path):
+def test_checkpoint_and_its_adapter_round_trip(hub, patched_checkpoint, tmp_path, capsys):
+    """Push a checkpoint, pull it (online, then offline from the cache), push a patch adapter trained on it, and load
+    both from the Hub where linearpatch is not installed: the same logits as before pushing. (One test, so that the
+    adapter's base is the pushed checkpoint and one package-free process loads both.)"""
+    from linearpatch.cli import main
+    from linearpatch.integration.distillation.trainer import get_patch_peft_model
+
     state, endpoint = hub
     path, patched = patched_checkpoint
-    pushed = cli("push", str(path), "org/tiny-patched", env=hub_env(endpoint, tmp_path / "home-push"))
+    env = hub_env(endpoint, tmp_path / "home-push")
+    pushed = cli("push", str(path), "org/tiny-patched", env=env)
     assert pushed.returncode == 0, pushed.stderr[-3000:]
     assert set(state.files("org/tiny-patched", "main")[1]) >= {
         "model.safetensors",
@@ -84,20 +91,6 @@ def test_full_checkpoint_round_trip(hub, patched_checkpoint, tmp_path):
     assert offline.returncode == 0, offline.stderr[-3000:]
     assert "files verified" in offline.stdout and " 0 files verified" not in offline.stdout
 
-    input_ids = torch.randint(3, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = patched(input_ids).logits
-    (got,) = logits_without_package(["org/tiny-patched"], input_ids, env=hub_env(endpoint, tmp_path / "home-load"))
-    assert (want - got).abs().max().item() <= 1e-5
-
-
-def test_adapter_round_trip(hub, patched_checkpoint, tmp_path):
-    from linearpatch.integration.distillation.trainer import get_patch_peft_model
-
-    state, endpoint = hub
-    path, _ = patched_checkpoint
-    env = hub_env(endpoint, tmp_path / "home-push")
-    assert cli("push", str(path), "org/tiny-base", env=env).returncode == 0
     model = get_patch_peft_model(AutoModelForCausalLM.from_pretrained(path))
     with torch.no_grad():
         for parameter in model.parameters():
@@ -105,21 +98,25 @@ def test_adapter_round_trip(hub, patched_checkpoint, tmp_path):
                 parameter.add_(0.01 * torch.randn_like(parameter))
     model.peft_config["default"].base_model_name_or_path = str(path)  # a local path, as after training
     model.save_pretrained(tmp_path / "adapter")
-    refused = cli("push", str(tmp_path / "adapter"), "org/tiny-adapter", env=env)
-    assert refused.returncode == 2 and "--base-model ORG/NAME" in refused.stderr
-    pushed = cli("push", str(tmp_path / "adapter"), "org/tiny-adapter", "--base-model", "org/tiny-base", env=env)
+    # Refused before the Hub is asked: a local base path means nothing there.
+    assert main(["push", str(tmp_path / "adapter"), "org/tiny-adapter"]) == 2
+    assert "--base-model ORG/NAME" in capsys.readouterr().err
+    arguments = ("push", str(tmp_path / "adapter"), "org/tiny-adapter", "--base-model", "org/tiny-patched")
+    pushed = cli(*arguments, env=env)
     assert pushed.returncode == 0, pushed.stderr[-3000:]
     files = state.files("org/tiny-adapter", "main")[1]
-    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-base"
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-patched"
     card = files["README.md"].decode()
-    assert "base_model: org/tiny-base" in card and str(tmp_path) not in card
-    input_ids = torch.randint(3, 1000, (1, 10), generator=torch.Generator().manual_seed(1))
+    assert "base_model: org/tiny-patched" in card and str(tmp_path) not in card
+
+    input_ids = torch.randint(3, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = model(input_ids=input_ids).logits
-    (got,) = logits_without_package(
-        ["adapter:org/tiny-adapter"], input_ids, env=hub_env(endpoint, tmp_path / "home-load")
+        want = [patched(input_ids).logits, model(input_ids=input_ids).logits]
+    got = logits_without_package(
+        ["org/tiny-patched", "adapter:org/tiny-adapter"], input_ids, env=hub_env(endpoint, tmp_path / "home-load")
     )
-    assert (want - got).abs().max().item() <= 1e-5
+    for name, expected, loaded in zip(("checkpoint", "adapter"), want, got, strict=True):
+        assert (expected - loaded).abs().max().item() <= 1e-5, name
 
 
 def test_interrupted_push_leaves_nothing_and_retry_succeeds(hub, patched_checkpoint, tmp_path):
