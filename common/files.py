@@ -265,6 +265,21 @@ def write_text_atomically(path: str | Path, text: str, overwrite: bool = True) -
     return path
 
 
+def save_tensors_atomically(tensors: dict, path: str | Path) -> Path:
+    """Write one safetensors file through a temporary sibling and a rename (readers never see half a file; a failed
+    write leaves nothing behind)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    staging = staging_path(path)
+    try:
+        save_file(tensors, str(staging))
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
+
+
 def write_files_atomically(directory: str | Path, files: dict[str, str], overwrite: bool = False) -> None:
     """Write text files into `directory` (created if needed), each through a temporary file and a rename; refuse to
     replace an existing file unless `overwrite`. Nothing is written if any target exists."""

@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import random
 import re
 from collections.abc import Callable
@@ -22,16 +21,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.files import clean_stale_staging, staging_path, write_text_atomically
+from linearpatch.common.files import clean_stale_staging, save_tensors_atomically, write_text_atomically
 
 from .models import cache_dir
 
-WIKIPEDIA_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 logger = logging.getLogger("linearpatch")
 
+WIKIPEDIA_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 EVAL_EVERY = 5  # every fifth Wikipedia article is held out for evaluation
 
 
@@ -210,18 +209,12 @@ def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
         except Exception as error:  # a damaged cache entry is rebuilt, whatever the damage
             logger.debug("linearpatch: rebuilding the token cache %s (%s)", cached, error)
     stream = _tokenize(texts, tokenizer)
-    staging = None
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_staging(cached.parent)  # what a killed run left
-        staging = staging_path(cached)
-        save_file({"input_ids": stream.to(torch.int32)}, str(staging))
-        os.replace(staging, cached)
+        save_tensors_atomically({"input_ids": stream.to(torch.int32)}, cached)
     except (OSError, SafetensorError) as error:
         logger.debug("linearpatch: not caching the token stream at %s (%s)", cached, error)
-    finally:
-        if staging is not None:
-            staging.unlink(missing_ok=True)
     return stream
 
 

@@ -13,16 +13,20 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from linearpatch.common.files import clean_stale_staging, sha256_file, staging_path, write_text_atomically
+from linearpatch.common.files import (
+    clean_stale_staging,
+    save_tensors_atomically,
+    sha256_file,
+    write_text_atomically,
+)
 from linearpatch.common.names import CONFIG_FILE, TEACHER_CACHE_MANIFEST
 
 from ..measurement.capture import logits_source
@@ -190,9 +194,7 @@ def build_teacher_cache(
             "values": torch.cat(values).contiguous(),
             "indices": torch.cat(indices).contiguous(),
         }
-        staging = staging_path(file)
-        save_file(tensors, str(staging))
-        os.replace(staging, file)
+        save_tensors_atomically(tensors, file)
         manifest["shards"].append(dict(file=name, windows=end - start, sha256=sha256_file(file)))
         _write_manifest(manifest_path, manifest)  # after each shard: an interrupted build resumes from here
     bar.close()
