@@ -16,6 +16,7 @@ import torch
 import linearpatch
 from linearpatch.common.files import check_output
 from linearpatch.common.remote_check import logits_without_package
+from linearpatch.common.reporting import values_table
 from linearpatch.integration.data import token_windows
 from linearpatch.integration.measurement.perplexity import chunked_perplexity
 from linearpatch.integration.models import DEFAULT_MODEL
@@ -61,9 +62,7 @@ def main() -> None:
         f"\nHeld-out perplexity ({args.eval_windows} x {args.seq_len} tokens per corpus, "
         "text not used for calibration)"
     )
-    print(f"| model | {' | '.join(corpora)} |\n|---|{'---|' * len(corpora)}")
-    for name, values in rows.items():
-        print(f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |")
+    print(values_table(rows))
     for c in corpora:
         print(f"LinearPatch improves plain pruning {rows['plain pruned'][c] / rows['LinearPatch'][c]:.2f}x on {c}")
 

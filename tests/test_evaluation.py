@@ -13,7 +13,7 @@ from linearpatch.integration.evaluation.comparison import (
     average_accuracy,
     chance_flags,
     comparison,
-    markdown_table,
+    comparison_table,
     retained_performance,
 )
 from linearpatch.integration.evaluation.figures import cosine_matrix, write_report_plots
@@ -58,7 +58,7 @@ def test_retained_performance_is_mean_of_ratios():
         retained_performance(_evaluation("x", {"c": 0.5}), dense)
     data = comparison([pruned], dense)
     assert data["models"][1]["parameter_ratio"] == 0.75
-    table = markdown_table(data)
+    table = comparison_table(data)
     assert "| pruned | - | 0.0M (0.750) | 40.00 | 20.00 | 30.00 | 75.00 |" in table
 
 
@@ -228,7 +228,7 @@ def test_tasks_at_chance_are_flagged_and_left_out_of_the_second_rp():
     assert row["retained_performance"] == pytest.approx(100 * (0.5 + 1.0 + 0.5) / 3)
     assert row["retained_performance_above_chance"] == pytest.approx(100 * (0.5 + 0.5) / 2)
     assert data["at_chance"] == ["mmlu_dev_offline"]
-    table = markdown_table(data)
+    table = comparison_table(data)
     assert "| 66.67 | 50.00 |" in table and "mmlu_dev_offline (27.0 vs chance 25)" in table
 
 

@@ -106,7 +106,7 @@ def test_push_takes_an_export_and_says_it_is_folded(checkpoint, tmp_path):
 
 def _random_maps(model, positions, seed):
     """A random map per position: full, or diagonal where the family folds only diagonal maps after layer 0."""
-    from linearpatch.integration.folding import diagonal_maps
+    from linearpatch.integration.export.folding import diagonal_maps
 
     generator = torch.Generator().manual_seed(seed)
     size = model.config.hidden_size
@@ -138,7 +138,7 @@ def test_map_folds_are_exact_for_every_family(family):
     every kind of gap."""
     from linearpatch.integration.distillation.folded import fold_trained
     from linearpatch.integration.export import FoldPlan
-    from linearpatch.integration.folding import attach_fold_maps, frame_norm_keys
+    from linearpatch.integration.export.folding import attach_fold_maps, frame_norm_keys
 
     dense = tiny_family(family, **REALISTIC)
     # A gap at layer 0, one in the middle, and one that reaches the last layer (its map on the last kept layer).
@@ -190,7 +190,7 @@ def test_fold_auto_scores_every_objective_and_keeps_the_best(family):
 
 def test_fold_objectives_fit_their_targets():
     """Least squares reproduces a stream that a map can reach exactly; cosine never ends worse than its start."""
-    from linearpatch.integration.folding import fit_map
+    from linearpatch.integration.export.folding import fit_map
 
     generator = torch.Generator().manual_seed(0)
     a, m = torch.randn(512, 16, generator=generator).double(), torch.randn(512, 16, generator=generator).double()
@@ -213,7 +213,7 @@ def test_fold_objectives_fit_their_targets():
 def test_rotated_fit_reaches_a_stream_that_no_map_on_the_mlp_output_can():
     """A target that rotates and rescales the whole stream (not only the MLP output's part): down-proj-rotated fits
     it almost exactly, with a frame that is a scale times a rotation, where the map alone cannot."""
-    from linearpatch.integration.folding import fit_map, fit_rotated, relative_error, split_frame
+    from linearpatch.integration.export.folding import fit_map, fit_rotated, relative_error, split_frame
 
     generator = torch.Generator().manual_seed(1)
     a, m = torch.randn(2048, 16, generator=generator).double(), torch.randn(2048, 16, generator=generator).double()

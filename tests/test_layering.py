@@ -31,15 +31,24 @@ def imported_modules(path: Path) -> set[str]:
 LAYERS = {
     "common": ["linearpatch.common.*"],
     "modeling": ["linearpatch.modeling.*"],
-    "loading": [
+    # What a command is asked to do: its options, their choices and defaults (importable without torch).
+    "options": [
         "linearpatch.integration.choices",
-        "linearpatch.integration.requests",
         "linearpatch.integration.defaults",
+        "linearpatch.integration.options",
+        "linearpatch.integration.requests",
+    ],
+    # Weight I/O: shards, models (the embedded one included), the patch adapter, layer-by-layer running.
+    "weights": [
         "linearpatch.integration.shards",
         "linearpatch.integration.adapter",
+        "linearpatch.integration.embedded",
         "linearpatch.integration.models",
-        "linearpatch.integration.data",
         "linearpatch.integration.layerwise",
+    ],
+    # Text, and the checks every job opens with.
+    "loading": [
+        "linearpatch.integration.data",
         "linearpatch.integration.opening",
     ],
     "measurement": ["linearpatch.integration.measurement.*"],
@@ -51,7 +60,17 @@ LAYERS = {
         "linearpatch.integration.distillation.teacher_cache",
         "linearpatch.integration.distillation.trainer",
         "linearpatch.integration.evaluation.tasks",
-        "linearpatch.integration.folding",
+        "linearpatch.integration.export.folding",
+        "linearpatch.integration.export.stock",
+    ],
+    # A stage's plan and report: what it decides, and what it returns.
+    "plans": [
+        "linearpatch.integration.pruning.plan",
+        "linearpatch.integration.pruning.report",
+        "linearpatch.integration.distillation.plan",
+        "linearpatch.integration.distillation.report",
+        "linearpatch.integration.export.plan",
+        "linearpatch.integration.export.report",
     ],
     "jobs": [
         "linearpatch.integration.pruning.job",
@@ -59,7 +78,7 @@ LAYERS = {
         "linearpatch.integration.distillation.folded",
         "linearpatch.integration.evaluation.comparison",
         "linearpatch.integration.evaluation.figures",
-        "linearpatch.integration.export",
+        "linearpatch.integration.export.job",
         "linearpatch.integration.serving",
         "linearpatch.hub_tools.*",
     ],
@@ -71,6 +90,7 @@ LAYERS = {
         "linearpatch.integration.pruning",
         "linearpatch.integration.distillation",
         "linearpatch.integration.evaluation",
+        "linearpatch.integration.export",
     ],
 }
 SKIPPED = {".venv", ".venv-serving", "tests", "bench", "examples", "build"}
@@ -213,7 +233,7 @@ def test_the_checks_find_a_planted_circle_and_upward_import():
     assert circles(rooms(planted))
     real = import_graph(package_modules())
     assert "linearpatch.integration.adapter" in real["linearpatch.integration.models"]  # arrows are found at all
-    assert "linearpatch.integration.measurement.calibration" in real["linearpatch.integration.evaluation.figures"]
+    assert "linearpatch.integration.measurement.figures" in real["linearpatch.integration.evaluation.figures"]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "modeling").glob("*.py")), ids=lambda p: p.name)
@@ -259,7 +279,7 @@ def test_cli_holds_no_training_saving_or_evaluation_logic():
         "prune_checkpoint",
         "parse_layers",
         "distill_checkpoint",
-        "compare_models",
+        "evaluate_checkpoints",
         "plot_checkpoint",
         "export_checkpoint",
         "serve",
@@ -272,7 +292,7 @@ def test_cli_holds_no_training_saving_or_evaluation_logic():
             imported |= {alias.name for alias in node.names}
     choices = {"CALIBRATION", "DISTILLATION", "FIGURES", "PERPLEXITY", "TASK_LIMIT", "DEFAULT_CANDIDATES", "FOLDS"}
     choices |= {"DEFAULT_TASKS", "PATCH_CHOICES", "SELECTION_METRICS", "METRIC_SCORES"}
-    requests = {"PruneRequest", "DistillRequest", "EvalRequest", "ExportRequest"}  # what the flags map onto
+    requests = {"requests"}  # the requests module: every command's flags are generated from its request's fields
     allowed = entry_points | choices | requests | {"LinearPatchError", "first_line", "ledger"}
     assert imported <= allowed, imported - allowed
 
@@ -301,3 +321,113 @@ def test_package_data_and_packages_exist():
     for package, patterns in settings.get("package-data", {}).items():
         folder = ROOT / settings["package-dir"][package]
         assert all(list(folder.glob(pattern)) for pattern in patterns), (package, patterns)
+
+
+# The stages of integration/ (one room each) and the sibling imports declared between them: `distill --export`
+# trains the export's fold maps from its plan.
+STAGES = ("pruning", "distillation", "evaluation", "export")
+DECLARED_STAGE_EDGES = {("distillation", "export")}
+
+
+def stage_of(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[2] if parts[1:2] == ["integration"] and len(parts) > 2 and parts[2] in STAGES else None
+
+
+def sibling_stage_imports(graph: dict[str, Iterable[str]]) -> list[str]:
+    return [
+        f"{source} imports {target}"
+        for source, targets in graph.items()
+        for target in targets
+        if stage_of(source)
+        and stage_of(target)
+        and stage_of(source) != stage_of(target)
+        and (stage_of(source), stage_of(target)) not in DECLARED_STAGE_EDGES
+        and layer_of(source) < LAYERS_INDEX["interface"]
+    ]
+
+
+LAYERS_INDEX = {name: index for index, name in enumerate(LAYERS)}
+
+
+def test_stages_import_no_sibling_stage_but_declared_edges():
+    graph = import_graph(package_modules())
+    assert not sibling_stage_imports(graph), sibling_stage_imports(graph)
+    planted = {"linearpatch.integration.pruning.job": {"linearpatch.integration.evaluation.figures"}}
+    assert sibling_stage_imports(planted)  # the check finds one
+    assert not sibling_stage_imports(
+        {"linearpatch.integration.distillation.job": {"linearpatch.integration.export.plan"}}
+    )
+
+
+def test_command_options_sit_below_weight_io():
+    # The options (requests, choices, defaults) import no weight I/O: `linearpatch --help` needs neither torch nor
+    # safetensors, and a request is checked before any model is opened.
+    graph = import_graph(package_modules())
+    options = [name for name in graph if layer_of(name) == LAYERS_INDEX["options"]]
+    assert {"linearpatch.integration.requests", "linearpatch.integration.defaults"} <= set(options)
+    for name in options:
+        assert all(layer_of(target) < LAYERS_INDEX["options"] or target in options for target in graph[name]), name
+    assert LAYERS_INDEX["options"] < LAYERS_INDEX["weights"] < LAYERS_INDEX["loading"]
+
+
+def parameter_counts(path: Path) -> dict[str, list[str]]:
+    """`file:function` -> its parameter names (`self` and `cls` left out; `*args`, `**kwargs` count as one each)."""
+    found = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            arguments = node.args
+            names = [a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs)]
+            names += [a.arg for a in (arguments.vararg, arguments.kwarg) if a is not None]
+            found[f"{path.relative_to(ROOT)}:{node.name}"] = [n for n in names if n not in ("self", "cls")]
+    return found
+
+
+def integration_functions() -> dict[str, list[str]]:
+    found = {}
+    for path in sorted((ROOT / "integration").rglob("*.py")):
+        found |= parameter_counts(path)
+    return found
+
+
+def test_no_integration_function_takes_more_than_eight_parameters():
+    wide = {name: len(names) for name, names in integration_functions().items() if len(names) > 8}
+    assert not wide, f"pass a request or a small dataclass instead: {wide}"
+
+
+# Option names many functions share by nature (where a model runs, how it is stored): not a restated request.
+GENERIC_OPTIONS = {"model", "checkpoint", "output", "device", "dtype", "progress", "overwrite", "seed", "windows"}
+
+
+def restated_requests(functions: dict[str, list[str]]) -> list[str]:
+    """Functions whose parameters restate four or more (non-generic) fields of one request: the job should take it."""
+    import dataclasses
+
+    from linearpatch.integration import requests
+
+    found = []
+    for request in (requests.PruneRequest, requests.DistillRequest, requests.EvalRequest, requests.ExportRequest):
+        fields = {field.name for field in dataclasses.fields(request)} - GENERIC_OPTIONS
+        found += [
+            f"{name} restates {sorted(set(names) & fields)} of {request.__name__}"
+            for name, names in functions.items()
+            if len(set(names) & fields) >= 4
+        ]
+    return found
+
+
+def test_no_job_restates_a_request():
+    assert not restated_requests(integration_functions())
+    # The old spread job of `linearpatch export` is found.
+    old = {"integration/export.py:_export_checkpoint_job": ["fold", "dense", "calibration", "num_samples", "seq_len"]}
+    assert restated_requests(old)
+
+
+def test_the_package_has_no_file_over_450_lines():
+    long = {
+        str(path.relative_to(ROOT)): count
+        for path in ROOT.rglob("*.py")
+        if not SKIPPED & set(path.relative_to(ROOT).parts) and not path.relative_to(ROOT).parts[0].startswith(".")
+        if (count := len(path.read_text().splitlines())) > 450
+    }
+    assert not long, long

@@ -11,10 +11,19 @@ exactly (Prune&Comp) keeps that fold and is not trained.
 """
 
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from ..folding import FOLD_MAPS, attached_maps, detach_fold_maps
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.modeling import family_of
+
+from ..data import token_windows
+from ..defaults import Sizes
+from ..export.folding import FOLD_MAPS, attached_maps, detach_fold_maps
+from ..export.plan import fold_models, plan_model_folds
+from ..requests import DistillRequest
 
 log = logging.getLogger("linearpatch")
 
@@ -23,18 +32,10 @@ def training_free_plan(checkpoint: str, teacher: str, windows, device: str, sequ
     """The export's best training-free fold of `checkpoint` (`--fold auto`, dense objectives fitted to `teacher`) on
     the calibration `windows`: a [`FoldPlan`]. The checkpoint and the teacher are held only while it is planned (run
     layer by layer when `sequential`)."""
-    from ..export import InMemoryExport, SequentialExport
-    from ..shards import SafetensorsCheckpoint
+    from ..models import resolve_model
 
-    if sequential:
-        from ..models import load_config, resolve_model
-
-        path = resolve_model(checkpoint)
-        pipeline = SequentialExport(SafetensorsCheckpoint(path), load_config(path), device, progress, 0)
-    else:
-        pipeline = InMemoryExport(checkpoint, device)
-    pipeline.fold("auto", windows, teacher)
-    return pipeline.plan
+    with fold_models(resolve_model(checkpoint), teacher, device, sequential, progress) as (model, dense):
+        return plan_model_folds(model, "auto", windows.input_ids, dense)
 
 
 def target_modules(maps: dict[int, torch.Tensor]) -> list[str]:
@@ -71,4 +72,74 @@ def fold_trained(merged, handles: list, plan, check_ids: torch.Tensor | None = N
     return stock, maps, difference
 
 
-__all__ = ["fold_trained", "target_modules", "training_free_plan"]
+@dataclass
+class FoldedExport:
+    """`distill --export`'s state: the training-free plan it starts from and, once attached, the maps' hooks."""
+
+    plan: object
+    calibration: dict
+    source: str | None
+    handles: list = field(default_factory=list)
+
+    def write(self, staging: Path, merged, tokenizer, report, windows, request: DistillRequest) -> None:
+        """Fold the trained maps into a stock model, compare it on held-out text, and write it with both records."""
+        from ..export.report import ExportReport
+        from ..export.stock import plain_model
+        from ..measurement.perplexity import held_out_windows, perplexity_table
+        from ..models import write_checkpoint_files
+
+        config = merged.config
+        stock, maps, difference = fold_trained(merged, self.handles, self.plan, windows.input_ids[:1])
+        perplexity = {}
+        if request.eval_windows != 0:
+            device = next(merged.parameters()).device
+            sizes = Sizes.resolve("perplexity", device.type, request.eval_windows, None, config)
+            evaluation = held_out_windows(tokenizer, request.eval_corpora, sizes.num_samples, sizes.seq_len)
+            start = self.plan.stock(merged)
+            models = {"patched": merged, "training-free export": start, "export": stock, "plain": plain_model(merged)}
+            perplexity = perplexity_table(models, evaluation, progress=True)
+            report.perplexity = perplexity
+        described = [
+            dict(entry, how=entry["how"] + " (distilled)") if entry["position"] in maps else entry
+            for entry in self.plan.described
+        ]
+        record = ExportReport(
+            source=self.source,
+            fold="auto",
+            base_model=config.base_model,
+            pruned_layers=list(config.pruned_layers),
+            patch_positions=list(config.patch_positions),
+            folds=described,
+            perplexity=perplexity,
+            calibration=self.calibration,
+            architecture=family_of(config).dense_causal_lm_class.__name__,
+            output=report.output,
+            num_layers=config.num_hidden_layers,
+            dense=report.teacher,
+            distilled=dict(
+                training={key: value for key, value in report.to_dict().items() if key != "log"},
+                fold_check_max_logit_difference=difference,
+            ),
+        )
+        write_checkpoint_files(
+            staging, stock, tokenizer, {report.record: report.to_json(), record.record: record.to_json()}
+        )
+
+
+def export_start(request: DistillRequest, config, tokenizer, device: str, spread: dict) -> FoldedExport:
+    """The training-free fold `distill --export` starts from: `--fold auto` on the export's calibration windows of the
+    training text, fitted to the teacher (the dense model), held whole only when the student fits the device."""
+    from ..models import portable_model_id, resolve_model
+
+    sizes = Sizes.resolve("calibration", device, None, None, config)
+    windows = token_windows(request.data, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
+    plan = training_free_plan(request.checkpoint, resolve_model(request.teacher), windows, device, bool(spread))
+    if not plan.maps:
+        raise LinearPatchError(
+            "Every patch of this checkpoint folds exactly into the stock weights (a scalar patch), so there is no map "
+            "to train: run `linearpatch export`, or `linearpatch distill` without --export to train the patches."
+        )
+    return FoldedExport(plan, windows.describe(), portable_model_id(request.checkpoint))
+
+
+__all__ = ["FoldedExport", "export_start", "fold_trained", "target_modules", "training_free_plan"]

@@ -112,6 +112,10 @@ class TopKTeacherCache:
         return [self.path / shard["file"] for shard in self.manifest["shards"]]
 
 
+# The stored log-probabilities' dtype: fp16 halves the cache against fp32, and top-K log-probabilities need no more.
+VALUE_DTYPE = torch.float16
+
+
 def build_teacher_cache(
     teacher,
     input_ids: torch.Tensor,
@@ -119,7 +123,6 @@ def build_teacher_cache(
     top_k: int = 100,
     shard_windows: int = 64,
     batch_size: int = 1,
-    value_dtype: torch.dtype = torch.float16,
     teacher_fingerprint: str | None = None,
     progress: bool = True,
 ) -> TopKTeacherCache:
@@ -138,6 +141,7 @@ def build_teacher_cache(
     if not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k={top_k} must be in 1..{vocab_size} (the vocabulary size).")
     teacher_fingerprint = teacher_fingerprint or model_fingerprint(teacher)
+    value_dtype = VALUE_DTYPE
     key = cache_key(teacher_fingerprint, input_ids, top_k, value_dtype)
     path = Path(cache_root) / key
     path.mkdir(parents=True, exist_ok=True)

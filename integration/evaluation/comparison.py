@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 
+from linearpatch.common import reporting
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import check_output, write_files_atomically
 from linearpatch.common.names import EVAL_FILES
 
-from ..defaults import perplexity_sizes, task_limit
-from ..measurement.perplexity import chunked_perplexity, corpus_perplexity, held_out_windows
-from ..models import check_model_files, check_same_vocabulary, fit_context, load_model, load_tokenizer, resolve_device
+from ..data import TokenWindows
+from ..defaults import Sizes, task_limit
+from ..measurement.perplexity import chunked_perplexity, held_out_windows
+from ..models import check_model_files, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from ..requests import EvalRequest
 from .tasks import OFFLINE_TASKS, chance_accuracy, lm_eval_tasks, task_manager
 
@@ -102,20 +104,12 @@ def retained_performance(
 
 
 def evaluate_model(
-    name: str,
-    tasks: list[str],
-    limit: int | None = None,
-    corpora: list[str] = (),
-    perplexity_windows: int = 16,
-    seq_len: int = 512,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    device: str | None = None,
-    loaded: tuple | None = None,
+    name: str, request: EvalRequest, windows: dict[str, TokenWindows], loaded: tuple | None = None
 ) -> ModelEvaluation:
-    """Load `name` (embedded name, folder, adapter folder or Hub id) and evaluate it on `tasks` (lm-eval) and
-    `corpora` (PPL); `loaded` is an already loaded `(model, tokenizer)` of `name`."""
-    model, tokenizer = loaded or load_model(name, dtype=dtype, device=device)
+    """Load `name` (embedded name, folder, adapter folder or Hub id) and evaluate it on the request's lm-eval tasks
+    and the perplexity `windows` of each corpus; `loaded` is an already loaded `(model, tokenizer)` of `name`."""
+    device = resolve_device(request.device)
+    model, tokenizer = loaded or load_model(name, dtype=request.dtype, device=device)
     config = model.config
     evaluation = ModelEvaluation(
         name=name,
@@ -124,11 +118,18 @@ def evaluate_model(
         pruned_layers=list(getattr(config, "pruned_layers", None) or []),
         patch_kind=getattr(config, "patch_kind", None),
     )
-    if tasks:
-        evaluation.tasks = lm_eval_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
-    for corpus in corpora:
-        evaluation.perplexity[corpus] = corpus_perplexity(model, tokenizer, corpus, perplexity_windows, seq_len)
+    if request.tasks:
+        limit = documents_per_task(request.limit, device)
+        tasks = list(request.tasks)
+        evaluation.tasks = lm_eval_tasks(model, tokenizer, tasks, limit=limit, batch_size=request.batch_size)
+    for corpus, corpus_windows in windows.items():
+        evaluation.perplexity[corpus] = chunked_perplexity(model, corpus_windows, progress=True)
     return evaluation
+
+
+def documents_per_task(limit: int | None, device) -> int | None:
+    """lm-eval documents per task: `-1` the device's default, `0` or `None` every document."""
+    return task_limit(device) if limit == -1 else (limit or None)
 
 
 def comparison(evaluations: list[ModelEvaluation], baseline: ModelEvaluation) -> dict:
@@ -158,7 +159,7 @@ def comparison(evaluations: list[ModelEvaluation], baseline: ModelEvaluation) ->
     }
 
 
-def markdown_table(data: dict) -> str:
+def comparison_table(data: dict) -> str:
     """Render [`comparison`] data as a Markdown table (accuracies in percent)."""
     rows = data["models"]
     tasks = sorted({task for row in rows for task in row["tasks"]})
@@ -168,7 +169,7 @@ def markdown_table(data: dict) -> str:
         metrics = sorted({m for row in rows for m in row["tasks"].get(task, {}) if m in ("acc", "acc_norm")})
         header += [f"{task} {metric}" for metric in metrics]
     header += ["avg", "RP %", "RP % above chance"] + [f"PPL {corpus}" for corpus in corpora]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells_of_rows = []
     for row in rows:
         cells = [
             row["name"],
@@ -182,7 +183,8 @@ def markdown_table(data: dict) -> str:
         for key in ("retained_performance", "retained_performance_above_chance"):
             cells.append(f"{row[key]:.2f}" if row.get(key) is not None else "-")
         cells += [f"{row['perplexity'][c]:.2f}" if c in row["perplexity"] else "-" for c in corpora]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells_of_rows.append(cells)
+    lines = [reporting.markdown_table(header, cells_of_rows)]
     flagged = [(task, data["chance"][task]) for task in data.get("at_chance") or []]
     if flagged:
         lines.append("")
@@ -217,6 +219,18 @@ class ModelComparison:
     seconds: float = 0.0
     written: list[str] = field(default_factory=list)
 
+    record = EVAL_FILES[0]
+
+    def to_json(self) -> str:
+        return to_json(self.data)
+
+    def summary(self) -> str:
+        """The table, the time it took and the files written: what `linearpatch eval` prints."""
+        lines = [self.table, f"Took {self.seconds / 60:.1f} min (estimated {self.estimate_seconds / 60:.1f})."]
+        if self.written:
+            lines.append(f"Wrote {', '.join(self.written)}")
+        return "\n".join(lines)
+
 
 def _measure_tokens_per_second(model, seq_len: int) -> float:
     window = torch.randint(0, model.config.vocab_size, (1, min(seq_len, 256)), device=next(model.parameters()).device)
@@ -250,93 +264,73 @@ def compare_models(models: list[str], baseline: str, log=print, **options) -> Mo
     Returns:
         `ModelComparison`
     """
-    return _compare_models_job(**EvalRequest(models=models, baseline=baseline, **options).options(), log=log)
+    return evaluate_checkpoints(EvalRequest(models=models, baseline=baseline, **options), log=log)
 
 
-def _compare_models_job(
-    *,
-    models,
-    baseline,
-    tasks,
-    limit,
-    corpora,
-    perplexity_windows,
-    seq_len,
-    batch_size,
-    dtype,
-    device,
-    output,
-    overwrite,
-    log=print,
-) -> ModelComparison:
-    """The job of [`compare_models`]: the fields of [`EvalRequest`] as keywords, without defaults."""
+def evaluate_checkpoints(request: EvalRequest, log=print) -> ModelComparison:
+    """The job of `linearpatch eval` ([`compare_models`] with its request made); `log` takes the progress lines."""
     started = time.perf_counter()
-    device = resolve_device(device)
+    device = resolve_device(request.device)
+    tasks, limit = request.tasks, request.limit
     if limit is not None and limit < -1:
         raise LinearPatchError(f"--limit {limit}: give the documents per task (0: all; -1: the device's default).")
-    if output is not None:
+    if request.output is not None:
         for name in EVAL_FILES:
-            check_output(Path(output) / name, overwrite)
+            check_output(Path(request.output) / name, request.overwrite)
     # Every model, adapter and export is opened and checked before the first forward pass of any of them.
-    dense_config = check_model_files(baseline)
-    for name in models:
+    dense_config = check_model_files(request.baseline)
+    for name in request.models:
         # Every model is scored on the baseline's tokens, and retained performance compares like with like.
         check_same_vocabulary(
             name,
             check_model_files(name).vocab_size,
-            f"the baseline {baseline}",
+            f"the baseline {request.baseline}",
             dense_config.vocab_size,
             "compare a pruned model with the dense model it was pruned from.",
         )
-    limit = task_limit(device) if limit == -1 else (limit or None)
-    sizes = perplexity_sizes(device)
-    perplexity_windows = sizes.num_samples if perplexity_windows is None else perplexity_windows
-    seq_len = fit_context(dense_config, seq_len, sizes.seq_len)
+    limit = documents_per_task(limit, device)
+    sizes = Sizes.resolve("perplexity", device, request.perplexity_windows, request.seq_len, dense_config)
     if tasks:
         task_manager(list(tasks))
-    tokenizer = load_tokenizer(baseline)
-    windows = held_out_windows(tokenizer, corpora, perplexity_windows, seq_len)
+    tokenizer = load_tokenizer(request.baseline)
+    windows = held_out_windows(tokenizer, request.corpora, sizes.num_samples, sizes.seq_len)
 
-    dense = load_model(baseline, dtype=dtype, device=device)
+    dense = load_model(request.baseline, dtype=request.dtype, device=device)
     known = [task for task in tasks if task in OFFLINE_TASKS]
     requests = (limit or 500) * sum(_DOCUMENT_COST[task][0] for task in known)
     tokens = (limit or 500) * sum(_DOCUMENT_COST[task][1] for task in known)
     tokens += sum(w.input_ids.numel() for w in windows.values())
-    estimate = (1 + len(models)) * tokens / _measure_tokens_per_second(dense[0], seq_len)
+    count = 1 + len(request.models)
+    estimate = count * tokens / _measure_tokens_per_second(dense[0], sizes.seq_len)
     unknown = "" if len(known) == len(tasks) else " plus the Hub tasks"
     log(
-        f"Evaluating {1 + len(models)} models: {requests} lm-eval requests{unknown} and "
+        f"Evaluating {count} models: {requests} lm-eval requests{unknown} and "
         f"{sum(len(w.input_ids) for w in windows.values())} perplexity windows each; estimated "
         f"{estimate / 60:.1f} min on {device} (lower --limit / --ppl-windows to go faster)."
     )
 
     def evaluate(name: str, loaded=None) -> ModelEvaluation:
         log(f"[{time.perf_counter() - started:.0f}s] evaluating {name}")
-        model, model_tokenizer = loaded or load_model(name, dtype=dtype, device=device)
-        evaluation = evaluate_model(
-            name, list(tasks), limit, [], batch_size=batch_size, loaded=(model, model_tokenizer)
-        )
-        for corpus, corpus_windows in windows.items():
-            evaluation.perplexity[corpus] = chunked_perplexity(model, corpus_windows, progress=True)
-        return evaluation
+        return evaluate_model(name, request, windows, loaded)
 
-    baseline_result = evaluate(baseline, dense)
+    baseline_result = evaluate(request.baseline, dense)
     del dense
-    results = [evaluate(name) for name in models]
+    results = [evaluate(name) for name in request.models]
     data = comparison(results, baseline_result)
     data["settings"] = dict(
         tasks=list(tasks),
         limit=limit,
-        corpora=list(corpora),
-        perplexity_windows=perplexity_windows,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        dtype=dtype,
+        corpora=list(request.corpora),
+        perplexity_windows=sizes.num_samples,
+        seq_len=sizes.seq_len,
+        batch_size=request.batch_size,
+        dtype=request.dtype,
     )
-    result = ModelComparison(data, markdown_table(data), estimate, time.perf_counter() - started)
-    if output is not None:
-        write_files_atomically(output, {EVAL_FILES[0]: to_json(data), EVAL_FILES[1]: result.table}, overwrite)
-        result.written = [str(Path(output) / name) for name in EVAL_FILES]
+    result = ModelComparison(data, comparison_table(data), estimate, time.perf_counter() - started)
+    if request.output is not None:
+        files = {EVAL_FILES[0]: to_json(data), EVAL_FILES[1]: result.table}
+        write_files_atomically(request.output, files, request.overwrite)
+        result.written = [str(Path(request.output) / name) for name in EVAL_FILES]
     return result
 
 
@@ -344,11 +338,13 @@ __all__ = [
     "ModelComparison",
     "ModelEvaluation",
     "compare_models",
+    "documents_per_task",
+    "evaluate_checkpoints",
     "average_accuracy",
     "chance_flags",
     "comparison",
     "evaluate_model",
-    "markdown_table",
+    "comparison_table",
     "primary_accuracy",
     "retained_performance",
 ]

@@ -57,6 +57,36 @@ def capture_input(model: nn.Module, module: nn.Module, **inputs) -> torch.Tensor
 
 
 @contextlib.contextmanager
+def recording(sites: dict, outputs: bool = False, to_cpu: bool = True):
+    """While inside, every forward appends what enters each module of `sites` (key -> module; with `outputs`, what
+    leaves it), detached (and moved to the CPU with `to_cpu`), to `records[key]`; yields `records`. The one way a
+    pass records the residual stream at several places (the outcome search's gap inputs, the export's fit streams)."""
+    records: dict = {key: [] for key in sites}
+
+    def hook_for(key):
+        def before(module, args, kwargs):
+            hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+            records[key].append(hidden.cpu() if to_cpu else hidden)
+
+        def after(module, args, output):
+            records[key].append(output.detach().cpu() if to_cpu else output.detach())
+
+        return after if outputs else before
+
+    handles = [
+        module.register_forward_hook(hook_for(key))
+        if outputs
+        else module.register_forward_pre_hook(hook_for(key), with_kwargs=True)
+        for key, module in sites.items()
+    ]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def logits_source(model, input_ids: torch.Tensor):
     """Yield `logits_of(windows: slice)`: `model`'s logits for those rows of `input_ids` (the teacher cache's and the
     export's held-out scoring's one way to get logits from a model in memory or run layer by layer).
@@ -98,4 +128,4 @@ def logits_source(model, input_ids: torch.Tensor):
         layerwise.release(head)
 
 
-__all__ = ["StopForward", "capture_input", "logits_source", "raise_stop", "run_until", "stop_before"]
+__all__ = ["StopForward", "capture_input", "logits_source", "raise_stop", "recording", "run_until", "stop_before"]

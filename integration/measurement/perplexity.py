@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import TokenWindows, token_windows
+from ..defaults import Sizes
 
 
 def summed_next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
@@ -46,12 +47,14 @@ def chunked_perplexity(
 
 
 def corpus_perplexity(
-    model, tokenizer, source: str, num_windows: int | None = 16, seq_len: int = 512, **kwargs
+    model, tokenizer, source: str, num_windows: int | None = None, seq_len: int | None = None, **kwargs
 ) -> float:
-    """[`chunked_perplexity`] on the first `num_windows` non-overlapping windows of `source`."""
-    return chunked_perplexity(
-        model, token_windows(source, tokenizer, num_windows, seq_len, sampling="chunked"), **kwargs
-    )
+    """[`chunked_perplexity`] on the first `num_windows` non-overlapping windows of `source` (default sizes:
+    [`Sizes.resolve`] for perplexity on the model's device)."""
+    device = next(model.parameters()).device
+    sizes = Sizes.resolve("perplexity", device, num_windows, seq_len, model.config)
+    windows = token_windows(source, tokenizer, sizes.num_samples, sizes.seq_len, sampling="chunked")
+    return chunked_perplexity(model, windows, **kwargs)
 
 
 def held_out_windows(tokenizer, corpora, num_windows: int, seq_len: int) -> dict[str, TokenWindows]:

@@ -1,8 +1,9 @@
 """Pruning: the calibration pass, block selection, patch estimation (Hadamard and the baselines), `prune`."""
 
 from ..measurement.calibration import CalibrationStatistics, calibrate
-from .job import PruneReport, check_prune_arguments, prune, prune_checkpoint
+from .job import PruneReport, prune, prune_checkpoint, prune_model
 from .patches import PATCH_CHOICES, PATCH_KINDS, estimate_patch
+from .plan import check_prune_arguments
 from .selection import METRICS, SELECTION_METRICS, candidate_scores, parse_layers, select_layers
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "parse_layers",
     "prune",
     "prune_checkpoint",
+    "prune_model",
     "select_layers",
 ]

@@ -19,7 +19,6 @@ calibration pass (and a second, shorter pass for the Gram matrices of the lstsq 
 `search`, measures it against the default.
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,10 +27,11 @@ from tqdm.auto import tqdm
 
 from linearpatch.modeling import family_of, prune_layers
 
-from ..data import TokenWindows
 from ..defaults import DEFAULT_CANDIDATES
 from ..measurement.calibration import CalibrationStatistics
+from ..measurement.capture import recording
 from ..measurement.hadamard import hadamard_supported
+from ..measurement.holdout import default_holdout, split_holdout
 from ..measurement.perplexity import summed_next_token_nll
 from .patches import DEFAULT_RIDGE, estimate_patch
 
@@ -75,29 +75,6 @@ def fixed_variant(hidden_size: int) -> PatchVariant:
     return PatchVariant("hadamard") if hadamard_supported(hidden_size) else PatchVariant("lstsq", DEFAULT_RIDGE)
 
 
-def default_holdout(count: int) -> int:
-    """How many of `count` calibration windows a choice by outcome holds out by default: one in eight, at least one
-    (`--patch auto`, `--metric loss`, the export's `--fold auto`)."""
-    return max(1, count // 8)
-
-
-def split_holdout(windows: TokenWindows, holdout: int | None) -> tuple[TokenWindows, TokenWindows]:
-    """Split calibration windows into (fit, held out): the last `holdout` windows (default: one in eight, at least
-    one) are held out. The windows are drawn at seeded random offsets, so the last ones are as random as any."""
-    count = len(windows.input_ids)
-    holdout = default_holdout(count) if holdout is None else holdout
-    if not 1 <= holdout < count:
-        raise ValueError(
-            f"Cannot hold out {holdout} of {count} calibration windows: scoring by outcome needs at least one window "
-            "to fit and one to score; raise --num-samples or change --holdout."
-        )
-    fit, held = (
-        dataclasses.replace(windows, input_ids=rows)
-        for rows in (windows.input_ids[:-holdout], windows.input_ids[-holdout:])
-    )
-    return fit, held
-
-
 class HeldOutScorer:
     r"""
     Held-out perplexity of pruned, patched variants of a dense model, each computed from the dense model's stored
@@ -132,24 +109,12 @@ class HeldOutScorer:
         missing = sorted(set(starts) - set(self.hidden))
         if not missing and self.dense_perplexity is not None:
             return
-        parts: dict[int, list[torch.Tensor]] = {start: [] for start in missing}
-
-        def hook_for(start: int):
-            def hook(module, args, kwargs):
-                parts[start].append((args[0] if args else kwargs["hidden_states"]).detach())
-
-            return hook
-
         layers = self.model.model.layers
-        handles = [layers[start].register_forward_pre_hook(hook_for(start), with_kwargs=True) for start in missing]
         nll = 0.0
-        try:
+        with recording({start: layers[start] for start in missing}, to_cpu=False) as parts:
             for rows in self._batches():
                 batch = self.input_ids[rows].to(self.device)
                 nll += summed_next_token_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
         self.forwards += 1
         self.hidden.update({start: torch.cat(chunks) for start, chunks in parts.items()})
         self.dense_perplexity = math.exp(nll / self.input_ids[:, 1:].numel())

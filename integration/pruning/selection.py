@@ -4,24 +4,7 @@ import torch
 
 from ..choices import METRICS, SELECTION_METRICS
 from ..measurement.calibration import CalibrationStatistics
-
-
-def parse_layers(text: str) -> list[int]:
-    """Parse a layer list as written on the command line: `20-24` (inclusive), `3,7,9`, or `0-1,28-29`."""
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                first, last = (int(value) for value in part.split("-", 1))
-                if last < first:
-                    raise ValueError
-                layers.extend(range(first, last + 1))
-            elif part:
-                layers.append(int(part))
-    except ValueError as error:
-        raise ValueError(f"Cannot read layers {text!r}: write e.g. '20-24', '3,7,9' or '0-1,28-29'.") from error
-    return layers
+from ..options import parse_layers
 
 
 def candidate_scores(statistics: CalibrationStatistics, num_layers: int, metric: str) -> dict[int, float]:

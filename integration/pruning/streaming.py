@@ -68,7 +68,6 @@ def write_pruned_checkpoint(
     checkpoint: SafetensorsCheckpoint,
     config,
     patches: list[torch.Tensor],
-    num_dense_layers: int,
     dtype: torch.dtype = torch.float32,
     generation_config: GenerationConfig | None = None,
     max_shard_size: int = 5 * 1024**3,
@@ -80,7 +79,8 @@ def write_pruned_checkpoint(
 
     Args:
         folder (`str` or `Path`): the staging folder.
-        checkpoint, config, patches, num_dense_layers, dtype: as for [`pruned_weight_plan`].
+        checkpoint, config, patches, dtype: as for [`pruned_weight_plan`] (the dense depth is the pruned config's
+            `original_num_hidden_layers`).
         generation_config (`GenerationConfig`, *optional*): the dense model's.
         max_shard_size (`int`, *optional*, defaults to 5 GB): bytes per weights shard; more shards get an index.
 
@@ -88,7 +88,7 @@ def write_pruned_checkpoint(
         `list[str]`: the weight files written.
     """
     folder = Path(folder)
-    plan = pruned_weight_plan(checkpoint, config, patches, num_dense_layers, dtype)
+    plan = pruned_weight_plan(checkpoint, config, patches, config.original_num_hidden_layers, dtype)
     config.dtype = dtype
     with torch.device("meta"):
         skeleton = family_of(config).causal_lm_class(config)

@@ -33,7 +33,7 @@ from torch import nn
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.modeling import family_of
 
-from .choices import FOLD_OBJECTIVES, ROTATED_OBJECTIVE
+from ..choices import FOLD_OBJECTIVES, ROTATED_OBJECTIVE
 
 # Attribute of the causal LM that holds the maps while they are attached (a `ModuleDict` keyed by position): outside
 # the decoder layers, so that a model run layer by layer keeps them when it frees each layer's weights.

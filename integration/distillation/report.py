@@ -1,0 +1,65 @@
+"""What `distill` did: the report saved as `linearpatch_distill.json` beside the result (the model card reads it)."""
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from linearpatch.common.names import DISTILL_RECORD
+from linearpatch.common.reporting import values_table
+
+
+@dataclass
+class DistillReport:
+    r"""
+    What `distill_checkpoint` did (saved as `linearpatch_distill.json` beside the result; the model card reads it).
+
+    Args:
+        teacher (`str`): the dense model. top_k (`int`): K. data (`dict`): the training windows.
+        epochs (`float`), lr (`float`), batch_size (`int`), gradient_accumulation_steps (`int`),
+        temperature (`float`): the recipe.
+        cache (`str`): the teacher cache's key. bytes_per_token (`int`): its size per token.
+        output (`str`): where the result was written. kind (`str`): `merged`, `adapter` or `export`.
+        train_loss (`float`): mean training loss. steps (`int`): optimiser steps.
+        perplexity (`dict`): with `export`, held-out perplexity per corpus of the patched checkpoint, the
+            training-free and the distilled export, and plain pruning.
+    """
+
+    teacher: str
+    top_k: int
+    data: dict
+    epochs: float
+    lr: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    temperature: float
+    cache: str
+    bytes_per_token: int
+    output: str = ""
+    kind: str = "merged"
+    train_loss: float | None = None
+    steps: int = 0
+    log: list[dict] = field(default_factory=list)
+    perplexity: dict = field(default_factory=dict)
+
+    record = DISTILL_RECORD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """What was trained and written: what `linearpatch distill` prints."""
+        loss = f", final loss {self.train_loss:.4f}" if self.train_loss is not None else ""
+        lines = []
+        if self.perplexity:
+            lines.append(values_table(self.perplexity))
+        what = "a stock model (no remote code)" if self.kind == "export" else self.kind
+        lines.append(
+            f"Distilled {self.data['num_windows']} windows in {self.steps} steps{loss} "
+            f"({self.bytes_per_token} cache bytes/token); {what} written to {self.output}"
+        )
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+__all__ = ["DistillReport"]

@@ -1,0 +1,242 @@
+"""`linearpatch export`: one job that opens the checkpoint, chooses its pipeline by size ([`InMemoryExport`] or
+[`SequentialExport`]), plans the folds ([`plan_model_folds`]), compares the export with the patched model and plain
+pruning, and writes the stock folder atomically."""
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from linearpatch.common.errors import LinearPatchError, first_line
+from linearpatch.common.files import atomic_directory
+from linearpatch.modeling import family_of
+
+from ..choices import DENSE_OBJECTIVES
+from ..data import local_text_file, token_windows
+from ..defaults import Sizes
+from ..layerwise import choose_sequential
+from ..measurement.holdout import split_fit_heldout
+from ..requests import ExportRequest
+from ..shards import SafetensorsCheckpoint, parse_size
+from .plan import FoldPlan, fold_models, plan_model_folds
+from .report import ExportReport
+from .stock import apply_folds, plain_model, stock_config, stock_model
+
+logger = logging.getLogger("linearpatch")
+
+
+def export_checkpoint(request: ExportRequest | str, output: str | Path | None = None, **options) -> ExportReport:
+    r"""
+    `linearpatch export`: write a folder of the family's stock architecture (`model_type: llama`, `qwen3`, ...; no
+    `auto_map`, no remote code) that any engine loads, with the patches folded into the weights, and measure what
+    the fold costs.
+
+    A checkpoint that does not fit `max_memory` (default: the device's free memory) is never held whole: the fit
+    runs the layers one at a time from the shards, and the folded tensors are streamed to the output in shards of
+    `max_shard_size` (with an index); the held-out comparison, which needs whole models, is then skipped (logged).
+
+    Args:
+        request ([`ExportRequest`] or `str`): the request, or the checkpoint's name (then `output` and `options`, the
+            request's other fields, make the request: `fold` defaults to `auto`, each objective fitted and the best
+            on held-out calibration windows kept).
+
+    Returns:
+        `ExportReport`
+    """
+    if not isinstance(request, ExportRequest):
+        request = ExportRequest(checkpoint=request, output=output, **options)
+    from ..measurement.perplexity import held_out_windows
+    from ..models import load_tokenizer, portable_model_id
+    from ..opening import open_job
+
+    started = time.perf_counter()
+    fold = request.fold
+    inputs = {"calibration text": local_text_file(request.calibration)}
+    if request.eval_windows != 0:
+        inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in request.eval_corpora}
+    job = open_job(request.checkpoint, "checkpoint", request.output, request.overwrite, request.device, inputs)
+    device, config = job.device, job.config
+    needs_fit = fold != "scalar" and any(p > 0 for p in config.patch_positions)
+    dense_model = resolve_dense(config, request.dense, fold) if needs_fit else None
+    tokenizer = load_tokenizer(request.checkpoint)
+    windows = None
+    if needs_fit:
+        sizes = Sizes.resolve("calibration", device, request.num_samples, request.seq_len, config)
+        windows = token_windows(request.calibration, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
+        if fold == "auto" and dense_model is not None:
+            split_fit_heldout(windows.input_ids)  # refuse too few windows before any model is loaded
+    weights = SafetensorsCheckpoint(job.model_path)
+    sequential = choose_sequential(
+        weights.nbytes(torch.float32), device, request.sequential, request.max_memory, "checkpoint"
+    )
+    evaluation = {}
+    held_out = Sizes.resolve("perplexity", device, request.eval_windows, None, config)
+    if held_out.num_samples and not sequential:
+        evaluation = held_out_windows(tokenizer, request.eval_corpora, held_out.num_samples, held_out.seq_len)
+    pipeline = SequentialExport(request, weights, config, device) if sequential else InMemoryExport(request, device)
+    described = pipeline.fold(windows, dense_model)
+    report = ExportReport(
+        source=portable_model_id(request.checkpoint),
+        fold=fold,
+        base_model=config.base_model,
+        pruned_layers=list(config.pruned_layers),
+        patch_positions=list(config.patch_positions),
+        folds=described,
+        perplexity=pipeline.compare(evaluation),
+        calibration=windows.describe() if windows is not None else {},
+        architecture=family_of(config).dense_causal_lm_class.__name__,
+        output=str(job.output),
+        num_layers=config.num_hidden_layers,
+        dense=dense_model,
+    )
+    report.seconds = round(time.perf_counter() - started, 2)
+    with atomic_directory(job.output, request.overwrite) as staging:
+        pipeline.write(staging, tokenizer, {report.record: report.to_json()})
+    return report
+
+
+def resolve_dense(config, dense: str | None, fold: str) -> str | None:
+    """The dense model for the dense fold objectives: `dense`, else the one the checkpoint was pruned from
+    (`base_model`). `None` for a fold that needs none, and for `auto` when the default cannot be found (logged: the
+    dense objectives are then left out of the comparison).
+
+    Raises:
+        LinearPatchError: when a given `dense`, or the default that a dense objective needs, cannot be found or is
+            not the checkpoint's base.
+    """
+    from ..models import check_same_base, embedded_name_for, load_config, resolve_model
+
+    if fold != "auto" and fold not in DENSE_OBJECTIVES:
+        return None
+    name = dense or embedded_name_for(config.base_model)
+    try:
+        if not name:
+            raise LinearPatchError("the checkpoint records no base_model")
+        dense_config = load_config(name, kind="dense")
+    except (LinearPatchError, OSError) as error:
+        if dense is None and fold == "auto":
+            logger.warning(
+                "linearpatch: --fold auto: the dense model %s cannot be opened (%s), so only the folds that need none "
+                "are compared; pass --dense MODEL to add the dense objectives (usually much better).",
+                name,
+                first_line(error),
+            )
+            return None
+        raise LinearPatchError(
+            f"--fold {fold} fits the fold to the dense model's stream, but {name or 'the dense model'} cannot be "
+            f"opened ({first_line(error)}): pass --dense with the model the checkpoint was pruned from."
+        ) from error
+    check_same_base(config, dense_config, name, "dense model")
+    return resolve_model(name)
+
+
+class InMemoryExport:
+    """The export job's pipeline for a checkpoint that fits: loaded whole, folded into a stock model by its
+    [`FoldPlan`], compared side by side with the patched model and plain pruning, saved."""
+
+    def __init__(self, request: ExportRequest, device: str):
+        from ..models import load_model
+
+        self.request, self.device = request, device
+        self.patched, _ = load_model(request.checkpoint, device=device, kind="checkpoint")
+        self.stock: torch.nn.Module | None = None
+        self.plan: FoldPlan | None = None
+
+    def fold(self, windows, dense: str | None = None) -> list[dict]:
+        """Fold every patch; `dense` (a model path) is loaded whole while the fold is planned, then released."""
+        import contextlib
+
+        from ..models import load_model
+
+        input_ids = windows.input_ids if windows is not None else None
+        with contextlib.ExitStack() as stack:
+            dense_model = None
+            if dense is not None:
+                dense_model, _ = load_model(dense, device=self.device, kind="dense")
+                stack.callback(dense_model.to, "meta")  # free its memory as soon as the fold is planned
+            self.plan = plan_model_folds(self.patched, self.request.fold, input_ids, dense_model)
+        self.stock = self.plan.stock(self.patched)
+        return self.plan.described
+
+    def compare(self, evaluation: dict) -> dict:
+        """Held-out perplexity of the patched model, the export and plain pruning (the patched weights, no patch)."""
+        from ..measurement.perplexity import perplexity_table
+
+        if not evaluation:
+            return {}
+        models = {"patched": self.patched, "export": self.stock, "plain": plain_model(self.patched)}
+        return perplexity_table(models, evaluation, self.request.progress)
+
+    def write(self, staging: Path, tokenizer, records: dict[str, str]) -> None:
+        from ..models import write_checkpoint_files
+
+        write_checkpoint_files(staging, self.stock, tokenizer, records)
+
+
+class SequentialExport:
+    """The export job's pipeline for a checkpoint that does not fit: never held whole. The fold is planned from the
+    patches (and, for the map folds, from layer-by-layer passes of the checkpoint and the dense model), then every
+    tensor is read, folded and written in turn, in shards of `max_shard_size`. The held-out comparison, which needs
+    whole models, is skipped."""
+
+    def __init__(self, request: ExportRequest, checkpoint: SafetensorsCheckpoint, config, device: str):
+        logger.warning(
+            "linearpatch: sequential export: the held-out comparison of patched, export and plain pruning needs whole "
+            "models and is skipped; run `linearpatch eval` on the output where it fits."
+        )
+        self.request, self.checkpoint, self.config, self.device = request, checkpoint, config, device
+        self.pending, self.stock, self.plan = [], None, None
+
+    def fold(self, windows, dense: str | None = None) -> list[dict]:
+        checkpoint, config = self.checkpoint, self.config
+        input_ids = windows.input_ids if windows is not None else None
+        with fold_models(checkpoint.folder, dense, self.device, True, self.request.progress) as (model, dense_model):
+            plan = self.plan = plan_model_folds(model, self.request.fold, input_ids, dense_model)
+        transforms = plan.transforms()
+        untie = plan.unties()
+        stock = stock_config(config, untie)
+        stock.dtype = torch.float32
+        with torch.device("meta"):
+            expected = stock_model(stock).state_dict().keys()
+        sources = {key: key for key in checkpoint.keys() if ".linear_patch." not in key}
+        if config.tie_word_embeddings and untie:
+            sources["lm_head.weight"] = "model.embed_tokens.weight"  # the head keeps the unfolded embeddings
+        for key in expected:
+            if key == "lm_head.weight" and stock.tie_word_embeddings:
+                continue
+            if key not in sources:
+                raise LinearPatchError(
+                    f"{checkpoint.folder} has no {key!r}: the checkpoint does not match its config."
+                )
+            # Folded tensors are read whole; the others (most of them) stream in blocks.
+            transform = (
+                (lambda tensor, functions=transforms[key]: apply_folds(tensor, functions))
+                if key in transforms
+                else None
+            )
+            self.pending.append((key, checkpoint.pending(sources[key], torch.float32, transform)))
+        self.stock = stock
+        return plan.described
+
+    def compare(self, evaluation: dict) -> dict:
+        return {}
+
+    def write(self, staging: Path, tokenizer, records: dict[str, str]) -> None:
+        from transformers import GenerationConfig
+
+        from ..models import write_checkpoint_files
+        from ..shards import write_sharded_safetensors
+
+        max_shard_size = parse_size(self.request.max_shard_size)
+        progress = self.request.progress
+        write_sharded_safetensors(staging, self.pending, max_shard_size=max_shard_size, progress=progress)
+        self.stock.save_pretrained(staging)
+        try:
+            GenerationConfig.from_pretrained(self.checkpoint.folder).save_pretrained(staging)
+        except OSError:
+            pass
+        write_checkpoint_files(staging, None, tokenizer, records)
+
+
+__all__ = ["InMemoryExport", "SequentialExport", "export_checkpoint", "resolve_dense"]
