@@ -16,7 +16,7 @@ from helpers import tiny_family, tiny_llama
 from test_bad_input import QUICK, assert_one_line_error
 
 import linearpatch.integration.distillation.job as distill_pipeline
-import linearpatch.integration.pruning.job as prune_pipeline
+import linearpatch.integration.pruning.plan as prune_pipeline
 from linearpatch.cli import main
 
 DISTILL = ["--top-k", "8", *QUICK]
@@ -217,7 +217,7 @@ def test_forked_workers_end_quietly_when_their_pool_is_terminated(monkeypatch, c
             time.sleep(1)  # both workers busy when the pool is terminated
         raise LinearPatchError("evaluated")
 
-    monkeypatch.setattr(evaluation, "compare_models", evaluate_with_a_pool)
+    monkeypatch.setattr(evaluation, "evaluate_checkpoints", evaluate_with_a_pool)
     code = main(["eval", "candidate", "--baseline", "dense"])
     err = capfd.readouterr().err
     assert code == 2 and "evaluated" in err
