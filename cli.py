@@ -32,13 +32,16 @@ def _value_type(annotation):
     return kinds.pop() if len(kinds) == 1 and kinds <= {int, float} else None
 
 
+def cli_fields(request_class) -> list[dataclasses.Field]:
+    """The fields of `request_class` that have an argument (all but those marked `cli=False`)."""
+    return [field for field in dataclasses.fields(request_class) if field.metadata.get("cli", True) is not False]
+
+
 def add_request_arguments(parser: argparse.ArgumentParser, request_class) -> None:
-    """One argument per field of `request_class` (those without `cli=False`), as its metadata describes it."""
+    """One argument per field of `request_class` (see [`cli_fields`]), as its metadata describes it."""
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
-    for field in dataclasses.fields(request_class):
+    for field in cli_fields(request_class):
         meta = field.metadata
-        if meta.get("cli", True) is False:
-            continue
         settings = {"help": meta.get("help")}
         for key in ("choices", "nargs", "metavar"):
             if key in meta:
@@ -71,8 +74,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, request_class) -> Non
 
 def request_from(args: argparse.Namespace, request_class):
     """The request the parsed flags make: each field's value from the argument of its name."""
-    names = [field.name for field in dataclasses.fields(request_class) if field.metadata.get("cli", True)]
-    return request_class(**{name: getattr(args, name) for name in names})
+    return request_class(**{field.name: getattr(args, field.name) for field in cli_fields(request_class)})
 
 
 def cmd_prune(request) -> int:
