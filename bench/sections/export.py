@@ -2,6 +2,8 @@
 every command at its CLI defaults (`prune`, `export` with `--fold auto`, `distill` and `distill --export` on the same
 windows, steps and teacher cache), held-out perplexity on text no fit saw (the export's own comparison windows)."""
 
+from linearpatch.common.reporting import values_table
+
 from ..harness import BLOCK, Claim, per_corpus
 
 TITLE = "Stock export, training-free and distilled (SmolLM2, about 35 minutes on 2 CPU cores)"
@@ -94,20 +96,12 @@ def _ratio(numerator: dict, denominator: dict) -> dict:
 
 def markdown(v: dict) -> list[str]:
     perplexity = v["perplexity"]
-    corpora = list(perplexity["plain"])
     lines = [
         "**Stock export** (SmolLM2, layers 20..24 removed, CLI defaults; held-out perplexity on 8 x 512 tokens)",
         "",
-        "| model | " + " | ".join(corpora) + " |",
-        "|---|" + "---|" * len(corpora),
+        *values_table(perplexity).splitlines(),
     ]
-    lines += [
-        f"| {name} | " + " | ".join(f"{values[c]:.2f}" for c in corpora) + " |" for name, values in perplexity.items()
-    ]
-    lines += ["", "| ratio | " + " | ".join(corpora) + " |", "|---|" + "---|" * len(corpora)]
-    lines += [
-        f"| {name} | " + " | ".join(f"{values[c]:.3f}" for c in corpora) + " |" for name, values in v["ratios"].items()
-    ]
+    lines += ["", *values_table(v["ratios"], "ratio", digits=3).splitlines()]
     chosen = ", ".join(f"{kind}: {folds[-1].get('objective')}" for kind, folds in v["folds"].items())
     return [*lines, "", f"Folds kept by `--fold auto`: {chosen}; distillation ran {v['steps']} steps.", ""]
 

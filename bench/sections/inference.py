@@ -2,6 +2,8 @@
 
 from functools import partial
 
+from linearpatch.common.reporting import markdown_table
+
 from ..harness import BLOCK, Claim, interleaved, median_time, sync
 
 TITLE = "Inference speed (SmolLM2 and a random C=2048 Llama)"
@@ -128,18 +130,31 @@ def markdown(result: list[dict]) -> list[str]:
         lines += [
             f"**Inference, {row['model']}** (dense / plain pruned / LinearPatch)",
             "",
-            "| metric | dense | plain | patched |",
-            "|---|---|---|---|",
-            "| prefill tokens/s | " + " | ".join(f"{row['prefill_tokens_per_s'][k]:.0f}" for k in columns) + " |",
-            "| decode ms/token | " + " | ".join(f"{row['decode_ms_per_token'][k]:.2f}" for k in columns) + " |",
+            *markdown_table(
+                ["metric", *columns],
+                [
+                    ["prefill tokens/s", *(f"{row['prefill_tokens_per_s'][k]:.0f}" for k in columns)],
+                    ["decode ms/token", *(f"{row['decode_ms_per_token'][k]:.2f}" for k in columns)],
+                ],
+            ).splitlines(),
             "",
-            "| ratio | measured | theoretical (FLOPs) |",
-            "|---|---|---|",
-            f"| prefill time plain / dense | {row['prefill_ratio_plain_over_dense']:.3f} "
-            f"| {row['theory_plain_over_dense']:.3f} |",
-            f"| prefill time patched / plain | {row['prefill_ratio_patched_over_plain']:.3f} | {theory_patch} |",
-            f"| decode time patched / plain | {row['decode_ratio_patched_over_plain']:.3f} | {theory_patch} |",
-            f"| patch share of forward time | {row['patch_time_share']:.4f} | {row['patch_flop_share']:.4f} |",
+            *markdown_table(
+                ["ratio", "measured", "theoretical (FLOPs)"],
+                [
+                    [
+                        "prefill time plain / dense",
+                        f"{row['prefill_ratio_plain_over_dense']:.3f}",
+                        f"{row['theory_plain_over_dense']:.3f}",
+                    ],
+                    ["prefill time patched / plain", f"{row['prefill_ratio_patched_over_plain']:.3f}", theory_patch],
+                    ["decode time patched / plain", f"{row['decode_ratio_patched_over_plain']:.3f}", theory_patch],
+                    [
+                        "patch share of forward time",
+                        f"{row['patch_time_share']:.4f}",
+                        f"{row['patch_flop_share']:.4f}",
+                    ],
+                ],
+            ).splitlines(),
             "",
         ]
     return lines

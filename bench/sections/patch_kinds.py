@@ -1,6 +1,8 @@
 """Every training-free patch kind, and `--patch auto`, at SmolLM2's stress cut (layers 20..24): held-out perplexity on
 12 x 512 windows per corpus that no fit or choice saw, from one 64 x 512 calibration sample."""
 
+from linearpatch.common.reporting import values_table
+
 from ..harness import BLOCK, Claim, evaluation_windows, per_corpus, perplexities
 
 TITLE = "Patch kinds at the stress cut (SmolLM2, about 8 minutes on 2 CPU cores)"
@@ -38,21 +40,14 @@ def run(device: str, quick: bool) -> dict:
 
 
 def markdown(v: dict) -> list[str]:
-    corpora = list(v["perplexity"]["none"])
     auto = v["auto"]
     calibration = v["calibration"]
     lines = [
         f"**Patch kinds** (SmolLM2, layers 20..24 removed; calibration {calibration['num_windows']} x "
         f"{calibration['seq_len']}, held-out perplexity on 12 x 512 windows)",
         "",
-        "| patch | " + " | ".join(corpora) + " |",
-        "|---|" + "---|" * len(corpora),
+        *values_table({**v["perplexity"], f"auto: {auto['chosen']}": auto["perplexity"]}, "patch", 1).splitlines(),
     ]
-    lines += [
-        f"| {kind} | " + " | ".join(f"{values[c]:.1f}" for c in corpora) + " |"
-        for kind, values in v["perplexity"].items()
-    ]
-    lines.append(f"| auto: {auto['chosen']} | " + " | ".join(f"{auto['perplexity'][c]:.1f}" for c in corpora) + " |")
     scores = ", ".join(f"{label} {score:.1f}" for label, score in auto["heldout_scores"].items())
     lines += [
         "",

@@ -3,6 +3,8 @@ evaluation articles, against the training-free Hadamard patch on held-out text."
 
 import time
 
+from linearpatch.common.reporting import markdown_table
+
 from ..harness import BLOCK, Claim, evaluation_windows, per_corpus, perplexities
 
 TITLE = "Distillation quality (SmolLM2, about 13 minutes on 2 CPU cores)"
@@ -58,12 +60,19 @@ def markdown(q: dict) -> list[str]:
         f"teacher cache {q['teacher_cache_seconds'] / 60:.1f} min + training {q['training_seconds'] / 60:.1f} min "
         f"(total {q['total_seconds'] / 60:.1f} min)",
         "",
-        "| corpus | training-free hadamard | distilled | improvement |",
-        "|---|---|---|---|",
+        *markdown_table(
+            ["corpus", "training-free hadamard", "distilled", "improvement"],
+            [
+                [
+                    corpus,
+                    f"{value:.2f}",
+                    f"{q['perplexity_distilled'][corpus]:.2f}",
+                    f"{q['improvement'][corpus]:.2f}x",
+                ]
+                for corpus, value in q["perplexity_training_free"].items()
+            ],
+        ).splitlines(),
     ]
-    for corpus, value in q["perplexity_training_free"].items():
-        distilled, ratio = q["perplexity_distilled"][corpus], q["improvement"][corpus]
-        lines.append(f"| {corpus} | {value:.2f} | {distilled:.2f} | {ratio:.2f}x |")
     return [*lines, ""]
 
 

@@ -9,6 +9,8 @@
 
 import time
 
+from linearpatch.common.reporting import markdown_table
+
 from ..harness import Claim, evaluation_windows, per_corpus, perplexities
 
 TITLE = "Choosing by outcome (SmolLM2, about 30 minutes on 2 CPU cores)"
@@ -79,11 +81,10 @@ def run(device: str, quick: bool) -> dict:
 def markdown(v: dict) -> list[str]:
     corpora = list(v["dense"])
 
-    def row(name: str, values: dict) -> str:
+    def row(name: str, values: dict) -> list[str]:
         extra = ", ".join(f"{key} {values[key]}" for key in ("layers", "patch", "chosen") if key in values)
-        return f"| {name} | " + " | ".join(f"{values[c]:.1f}" for c in corpora) + f" | {extra} |"
+        return [name, *(f"{values[c]:.1f}" for c in corpora), extra]
 
-    header = ["| model | " + " | ".join(corpora) + " | choice |", "|---|" + "---|" * (len(corpora) + 1)]
     five = v["five_layers"]
     target = v["target"]
     return [
@@ -92,26 +93,34 @@ def markdown(v: dict) -> list[str]:
         "",
         "Five layers, calibration 32 x 512 (loss and auto: 28 to fit, 4 held out):",
         "",
-        *header,
-        row("dense", v["dense"]),
-        *(row(name, values) for name, values in five["perplexity"].items()),
+        *markdown_table(
+            ["model", *corpora, "choice"],
+            [row("dense", v["dense"]), *(row(name, values) for name, values in five["perplexity"].items())],
+        ).splitlines(),
         "",
-        "| prune time over cosine+hadamard | " + " | ".join(five["time_ratio"]) + " |",
-        "|---|" + "---|" * len(five["time_ratio"]),
-        "| ratio | " + " | ".join(f"{value:.2f}" for value in five["time_ratio"].values()) + " |",
+        *markdown_table(
+            ["prune time over cosine+hadamard", *five["time_ratio"]],
+            [["ratio", *(f"{value:.2f}" for value in five["time_ratio"].values())]],
+        ).splitlines(),
         "",
         f"`--target-ppl-ratio {target['target']}` chose {target['num_layers']} layers {target['layers']} "
         f"({target['patch']}): held-out ratio {target['heldout_ratio']:.3f}, evaluation ratio "
         + ", ".join(f"{c} {r:.3f}" for c, r in target["evaluation_ratio"].items())
         + f"; {target['time_ratio']:.1f}x the time of the default prune.",
         "",
-        "| layers removed | plain | hadamard | chosen | chosen block, patch |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {p['num_layers']} | {p['plain_ratio']:.3f} | {p['fixed_ratio']:.3f} | {p['ratio']:.3f} | "
-            f"{p['layers'][0]}-{p['layers'][1]}, {p['patch']} |"
-            for p in target["curve"]
-        ),
+        *markdown_table(
+            ["layers removed", "plain", "hadamard", "chosen", "chosen block, patch"],
+            [
+                [
+                    p["num_layers"],
+                    f"{p['plain_ratio']:.3f}",
+                    f"{p['fixed_ratio']:.3f}",
+                    f"{p['ratio']:.3f}",
+                    f"{p['layers'][0]}-{p['layers'][1]}, {p['patch']}",
+                ]
+                for p in target["curve"]
+            ],
+        ).splitlines(),
         "",
     ]
 

@@ -2,6 +2,8 @@
 above the import baseline (`import torch, transformers, linearpatch.cli`), each in a fresh process, and whether the
 two write the same tensors."""
 
+from linearpatch.common.reporting import markdown_table
+
 from ..harness import Claim, cli_peak_rss
 
 TITLE = "Sequential (out-of-core) prune (SmolLM2, about 4 minutes on 2 CPU cores)"
@@ -69,12 +71,13 @@ def markdown(q: dict) -> list[str]:
         f"**Sequential prune** (`{q['command']}`, each run in a fresh process; RSS above the import baseline "
         f"of {q['baseline_rss_mib']:.0f} MiB)",
         "",
-        "| run | peak RSS MiB | above baseline MiB | seconds |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {name} | {q['peak_rss_mib'][name]:.0f} | {q['above_baseline_mib'][name]:.0f} | {q['seconds'][name]:.1f} |"
-        for name in q["peak_rss_mib"]
+        *markdown_table(
+            ["run", "peak RSS MiB", "above baseline MiB", "seconds"],
+            [
+                [name, f"{rss:.0f}", f"{q['above_baseline_mib'][name]:.0f}", f"{q['seconds'][name]:.1f}"]
+                for name, rss in q["peak_rss_mib"].items()
+            ],
+        ).splitlines(),
     ]
     lines += [
         "",

