@@ -4,6 +4,7 @@ CLI, and a `base_model` that another machine can resolve."""
 import json
 import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -13,8 +14,23 @@ from linearpatch.integration.defaults import CALIBRATION, Sizes
 
 
 def test_public_names_resolve_lazily():
-    for name in ("load_model", "prune", "save_checkpoint", "prune_layers", "LinearPatchForCausalLM", "PruneReport"):
-        assert callable(getattr(linearpatch, name)), name
+    """Each public name is the object of the module that defines it, imported only when first asked for (so that
+    `import linearpatch` pulls in neither the pruning nor the model code); an unknown name is an AttributeError."""
+    import importlib
+    import subprocess
+    import sys
+
+    from linearpatch.integration.pruning import job, report
+
+    code = "import sys, linearpatch; print(sorted(m for m in sys.modules if m.startswith('linearpatch.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    assert set(linearpatch.__all__) == set(linearpatch._LAZY) | {"__version__"}
+    for name, module in linearpatch._LAZY.items():
+        assert getattr(linearpatch, name) is getattr(importlib.import_module(module), name), name
+    assert linearpatch.prune is job.prune and linearpatch.PruneReport is report.PruneReport
+    with pytest.raises(AttributeError, match="no attribute 'prune_everything'"):
+        linearpatch.prune_everything  # noqa: B018
 
 
 def test_default_sizes_follow_the_device_unless_quick(monkeypatch):
