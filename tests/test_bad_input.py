@@ -56,20 +56,13 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name or p.suffix == ".work")
 
 
-@pytest.fixture(scope="module")
-def pruned_checkpoint(tiny_checkpoint, tmp_path_factory):
-    output = tmp_path_factory.mktemp("bad-input") / "pruned"
-    assert main(["prune", str(tiny_checkpoint), "--layers", "2-3", *QUICK, "--output", str(output)]) == 0
-    return output
-
-
 # 1. `--output distilled/` (trailing slash) lost the finished training; `*.work` folders were left behind.
 @pytest.mark.parametrize("save_steps", [0, 2])
 def test_distill_output_with_trailing_slash_keeps_the_result(
-    tiny_checkpoint, pruned_checkpoint, tmp_path, capsys, save_steps
+    tiny_checkpoint, tiny_pruned, tmp_path, capsys, save_steps
 ):
     output = f"{tmp_path / 'distilled'}/"
-    arguments = ["distill", str(pruned_checkpoint), "--teacher", str(tiny_checkpoint), "--output", output]
+    arguments = ["distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint), "--output", output]
     arguments += ["--top-k", "8", *QUICK, "--cache-dir", str(tmp_path / "cache"), "--save-steps", str(save_steps)]
     assert main(arguments) == 0, capsys.readouterr().err
     assert (tmp_path / "distilled" / "model.safetensors").exists()
@@ -78,15 +71,15 @@ def test_distill_output_with_trailing_slash_keeps_the_result(
 
 
 # 2. `prune FOLDER --output FOLDER --overwrite` replaced the dense model with the pruned one.
-def test_output_equal_to_or_inside_an_input_is_refused(tiny_checkpoint, pruned_checkpoint, tmp_path, capsys):
+def test_output_equal_to_or_inside_an_input_is_refused(tiny_checkpoint, tiny_pruned, tmp_path, capsys):
     before = folder_digest(tiny_checkpoint)
     for output in (tiny_checkpoint, tiny_checkpoint / "pruned", tiny_checkpoint.parent):
         code = main(["prune", str(tiny_checkpoint), "--layers", "2", *QUICK, "--output", str(output), "--overwrite"])
         assert_one_line_error(code, capsys.readouterr().err, "would overwrite the input", "outside")
     assert folder_digest(tiny_checkpoint) == before
-    distill = ["distill", str(pruned_checkpoint), "--teacher", str(tiny_checkpoint), "--cache-dir", str(tmp_path)]
+    distill = ["distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint), "--cache-dir", str(tmp_path)]
     for output, role in (
-        (pruned_checkpoint, "checkpoint"),
+        (tiny_pruned, "checkpoint"),
         (tiny_checkpoint, "teacher"),
         (tmp_path / "inside-cache", "teacher cache"),
     ):
@@ -185,7 +178,7 @@ def other_vocabulary_teacher(tmp_path_factory, smollm2_tokenizer):
 
 
 def test_teacher_with_another_vocabulary_fails_before_the_cache(
-    pruned_checkpoint, other_vocabulary_teacher, tmp_path, capsys, monkeypatch
+    tiny_pruned, other_vocabulary_teacher, tmp_path, capsys, monkeypatch
 ):
     import linearpatch.integration.distillation.job as pipeline
 
@@ -193,7 +186,7 @@ def test_teacher_with_another_vocabulary_fails_before_the_cache(
     code = main(
         [
             "distill",
-            str(pruned_checkpoint),
+            str(tiny_pruned),
             "--teacher",
             str(other_vocabulary_teacher),
             "--output",
@@ -226,11 +219,11 @@ def _ctrl_c_reaches_the_child() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _start_long_distill(tiny_checkpoint, pruned_checkpoint, tmp_path) -> tuple[subprocess.Popen, int]:
+def _start_long_distill(tiny_checkpoint, tiny_pruned, tmp_path) -> tuple[subprocess.Popen, int]:
     """A distill whose teacher cache takes long enough to be interrupted, returned once the teacher child has written
     its first shard; returns the process and the child's pid."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "linearpatch.cli", "distill", str(pruned_checkpoint), "--teacher", str(tiny_checkpoint)]
+        [sys.executable, "-m", "linearpatch.cli", "distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint)]
         + ["--output", str(tmp_path / "out"), "--num-samples", "20000", "--seq-len", "32", "--top-k", "8"]
         + ["--cache-dir", str(tmp_path / "cache")],
         stdout=subprocess.PIPE,
@@ -248,9 +241,9 @@ def _start_long_distill(tiny_checkpoint, pruned_checkpoint, tmp_path) -> tuple[s
     raise AssertionError("the teacher child never started")
 
 
-def test_killed_distill_takes_its_teacher_child_with_it(tiny_checkpoint, pruned_checkpoint, tmp_path):
+def test_killed_distill_takes_its_teacher_child_with_it(tiny_checkpoint, tiny_pruned, tmp_path):
     temporary_before = set(Path("/tmp").glob("linearpatch-teacher-*"))
-    process, child = _start_long_distill(tiny_checkpoint, pruned_checkpoint, tmp_path)
+    process, child = _start_long_distill(tiny_checkpoint, tiny_pruned, tmp_path)
     process.kill()  # SIGKILL: no handler runs in the parent
     process.wait()
     deadline = time.monotonic() + 30
@@ -264,8 +257,8 @@ def test_killed_distill_takes_its_teacher_child_with_it(tiny_checkpoint, pruned_
     assert set(removed) >= set(stale) and not list((tmp_path / "cache").glob(".teacher-input.tmp-*"))
 
 
-def test_interrupted_distill_says_what_was_written_and_exits_130(tiny_checkpoint, pruned_checkpoint, tmp_path):
-    process, child = _start_long_distill(tiny_checkpoint, pruned_checkpoint, tmp_path)
+def test_interrupted_distill_says_what_was_written_and_exits_130(tiny_checkpoint, tiny_pruned, tmp_path):
+    process, child = _start_long_distill(tiny_checkpoint, tiny_pruned, tmp_path)
     process.send_signal(signal.SIGINT)
     try:
         _, stderr = process.communicate(timeout=120)
@@ -294,20 +287,15 @@ def test_missing_model_and_truncated_weights_are_messages(tiny_checkpoint, tmp_p
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_eval_task_is_a_message(pruned_checkpoint, tiny_checkpoint, capsys):
-    code = main(["eval", str(pruned_checkpoint), "--baseline", str(tiny_checkpoint), "--tasks", "wiki_next_sentense"])
-    assert_one_line_error(code, capsys.readouterr().err, "Unknown lm-eval task(s) wiki_next_sentense")
-
-
-def test_push_and_pull_without_the_hub_are_messages(pruned_checkpoint, tmp_path):
+def test_push_and_pull_without_the_hub_are_messages(tiny_pruned, tmp_path):
     offline = dict(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    result = run_cli("push", str(pruned_checkpoint), "org/name", env=offline)
+    result = run_cli("push", str(tiny_pruned), "org/name", env=offline)
     assert_one_line_error(result.returncode, result.stderr, "offline mode is on")
     result = run_cli("pull", "org/name", env=offline)
     assert_one_line_error(result.returncode, result.stderr, "not in the local HF cache")
     unreachable = dict(HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
     unreachable |= dict(HF_TOKEN="x", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
-    result = run_cli("push", str(pruned_checkpoint), "org/name", env=unreachable)
+    result = run_cli("push", str(tiny_pruned), "org/name", env=unreachable)
     assert_one_line_error(result.returncode, result.stderr, "unreachable", "HF_ENDPOINT")
 
 
@@ -347,19 +335,19 @@ def test_zero_windows_is_refused_not_replaced_by_the_default(tiny_checkpoint, tm
         prune(tiny_llama(), tokenizer=None, num_layers=2, num_samples=0)
 
 
-def test_adapter_refuses_a_base_it_was_not_trained_on(tiny_checkpoint, pruned_checkpoint, tmp_path, capsys):
+def test_adapter_refuses_a_base_it_was_not_trained_on(tiny_checkpoint, tiny_pruned, tmp_path, capsys):
     from linearpatch.common.errors import CheckpointMismatchError
     from linearpatch.integration.distillation import load_patch_adapter
 
     adapter = tmp_path / "adapter"
-    arguments = ["distill", str(pruned_checkpoint), "--teacher", str(tiny_checkpoint), "--output", str(adapter)]
+    arguments = ["distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint), "--output", str(adapter)]
     assert main([*arguments, "--adapter-only", "--top-k", "8", *QUICK, "--cache-dir", str(tmp_path / "c")]) == 0
     record = json.loads((adapter / "linearpatch_adapter.json").read_text())
-    assert record["pruned_layers"] == [2, 3] and record["base_model_path"] == str(pruned_checkpoint.resolve())
+    assert record["pruned_layers"] == [2, 3] and record["base_model_path"] == str(tiny_pruned.resolve())
     merged, _ = load_patch_adapter(adapter)  # the right base: loads and merges
     assert not torch.equal(
         merged.model.layers[2].linear_patch.weight,
-        AutoModelForCausalLM.from_pretrained(pruned_checkpoint).model.layers[2].linear_patch.weight,
+        AutoModelForCausalLM.from_pretrained(tiny_pruned).model.layers[2].linear_patch.weight,
     )
     # Another cut: other patch modules.
     other_cut = tmp_path / "other-cut"

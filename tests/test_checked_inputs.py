@@ -17,13 +17,6 @@ from linearpatch.cli import main
 from linearpatch.modeling import prune_layers
 
 
-@pytest.fixture(scope="module")
-def pruned(tiny_checkpoint, tmp_path_factory):
-    output = tmp_path_factory.mktemp("checked") / "pruned"
-    assert main(["prune", str(tiny_checkpoint), "--layers", "2-3", *QUICK, "--output", str(output)]) == 0
-    return output
-
-
 def _copy(source, target):
     shutil.copytree(source, target)
     return target
@@ -31,18 +24,18 @@ def _copy(source, target):
 
 # 1. `eval` evaluated the baseline for minutes before finding a candidate's weights truncated.
 def test_eval_checks_every_model_adapter_and_export_before_the_first_forward(
-    tiny_checkpoint, pruned, tmp_path, capsys, monkeypatch
+    tiny_checkpoint, tiny_pruned, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setattr(comparison, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     evaluate = ["eval", "--baseline", str(tiny_checkpoint), "--tasks", "--ppl-windows", "1"]
 
-    truncated = _copy(pruned, tmp_path / "truncated")
+    truncated = _copy(tiny_pruned, tmp_path / "truncated")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    assert_one_line_error(main([*evaluate, str(pruned), str(truncated)]), capsys.readouterr().err, "truncated")
+    assert_one_line_error(main([*evaluate, str(tiny_pruned), str(truncated)]), capsys.readouterr().err, "truncated")
 
     sharded = tmp_path / "sharded"
-    AutoModelForCausalLM.from_pretrained(pruned).save_pretrained(sharded, max_shard_size="1MB")
+    AutoModelForCausalLM.from_pretrained(tiny_pruned).save_pretrained(sharded, max_shard_size="1MB")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     (sharded / sorted(set(index["weight_map"].values()))[-1]).unlink()
     assert_one_line_error(main([*evaluate, str(sharded)]), capsys.readouterr().err, "missing")
@@ -50,7 +43,7 @@ def test_eval_checks_every_model_adapter_and_export_before_the_first_forward(
     # An adapter whose base is the dense model (what stock PEFT recorded before a checkpoint was saved), and one
     # trained for another cut.
     adapter = tmp_path / "adapter"
-    arguments = ["distill", str(pruned), "--teacher", str(tiny_checkpoint), "--adapter-only", "--top-k", "8"]
+    arguments = ["distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint), "--adapter-only", "--top-k", "8"]
     monkeypatch.undo()
     assert main([*arguments, *QUICK, "--cache-dir", str(tmp_path / "cache"), "--output", str(adapter)]) == 0
     monkeypatch.setattr(comparison, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))

@@ -201,34 +201,9 @@ def test_adapter_round_trip_with_stock_peft(tmp_path):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-@pytest.fixture(scope="module")
-def tiny_pruned_checkpoint(tiny_checkpoint, tmp_path_factory):
-    from linearpatch.cli import main
-
-    output = tmp_path_factory.mktemp("pruned") / "ckpt"
-    assert (
-        main(
-            [
-                "prune",
-                str(tiny_checkpoint),
-                "--layers",
-                "2-3",
-                "--num-samples",
-                "4",
-                "--seq-len",
-                "32",
-                "--output",
-                str(output),
-            ]
-        )
-        == 0
-    )
-    return output
-
-
 @pytest.mark.parametrize("adapter_only", [False, True])
 def test_distill_cli_never_loads_teacher_in_training_process(
-    tiny_checkpoint, tiny_pruned_checkpoint, tmp_path, monkeypatch, adapter_only
+    tiny_checkpoint, tiny_pruned, tmp_path, monkeypatch, adapter_only
 ):
     from transformers import AutoModelForCausalLM as Auto
 
@@ -245,7 +220,7 @@ def test_distill_cli_never_loads_teacher_in_training_process(
     output = tmp_path / "distilled"
     arguments = [
         "distill",
-        str(tiny_pruned_checkpoint),
+        str(tiny_pruned),
         "--teacher",
         str(tiny_checkpoint),
         "--output",
@@ -262,7 +237,7 @@ def test_distill_cli_never_loads_teacher_in_training_process(
         "cpu",
     ]
     assert main(arguments + (["--adapter-only"] if adapter_only else ["--activation-checkpointing"])) == 0
-    assert loaded == [str(tiny_pruned_checkpoint)]  # only the student; the teacher ran in a child process
+    assert loaded == [str(tiny_pruned)]  # only the student; the teacher ran in a child process
     recipe = json.loads((output / "linearpatch_distill.json").read_text())
     assert recipe["top_k"] == 8 and recipe["bytes_per_token"] == 8 * (2 + 2)
     if adapter_only:
@@ -272,9 +247,7 @@ def test_distill_cli_never_loads_teacher_in_training_process(
         assert config["patch_kind"] == "hadamard+distilled" and (output / "modeling_linearpatch.py").exists()
 
 
-def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(
-    tiny_checkpoint, tiny_pruned_checkpoint, tmp_path
-):
+def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(tiny_checkpoint, tiny_pruned, tmp_path):
     """`distill --export`: the maps start from the training-free auto fold (fitted to the teacher), only they train,
     and the result is the family's stock architecture, equal to the trained student it folds and loadable without
     remote code or the package."""
@@ -286,7 +259,7 @@ def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(
     output, start = tmp_path / "distilled-export", tmp_path / "training-free"
     common = ["--num-samples", "8", "--seq-len", "16", "--eval-windows", "1", "--eval-corpus", "lee-news"]
     teacher = ["--teacher", str(tiny_checkpoint), "--top-k", "8", "--cache-dir", str(tmp_path / "cache")]
-    arguments = ["distill", str(tiny_pruned_checkpoint), *teacher, "--export", "--output", str(output), *common]
+    arguments = ["distill", str(tiny_pruned), *teacher, "--export", "--output", str(output), *common]
     assert main(arguments + ["--lr", "1e-2"]) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
@@ -306,7 +279,7 @@ def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(
     # Training moved the folded map away from its training-free start (`export` on the same calibration windows: the
     # default sizes, as --num-samples and --seq-len size distill's training windows, and distill's seed), and only
     # the layer it folds into.
-    export = ["export", str(tiny_pruned_checkpoint), "--dense", str(tiny_checkpoint), "--output", str(start)]
+    export = ["export", str(tiny_pruned), "--dense", str(tiny_checkpoint), "--output", str(start)]
     assert main([*export, *common[4:], "--seed", str(record["calibration"]["seed"])]) == 0
     assert json.loads((start / "linearpatch_export.json").read_text())["calibration"] == record["calibration"]
     assert json.loads((start / "linearpatch_export.json").read_text())["folds"][0]["objective"] == fold["objective"]
