@@ -1,4 +1,11 @@
-"""Builders the tests share (imported as `from helpers import ...`): tiny real Llama models and patches."""
+"""What the tests share (imported as `from helpers import ...`): tiny real Llama models and patches, and the checks of
+a command's outcome (one-line errors, leftovers, folder digests)."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -108,3 +115,38 @@ def tiny_family(model_type: str, num_layers: int = 6, tied: bool = True, seed: i
             elif name.endswith(".bias"):
                 parameter.normal_(0.0, 0.5)
     return model
+
+
+# The smallest calibration of a command on the tiny models.
+QUICK = ["--num-samples", "4", "--seq-len", "32"]
+
+
+def run_cli(*arguments: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    return subprocess.run(
+        [sys.executable, "-m", "linearpatch.cli", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def folder_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def assert_one_line_error(code: int, stderr: str, *fragments: str) -> None:
+    assert code == 2, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.startswith("linearpatch ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name or p.suffix == ".work")

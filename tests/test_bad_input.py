@@ -1,126 +1,19 @@
-"""Bad input gets one line that names the problem and the fix; no run loses finished work or an existing folder.
+"""Bad input gets one line that names the problem and the fix, found before the expensive work (the refusals that need
+no more than a command line: tests/test_refusals.py; no lost work or folder: tests/test_nothing_lost.py).
 
 Each test is named after the finding it covers (issue #10: "Tried as a new user would").
 """
 
-import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import QUICK, assert_one_line_error, run_cli, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from linearpatch.cli import main
-from linearpatch.common.errors import OutputExistsError
-from linearpatch.common.files import atomic_directory, clean_stale_staging, staging_path
-
-QUICK = ["--num-samples", "4", "--seq-len", "32"]
-
-
-def run_cli(*arguments: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
-    return subprocess.run(
-        [sys.executable, "-m", "linearpatch.cli", *arguments],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def folder_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def assert_one_line_error(code: int, stderr: str, *fragments: str) -> None:
-    assert code == 2, stderr
-    lines = [line for line in stderr.strip().splitlines() if line.startswith("linearpatch ")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name or p.suffix == ".work")
-
-
-# 1. `--output distilled/` (trailing slash) lost the finished training; `*.work` folders were left behind.
-@pytest.mark.parametrize("save_steps", [0, 2])
-def test_distill_output_with_trailing_slash_keeps_the_result(
-    tiny_checkpoint, tiny_pruned, tmp_path, capsys, save_steps
-):
-    output = f"{tmp_path / 'distilled'}/"
-    arguments = ["distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint), "--output", output]
-    arguments += ["--top-k", "8", *QUICK, "--cache-dir", str(tmp_path / "cache"), "--save-steps", str(save_steps)]
-    assert main(arguments) == 0, capsys.readouterr().err
-    assert (tmp_path / "distilled" / "model.safetensors").exists()
-    assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "distilled"]
-    assert "'loss'" in capsys.readouterr().out  # the Trainer logs its loss while it trains (finding 10)
-
-
-# 2. `prune FOLDER --output FOLDER --overwrite` replaced the dense model with the pruned one.
-def test_output_equal_to_or_inside_an_input_is_refused(tiny_checkpoint, tiny_pruned, tmp_path, capsys):
-    before = folder_digest(tiny_checkpoint)
-    for output in (tiny_checkpoint, tiny_checkpoint / "pruned", tiny_checkpoint.parent):
-        code = main(["prune", str(tiny_checkpoint), "--layers", "2", *QUICK, "--output", str(output), "--overwrite"])
-        assert_one_line_error(code, capsys.readouterr().err, "would overwrite the input", "outside")
-    assert folder_digest(tiny_checkpoint) == before
-    distill = ["distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint), "--cache-dir", str(tmp_path)]
-    for output, role in (
-        (tiny_pruned, "checkpoint"),
-        (tiny_checkpoint, "teacher"),
-        (tmp_path / "inside-cache", "teacher cache"),
-    ):
-        code = main([*distill, "--output", str(output), "--overwrite"])
-        assert_one_line_error(code, capsys.readouterr().err, f"the {role}")
-
-
-# 3. Two runs with the same --output both printed "Saved"; one silently replaced the other.
-def test_concurrent_runs_with_one_output_never_replace_each_other(tiny_checkpoint, tmp_path):
-    output = tmp_path / "shared"
-    arguments = ["prune", str(tiny_checkpoint), "--num-layers", "2", *QUICK, "--output", str(output)]
-    runs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "linearpatch.cli", *arguments, "--seed", str(seed)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for seed in (0, 1)
-    ]
-    results = [(run.wait(timeout=600), run.stdout.read(), run.stderr.read()) for run in runs]
-    assert sorted(code for code, _, _ in results) == [0, 2], results
-    winner = next(out for code, out, _ in results if code == 0)
-    loser = next(err for code, _, err in results if code == 2)
-    assert "Saved to" in winner and "Saved to" not in next(out for code, out, _ in results if code == 2)
-    assert "already exists" in loser or "created by another run" in loser
-    report = json.loads((output / "linearpatch_report.json").read_text())
-    assert report["calibration"]["seed"] in (0, 1) and leftovers(tmp_path) == []
-
-
-def test_rename_into_place_refuses_a_target_created_meanwhile(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(OutputExistsError, match="created by another run"):
-        with atomic_directory(target) as staging:
-            (staging / "mine.txt").write_text("mine")
-            target.mkdir()  # another run finishes first, between our check and our rename
-            (target / "theirs.txt").write_text("theirs")
-    assert [p.name for p in target.iterdir()] == ["theirs.txt"] and leftovers(tmp_path) == []
-    with atomic_directory(target, overwrite=True) as staging:
-        (staging / "new.txt").write_text("new")
-    assert [p.name for p in target.iterdir()] == ["new.txt"] and leftovers(tmp_path) == []
 
 
 # 4. Checks that failed only after the expensive work: no weights may be loaded before the input is validated.
@@ -196,84 +89,6 @@ def test_teacher_with_another_vocabulary_fails_before_the_cache(
     assert_one_line_error(code, capsys.readouterr().err, "vocabulary of 300 tokens", "49152", "pruned from")
 
 
-# 5. Killing distill left its teacher child running (orphaned) and /tmp/linearpatch-teacher-* behind.
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        children = (task / "children").read_text().split() if (task / "children").exists() else []
-        found += [int(child) for child in children]
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
-
-
-def _ctrl_c_reaches_the_child() -> None:
-    # A shell starts background jobs with SIGINT ignored (`make test &`), and a child inherits that: Python then
-    # installs no KeyboardInterrupt handler, so the SIGINT these tests send would be lost and the run go on.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _start_long_distill(tiny_checkpoint, tiny_pruned, tmp_path) -> tuple[subprocess.Popen, int]:
-    """A distill whose teacher cache takes long enough to be interrupted, returned once the teacher child has written
-    its first shard; returns the process and the child's pid."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "linearpatch.cli", "distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint)]
-        + ["--output", str(tmp_path / "out"), "--num-samples", "20000", "--seq-len", "32", "--top-k", "8"]
-        + ["--cache-dir", str(tmp_path / "cache")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_ctrl_c_reaches_the_child,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        children = _children(process.pid)
-        if children and list(tmp_path.glob("cache/*/manifest.json")):
-            return process, children[0]
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.2)
-    raise AssertionError("the teacher child never started")
-
-
-def test_killed_distill_takes_its_teacher_child_with_it(tiny_checkpoint, tiny_pruned, tmp_path):
-    temporary_before = set(Path("/tmp").glob("linearpatch-teacher-*"))
-    process, child = _start_long_distill(tiny_checkpoint, tiny_pruned, tmp_path)
-    process.kill()  # SIGKILL: no handler runs in the parent
-    process.wait()
-    deadline = time.monotonic() + 30
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(child), "the teacher child outlived its parent"
-    stale = list((tmp_path / "cache").glob(".teacher-input.tmp-*"))
-    assert stale  # a killed run cannot clean up after itself: the next run into the same cache does
-    assert set(Path("/tmp").glob("linearpatch-teacher-*")) == temporary_before  # nothing staged outside the cache
-    removed = clean_stale_staging(tmp_path / "cache")
-    assert set(removed) >= set(stale) and not list((tmp_path / "cache").glob(".teacher-input.tmp-*"))
-
-
-def test_interrupted_distill_says_what_was_written_and_exits_130(tiny_checkpoint, tiny_pruned, tmp_path):
-    process, child = _start_long_distill(tiny_checkpoint, tiny_pruned, tmp_path)
-    process.send_signal(signal.SIGINT)
-    try:
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()  # no-op once it has exited
-    assert process.returncode == 130, stderr
-    assert "interrupted" in stderr and "nothing was written" in stderr and "resumes on the next run" in stderr
-    assert "Traceback" not in stderr
-    deadline = time.monotonic() + 30
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(child)
-    assert not (tmp_path / "out").exists() and not list((tmp_path / "cache").glob(".teacher-input.tmp-*"))
-
-
 # 6. Tracebacks instead of messages.
 def test_missing_model_and_truncated_weights_are_messages(tiny_checkpoint, tmp_path, capsys):
     code = main(["prune", str(tmp_path / "no-such-model"), "--num-layers", "1", "--output", str(tmp_path / "o")])
@@ -297,31 +112,6 @@ def test_push_and_pull_without_the_hub_are_messages(tiny_pruned, tmp_path):
     unreachable |= dict(HF_TOKEN="x", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
     result = run_cli("push", str(tiny_pruned), "org/name", env=unreachable)
     assert_one_line_error(result.returncode, result.stderr, "unreachable", "HF_ENDPOINT")
-
-
-def test_ctrl_c_during_prune_exits_130_and_leaves_nothing(tiny_checkpoint, tmp_path):
-    output, log = tmp_path / "out", tmp_path / "stderr.txt"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "linearpatch.cli", "prune", str(tiny_checkpoint), "--num-layers", "2"]
-            + ["--num-samples", "40000", "--seq-len", "16", "--output", str(output)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            preexec_fn=_ctrl_c_reaches_the_child,
-        )
-        try:
-            deadline = time.monotonic() + 300
-            while "calibration" not in log.read_text() and time.monotonic() < deadline:  # its progress bar is up
-                assert process.poll() is None, log.read_text()
-                time.sleep(0.2)
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=120)
-        finally:
-            process.kill()  # no-op once it has exited; a failed wait must not leave a 40000-window prune running
-    text = log.read_text()
-    assert process.returncode == 130, text
-    assert "interrupted; nothing was written" in text and "Traceback" not in text
-    assert not output.exists() and leftovers(tmp_path) == []
 
 
 # 7. Silent wrong results.
@@ -366,27 +156,6 @@ def test_adapter_refuses_a_base_it_was_not_trained_on(tiny_checkpoint, tiny_prun
     with pytest.raises(CheckpointMismatchError, match="differently pruned"):
         load_patch_adapter(adapter, base=str(other_cut))
     capsys.readouterr()
-
-
-# 10. Output folders honour the umask (they were 0700).
-def test_output_folders_honour_the_umask(tiny_checkpoint, tmp_path):
-    previous = os.umask(0o022)
-    try:
-        assert main(["prune", str(tiny_checkpoint), "--layers", "2", *QUICK, "--output", str(tmp_path / "o")]) == 0
-    finally:
-        os.umask(previous)
-    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
-
-
-def test_stale_staging_of_dead_processes_is_cleaned_and_live_ones_are_kept(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".out.tmp-{dead.pid}-0123abcd"
-    stale.mkdir()
-    mine = staging_path(tmp_path / "other")
-    mine.mkdir()
-    assert clean_stale_staging(tmp_path) == [stale]
-    assert not stale.exists() and mine.exists()
 
 
 def test_every_option_has_help_and_shows_its_default():

@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 import torch
-from helpers import random_patch, tiny_llama
+from helpers import QUICK, assert_one_line_error, random_patch, tiny_llama
 from safetensors.torch import load_file, save_file
-from test_bad_input import QUICK, assert_one_line_error
 from transformers import AutoModelForCausalLM
 
 import linearpatch.integration.evaluation.comparison as comparison
