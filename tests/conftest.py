@@ -32,7 +32,14 @@ from helpers import SMOLLM2_PRUNE, tiny_llama  # noqa: E402
 # pytest-xdist (`make test`: `--dist loadgroup --no-loadscope-reorder`) runs each group on one worker, in this order.
 # A group is a test file, so that its module fixtures are built once; the README's independent chains are a group
 # each. The longest groups go first (measured: `--durations`), so that none is left to run alone at the end.
-LONGEST_FIRST = ("test_readme.py", "test_serving.py", "test_hub.py", "test_families.py", "test_bad_input.py")
+LONGEST_FIRST = (
+    "test_readme.py",
+    "test_serving.py",
+    "test_hub.py",
+    "test_families.py",
+    "test_nothing_lost.py",
+    "test_first_use.py",
+)
 
 
 # transformers' own test marks (tests/test_transformers_common.py runs its common tests).
