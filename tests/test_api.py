@@ -101,3 +101,26 @@ def test_base_model_records_what_another_machine_can_resolve(tiny_checkpoint, tm
     output = str(tmp_path / "named")
     assert main(["prune", str(tiny_checkpoint), *quick, "--base-model", "org/dense", "--output", output]) == 0
     assert json.loads((tmp_path / "named" / "config.json").read_text())["base_model"] == "org/dense"
+
+
+def test_every_stage_report_follows_the_report_protocol():
+    """Issue #31: prune, distill, export, eval and report each return a report with its record file, its JSON and its
+    summary, which the CLI prints (and nothing else)."""
+    from linearpatch.common.names import DISTILL_RECORD, EVAL_FILES, EXPORT_RECORD, PLOTS_RECORD, PRUNE_RECORD
+    from linearpatch.common.reporting import Report
+    from linearpatch.integration.distillation.report import DistillReport
+    from linearpatch.integration.evaluation import FiguresReport, ModelComparison
+    from linearpatch.integration.export.report import ExportReport
+    from linearpatch.integration.pruning.report import PruneReport
+
+    reports = [
+        (PruneReport(None, 6, [2, 3], [[2, 4]], "manual", "hadamard", output="out"), PRUNE_RECORD),
+        (DistillReport("t", 8, {"num_windows": 4}, 1.0, 1e-4, 1, 1, 1.0, "key", 24, output="out"), DISTILL_RECORD),
+        (ExportReport(None, "auto", None, [2, 3], [2], architecture="LlamaForCausalLM", output="out"), EXPORT_RECORD),
+        (ModelComparison({"models": []}, "| model |\n|---|", written=["out/linearpatch_eval.json"]), EVAL_FILES[0]),
+        (FiguresReport("out", ["cosine_heatmap.png"], {"cosine": []}), PLOTS_RECORD),
+    ]
+    for report, record in reports:
+        assert isinstance(report, Report) and report.record == record, type(report).__name__
+        assert json.loads(report.to_json()) is not None
+        assert "out" in report.summary(), type(report).__name__  # where the output went is part of the summary
