@@ -116,7 +116,7 @@ def cmd_export(request) -> int:
 def cmd_serve(request) -> int:
     from linearpatch.integration.serving import serve
 
-    return serve(request.checkpoint, vllm=request.vllm, extra=request.extra)
+    return serve(request)
 
 
 def cmd_push(request) -> int:

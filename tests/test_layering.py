@@ -79,7 +79,7 @@ LAYERS = {
         "linearpatch.integration.evaluation.comparison",
         "linearpatch.integration.evaluation.figures",
         "linearpatch.integration.export.job",
-        "linearpatch.integration.serving",
+        "linearpatch.integration.serving.engine",
         "linearpatch.hub_tools.*",
     ],
     # The public faces: the command line, and the package folders that re-export their rooms' API.
@@ -91,6 +91,7 @@ LAYERS = {
         "linearpatch.integration.distillation",
         "linearpatch.integration.evaluation",
         "linearpatch.integration.export",
+        "linearpatch.integration.serving",
     ],
 }
 SKIPPED = {".venv", ".venv-serving", "tests", "bench", "examples", "build"}
@@ -431,3 +432,16 @@ def test_the_package_has_no_file_over_450_lines():
         if (count := len(path.read_text().splitlines())) > 450
     }
     assert not long, long
+
+
+def test_integration_has_no_loose_file_of_a_stage():
+    # Loose modules of integration/ are the shared floors (options, weight I/O, loading); every stage (prune, distill,
+    # eval and report, export, serve) is a folder of its own.
+    loose = {path.stem for path in (ROOT / "integration").glob("*.py")} - {"__init__"}
+    shared = {"choices", "defaults", "options", "requests", "shards", "adapter", "embedded", "models", "layerwise"}
+    assert loose == shared | {"data", "opening"}, loose
+    assert {path.name for path in (ROOT / "integration").iterdir() if (path / "__init__.py").exists()} == {
+        "measurement",
+        *STAGES,
+        "serving",
+    }

@@ -16,8 +16,10 @@ from pathlib import Path
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.names import CONFIG_FILE, EXPORT_RECORD
 
+from ..requests import ServeRequest
+
 # Where `make serving` puts vLLM, relative to the repository (the package root when installed editable).
-SERVING_VENV = Path(__file__).resolve().parents[1] / ".venv-serving"
+SERVING_VENV = Path(__file__).resolve().parents[2] / ".venv-serving"
 
 
 def find_vllm(vllm: str | None = None) -> Path:
@@ -91,18 +93,25 @@ def cpu_defaults(extra: list[str] | tuple[str, ...], environment: dict) -> tuple
     return options, variables
 
 
-def serve(checkpoint: str | Path, vllm: str | None = None, extra: list[str] | tuple[str, ...] = ()) -> int:
+def serve(request: ServeRequest | str | Path, **options) -> int:
     """`linearpatch serve`: check the checkpoint, then run vLLM's OpenAI-compatible server on it until it stops;
     return its exit code.
+
+    Args:
+        request ([`ServeRequest`], `str` or `Path`): the request, or the checkpoint (then `options`, the request's
+            other fields, make it: `vllm`, the executable; `extra`, options passed to vllm as they are).
 
     Raises:
         LinearPatchError: for a folder that is not a complete checkpoint or export, or a missing `vllm`.
     """
-    from .models import check_model_files
+    from ..models import check_model_files
 
-    executable = find_vllm(vllm)
-    command = serve_command(checkpoint, executable, extra)
-    check_model_files(str(checkpoint))  # config and weights complete, before vLLM starts (a minute on a CPU)
+    if not isinstance(request, ServeRequest):
+        request = ServeRequest(checkpoint=str(request), **options)
+    extra = request.extra
+    executable = find_vllm(request.vllm)
+    command = serve_command(request.checkpoint, executable, extra)
+    check_model_files(str(request.checkpoint))  # config and weights complete, before vLLM starts (a minute on a CPU)
     variables = {}
     if is_cpu_build(executable):
         options, variables = cpu_defaults(extra, os.environ)
