@@ -135,7 +135,7 @@ def _random_frames(model, positions, seed):
 def test_map_folds_are_exact_for_every_family(family):
     """The exported model equals the model it folds: the pruned model with each map applied to the MLP output of the
     layer before its gap (the embeddings at layer 0), and each frame to the stream after it, patches bypassed, at
-    every kind of gap."""
+    every kind of gap, the frames as training leaves them (turned and rescaled away from their fit)."""
     from linearpatch.integration.distillation.folded import fold_trained
     from linearpatch.integration.export import FoldPlan
     from linearpatch.integration.export.folding import attach_fold_maps, frame_norm_keys
@@ -150,7 +150,11 @@ def test_map_folds_are_exact_for_every_family(family):
     frames = _random_frames(patched, [1, 3], seed=5) if FAMILIES[family].residual.rotatable else {}
     norms = {key: patched.get_parameter(key).detach().double() for key in frame_norm_keys(patched.config, 1)}
     handles = attach_fold_maps(patched, maps, frames)
+    generator = torch.Generator().manual_seed(6)
     with torch.no_grad():
+        for frame in patched.fold_frames.values():  # as training moves them: the fitted rotation turned further
+            frame.weight.copy_(0.1 * torch.randn(frame.weight.shape, generator=generator))
+            frame.log_scale += 0.2
         mapped = patched(INPUT_IDS).logits
     plan = FoldPlan(patched.config, [], maps, frames=frames, norms=norms)
     stock, _, difference = fold_trained(patched, handles, plan, INPUT_IDS)
@@ -161,6 +165,30 @@ def test_map_folds_are_exact_for_every_family(family):
         assert difference <= 1e-4
         # The maps changed the model: the check above is not comparing the pruned model with itself.
         assert (patched(INPUT_IDS).logits - mapped).abs().max().item() > 1e-2
+
+
+def test_a_trained_frame_stays_a_scaled_rotation_and_starts_at_its_fit():
+    """`FoldFrame` keeps `R = c Q0 exp(G - G^T)`: whatever training does to its parameters, `R` is a scale times an
+    orthogonal matrix (what folds exactly into the layers after the gap), and it starts at the fitted frame."""
+    from linearpatch.integration.export.folding import FoldFrame, split_frame
+
+    generator = torch.Generator().manual_seed(7)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))
+    frame = FoldFrame(1.3 * rotation)
+    assert (frame.matrix(torch.float64) - 1.3 * rotation).abs().max() <= 1e-6
+    x = torch.randn(3, 16, generator=generator)
+    assert (frame(x) - x @ (1.3 * rotation).float()).abs().max() <= 1e-5
+    with torch.no_grad():
+        frame.weight.copy_(torch.randn(16, 16, generator=generator))
+        frame.log_scale.fill_(0.5)
+    trained = frame.matrix(torch.float64)
+    scale, turned = split_frame(trained)
+    assert abs(scale - torch.e**0.5) <= 1e-6
+    assert (turned @ turned.T - torch.eye(16, dtype=torch.float64)).abs().max() <= 1e-6
+    assert (turned - rotation).abs().max() > 0.1  # it did turn
+    loss = frame(x).pow(2).sum()
+    loss.backward()
+    assert frame.weight.grad.abs().max() > 0 and frame.log_scale.grad != 0
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -190,7 +218,7 @@ def test_fold_auto_scores_every_objective_and_keeps_the_best(family):
 
 def test_fold_objectives_fit_their_targets():
     """Least squares reproduces a stream that a map can reach exactly; cosine never ends worse than its start."""
-    from linearpatch.integration.export.folding import fit_map
+    from linearpatch.integration.export.fitting import fit_map
 
     generator = torch.Generator().manual_seed(0)
     a, m = torch.randn(512, 16, generator=generator).double(), torch.randn(512, 16, generator=generator).double()
@@ -213,7 +241,8 @@ def test_fold_objectives_fit_their_targets():
 def test_rotated_fit_reaches_a_stream_that_no_map_on_the_mlp_output_can():
     """A target that rotates and rescales the whole stream (not only the MLP output's part): down-proj-rotated fits
     it almost exactly, with a frame that is a scale times a rotation, where the map alone cannot."""
-    from linearpatch.integration.export.folding import fit_map, fit_rotated, relative_error, split_frame
+    from linearpatch.integration.export.fitting import fit_map, fit_rotated, relative_error
+    from linearpatch.integration.export.folding import split_frame
 
     generator = torch.Generator().manual_seed(1)
     a, m = torch.randn(2048, 16, generator=generator).double(), torch.randn(2048, 16, generator=generator).double()

@@ -61,6 +61,7 @@ LAYERS = {
         "linearpatch.integration.distillation.trainer",
         "linearpatch.integration.evaluation.tasks",
         "linearpatch.integration.export.folding",
+        "linearpatch.integration.export.fitting",
         "linearpatch.integration.export.stock",
     ],
     # A stage's plan and report: what it decides, and what it returns.

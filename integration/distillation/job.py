@@ -23,7 +23,7 @@ from linearpatch.common.names import TEACHER_CACHE_MANIFEST
 
 from ..adapter import base_identity, patch_weights, write_adapter
 from ..data import local_text_file
-from ..export.folding import FOLD_MAPS, attach_fold_maps
+from ..export.folding import FOLD_FRAMES, FOLD_MAPS, attach_fold_maps
 from ..requests import DistillRequest
 from ..shards import SafetensorsCheckpoint
 from .folded import export_start, target_modules
@@ -186,7 +186,7 @@ def distill_checkpoint(
         folded.handles = attach_fold_maps(student, folded.plan.maps, folded.plan.frames)
         weights_of = _map_weights
         if not plan.from_finished:  # a finished training is loaded onto the bare student below
-            student = get_patch_peft_model(student, target_modules=target_modules(folded.plan.maps))
+            student = get_patch_peft_model(student, target_modules=target_modules(folded.plan))
     initial = {name: tensor.detach().clone() for name, tensor in weights_of(student).items()}
     if plan.from_finished:
         model, history = load_finished(student, plan.finished)
@@ -292,13 +292,13 @@ def check_trained(model, initial: dict[str, torch.Tensor], lr: float, weights_of
 
 
 def _map_weights(model, trained: bool = False) -> dict[str, torch.Tensor]:
-    """The fold maps of a `distill --export` student by position (`fold_maps.19`): the frozen start, or with
-    `trained=True` the adapter's trained copies."""
+    """The fold maps' and frames' parameters of a `distill --export` student (`fold_maps.20.weight`,
+    `fold_frames.20.log_scale`, ...): the frozen start, or with `trained=True` the adapter's trained copies."""
     weights = {}
     for key, tensor in model.state_dict().items():
-        match = re.search(rf"(?:^|\.)({FOLD_MAPS}\.\d+)\.", key)
-        if match and (".ln_tuning_layers." in key) == trained:
-            weights[match[1]] = tensor
+        match = re.search(rf"(?:^|\.)((?:{FOLD_MAPS}|{FOLD_FRAMES})\.\d+)\..*?(\w+)$", key)
+        if match and (".ln_tuning_layers." in key) == trained and match[2] != "rotation":  # not the fixed buffer
+            weights[f"{match[1]}.{match[2]}"] = tensor
     return weights
 
 

@@ -29,8 +29,8 @@ elsewhere, and measures what that costs:
 checkpoint, the export and plain pruning, side by side.
 
 The stage's rooms: `plan` (the [`FoldPlan`] and how it is made), `stock` (the stock architecture and the folded state
-dict), `folding` (the fold maps: fitted, attached, folded), `report` ([`ExportReport`]) and `job`
-([`export_checkpoint`] and its two pipelines).
+dict), `fitting` (each gap's map and frame fitted), `folding` (the maps and frames: held, attached, folded), `report`
+([`ExportReport`]) and `job` ([`export_checkpoint`] and its two pipelines).
 """
 
 from linearpatch.common.names import EXPORT_RECORD

@@ -1,4 +1,4 @@
-"""Fold maps: the one C x C map per gap that a stock export can hold, fitted, applied and folded.
+"""Fold maps: the one C x C map per gap that a stock export can hold, applied and folded (`fitting.py` fits them).
 
 A patch acts on the residual stream after a gap, which no stock weight holds. A map `T` on the MLP output `m` of the
 kept layer just before the gap (on the token embeddings for a gap at layer 0) can be held exactly: the stream entering
@@ -7,25 +7,16 @@ that layer's `down_proj` (`W <- T^T W`, `b <- b T`), into the embeddings (`E <- 
 through a norm (Gemma 3, OLMo 2) and `T` is diagonal, into that norm's weight. This module holds everything about
 such maps:
 
-- [`fit_map`] fits `T` to an objective: `down-proj` reproduces the patched stream `(a + m) P` (the patch's own
-  target, so it approximates an approximation); `down-proj-dense` reproduces the dense model's stream after the
-  removed block directly, by least squares with each token weighted by its own norm (every later layer reads the
-  stream through RMSNorm); `down-proj-cosine` minimises the cosine distance to it (ReplaceMe's best), starting from
-  the least-squares map;
-- [`fit_rotated`] (`down-proj-rotated`) fits, with `T`, a *frame* `R = c Q` (`Q` orthogonal, `c` a scalar) so that
-  `(a + m T) R ~= target`. A map on one MLP output cannot reach the stream entering that layer, which holds most of
-  what the removed block changed; a frame acts on all of it. It folds into the layers after the gap (and the head):
-  their writers are multiplied by `R^-1` and their readers by `Q` (after each RMSNorm's weight is absorbed into the
-  Linear layers that read it), so the export's stream after the gap is the reference's times `R^-1`, which every
-  RMSNorm reads as the same thing. Exact up to RMSNorm's eps, for families whose layout is
-  [`ResidualLayout.rotatable`] (Llama, Mistral, Qwen 2/3; not Gemma 3's normalised writers);
+- [`FoldMap`] and [`FoldFrame`] hold a map and a frame (fitted in `fitting.py`) as modules;
 - [`attach_fold_maps`] applies maps (and frames) to a model with hooks (in memory or run layer by layer), bypassing
   the patches they replace: what the export scores on held-out windows, what `distill --export` trains (the
-  `fold_maps` modules are then the only trainable parameters, as the patches are for `distill`; the frames stay as
-  fitted), and the model an export must equal;
+  `fold_maps` and `fold_frames` modules are then the only trainable parameters, as the patches are for `distill`;
+  a trained frame stays a scaled rotation, see [`FoldFrame`]), and the model an export must equal;
 - [`map_transforms`] and [`frame_transforms`] turn maps and frames into per-tensor functions of the stock state
   dict: a pure plan that applies to a state dict in memory or to tensors streamed from the shards one by one.
 """
+
+import math
 
 import torch
 from torch import nn
@@ -33,12 +24,12 @@ from torch import nn
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.modeling import family_of
 
-from ..choices import FOLD_OBJECTIVES, ROTATED_OBJECTIVE
+from ..choices import ROTATED_OBJECTIVE
 
 # Attribute of the causal LM that holds the maps while they are attached (a `ModuleDict` keyed by position): outside
 # the decoder layers, so that a model run layer by layer keeps them when it frees each layer's weights.
 FOLD_MAPS = "fold_maps"
-# The same for the frames, which are fitted, not trained: a PEFT adapter targets only `fold_maps.*`.
+# The same for the frames (`FoldFrame`), which `distill --export` trains with the maps.
 FOLD_FRAMES = "fold_frames"
 
 
@@ -63,16 +54,44 @@ class FoldMap(nn.Module):
         return f"{tuple(self.weight.shape)}{' (diagonal)' if self.weight.dim() == 1 else ''}"
 
 
+class FoldFrame(nn.Module):
+    r"""
+    `x -> x R` on the stream after a gap, computed in fp32, for a frame `R = c Q` (see [`fit_rotated`]) kept as
+    `c = exp(log_scale)` and `Q = Q_0 exp(G - G^T)` (`G` is its `weight`, the name PEFT's LN tuning carries over when
+    it merges): whatever values training gives its parameters, `R` stays a scaled rotation, which is what folds
+    exactly into the layers after the gap. Starts at the fitted frame (`G = 0`).
+
+    Args:
+        frame (`torch.Tensor`): the fitted `R` (`[C, C]`).
+    """
+
+    def __init__(self, frame: torch.Tensor):
+        super().__init__()
+        scale, rotation = split_frame(frame)
+        self.register_buffer("rotation", rotation.float())
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        self.weight = nn.Parameter(torch.zeros_like(self.rotation))
+
+    def matrix(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`R` in `dtype` (the export folds it in float64, so that its rotation is orthogonal to rounding)."""
+        rotation = self.rotation.to(dtype)
+        if self.weight.requires_grad or bool(self.weight.any()):  # a fitted frame, only scored, skips the exp
+            generator = self.weight.to(dtype)
+            rotation = rotation @ torch.linalg.matrix_exp(generator - generator.T)
+        return self.log_scale.to(dtype).exp() * rotation
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # As FoldMap: the stream may still be on the previous layer's device.
+        frame = self.matrix().to(hidden_states.device)
+        return (hidden_states.float() @ frame).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.rotation.shape)} (scaled rotation)"
+
+
 def apply_map(x: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
     """`x T`, for a full `T` or a diagonal one stored as its scales."""
     return x * transform if transform.dim() == 1 else x @ transform
-
-
-def _token_weight(target: torch.Tensor) -> torch.Tensor:
-    """Per token, 1 / mean(target^2): every later layer reads the stream through RMSNorm, so what matters is each
-    token's error relative to its own norm; unweighted least squares would fit the few massive-activation tokens and
-    nothing else."""
-    return 1.0 / target.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def diagonal_maps(config) -> bool:
@@ -89,154 +108,10 @@ def map_site(config, position: int) -> str:
     return f"{position - 1}.{name} (kept layer {position - 1})"
 
 
-def fit_map(
-    objective: str,
-    a: torch.Tensor,
-    m: torch.Tensor,
-    target: torch.Tensor,
-    diagonal: bool = False,
-    ridge: float = 1e-3,
-    steps: int = 100,
-) -> torch.Tensor:
-    r"""
-    The map `T` of one gap for `objective` (see the module docstring), so that `a + m T ~= target` per token.
-
-    Args:
-        objective (`str`): one of `FOLD_OBJECTIVES`; it decides the loss, the caller the target (the patched stream
-            `(a + m) P` for `down-proj`, the dense model's stream for the others).
-        a (`torch.Tensor` of shape `[tokens, C]`): the stream after the attention of the kept layer before the gap.
-        m (`torch.Tensor` of shape `[tokens, C]`): that layer's MLP output.
-        target (`torch.Tensor` of shape `[tokens, C]`): the stream to reproduce.
-        diagonal (`bool`, *optional*): fit only per-channel scales (returned as a `[C]` vector).
-        ridge (`float`, *optional*, defaults to 1e-3): least-squares regulariser, relative to the mean diagonal of the
-            (weighted) Gram matrix.
-        steps (`int`, *optional*, defaults to 100): full-batch Adam steps of the cosine objective.
-
-    Returns:
-        `torch.Tensor`: `T` (`[C, C]`, or `[C]` when `diagonal`), float64.
-    """
-    if objective not in FOLD_OBJECTIVES:
-        raise LinearPatchError(f"Unknown fold objective {objective!r}: choose one of {', '.join(FOLD_OBJECTIVES)}.")
-    if objective == ROTATED_OBJECTIVE:
-        raise LinearPatchError(f"{ROTATED_OBJECTIVE} fits a map and a frame: call fit_rotated.")
-    a, m, target = a.double(), m.double(), target.double()
-    transform = _least_squares_map(a, m, target, _token_weight(target), diagonal, ridge)
-    if objective == "down-proj-cosine":
-        transform = _cosine_refine(transform, a, m, target, steps)
-    return transform
-
-
-def _least_squares_map(a, m, target, weight, diagonal: bool, ridge: float) -> torch.Tensor:
-    """`T` minimising the `weight`ed squared error of `a + m T` to `target` (ridge-regularised)."""
-    delta = target - a
-    if diagonal:
-        gram = (m * m * weight).sum(dim=0)
-        transform = (m * delta * weight).sum(dim=0) / (gram + ridge * gram.mean())
-    else:
-        gram = m.T @ (m * weight)
-        damping = ridge * gram.diagonal().mean()
-        identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        transform = torch.linalg.solve(gram + damping * identity, m.T @ (delta * weight))
-    return transform
-
-
 def split_frame(frame: torch.Tensor) -> tuple[float, torch.Tensor]:
     """`(c, Q)` of a frame `R = c Q`."""
     scale = float(frame.double().norm() / frame.shape[0] ** 0.5)
     return scale, frame.double() / scale
-
-
-def fit_rotated(
-    a: torch.Tensor,
-    m: torch.Tensor,
-    target: torch.Tensor,
-    ridge: float = 1e-3,
-    rounds: int = 100,
-    tolerance: float = 1e-7,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""
-    The `down-proj-rotated` fold of one gap: a map `T` and a frame `R = c Q` (`Q` orthogonal, `c > 0`) so that
-    `(a + m T) R ~= target` per token, each token weighted by its own norm (as `down-proj-dense`). Alternates the two
-    closed forms from `T = I`: `R` by weighted orthogonal Procrustes with the best scale, `T` by least squares to
-    `target R^-1`. Every round works on `C x C` statistics gathered once, so rounds are cheap whatever the tokens.
-
-    Args:
-        a, m, target (`torch.Tensor` of shape `[tokens, C]`): as for [`fit_map`] (the target is the dense stream).
-        ridge (`float`, *optional*, defaults to 1e-3): least-squares regulariser of `T`.
-        rounds (`int`, *optional*, defaults to 100): most alternations.
-        tolerance (`float`, *optional*, defaults to 1e-7): stop once a round lowers the weighted error by less than
-            this fraction of the target's weighted norm.
-
-    Returns:
-        `(T, R)`, float64 `[C, C]` each.
-    """
-    a, m, target = a.double(), m.double(), target.double()
-    weight = _token_weight(target)
-    m_m = m.T @ (m * weight)
-    identity = torch.eye(m_m.shape[0], dtype=m_m.dtype, device=m_m.device)
-    factor = torch.linalg.cholesky(m_m + ridge * m_m.diagonal().mean() * identity)
-    m_a, m_y, a_y = m.T @ (a * weight), m.T @ (target * weight), a.T @ (target * weight)
-    a_a, y_y = float((a.pow(2) * weight).sum()), float((target.pow(2) * weight).sum())
-    transform = identity.clone()
-    best = (float("inf"), transform, None)
-    for _ in range(rounds):
-        # R for this T: Procrustes on x = a + m T, from x^T W y and x^T W x alone.
-        u, singular, vh = torch.linalg.svd(a_y + transform.T @ m_y)
-        x_x = a_a + 2 * float((transform * m_a).sum()) + float((transform * (m_m @ transform)).sum())
-        scale = float(singular.sum()) / x_x
-        rotation = u @ vh
-        error = y_y - float(singular.sum()) ** 2 / x_x  # at the best scale
-        if error > best[0] - tolerance * y_y:
-            if error < best[0]:
-                best = (error, transform, scale * rotation)
-            break
-        best = (error, transform, scale * rotation)
-        # T for this R: least squares of m T to target R^-1 - a (every token's norm scales by 1 / c alike).
-        transform = torch.cholesky_solve(m_y @ rotation.T / scale - m_a, factor)
-    return best[1], best[2]
-
-
-def _cosine_refine(transform: torch.Tensor, a, m, target, steps: int, max_tokens: int = 65536) -> torch.Tensor:
-    """Minimise the mean cosine distance between `a + m T` and `target` by full-batch Adam from `transform`; keep the
-    best `T` seen (the least-squares start included), on at most `max_tokens` tokens (evenly spaced)."""
-    if len(a) > max_tokens:
-        rows = torch.linspace(0, len(a) - 1, max_tokens).long()
-        a, m, target = a[rows], m[rows], target[rows]
-    a, m, target = a.float(), m.float(), target.float()
-    parameter = nn.Parameter(transform.float().clone())
-    # Adam moves every entry by about lr per step: a small fraction of the map's typical entry.
-    optimizer = torch.optim.Adam([parameter], lr=1e-2 * float(transform.abs().mean()))
-
-    def loss_of(value: torch.Tensor) -> torch.Tensor:
-        return 1 - nn.functional.cosine_similarity(a + apply_map(m, value), target, dim=1).mean()
-
-    best, best_loss = transform.clone(), float("inf")
-    for step in range(steps):
-        # The loss of each step's starting point is the one its gradient needs: one evaluation per point visited.
-        optimizer.zero_grad()
-        loss = loss_of(parameter)
-        if step == 0:  # the least-squares start, kept in full precision
-            best_loss = float(loss.detach())
-        elif float(loss.detach()) < best_loss:
-            best, best_loss = parameter.detach().double().clone(), float(loss.detach())
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        if steps and float(loss_of(parameter)) < best_loss:  # where the last step landed
-            best = parameter.detach().double().clone()
-    return best
-
-
-def relative_error(
-    a: torch.Tensor, m: torch.Tensor, target: torch.Tensor, transform: torch.Tensor, frame: torch.Tensor | None = None
-) -> float:
-    """How far `a + m T` (times the frame `R`, if any) is from `target`, relative to it, each token weighted by its
-    own norm (as fitted)."""
-    weight = _token_weight(target)
-    mapped = a + apply_map(m, transform)
-    if frame is not None:
-        mapped = mapped @ frame.double()
-    return float(((mapped - target) * weight.sqrt()).norm() / (target * weight.sqrt()).norm())
 
 
 def _patch_module(model, position: int):
@@ -272,7 +147,7 @@ def attach_fold_maps(model, maps: dict[int, torch.Tensor], frames: dict[int, tor
         for position in maps
     }
 
-    def holder_of(values: dict[int, torch.Tensor], site_of) -> nn.ModuleDict:
+    def holder_of(values: dict[int, torch.Tensor], site_of, kind) -> nn.ModuleDict:
         holder = nn.ModuleDict()
         for position, value in values.items():
             # Beside the block it follows (a model spread over devices), or on the compute device of a
@@ -280,13 +155,13 @@ def attach_fold_maps(model, maps: dict[int, torch.Tensor], frames: dict[int, tor
             device = next(site_of(position).parameters()).device
             if device.type == "meta":
                 device = model.layerwise.device
-            holder[str(position)] = FoldMap(value).to(device)
+            holder[str(position)] = kind(value).to(device)
         return holder
 
-    setattr(model, FOLD_MAPS, holder_of(maps, sites.get))
-    setattr(
-        model, FOLD_FRAMES, holder_of(frames, lambda position: _stream_entry(model, position)).requires_grad_(False)
-    )
+    setattr(model, FOLD_MAPS, holder_of(maps, sites.get, FoldMap))
+    # Frozen until an adapter trains copies of them: a frozen frame at its fit skips the matrix exponential.
+    frame_holder = holder_of(frames, lambda position: _stream_entry(model, position), FoldFrame)
+    setattr(model, FOLD_FRAMES, frame_holder.requires_grad_(False))
     handles = []
     for position, site in sites.items():
 
@@ -323,6 +198,13 @@ def attached_maps(model) -> dict[int, torch.Tensor]:
     is merged."""
     holder = getattr(model, FOLD_MAPS)
     return {int(key): module.weight.detach().double() for key, module in holder.items()}
+
+
+@torch.no_grad()
+def attached_frames(model) -> dict[int, torch.Tensor]:
+    """The frames attached to `model` (position -> `R`, float64), as [`attached_maps`]."""
+    holder = getattr(model, FOLD_FRAMES, {})
+    return {int(key): module.matrix(torch.float64).cpu() for key, module in holder.items()}
 
 
 def map_transforms(config, maps: dict[int, torch.Tensor]) -> dict[str, list]:
@@ -430,18 +312,17 @@ def frame_norm_keys(config, first: int) -> list[str]:
 __all__ = [
     "FOLD_FRAMES",
     "FOLD_MAPS",
+    "FoldFrame",
     "FoldMap",
     "apply_map",
     "attach_fold_maps",
+    "attached_frames",
     "attached_maps",
     "detach_fold_maps",
     "diagonal_maps",
-    "fit_map",
-    "fit_rotated",
     "frame_norm_keys",
     "frame_transforms",
     "map_site",
     "map_transforms",
-    "relative_error",
     "split_frame",
 ]

@@ -15,17 +15,15 @@ from linearpatch.modeling import family_of
 from ..choices import DENSE_OBJECTIVES, FOLD_OBJECTIVES, FOLDS, ROTATED_OBJECTIVE
 from ..measurement.capture import recording, run_until
 from ..measurement.holdout import split_fit_heldout
+from .fitting import fit_map, fit_rotated, relative_error
 from .folding import (
     attach_fold_maps,
     detach_fold_maps,
     diagonal_maps,
-    fit_map,
-    fit_rotated,
     frame_norm_keys,
     frame_transforms,
     map_site,
     map_transforms,
-    relative_error,
     split_frame,
 )
 from .stock import apply_plan, stock_from_state
@@ -126,7 +124,7 @@ class FoldPlan:
             patch not folded as a scalar: what `distill --export` starts from.
         fixed (`dict[str, list]`): state-dict key -> the functions of the folds that are not maps (the scalar folds).
         frames (`dict[int, torch.Tensor]`): position -> the frame `R` of a `down-proj-rotated` fold (see
-            `folding.fit_rotated`); `distill --export` keeps them as fitted.
+            `fitting.fit_rotated`): where `distill --export` starts its trained frames from.
         norms (`dict[str, torch.Tensor]`): the reading RMSNorms' weights that the frames absorb.
     """
 
@@ -137,12 +135,14 @@ class FoldPlan:
     frames: dict[int, torch.Tensor] = field(default_factory=dict)
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def transforms(self, maps: dict[int, torch.Tensor] | None = None) -> dict[str, list]:
-        """State-dict key -> the functions to apply to that tensor, in order: the fixed folds, then `maps` (by
-        default the plan's own; `distill --export` passes its trained ones), then the frames."""
+    def transforms(
+        self, maps: dict[int, torch.Tensor] | None = None, frames: dict[int, torch.Tensor] | None = None
+    ) -> dict[str, list]:
+        """State-dict key -> the functions to apply to that tensor, in order: the fixed folds, then `maps`, then
+        `frames` (by default the plan's own; `distill --export` passes its trained ones)."""
         transforms = {key: list(functions) for key, functions in self.fixed.items()}
         _merge(transforms, map_transforms(self.config, self.maps if maps is None else maps))
-        _merge(transforms, frame_transforms(self.config, self.frames, self.norms))
+        _merge(transforms, frame_transforms(self.config, self.frames if frames is None else frames, self.norms))
         return transforms
 
     def unties(self, maps: dict[int, torch.Tensor] | None = None) -> bool:
@@ -150,11 +150,13 @@ class FoldPlan:
         a frame changes the head."""
         return 0 in (self.maps if maps is None else maps) or bool(self.frames)
 
-    def stock(self, model, maps: dict[int, torch.Tensor] | None = None) -> PreTrainedModel:
+    def stock(
+        self, model, maps: dict[int, torch.Tensor] | None = None, frames: dict[int, torch.Tensor] | None = None
+    ) -> PreTrainedModel:
         """The stock model of the LinearPatch `model` (its patches and any attached maps left out) with this plan
-        folded in, `maps` in place of the plan's own if given."""
+        folded in, `maps` and `frames` in place of the plan's own if given."""
         maps = self.maps if maps is None else maps
-        state = apply_plan(model, self.transforms(maps))
+        state = apply_plan(model, self.transforms(maps, frames))
         return stock_from_state(state, model.config, self.unties(maps), model.generation_config)
 
 
