@@ -295,10 +295,10 @@ def _map_weights(model, trained: bool = False) -> dict[str, torch.Tensor]:
     """The fold maps' and frames' parameters of a `distill --export` student (`fold_maps.20.weight`,
     `fold_frames.20.log_scale`, ...): the frozen start, or with `trained=True` the adapter's trained copies."""
     weights = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in model.named_parameters():  # not a frame's fixed rotation, a buffer
         match = re.search(rf"(?:^|\.)((?:{FOLD_MAPS}|{FOLD_FRAMES})\.\d+)\..*?(\w+)$", key)
-        if match and (".ln_tuning_layers." in key) == trained and match[2] != "rotation":  # not the fixed buffer
-            weights[f"{match[1]}.{match[2]}"] = tensor
+        if match and (".ln_tuning_layers." in key) == trained:
+            weights[f"{match[1]}.{match[2]}"] = tensor.detach()
     return weights
 
 
