@@ -172,8 +172,8 @@ class DistillRequest(Request):
     r"""
     `linearpatch distill` ([`distill_checkpoint`]). Each field's `help` is its documentation; the recipe defaults
     to the paper's (AdamW lr 1e-4, cosine to lr/20, batch 1, one epoch). With `export`, the stock export's fold maps
-    are trained instead of the patches (`distillation/folded.py`), started from the export's training-free fold on
-    calibration windows of `data`.
+    and frames (and maps on the writers before each gap) train instead of the patches (`distillation/folded.py`),
+    from the export's training-free fold on calibration windows of `data`.
     """
 
     checkpoint: str = option(positional=True, help="a LinearPatch checkpoint (from `linearpatch prune`)")
@@ -205,8 +205,15 @@ class DistillRequest(Request):
     adapter_only: bool = option(False, help="write only the PEFT adapter, not merged")
     export: bool = option(
         False,
-        help="train, per gap, a map on the MLP output before it instead of the patch (started from the best "
-        "training-free `export --fold auto`) and write the family's stock architecture with it folded in",
+        help="train, per gap, a map on the MLP output before it and the rotation after it instead of the patch "
+        "(started from the best training-free `export --fold auto`) and write the family's stock architecture with "
+        "them folded in",
+    )
+    export_layers: int = option(
+        3,
+        type=non_negative_int,
+        help="with --export: also train a map on every writer (attention and MLP output) of the N kept layers before "
+        "each gap, each folded into its o_proj or down_proj; 0: only the map before the gap",
     )
     eval_corpora: tuple[str, ...] = option(
         DEFAULT_EVAL_CORPORA, flag="--eval-corpus", nargs="*", help="with --export: held-out perplexity corpora"

@@ -278,7 +278,10 @@ def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(tiny_check
     assert info.kind == "export" and "distilled from" in card and "| training-free export |" in card
     # Training moved the folded map away from its training-free start (`export` on the same calibration windows: the
     # default sizes, as --num-samples and --seq-len size distill's training windows, and distill's seed), and only
-    # the layer it folds into, and, for a rotated fold, the frame folded into the layers after the gap and the head.
+    # the layer it folds into, the other writers of the (default 3, here 2) kept layers before the gap, and, for a
+    # rotated fold, the frame folded into the layers after the gap and the head.
+    writers = ["0.self_attn.o_proj", "0.mlp.down_proj", "1.self_attn.o_proj"]
+    assert record["distilled"]["writer_maps"] == writers
     export = ["export", str(tiny_pruned), "--dense", str(tiny_checkpoint), "--output", str(start)]
     assert main([*export, *common[4:], "--seed", str(record["calibration"]["seed"])]) == 0
     assert json.loads((start / "linearpatch_export.json").read_text())["calibration"] == record["calibration"]
@@ -287,8 +290,9 @@ def test_distill_export_trains_the_fold_maps_and_writes_a_stock_model(tiny_check
     changed = {key for key in trained if not torch.equal(trained[key], fitted[key])}
     assert fold["objective"] == "down-proj-rotated"  # what the frames' training is checked on
     after_gap = {key for key in trained if key.startswith(("model.layers.2.", "model.layers.3.", "lm_head."))}
-    assert "model.layers.1.mlp.down_proj.weight" in changed and changed & after_gap
-    assert changed <= {"model.layers.1.mlp.down_proj.weight"} | after_gap
+    mapped = {"model.layers.1.mlp.down_proj.weight"} | {f"model.layers.{site}.weight" for site in writers}
+    assert mapped <= changed and changed & after_gap
+    assert changed <= mapped | after_gap
     input_ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     (got,) = logits_without_package([f"stock:{output}"], input_ids)
     from transformers import AutoModelForCausalLM

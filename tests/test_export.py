@@ -134,11 +134,12 @@ def _random_frames(model, positions, seed):
 @pytest.mark.parametrize("family", list(FAMILY_OVERRIDES))
 def test_map_folds_are_exact_for_every_family(family):
     """The exported model equals the model it folds: the pruned model with each map applied to the MLP output of the
-    layer before its gap (the embeddings at layer 0), and each frame to the stream after it, patches bypassed, at
-    every kind of gap, the frames as training leaves them (turned and rescaled away from their fit)."""
+    layer before its gap (the embeddings at layer 0), each frame to the stream after it, and each writer's map to
+    that writer's output (`distill --export`'s extra maps, where the family's writers are Linear layers), patches
+    bypassed, at every kind of gap, the frames as training leaves them (turned and rescaled away from their fit)."""
     from linearpatch.integration.distillation.folded import fold_trained
     from linearpatch.integration.export import FoldPlan
-    from linearpatch.integration.export.folding import attach_fold_maps, frame_norm_keys
+    from linearpatch.integration.export.folding import attach_fold_maps, diagonal_maps, frame_norm_keys, writer_sites
 
     dense = tiny_family(family, **REALISTIC)
     # A gap at layer 0, one in the middle, and one that reaches the last layer (its map on the last kept layer).
@@ -149,7 +150,14 @@ def test_map_folds_are_exact_for_every_family(family):
     # two frames, so that their composition over the layers after the second gap is checked too.
     frames = _random_frames(patched, [1, 3], seed=5) if FAMILIES[family].residual.rotatable else {}
     norms = {key: patched.get_parameter(key).detach().double() for key in frame_norm_keys(patched.config, 1)}
-    handles = attach_fold_maps(patched, maps, frames)
+    sites = writer_sites(patched.config, maps, 2)
+    # Both writers of the layers between the first two gaps and the last one, but the one the gap's own map is on.
+    expected = ["0.self_attn.o_proj", "1.self_attn.o_proj", "1.mlp.down_proj", "2.self_attn.o_proj"]
+    assert sites == ([] if diagonal_maps(patched.config) else expected)
+    size, noise = patched.config.hidden_size, torch.Generator().manual_seed(7)
+    turn = {site: 0.2 * torch.randn(size, size, generator=noise, dtype=torch.float64) for site in sites}
+    writers = {site: torch.eye(size, dtype=torch.float64) + change for site, change in turn.items()}
+    handles = attach_fold_maps(patched, maps, frames, writers)
     generator = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for frame in patched.fold_frames.values():  # as training moves them: the fitted rotation turned further
@@ -159,7 +167,7 @@ def test_map_folds_are_exact_for_every_family(family):
     plan = FoldPlan(patched.config, [], maps, frames=frames, norms=norms)
     stock, _, difference = fold_trained(patched, handles, plan, INPUT_IDS)
     assert type(stock) is FAMILIES[family].dense_causal_lm_class and not hasattr(patched, "fold_maps")
-    assert not hasattr(patched, "fold_frames")
+    assert not hasattr(patched, "fold_frames") and not hasattr(patched, "fold_writers")
     with torch.no_grad():
         assert (stock(INPUT_IDS).logits - mapped).abs().max().item() <= 1e-4
         assert difference <= 1e-4

@@ -23,7 +23,7 @@ from linearpatch.common.names import TEACHER_CACHE_MANIFEST
 
 from ..adapter import base_identity, patch_weights, write_adapter
 from ..data import local_text_file
-from ..export.folding import FOLD_FRAMES, FOLD_MAPS, attach_fold_maps
+from ..export.folding import FOLD_HOLDERS
 from ..requests import DistillRequest
 from ..shards import SafetensorsCheckpoint
 from .folded import export_start, target_modules
@@ -183,10 +183,10 @@ def distill_checkpoint(
     identity = base_identity(student)
     weights_of = patch_weights
     if folded is not None:
-        folded.handles = attach_fold_maps(student, folded.plan.maps, folded.plan.frames)
+        folded.attach(student)
         weights_of = _map_weights
         if not plan.from_finished:  # a finished training is loaded onto the bare student below
-            student = get_patch_peft_model(student, target_modules=target_modules(folded.plan))
+            student = get_patch_peft_model(student, target_modules=target_modules(student))
     initial = {name: tensor.detach().clone() for name, tensor in weights_of(student).items()}
     if plan.from_finished:
         model, history = load_finished(student, plan.finished)
@@ -292,11 +292,12 @@ def check_trained(model, initial: dict[str, torch.Tensor], lr: float, weights_of
 
 
 def _map_weights(model, trained: bool = False) -> dict[str, torch.Tensor]:
-    """The fold maps' and frames' parameters of a `distill --export` student (`fold_maps.20.weight`,
-    `fold_frames.20.log_scale`, ...): the frozen start, or with `trained=True` the adapter's trained copies."""
+    """The fold maps', frames' and writers' maps' parameters of a `distill --export` student (`fold_maps.20.weight`,
+    `fold_frames.20.log_scale`, `fold_writers.17-self_attn-o_proj.weight`, ...): the frozen start, or with
+    `trained=True` the adapter's trained copies."""
     weights = {}
     for key, tensor in model.named_parameters():  # not a frame's fixed rotation, a buffer
-        match = re.search(rf"(?:^|\.)((?:{FOLD_MAPS}|{FOLD_FRAMES})\.\d+)\..*?(\w+)$", key)
+        match = re.search(rf"(?:^|\.)((?:{'|'.join(FOLD_HOLDERS)})\.[\w-]+)\..*?(\w+)$", key)
         if match and (".ln_tuning_layers." in key) == trained:
             weights[f"{match[1]}.{match[2]}"] = tensor.detach()
     return weights

@@ -31,6 +31,10 @@ from ..choices import ROTATED_OBJECTIVE
 FOLD_MAPS = "fold_maps"
 # The same for the frames (`FoldFrame`), which `distill --export` trains with the maps.
 FOLD_FRAMES = "fold_frames"
+# The same for the maps on the other writers of the kept layers before a gap (see [`writer_sites`]), which
+# `distill --export` trains too; keyed by site with `-` for `.` (a module's name holds no dot).
+FOLD_WRITERS = "fold_writers"
+FOLD_HOLDERS = (FOLD_MAPS, FOLD_FRAMES, FOLD_WRITERS)
 
 
 class FoldMap(nn.Module):
@@ -108,6 +112,27 @@ def map_site(config, position: int) -> str:
     return f"{position - 1}.{name} (kept layer {position - 1})"
 
 
+def writer_sites(config, positions, depth: int) -> list[str]:
+    """The writers that `distill --export` maps besides each gap's own map, for the gaps before kept layers
+    `positions` (those with a map): every writer of the `depth` kept layers before each gap, not reaching back past
+    the previous gap, but the one its own map is on (`17.self_attn.o_proj`, `17.mlp.down_proj`, ...). Each such map
+    folds exactly into its Linear writer (`W <- T^T W`); none where the family folds only diagonal maps.
+    """
+    if depth <= 0 or diagonal_maps(config):
+        return []
+    writers = family_of(config).residual.writers
+    sites, previous = [], 0
+    for position in sorted(positions):
+        for layer in range(max(position - depth, previous), position):
+            sites += [f"{layer}.{name}" for name in writers if (layer, name) != (position - 1, writers[-1])]
+        previous = position
+    return sites
+
+
+def _writer_key(site: str) -> str:
+    return site.replace(".", "-")
+
+
 def split_frame(frame: torch.Tensor) -> tuple[float, torch.Tensor]:
     """`(c, Q)` of a frame `R = c Q`."""
     scale = float(frame.double().norm() / frame.shape[0] ** 0.5)
@@ -127,18 +152,24 @@ def _stream_entry(model, position: int):
     return base.norm if position == len(base.layers) else base.layers[position]
 
 
-def attach_fold_maps(model, maps: dict[int, torch.Tensor], frames: dict[int, torch.Tensor] | None = None) -> list:
+def attach_fold_maps(
+    model,
+    maps: dict[int, torch.Tensor],
+    frames: dict[int, torch.Tensor] | None = None,
+    writers: dict[str, torch.Tensor] | None = None,
+) -> list:
     r"""
     Apply a map per gap to `model` (a LinearPatch or a stock pruned causal LM, in memory or from
     [`layerwise_model`]): `maps[p]` multiplies the MLP output of kept layer `p - 1` (the token embeddings for `p = 0`)
     and the patch of that gap, if the model has one, is bypassed. `frames[p]` (see [`fit_rotated`]) then multiplies
-    the stream entering kept layer `p` (the final norm for the last gap). The maps live in `model.fold_maps` (see
-    [`FOLD_MAPS`]), as [`FoldMap`] modules that a PEFT adapter can target; the frames in `model.fold_frames`.
+    the stream entering kept layer `p` (the final norm for the last gap), and `writers[site]` (see [`writer_sites`])
+    the output of that writer. The maps live in `model.fold_maps` (see [`FOLD_MAPS`]), as [`FoldMap`] modules that a
+    PEFT adapter can target; the frames in `model.fold_frames`, the writers' maps in `model.fold_writers`.
 
     Returns:
         `list`: the hook handles; [`detach_fold_maps`] removes them, the maps and the frames.
     """
-    frames = frames or {}
+    frames, writers = frames or {}, writers or {}
     config = model.config
     where = family_of(config).residual
     base = model.model
@@ -159,6 +190,9 @@ def attach_fold_maps(model, maps: dict[int, torch.Tensor], frames: dict[int, tor
         return holder
 
     setattr(model, FOLD_MAPS, holder_of(maps, sites.get, FoldMap))
+    writer_modules = {_writer_key(site): base.layers.get_submodule(site) for site in writers}
+    keyed = {_writer_key(site): value for site, value in writers.items()}
+    setattr(model, FOLD_WRITERS, holder_of(keyed, writer_modules.get, FoldMap))
     # Frozen until an adapter trains copies of them: a frozen frame at its fit skips the matrix exponential.
     frame_holder = holder_of(frames, lambda position: _stream_entry(model, position), FoldFrame)
     setattr(model, FOLD_FRAMES, frame_holder.requires_grad_(False))
@@ -172,6 +206,12 @@ def attach_fold_maps(model, maps: dict[int, torch.Tensor], frames: dict[int, tor
         patch = _patch_module(model, position)
         if patch is not None:
             handles.append(patch.register_forward_hook(lambda module, args, output: args[0]))
+    for key, writer in writer_modules.items():
+
+        def write(module, args, output, key=key):
+            return getattr(model, FOLD_WRITERS)[key](output)
+
+        handles.append(writer.register_forward_hook(write))
     for position in frames:
 
         def enter(module, args, kwargs, key=str(position)):
@@ -188,7 +228,7 @@ def detach_fold_maps(model, handles: list) -> None:
     """Undo [`attach_fold_maps`]."""
     for handle in handles:
         handle.remove()
-    for name in (FOLD_MAPS, FOLD_FRAMES):
+    for name in FOLD_HOLDERS:
         if hasattr(model, name):
             delattr(model, name)
 
@@ -200,6 +240,12 @@ def attached_maps(model) -> dict[int, torch.Tensor]:
     return {int(key): module.weight.detach().double() for key, module in holder.items()}
 
 
+def attached_writers(model) -> dict[str, torch.Tensor]:
+    """The writers' maps attached to `model` (site -> `T`, float64), as [`attached_maps`]."""
+    holder = getattr(model, FOLD_WRITERS, {})
+    return {key.replace("-", "."): module.weight.detach().double() for key, module in holder.items()}
+
+
 @torch.no_grad()
 def attached_frames(model) -> dict[int, torch.Tensor]:
     """The frames attached to `model` (position -> `R`, float64), as [`attached_maps`]."""
@@ -207,9 +253,11 @@ def attached_frames(model) -> dict[int, torch.Tensor]:
     return {int(key): module.matrix(torch.float64).cpu() for key, module in holder.items()}
 
 
-def map_transforms(config, maps: dict[int, torch.Tensor]) -> dict[str, list]:
-    """State-dict key -> the functions that fold `maps` (position -> `T`, see the module docstring) into the stock
-    weights of `config`'s family, each exact.
+def map_transforms(
+    config, maps: dict[int, torch.Tensor], writers: dict[str, torch.Tensor] | None = None
+) -> dict[str, list]:
+    """State-dict key -> the functions that fold `maps` (position -> `T`, see the module docstring) and `writers`
+    (site -> `T`, see [`writer_sites`]) into the stock weights of `config`'s family, each exact.
 
     Raises:
         LinearPatchError: for a full map where the family folds only diagonal ones.
@@ -243,6 +291,15 @@ def map_transforms(config, maps: dict[int, torch.Tensor]) -> dict[str, list]:
             transform = torch.diag(transform)
         add(f"{prefix}.weight", lambda t, f=transform: (f.T @ t.double()).to(t.dtype))
         add(f"{prefix}.bias", lambda t, f=transform: (t.double() @ f).to(t.dtype))
+    for site, transform in sorted((writers or {}).items()):
+        if offset is not None:
+            raise LinearPatchError(
+                f"{config.model_type}'s writers leave through norms, so a map on {site} does not fold: train without "
+                "writer maps (--export-layers 0)."
+            )
+        transform = transform.double()
+        add(f"model.layers.{site}.weight", lambda t, f=transform: (f.T @ t.double()).to(t.dtype))
+        add(f"model.layers.{site}.bias", lambda t, f=transform: (t.double() @ f).to(t.dtype))
     return transforms
 
 
@@ -311,13 +368,16 @@ def frame_norm_keys(config, first: int) -> list[str]:
 
 __all__ = [
     "FOLD_FRAMES",
+    "FOLD_HOLDERS",
     "FOLD_MAPS",
+    "FOLD_WRITERS",
     "FoldFrame",
     "FoldMap",
     "apply_map",
     "attach_fold_maps",
     "attached_frames",
     "attached_maps",
+    "attached_writers",
     "detach_fold_maps",
     "diagonal_maps",
     "frame_norm_keys",
@@ -325,4 +385,5 @@ __all__ = [
     "map_site",
     "map_transforms",
     "split_frame",
+    "writer_sites",
 ]

@@ -136,12 +136,16 @@ class FoldPlan:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def transforms(
-        self, maps: dict[int, torch.Tensor] | None = None, frames: dict[int, torch.Tensor] | None = None
+        self,
+        maps: dict[int, torch.Tensor] | None = None,
+        frames: dict[int, torch.Tensor] | None = None,
+        writers: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, list]:
-        """State-dict key -> the functions to apply to that tensor, in order: the fixed folds, then `maps`, then
-        `frames` (by default the plan's own; `distill --export` passes its trained ones)."""
+        """State-dict key -> the functions to apply to that tensor, in order: the fixed folds, then `maps` and
+        `writers` (see `folding.writer_sites`), then `frames` (by default the plan's own and no writers;
+        `distill --export` passes its trained ones)."""
         transforms = {key: list(functions) for key, functions in self.fixed.items()}
-        _merge(transforms, map_transforms(self.config, self.maps if maps is None else maps))
+        _merge(transforms, map_transforms(self.config, self.maps if maps is None else maps, writers))
         _merge(transforms, frame_transforms(self.config, self.frames if frames is None else frames, self.norms))
         return transforms
 
@@ -151,12 +155,16 @@ class FoldPlan:
         return 0 in (self.maps if maps is None else maps) or bool(self.frames)
 
     def stock(
-        self, model, maps: dict[int, torch.Tensor] | None = None, frames: dict[int, torch.Tensor] | None = None
+        self,
+        model,
+        maps: dict[int, torch.Tensor] | None = None,
+        frames: dict[int, torch.Tensor] | None = None,
+        writers: dict[str, torch.Tensor] | None = None,
     ) -> PreTrainedModel:
         """The stock model of the LinearPatch `model` (its patches and any attached maps left out) with this plan
-        folded in, `maps` and `frames` in place of the plan's own if given."""
+        folded in, `maps` and `frames` in place of the plan's own if given, and `writers` folded too."""
         maps = self.maps if maps is None else maps
-        state = apply_plan(model, self.transforms(maps, frames))
+        state = apply_plan(model, self.transforms(maps, frames, writers))
         return stock_from_state(state, model.config, self.unties(maps), model.generation_config)
 
 

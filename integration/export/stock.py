@@ -8,7 +8,7 @@ from transformers.initialization import no_init_weights
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.modeling import family_of
 
-from .folding import FOLD_FRAMES, FOLD_MAPS
+from .folding import FOLD_HOLDERS
 
 # Config fields that only a LinearPatch checkpoint has.
 _LINEARPATCH_FIELDS = (
@@ -54,7 +54,7 @@ def apply_plan(model, transforms: dict[str, list]) -> dict:
     state = {
         key: value.detach().clone()
         for key, value in model.state_dict().items()
-        if ".linear_patch." not in key and not key.startswith((f"{FOLD_MAPS}.", f"{FOLD_FRAMES}."))
+        if ".linear_patch." not in key and not key.startswith(tuple(f"{name}." for name in FOLD_HOLDERS))
     }
     if model.config.tie_word_embeddings:  # the head's own copy: a fold at layer 0 or a frame makes them differ
         state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
