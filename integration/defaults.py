@@ -39,7 +39,8 @@ class Sizes:
         The sizes a run of `kind` uses: the given ones, else the device's defaults (`SIZES[kind]`).
 
         Args:
-            kind (`str`): `calibration`, `distillation`, `perplexity` or `figures`.
+            kind (`str`): `calibration`, `distillation`, `perplexity`, `figures` or `generation` (prompts x prompt
+                tokens).
             device (*optional*): where the model runs (default: CUDA when available); `LINEARPATCH_QUICK=1` picks the
                 smoke-test sizes instead.
             num_samples (`int`, *optional*), seq_len (`int`, *optional*): given sizes, which win.
@@ -69,7 +70,20 @@ PERPLEXITY = {"cpu": Sizes(8, 512), "cuda": Sizes(64, 2048), "quick": Sizes(2, 6
 # Figures (`linearpatch report`, `prune --plots`): one dense pass with every layer distance, then a forward of each
 # model per window.
 FIGURES = {"cpu": Sizes(8, 256), "cuda": Sizes(32, 1024), "quick": Sizes(2, 64)}
-SIZES = {"calibration": CALIBRATION, "distillation": DISTILLATION, "perplexity": PERPLEXITY, "figures": FIGURES}
+# Greedy generation agreement in `eval`: prompts (held-out text, split among the corpora) x prompt tokens; each model
+# continues every prompt for GENERATION_TOKENS tokens.
+GENERATION = {"cpu": Sizes(8, 32), "cuda": Sizes(32, 64), "quick": Sizes(2, 16)}
+GENERATION_TOKENS = 64
+# Teacher log-probabilities a distillation cache keeps per token, and the baseline's tokens kept per position for
+# `eval`'s KL (see measurement/closeness.py): the same, so that the KL eval reports is the one distillation lowers.
+TEACHER_TOP_K = 100
+SIZES = {
+    "calibration": CALIBRATION,
+    "distillation": DISTILLATION,
+    "perplexity": PERPLEXITY,
+    "figures": FIGURES,
+    "generation": GENERATION,
+}
 # lm-eval documents per task: 100 four-way questions are 400 requests per model, about 2 minutes for SmolLM2 on 2 CPU
 # cores; the full offline tasks would take 5x longer.
 TASK_LIMIT = {"cpu": 100, "cuda": 0, "quick": 8}
@@ -134,7 +148,9 @@ def task_limit(device=None) -> int | None:
 
 
 __all__ = [
+    "GENERATION_TOKENS",
     "SIZES",
+    "TEACHER_TOP_K",
     "Sizes",
     "calibration_sizes",
     "default_device",

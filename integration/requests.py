@@ -15,7 +15,7 @@ from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.names import is_repo_id
 
 from .choices import FOLDS, PATCH_CHOICES, SELECTION_METRICS
-from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS, TASK_LIMIT, describe
+from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS, GENERATION_TOKENS, TASK_LIMIT, TEACHER_TOP_K, describe
 from .options import Request, non_negative_int, option, parse_layers, positive_int
 
 DEFAULT_CALIBRATION = "wikipedia-calibration"
@@ -179,7 +179,7 @@ class DistillRequest(Request):
     checkpoint: str = option(positional=True, help="a LinearPatch checkpoint (from `linearpatch prune`)")
     teacher: str = option(required=True, help="the dense model (run once, in a separate process)")
     output: str | Path = option(required=True, help="folder for the merged checkpoint (or the adapter)")
-    top_k: int = option(100, type=positive_int, help="teacher log-probabilities kept per token")
+    top_k: int = option(TEACHER_TOP_K, type=positive_int, help="teacher log-probabilities kept per token")
     data: str = option(DEFAULT_CALIBRATION, help="training text (embedded corpus, file, datasets name)")
     num_samples: int | None = option(
         None, type=positive_int, help=f"training windows (default: {describe('distillation')})"
@@ -264,18 +264,9 @@ class DistillRequest(Request):
 @dataclass(frozen=True)
 class EvalRequest(Request):
     r"""
-    `linearpatch eval` ([`evaluate_checkpoints`], [`compare_models`]).
-
-    Args:
-        models (`list[str]`): the models compared with the baseline (checkpoints, adapters, exports).
-        baseline (`str`): the dense model.
-        tasks (`tuple[str, ...]`), limit (`int`, *optional*): lm-eval tasks and documents per task (-1: the
-            device's default, `None`: all).
-        corpora (`tuple[str, ...]`), perplexity_windows (`int`, *optional*), seq_len (`int`, *optional*): chunked
-            perplexity.
-        batch_size (`int`): lm-eval batch size.
-        output (`str` or `Path`, *optional*), overwrite (`bool`): where to write the results and table.
-        dtype (`str`), device (`str`, *optional*): how the models are loaded.
+    `linearpatch eval` ([`evaluate_checkpoints`], [`compare_models`]). Each field's `help` is its documentation: the
+    models compared with the dense baseline, the lm-eval tasks, the held-out windows that perplexity and closeness to
+    the baseline (`measurement/closeness.py`) are measured on, and the greedy generations compared.
     """
 
     models: list[str] = option(
@@ -301,6 +292,16 @@ class EvalRequest(Request):
         help=f"windows per corpus (default: {describe('perplexity')})",
     )
     seq_len: int | None = option(None, type=positive_int, help="perplexity window length (paper: 2048)")
+    generation_prompts: int | None = option(
+        None,
+        flag="--gen-prompts",
+        type=non_negative_int,
+        help=f"held-out prompts x prompt tokens that every model continues greedily, compared with the baseline's "
+        f"continuations; 0 skips it (default: {describe('generation')})",
+    )
+    generation_tokens: int = option(
+        GENERATION_TOKENS, flag="--gen-tokens", type=positive_int, help="greedy tokens per prompt"
+    )
     batch_size: int = option(8, type=positive_int, help="lm-eval batch size")
     output: str | Path | None = option(
         None, help="folder for linearpatch_eval.json/.md (a checkpoint folder: push shows it on the card)"
@@ -313,15 +314,8 @@ class EvalRequest(Request):
 @dataclass(frozen=True)
 class ReportRequest(Request):
     r"""
-    `linearpatch report` ([`plot_checkpoint`]).
-
-    Args:
-        checkpoint (`str`): a LinearPatch checkpoint folder.
-        dense (`str`, *optional*): the dense model (default: the checkpoint's `base_model`).
-        data (`str`), num_samples (`int`, *optional*), seq_len (`int`, *optional*), seed (`int`): the windows.
-        overwrite (`bool`): replace figures already in the folder.
-        device (`str`, *optional*): where the models run.
-        progress (`bool`): progress bars.
+    `linearpatch report` ([`plot_checkpoint`]). Each field's `help` is its documentation; `progress` (no flag) turns
+    the progress bars off for the Python API.
     """
 
     checkpoint: str = option(positional=True, help="a LinearPatch checkpoint folder")

@@ -183,10 +183,13 @@ def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capfd, monkeypatch):
     assert main(arguments) == 0
     out, err = capfd.readouterr()
     assert "fatal" not in err and "estimated" in out and "RP %" in out
+    assert "| KL lee-news | top-1 % | top-10 % | gen prefix | gen same % |" in out  # closeness, issue #34
     data = json.loads((pruned / "linearpatch_eval.json").read_text())
     assert [row["name"] for row in data["models"]] == [str(tiny_checkpoint), str(pruned)]
     assert data["models"][1]["pruned_layers"] == [1, 2] and data["models"][1]["parameter_ratio"] < 1
     assert "lee-news" in data["models"][1]["perplexity"]
+    closeness, generation = data["models"][1]["closeness"]["lee-news"], data["models"][1]["generation"]
+    assert closeness["kl"] > 0 and 0 <= closeness["top1"] <= 1 and 0 <= generation["identical_tokens"] <= 1
     assert "RP %" in (pruned / "linearpatch_eval.md").read_text()
     assert (pruned / "model.safetensors").exists()  # written beside the checkpoint, which stays whole
     before = (pruned / "linearpatch_eval.json").read_text()

@@ -29,6 +29,7 @@ from linearpatch.common.files import (
 )
 from linearpatch.common.names import CONFIG_FILE, TEACHER_CACHE_MANIFEST
 
+from ..defaults import TEACHER_TOP_K
 from ..measurement.capture import logits_source
 
 FORMAT_VERSION = 1
@@ -120,7 +121,7 @@ def build_teacher_cache(
     teacher,
     input_ids: torch.Tensor,
     cache_root: str | Path,
-    top_k: int = 100,
+    top_k: int = TEACHER_TOP_K,
     shard_windows: int = 64,
     batch_size: int = 1,
     teacher_fingerprint: str | None = None,
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("teacher")
     parser.add_argument("windows", help="safetensors file with an `input_ids` [windows, seq_len] tensor")
     parser.add_argument("cache_root")
-    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--top-k", type=int, default=TEACHER_TOP_K)
     parser.add_argument("--shard-windows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="float32")

@@ -1,4 +1,5 @@
-"""Side-by-side comparison of dense, pruned, patched and distilled models: accuracy, retained performance, PPL."""
+"""Side-by-side comparison of dense, pruned, patched and distilled models: accuracy, retained performance, PPL, and
+closeness to the dense model (KL, top-1 and top-10 agreement, greedy generation agreement)."""
 
 import json
 import time
@@ -13,8 +14,16 @@ from linearpatch.common.files import check_output, write_files_atomically
 from linearpatch.common.names import EVAL_FILES
 
 from ..data import TokenWindows
-from ..defaults import Sizes, task_limit
-from ..measurement.perplexity import chunked_perplexity, held_out_windows
+from ..defaults import TEACHER_TOP_K, Sizes, task_limit
+from ..measurement.closeness import (
+    Reference,
+    compare_with,
+    generation_agreement,
+    greedy_continuations,
+    held_out_prompts,
+    reference_of,
+)
+from ..measurement.perplexity import held_out_windows
 from ..models import check_model_files, check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from ..requests import EvalRequest
 from .tasks import OFFLINE_TASKS, chance_accuracy, lm_eval_tasks, task_manager
@@ -40,6 +49,10 @@ class ModelEvaluation:
         tasks (`dict[str, dict[str, float]]`): lm-eval metrics per task (`acc`, `acc_norm` where defined, and their
             `_stderr`).
         perplexity (`dict[str, float]`): chunked perplexity per corpus.
+        closeness (`dict[str, dict[str, float]]`): per corpus, against the baseline on the same windows: `kl` (mean
+            nats per token), `top1` and `top10` agreement (see `measurement/closeness.py`); empty for the baseline.
+        generation (`dict[str, float]`): greedy generation agreement with the baseline: `identical_prefix` (mean
+            tokens) and `identical_tokens` (share); empty for the baseline.
     """
 
     name: str
@@ -49,6 +62,20 @@ class ModelEvaluation:
     patch_kind: str | None = None
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
     perplexity: dict[str, float] = field(default_factory=dict)
+    closeness: dict[str, dict[str, float]] = field(default_factory=dict)
+    generation: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Baseline:
+    r"""
+    What the baseline left for the others to be compared with: its [`Reference`] on each corpus's windows, the
+    greedy-generation prompts and its continuations of them (`None` when generation is skipped).
+    """
+
+    references: dict[str, Reference]
+    prompts: torch.Tensor | None = None
+    continuations: torch.Tensor | None = None
 
 
 def primary_accuracy(metrics: dict[str, float]) -> float:
@@ -103,11 +130,8 @@ def retained_performance(
     return 100.0 * sum(ratios) / len(ratios) if ratios else float("nan")
 
 
-def evaluate_model(
-    name: str, request: EvalRequest, windows: dict[str, TokenWindows], loaded: tuple | None = None
-) -> ModelEvaluation:
-    """Load `name` (embedded name, folder, adapter folder or Hub id) and evaluate it on the request's lm-eval tasks
-    and the perplexity `windows` of each corpus; `loaded` is an already loaded `(model, tokenizer)` of `name`."""
+def _evaluate_tasks(name: str, request: EvalRequest, loaded: tuple | None):
+    """Load `name` (or take it `loaded`), describe it and run the request's lm-eval tasks on it."""
     device = resolve_device(request.device)
     model, tokenizer = loaded or load_model(name, dtype=request.dtype, device=device)
     config = model.config
@@ -122,8 +146,38 @@ def evaluate_model(
         limit = documents_per_task(request.limit, device)
         tasks = list(request.tasks)
         evaluation.tasks = lm_eval_tasks(model, tokenizer, tasks, limit=limit, batch_size=request.batch_size)
-    for corpus, corpus_windows in windows.items():
-        evaluation.perplexity[corpus] = chunked_perplexity(model, corpus_windows, progress=True)
+    return evaluation, model, tokenizer
+
+
+def evaluate_baseline(
+    name: str, request: EvalRequest, windows: dict[str, TokenWindows], loaded: tuple | None = None
+) -> tuple[ModelEvaluation, Baseline]:
+    """Evaluate the baseline `name` as [`evaluate_model`] does, and keep what the others are compared with: its
+    top-K predictions on the perplexity `windows` (from the same forward passes as its perplexity) and its greedy
+    continuations of the held-out prompts."""
+    evaluation, model, tokenizer = _evaluate_tasks(name, request, loaded)
+    references = {}
+    for corpus, text in windows.items():
+        references[corpus], evaluation.perplexity[corpus] = reference_of(model, text, TEACHER_TOP_K, True)
+    device = next(model.parameters()).device
+    sizes = Sizes.resolve("generation", device, request.generation_prompts, None, model.config)
+    prompts = held_out_prompts(tokenizer, request.corpora, sizes.num_samples, sizes.seq_len)
+    continuations = None if prompts is None else greedy_continuations(model, prompts, request.generation_tokens)
+    return evaluation, Baseline(references, prompts, continuations)
+
+
+def evaluate_model(
+    name: str, request: EvalRequest, baseline: Baseline, loaded: tuple | None = None
+) -> ModelEvaluation:
+    """Load `name` (embedded name, folder, adapter folder or Hub id) and evaluate it on the request's lm-eval tasks,
+    and on the `baseline`'s windows: its perplexity and its closeness to the baseline (the same forward passes), and
+    its greedy generation agreement; `loaded` is an already loaded `(model, tokenizer)` of `name`."""
+    evaluation, model, _ = _evaluate_tasks(name, request, loaded)
+    for corpus, reference in baseline.references.items():
+        evaluation.closeness[corpus], evaluation.perplexity[corpus] = compare_with(model, reference, progress=True)
+    if baseline.prompts is not None:
+        continuations = greedy_continuations(model, baseline.prompts, request.generation_tokens)
+        evaluation.generation = generation_agreement(continuations, baseline.continuations)
     return evaluation
 
 
@@ -169,6 +223,10 @@ def comparison_table(data: dict) -> str:
         metrics = sorted({m for row in rows for m in row["tasks"].get(task, {}) if m in ("acc", "acc_norm")})
         header += [f"{task} {metric}" for metric in metrics]
     header += ["avg", "RP %", "RP % above chance"] + [f"PPL {corpus}" for corpus in corpora]
+    close = sorted({corpus for row in rows for corpus in row.get("closeness", {})})
+    generated = any(row.get("generation") for row in rows)
+    header += [f"KL {corpus}" for corpus in close] + (["top-1 %", "top-10 %"] if close else [])
+    header += ["gen prefix", "gen same %"] if generated else []
     cells_of_rows = []
     for row in rows:
         cells = [
@@ -183,8 +241,12 @@ def comparison_table(data: dict) -> str:
         for key in ("retained_performance", "retained_performance_above_chance"):
             cells.append(f"{row[key]:.2f}" if row.get(key) is not None else "-")
         cells += [f"{row['perplexity'][c]:.2f}" if c in row["perplexity"] else "-" for c in corpora]
+        cells += _closeness_cells(row, close, generated)
         cells_of_rows.append(cells)
     lines = [reporting.markdown_table(header, cells_of_rows)]
+    if close or generated:
+        settings = data.get("settings", {})
+        lines += ["", _closeness_legend(settings, generated)]
     flagged = [(task, data["chance"][task]) for task in data.get("at_chance") or []]
     if flagged:
         lines.append("")
@@ -194,6 +256,36 @@ def comparison_table(data: dict) -> str:
             + ", ".join(f"{task} ({100 * f['dense']:.1f} vs chance {100 * f['chance']:.0f})" for task, f in flagged)
         )
     return "\n".join(lines) + "\n"
+
+
+def _closeness_legend(settings: dict, generated: bool) -> str:
+    top_k = settings.get("closeness_top_k", "K")
+    legend = (
+        f"Closeness to the baseline on the same held-out windows: KL(baseline || model) in nats per token (over the "
+        f"baseline's top {top_k} tokens and the rest of its mass), teacher-forced top-1 and top-10 agreement"
+    )
+    if generated:
+        prompts, tokens = settings.get("generation_prompts"), settings.get("generation_tokens")
+        legend += (
+            f"; {prompts} held-out prompts continued greedily for {tokens} tokens: the mean length of the prefix "
+            "identical to the baseline's continuation, and the share of identical tokens"
+        )
+    return legend + "."
+
+
+def _closeness_cells(row: dict, corpora: list[str], generated: bool) -> list[str]:
+    """A row's KL per corpus, top-1 and top-10 agreement (mean over the corpora) and generation agreement; `-` for
+    the baseline, which they compare with."""
+    closeness, generation = row.get("closeness") or {}, row.get("generation") or {}
+    cells = [f"{closeness[c]['kl']:.3f}" if c in closeness else "-" for c in corpora]
+    if corpora:
+        for name in ("top1", "top10"):
+            values = [figures[name] for figures in closeness.values()]
+            cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
+    if generated:
+        cells.append(f"{generation['identical_prefix']:.1f}" if generation else "-")
+        cells.append(f"{100 * generation['identical_tokens']:.1f}" if generation else "-")
+    return cells
 
 
 def to_json(data: dict) -> str:
@@ -309,13 +401,13 @@ def evaluate_checkpoints(request: EvalRequest, log=print) -> ModelComparison:
         f"{estimate / 60:.1f} min on {device} (lower --limit / --ppl-windows to go faster)."
     )
 
-    def evaluate(name: str, loaded=None) -> ModelEvaluation:
+    def announce(name: str) -> str:
         log(f"[{time.perf_counter() - started:.0f}s] evaluating {name}")
-        return evaluate_model(name, request, windows, loaded)
+        return name
 
-    baseline_result = evaluate(request.baseline, dense)
+    baseline_result, baseline = evaluate_baseline(announce(request.baseline), request, windows, dense)
     del dense
-    results = [evaluate(name) for name in request.models]
+    results = [evaluate_model(announce(name), request, baseline) for name in request.models]
     data = comparison(results, baseline_result)
     data["settings"] = dict(
         tasks=list(tasks),
@@ -323,6 +415,10 @@ def evaluate_checkpoints(request: EvalRequest, log=print) -> ModelComparison:
         corpora=list(request.corpora),
         perplexity_windows=sizes.num_samples,
         seq_len=sizes.seq_len,
+        closeness_top_k=TEACHER_TOP_K,
+        generation_prompts=0 if baseline.prompts is None else len(baseline.prompts),
+        generation_prompt_tokens=0 if baseline.prompts is None else baseline.prompts.shape[1],
+        generation_tokens=request.generation_tokens,
         batch_size=request.batch_size,
         dtype=request.dtype,
     )
@@ -343,6 +439,7 @@ __all__ = [
     "average_accuracy",
     "chance_flags",
     "comparison",
+    "evaluate_baseline",
     "evaluate_model",
     "comparison_table",
     "primary_accuracy",
