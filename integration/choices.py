@@ -8,14 +8,18 @@ PATCH_KINDS = ("hadamard", "diag", "scalar", "lstsq", "none")
 PATCH_CHOICES = (*PATCH_KINDS, "auto")
 # Proxies that score a block from one calibration pass (`pruning/selection.py`).
 METRICS = ("cosine", "angular", "block-influence")
-# What `prune` accepts: the proxies above and `loss`, the held-out perplexity of each candidate (`search.py`).
-SELECTION_METRICS = (*METRICS, "loss")
+# What held-out scoring can rank candidates by (`search.py`, `export`'s `auto`): the pruned model's loss (its
+# perplexity), or its KL to the dense model (`measurement/closeness.py`): how far it moved from the model it came from.
+OUTCOMES = ("loss", "kl")
+# What `prune` accepts: the proxies above, and an outcome of each candidate on held-out windows.
+SELECTION_METRICS = (*METRICS, *OUTCOMES)
 # What a candidate's score is, per metric, and which way is better (reports and the CLI say it beside the scores).
 METRIC_SCORES = {
     "cosine": "block start: cosine of the block's input and output, higher is better",
     "angular": "block start: angular distance of the block's input and output, lower is better",
     "block-influence": "layer: block influence (1 - cosine of its input and output), lower is better",
     "loss": "block start: held-out perplexity of the patched model, lower is better",
+    "kl": "block start: held-out KL of the patched model to the dense model (nats per token), lower is better",
 }
 # What a map on the MLP output before a gap is fitted to reproduce (`folding.py`): the patched stream, or the dense
 # model's stream after the removed block by least squares, by cosine distance, or by least squares together with a
@@ -35,6 +39,7 @@ __all__ = [
     "FOLD_OBJECTIVES",
     "METRICS",
     "METRIC_SCORES",
+    "OUTCOMES",
     "PATCH_CHOICES",
     "PATCH_KINDS",
     "SELECTION_METRICS",

@@ -14,7 +14,7 @@ from pathlib import Path
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.names import is_repo_id
 
-from .choices import FOLDS, PATCH_CHOICES, SELECTION_METRICS
+from .choices import FOLDS, OUTCOMES, PATCH_CHOICES, SELECTION_METRICS
 from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS, GENERATION_TOKENS, TASK_LIMIT, TEACHER_TOP_K, describe
 from .options import Request, non_negative_int, option, parse_layers, positive_int
 
@@ -62,8 +62,8 @@ class PruneRequest(Request):
     metric: str | None = option(
         None,
         choices=SELECTION_METRICS,
-        help="how the block is chosen: a proxy (cosine, angular, block-influence) or loss, the held-out perplexity of "
-        "each patched candidate (default: cosine; loss with --target-ppl-ratio)",
+        help="how the block is chosen: a proxy (cosine, angular, block-influence), or loss or kl: the held-out "
+        "perplexity or KL to the dense model of each patched candidate (default: cosine; loss with a target ratio)",
     )
     patch: str | None = option(
         None,
@@ -71,6 +71,7 @@ class PruneRequest(Request):
         help="patch kind fitted per gap, or auto: every kind (lstsq with a ridge grid) scored on held-out windows "
         "and the best kept (default: hadamard; auto with --target-ppl-ratio)",
     )
+    score: str = option("loss", choices=OUTCOMES, help="what --patch auto keeps: the lowest held-out loss, or KL")
     holdout: int | None = option(
         None,
         type=positive_int,
@@ -134,9 +135,11 @@ class PruneRequest(Request):
             )
         if self.holdout is not None and not self.chooses_by_outcome:
             raise LinearPatchError(
-                "--holdout sets the windows that --metric loss, --patch auto and --target-ppl-ratio score on; without "
-                "one of them nothing is held out: drop --holdout, or add one of them."
+                "--holdout sets the windows that --metric loss/kl, --patch auto and --target-ppl-ratio score on; "
+                "without one of them nothing is held out: drop --holdout, or add one of them."
             )
+        if self.score != "loss" and self.patch_kind != "auto":
+            raise LinearPatchError(f"--score {self.score} chooses among --patch auto's patches: add --patch auto.")
         if self.target_ppl_ratio is not None and not self.target_ppl_ratio > 1.0:
             raise LinearPatchError(
                 f"--target-ppl-ratio {self.target_ppl_ratio} is not above 1: it bounds pruned / dense perplexity, "
@@ -164,7 +167,7 @@ class PruneRequest(Request):
     @property
     def chooses_by_outcome(self) -> bool:
         """Does this request score pruned models on held-out windows (and so need a held-out split)?"""
-        return self.metric == "loss" or self.patch == "auto" or self.target_ppl_ratio is not None
+        return self.metric in OUTCOMES or self.patch == "auto" or self.target_ppl_ratio is not None
 
 
 @dataclass(frozen=True)

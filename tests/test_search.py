@@ -171,3 +171,54 @@ def test_cli_target_ratio_and_its_depth_curve(tiny_checkpoint, tmp_path, linearp
     too_tight = linearpatch_cli("prune", tiny_checkpoint, *tight, "--output", tmp_path / "x")
     assert too_tight.returncode == 2 and "Raise --target-ppl-ratio" in too_tight.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("gap", [(2, 4), (4, 6)])
+def test_scorer_kl_equals_the_closeness_of_the_whole_pruned_model(gap):
+    """Issue #34: with `closeness`, a candidate's held-out KL to the dense model, from the stored residual stream, is
+    what `eval` measures for the pruned model built and run whole (`measurement/closeness.py`), and the dense model's
+    own predictions are kept from the same dense forward."""
+    from linearpatch.integration.defaults import TEACHER_TOP_K
+    from linearpatch.integration.measurement.closeness import compare_with, reference_of
+
+    dense = tiny_family("llama", seed=1)
+    held = windows(3).input_ids
+    patch = random_patch(64, seed=5)
+    scorer = HeldOutScorer(dense, held, batch_size=2, progress=False, closeness=True)
+    measured = scorer.measure(*gap, patch)
+    assert scorer.forwards == 2  # one dense forward for the stream and the predictions, one candidate
+    whole = prune_layers(dense, list(range(*gap)), patches=[patch])
+    figures, perplexity = compare_with(whole, reference_of(dense, held, TEACHER_TOP_K)[0])
+    assert measured["kl"] == pytest.approx(figures["kl"], rel=1e-5) and measured["kl"] > 1e-4
+    assert measured["loss"] == pytest.approx(perplexity, rel=1e-5)
+    assert "kl" not in HeldOutScorer(dense, held, progress=False).measure(*gap, patch)
+
+
+def test_kl_metric_and_score_choose_by_kl_to_the_dense_model(tiny_checkpoint, tmp_path, linearpatch_cli):
+    """`prune --metric kl` keeps the candidate block with the lowest held-out KL to the dense model (recorded per
+    start), and `--patch auto --score kl` the patch with the lowest KL (every variant's KL and perplexity recorded);
+    `--score kl` without `--patch auto` is refused in one line."""
+    sizes = ["--num-samples", "10", "--seq-len", "32", "--holdout", "3", "--num-layers", "2"]
+    output = tmp_path / "kl"
+    run = linearpatch_cli(
+        "prune", tiny_checkpoint, *sizes, "--metric", "kl", "--patch", "auto", "--score", "kl", "--output", output
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads((output / "linearpatch_report.json").read_text())
+    scores, (choice,) = report["candidate_scores"], report["patch_choices"]
+    best = min(scores, key=scores.get)
+    assert report["metric"] == "kl" and report["pruned_layers"] == [int(best), int(best) + 1] and len(scores) == 4
+    assert "Held-out KL to the dense model" in run.stdout
+    assert choice["heldout_kl"] == min(choice["kl_scores"].values()) == scores[best]
+    assert choice["label"] == min(choice["kl_scores"], key=choice["kl_scores"].get)
+    assert list(choice["scores"]) == list(choice["kl_scores"]) and len(choice["scores"]) == 7
+    by_loss = linearpatch_cli(
+        "prune", tiny_checkpoint, *sizes, "--metric", "loss", "--patch", "auto", "--output", tmp_path / "loss"
+    )
+    assert by_loss.returncode == 0, by_loss.stderr
+    loss_choice = json.loads((tmp_path / "loss" / "linearpatch_report.json").read_text())["patch_choices"][0]
+    assert "kl_scores" not in loss_choice  # KL is measured only when something is chosen by it
+    refused = linearpatch_cli(
+        "prune", tiny_checkpoint, "--num-layers", "2", "--score", "kl", "--output", tmp_path / "x"
+    )
+    assert refused.returncode == 2 and "add --patch auto" in refused.stderr and not (tmp_path / "x").exists()

@@ -60,17 +60,21 @@ def reference_of(model, windows: TokenWindows | torch.Tensor, top_k: int, progre
     top 10), and its perplexity on them (from the same forward passes)."""
     input_ids = _windows(windows)
     device = next(model.parameters()).device
-    log_probs, token_ids, rest, nll = [], [], [], 0.0
+    predictions, nll = [], 0.0
     for window in tqdm(input_ids, desc="reference", disable=not progress):
         logits = model(window[None].to(device), use_cache=False).logits.float()
         nll += summed_next_token_nll(logits, window[None])
-        every = next_token_log_probs(logits[0])
-        top = every.topk(min(max(top_k, AGREEMENT_K), logits.shape[-1]), dim=-1)
-        log_probs.append(top.values.cpu())
-        token_ids.append(top.indices.cpu())
-        rest.append(_rest(every, top.indices).cpu())
-    reference = Reference(input_ids, torch.stack(log_probs), torch.stack(token_ids), torch.stack(rest))
+        predictions.append([part.cpu() for part in top_predictions(logits, top_k)])
+    reference = Reference(input_ids, *(torch.cat(parts) for parts in zip(*predictions, strict=True)))
     return reference, math.exp(nll / input_ids[:, 1:].numel())
+
+
+def top_predictions(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a [`Reference`] keeps of the baseline's `logits` (`(..., vocab)`): its top-`top_k` (at least the top 10)
+    log-probabilities, their token ids, and the log of the mass outside them."""
+    every = next_token_log_probs(logits)
+    top = every.topk(min(max(top_k, AGREEMENT_K), logits.shape[-1]), dim=-1)
+    return top.values, top.indices, _rest(every, top.indices)
 
 
 def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -86,9 +90,10 @@ def _rest(log_probs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(outside, dim=-1)
 
 
-def token_closeness(reference: Reference, index: int, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per position of window `index`: KL(baseline || model) over the baseline's kept tokens and the rest bucket, and
-    top-1 and top-10 agreement, for the model's `logits` (`(seq_len, vocab)`) against the baseline's [`Reference`]."""
+def token_closeness(reference: Reference, index: int | slice, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per position of window `index` (or windows): KL(baseline || model) over the baseline's kept tokens and the rest
+    bucket, and top-1 and top-10 agreement, for the model's `logits` (`(..., seq_len, vocab)`) against the baseline's
+    [`Reference`]."""
     log_q_all = next_token_log_probs(logits)
     ids = reference.token_ids[index].to(log_q_all.device)
     log_p = reference.log_probs[index].to(log_q_all.device).double()
@@ -167,4 +172,5 @@ __all__ = [
     "next_token_log_probs",
     "reference_of",
     "token_closeness",
+    "top_predictions",
 ]

@@ -12,6 +12,7 @@ import torch
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.modeling import contiguous_gaps, normalize_pruned_layers
 
+from ..choices import OUTCOMES
 from ..data import TokenWindows
 from ..measurement.calibration import CalibrationStatistics, calibrate
 from ..measurement.hadamard import factor_hidden_size
@@ -101,8 +102,8 @@ def plan_pruning(
 
     `model` is a dense model in memory or a [`layerwise_model`] (then every window goes through each layer at once);
     `windows` is `TokenWindows` or a function that makes them (called only when a pass is needed). A choice by
-    outcome (`metric="loss"`, `patch="auto"` or a `target_ppl_ratio`) holds out the last `holdout` windows, fits
-    on the others and scores candidates on them with [`HeldOutScorer`] (in memory only).
+    outcome (`metric="loss"` or `"kl"`, `patch="auto"` or a `target_ppl_ratio`) holds out the last `holdout` windows,
+    fits on the others and scores candidates on them with [`HeldOutScorer`] (in memory only).
     """
     layerwise = getattr(model, "layerwise", None) is not None
     num_layers, metric, patch = request.num_layers, request.selection_metric, request.patch_kind
@@ -189,6 +190,8 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
     model, run, explicit, request = search.model, search.run, search.explicit, search.request
     num_layers, metric, patch = request.num_layers, request.selection_metric, request.patch_kind
     target, candidates, progress = request.target_ppl_ratio, request.candidates, request.progress
+    # How a block is chosen among candidates (`metric`), and a patch among variants (`score`).
+    score = request.score if len(patch_variants(patch)) > 1 else "loss"
     fit, held = split_holdout(search.windows, request.holdout)
     total = model.config.num_hidden_layers
     variants = patch_variants(patch, model.config.hidden_size)
@@ -200,11 +203,11 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
     else:
         distances = (1,) if explicit else (1, num_layers)
     statistics = run(fit, distances, explicit_gaps if needs_gram else [])
-    scorer = HeldOutScorer(model, held.input_ids, progress=progress)
+    scorer = HeldOutScorer(model, held.input_ids, progress=progress, closeness="kl" in (metric, score))
 
     @functools.cache  # asked for by the Gram pass, the progress bar and the scoring of each depth
     def blocks_of(n: int) -> list[tuple[int, int]]:
-        if metric == "loss":
+        if metric in OUTCOMES:
             return [(start, start + n) for start in _ranked_starts(statistics, n, candidates)]
         return contiguous_gaps(select_layers(statistics, n, metric))
 
@@ -221,12 +224,13 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
 
     def plan_depth(n: int | None, bar) -> tuple[list[int], list[GapChoice], dict[int, GapChoice]]:
         if explicit:
-            return explicit, [score_gap(scorer, statistics, s, e, variants, bar) for s, e in explicit_gaps], {}
-        if metric != "loss":
+            return explicit, [score_gap(scorer, statistics, gap, variants, bar, score) for gap in explicit_gaps], {}
+        if metric not in OUTCOMES:
             layers = select_layers(statistics, n, metric)
-            return layers, [score_gap(scorer, statistics, s, e, variants, bar) for s, e in contiguous_gaps(layers)], {}
-        table = {s: score_gap(scorer, statistics, s, e, variants, bar) for s, e in blocks_of(n)}
-        best = min(table.values(), key=lambda choice: choice.perplexity)  # the first (best cosine) on a tie
+            gaps = contiguous_gaps(layers)
+            return layers, [score_gap(scorer, statistics, gap, variants, bar, score) for gap in gaps], {}
+        table = {gap[0]: score_gap(scorer, statistics, gap, variants, bar, score) for gap in blocks_of(n)}
+        best = min(table.values(), key=lambda choice: choice.outcome(metric))  # the first (best cosine) on a tie
         return list(range(best.start, best.end)), [best], table
 
     curve = []
@@ -290,8 +294,8 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
 
     if explicit:
         metric, scores = "manual", {}
-    elif metric == "loss":
-        scores = {start: choice.perplexity for start, choice in table.items()}
+    elif metric in OUTCOMES:
+        scores = {start: choice.outcome(metric) for start, choice in table.items()}
     else:
         scores = candidate_scores(statistics, num_layers, metric)
     patches = None

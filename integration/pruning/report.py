@@ -71,8 +71,8 @@ class PruneReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def top_candidates(self, count: int = 5) -> list[tuple[int, float]]:
-        """The best candidates by the report's metric (highest cosine; lowest angular distance, influence or
-        held-out perplexity)."""
+        """The best candidates by the report's metric (highest cosine; lowest angular distance, influence, held-out
+        perplexity or KL)."""
         reverse = self.metric == "cosine"
         return sorted(self.candidate_scores.items(), key=lambda item: item[1], reverse=reverse)[:count]
 
@@ -86,6 +86,9 @@ class PruneReport:
                 f"Held-out calibration perplexity (dense {self.holdout['dense_perplexity']:.2f}): "
                 + ", ".join(f"{c['label']} {c['heldout_perplexity']:.2f}" for c in self.patch_choices)
             )
+            if any(c.get("heldout_kl") is not None for c in self.patch_choices):
+                kls = ", ".join(f"{c['label']} {c['heldout_kl']:.4f}" for c in self.patch_choices)
+                lines.append(f"Held-out KL to the dense model (nats per token): {kls}")
         for point in self.depth_curve:
             lines.append(
                 f"  {point['num_layers']:>3} layers: {point['ratio']:.3f}x ({point['patch']}, layers "

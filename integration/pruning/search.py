@@ -20,16 +20,17 @@ calibration pass (and a second, shorter pass for the Gram matrices of the lstsq 
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from linearpatch.modeling import family_of, prune_layers
 
-from ..defaults import DEFAULT_CANDIDATES
+from ..defaults import DEFAULT_CANDIDATES, TEACHER_TOP_K
 from ..measurement.calibration import CalibrationStatistics
 from ..measurement.capture import recording
+from ..measurement.closeness import Reference, token_closeness, top_predictions
 from ..measurement.hadamard import hadamard_supported
 from ..measurement.holdout import default_holdout, split_holdout
 from ..measurement.perplexity import summed_next_token_nll
@@ -80,22 +81,30 @@ class HeldOutScorer:
     Held-out perplexity of pruned, patched variants of a dense model, each computed from the dense model's stored
     residual stream at the gap (see the module docstring).
 
+    With `closeness`, the dense forward also keeps the dense model's top-K next-token predictions, and every
+    candidate is measured by its KL to them as well (`measurement/closeness.py`), from the same tail forward.
+
     Args:
         model: the dense causal LM, in memory (its weights are shared by every candidate, never copied).
         input_ids (`torch.LongTensor` of shape `(windows, seq_len)`): the held-out windows.
         batch_size (`int`, *optional*, defaults to 4): windows per forward.
         progress (`bool`, *optional*, defaults to `True`): a progress bar per scoring round.
+        closeness (`bool`, *optional*, defaults to `False`): also measure each candidate's KL to the dense model.
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True):
+    def __init__(
+        self, model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True, closeness: bool = False
+    ):
         self.model = model
         self.input_ids = input_ids
         self.batch_size = batch_size
         self.progress = progress
+        self.closeness = closeness
         self.num_layers = model.config.num_hidden_layers
         self.device = next(model.parameters()).device
         self.hidden: dict[int, torch.Tensor] = {}
         self.dense_perplexity: float | None = None
+        self.reference: Reference | None = None
         self.forwards = 0
 
     def _batches(self):
@@ -110,19 +119,31 @@ class HeldOutScorer:
         if not missing and self.dense_perplexity is not None:
             return
         layers = self.model.model.layers
-        nll = 0.0
+        nll, predictions = 0.0, []
         with recording({start: layers[start] for start in missing}, to_cpu=False) as parts:
             for rows in self._batches():
                 batch = self.input_ids[rows].to(self.device)
-                nll += summed_next_token_nll(self.model(input_ids=batch, use_cache=False).logits, batch)
+                logits = self.model(input_ids=batch, use_cache=False).logits
+                nll += summed_next_token_nll(logits, batch)
+                if self.closeness and self.reference is None:
+                    predictions.append(top_predictions(logits, TEACHER_TOP_K))
         self.forwards += 1
         self.hidden.update({start: torch.cat(chunks) for start, chunks in parts.items()})
         self.dense_perplexity = math.exp(nll / self.input_ids[:, 1:].numel())
+        if predictions:
+            log_probs, token_ids, rest = (torch.cat(parts) for parts in zip(*predictions, strict=True))
+            self.reference = Reference(self.input_ids, log_probs, token_ids, rest)
 
-    @torch.no_grad()
     def perplexity(self, start: int, end: int, patch: torch.Tensor | None) -> float:
         """Held-out perplexity of the dense model with layers [start, end) removed and `patch` (None: no patch)
         applied to the residual stream at the gap."""
+        return self.measure(start, end, patch)["loss"]
+
+    @torch.no_grad()
+    def measure(self, start: int, end: int, patch: torch.Tensor | None) -> dict[str, float]:
+        """The held-out outcomes (see `choices.OUTCOMES`) of the dense model with layers [start, end) removed and
+        `patch` (None: no patch) at the gap: `loss` (its perplexity) and, with `closeness`, `kl` (to the dense
+        model, nats per token)."""
         self.prepare([start])
         patches = None if patch is None else [patch]
         if end < self.num_layers:
@@ -141,11 +162,17 @@ class HeldOutScorer:
                 logits = tail.lm_head(tail.model.norm(hidden))
                 return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
-        nll = 0.0
+        nll, kl = 0.0, 0.0
         for rows in self._batches():
-            nll += summed_next_token_nll(logits_of(self.hidden[start][rows]), self.input_ids[rows])
+            logits = logits_of(self.hidden[start][rows])
+            nll += summed_next_token_nll(logits, self.input_ids[rows])
+            if self.reference is not None:
+                kl += float(token_closeness(self.reference, rows, logits)["kl"].sum())
         self.forwards += 1
-        return math.exp(nll / self.input_ids[:, 1:].numel())
+        outcomes = dict(loss=math.exp(nll / self.input_ids[:, 1:].numel()))
+        if self.reference is not None:
+            outcomes["kl"] = kl / self.input_ids.numel()
+        return outcomes
 
     def release(self, keep=()) -> None:
         """Forget the recorded X_s of every start not in `keep`."""
@@ -155,15 +182,27 @@ class HeldOutScorer:
 
 @dataclass
 class GapChoice:
-    """The patch chosen for one gap, with every variant's held-out perplexity."""
+    """The patch chosen for one gap, with every variant's held-out perplexity (`scores`) and, where measured, KL to
+    the dense model (`kl_scores`)."""
 
     start: int
     end: int
     variant: PatchVariant
     perplexity: float | None
     scores: dict[str, float]
+    kl_scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kl(self) -> float | None:
+        """The chosen variant's held-out KL to the dense model, if measured."""
+        return self.kl_scores.get(self.variant.label)
+
+    def outcome(self, name: str) -> float:
+        """The chosen variant's held-out `loss` (perplexity) or `kl`."""
+        return self.perplexity if name == "loss" else self.kl
 
     def to_dict(self) -> dict:
+        measured = dict(heldout_kl=self.kl, kl_scores=self.kl_scores) if self.kl_scores else {}
         return dict(
             gap=[self.start, self.end],
             kind=self.variant.kind,
@@ -171,26 +210,30 @@ class GapChoice:
             label=self.variant.label,
             heldout_perplexity=self.perplexity,
             scores=self.scores,
+            **measured,
         )
 
 
 def score_gap(
     scorer: HeldOutScorer,
     statistics: CalibrationStatistics,
-    start: int,
-    end: int,
+    gap: tuple[int, int],
     variants: list[PatchVariant],
     bar=None,
+    by: str = "loss",
 ) -> GapChoice:
-    """Fit every variant for gap [start, end) on the calibration statistics, score each on the held-out windows and
-    keep the lowest perplexity (the first listed on a tie)."""
-    scores = {}
+    """Fit every variant for `gap` (`[start, end)`) on the calibration statistics, measure each on the held-out
+    windows and keep the lowest `by` (`loss` or `kl`; the first listed on a tie)."""
+    start, end = gap
+    outcomes = {}
     for variant in variants:
-        scores[variant.label] = scorer.perplexity(start, end, variant.fit(statistics, start, end))
+        outcomes[variant.label] = scorer.measure(start, end, variant.fit(statistics, start, end))
         if bar is not None:
             bar.update(1)
-    best = min(variants, key=lambda variant: scores[variant.label])
-    return GapChoice(start, end, best, scores[best.label], scores)
+    best = min(variants, key=lambda variant: outcomes[variant.label][by])
+    scores = {label: measured["loss"] for label, measured in outcomes.items()}
+    kl_scores = {label: measured["kl"] for label, measured in outcomes.items() if "kl" in measured}
+    return GapChoice(start, end, best, scores[best.label], scores, kl_scores)
 
 
 def scoring_bar(total: int, progress: bool, description: str = "held-out scoring"):
