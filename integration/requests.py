@@ -364,6 +364,7 @@ class ExportRequest(Request):
         "gap, folded into every later layer and the head (Llama, Mistral, Qwen; unties the head); scalar: Prune&Comp "
         "scaling (exact for scalar patches). A gap at layer 0 is always folded exactly into the embeddings",
     )
+    score: str = option("loss", choices=OUTCOMES, help="what auto keeps: the lowest held-out loss, or KL to --dense")
     dense: str | None = option(
         None,
         help="the dense model the checkpoint was pruned from, for the dense objectives (default: its base_model; "

@@ -224,6 +224,33 @@ def test_fold_auto_scores_every_objective_and_keeps_the_best(family):
             export_model(patched, "down-proj-rotated", windows, dense=dense)
 
 
+def test_fold_auto_by_kl_keeps_the_candidate_closest_to_the_dense_model(tiny_checkpoint, tmp_path, capfd):
+    """Issue #34: `--score kl` ranks `auto`'s candidates by their held-out KL to the dense model (each recorded beside
+    its perplexity), the recorded KL is the export's own (as `eval` measures it), and without `--fold auto` and a
+    dense model it is refused in one line."""
+    from linearpatch.integration.defaults import TEACHER_TOP_K
+    from linearpatch.integration.export import export_model, split_fit_heldout
+    from linearpatch.integration.measurement.closeness import compare_with, reference_of
+
+    dense = tiny_family("llama", **REALISTIC)
+    patched = prune_layers(dense, [2, 3], patches=[random_patch(64, 4, scale=0.5)])
+    windows = torch.randint(3, 256, (16, 32), generator=torch.Generator().manual_seed(5))
+    stock, (fold,) = export_model(patched, "auto", windows, dense=dense, score="kl")
+    kls, perplexities = fold["heldout_kl"], fold["heldout_perplexity"]
+    assert fold["score"] == "kl" and list(kls) == list(perplexities) and len(kls) == 4
+    assert fold["objective"] == min(kls, key=kls.get)
+    _, held_out = split_fit_heldout(windows)
+    figures, _ = compare_with(stock, reference_of(dense, held_out, TEACHER_TOP_K)[0])
+    assert figures["kl"] == pytest.approx(kls[fold["objective"]], rel=1e-4) and figures["kl"] > 0
+    assert "heldout_kl" not in export_model(patched, "auto", windows, dense=dense)[1][0]
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(tiny_checkpoint), "--layers", "2-3", "--output", str(pruned), *QUICK]) == 0
+    refused = ["export", str(pruned), "--fold", "down-proj", "--score", "kl", "--output", str(tmp_path / "e")]
+    capfd.readouterr()
+    assert main(refused) == 2 and not (tmp_path / "e").exists()
+    assert "use --fold auto with the dense model" in capfd.readouterr().err
+
+
 def test_fold_objectives_fit_their_targets():
     """Least squares reproduces a stream that a map can reach exactly; cosine never ends worse than its start."""
     from linearpatch.integration.export.fitting import fit_map

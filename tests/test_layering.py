@@ -62,6 +62,7 @@ LAYERS = {
         "linearpatch.integration.evaluation.tasks",
         "linearpatch.integration.export.folding",
         "linearpatch.integration.export.fitting",
+        "linearpatch.integration.export.scoring",
         "linearpatch.integration.export.stock",
     ],
     # A stage's plan and report: what it decides, and what it returns.

@@ -29,8 +29,9 @@ elsewhere, and measures what that costs:
 checkpoint, the export and plain pruning, side by side.
 
 The stage's rooms: `plan` (the [`FoldPlan`] and how it is made), `stock` (the stock architecture and the folded state
-dict), `fitting` (each gap's map and frame fitted), `folding` (the maps and frames: held, attached, folded), `report`
-([`ExportReport`]) and `job` ([`export_checkpoint`] and its two pipelines).
+dict), `fitting` (each gap's map and frame fitted), `folding` (the maps and frames: held, attached, folded),
+`scoring` (a candidate fold's held-out outcomes), `report` ([`ExportReport`]) and `job` ([`export_checkpoint`] and its
+two pipelines).
 """
 
 from linearpatch.common.names import EXPORT_RECORD
@@ -44,11 +45,11 @@ from .plan import (
     export_model,
     fold_models,
     fold_state_dict,
-    heldout_perplexity,
     plan_folds,
     plan_model_folds,
 )
 from .report import ExportReport
+from .scoring import heldout_perplexity
 from .stock import apply_folds, apply_plan, plain_model, stock_config, stock_from_state
 
 __all__ = [

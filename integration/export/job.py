@@ -59,6 +59,11 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
     device, config = job.device, job.config
     needs_fit = fold != "scalar" and any(p > 0 for p in config.patch_positions)
     dense_model = resolve_dense(config, request.dense, fold) if needs_fit else None
+    if request.score != "loss" and (fold != "auto" or dense_model is None):
+        raise LinearPatchError(
+            f"--score {request.score} ranks --fold auto's candidates by their KL to the dense model: use --fold auto "
+            "with the dense model (--dense MODEL, or a checkpoint whose base_model can be opened)."
+        )
     tokenizer = load_tokenizer(request.checkpoint)
     windows = None
     if needs_fit:
@@ -155,7 +160,9 @@ class InMemoryExport:
             if dense is not None:
                 dense_model, _ = load_model(dense, device=self.device, kind="dense")
                 stack.callback(dense_model.to, "meta")  # free its memory as soon as the fold is planned
-            self.plan = plan_model_folds(self.patched, self.request.fold, input_ids, dense_model)
+            self.plan = plan_model_folds(
+                self.patched, self.request.fold, input_ids, dense_model, score=self.request.score
+            )
         self.stock = self.plan.stock(self.patched)
         return self.plan.described
 
@@ -192,7 +199,9 @@ class SequentialExport:
         checkpoint, config = self.checkpoint, self.config
         input_ids = windows.input_ids if windows is not None else None
         with fold_models(checkpoint.folder, dense, self.device, True, self.request.progress) as (model, dense_model):
-            plan = self.plan = plan_model_folds(model, self.request.fold, input_ids, dense_model)
+            plan = self.plan = plan_model_folds(
+                model, self.request.fold, input_ids, dense_model, score=self.request.score
+            )
         transforms = plan.transforms()
         untie = plan.unties()
         stock = stock_config(config, untie)

@@ -13,12 +13,11 @@ from linearpatch.common.errors import LinearPatchError
 from linearpatch.modeling import family_of
 
 from ..choices import DENSE_OBJECTIVES, FOLD_OBJECTIVES, FOLDS, ROTATED_OBJECTIVE
+from ..defaults import TEACHER_TOP_K
 from ..measurement.capture import recording, run_until
 from ..measurement.holdout import split_fit_heldout
 from .fitting import fit_map, fit_rotated, relative_error
 from .folding import (
-    attach_fold_maps,
-    detach_fold_maps,
     diagonal_maps,
     frame_norm_keys,
     frame_transforms,
@@ -26,6 +25,7 @@ from .folding import (
     map_transforms,
     split_frame,
 )
+from .scoring import FoldScorer, dense_reference
 from .stock import apply_plan, stock_from_state
 
 
@@ -87,28 +87,6 @@ def dense_streams(dense, config, positions, input_ids: torch.Tensor) -> dict[int
         run_windows_until(dense, last, input_ids)
     size = config.hidden_size
     return {p: torch.cat([x.reshape(-1, size) for x in chunks]).double() for p, chunks in captured.items()}
-
-
-@torch.no_grad()
-def heldout_perplexity(
-    model, input_ids: torch.Tensor, maps: dict[int, torch.Tensor], frames: dict[int, torch.Tensor] | None = None
-) -> float:
-    """Perplexity of `model` (in memory or a [`layerwise_model`]) on `input_ids` with `maps` (and `frames`) attached
-    in place of their patches (see [`attach_fold_maps`]): how a candidate fold scores."""
-    import math
-
-    from ..measurement.capture import logits_source
-    from ..measurement.perplexity import summed_next_token_nll
-
-    handles = attach_fold_maps(model, maps, frames)
-    nll = 0.0
-    try:
-        with logits_source(model, input_ids) as logits_of:
-            for row in range(len(input_ids)):
-                nll += summed_next_token_nll(logits_of(slice(row, row + 1)), input_ids[row : row + 1])
-    finally:
-        detach_fold_maps(model, handles)
-    return math.exp(nll / input_ids[:, 1:].numel())
 
 
 @dataclass
@@ -212,8 +190,9 @@ def plan_folds(
             the (weighted) Gram matrix.
         dense_at (`callable`, *optional*): `position -> y`, the dense model's stream there on the same windows (see
             [`dense_streams`]); needed by the dense objectives, which `auto` leaves out without it.
-        score (`callable`, *optional*): `(position, maps, frames) -> held-out perplexity` of the patched model with
-            `maps` (and `frames`) in place of that gap's patch (`{}`: the patch kept); needed by `auto`.
+        score ([`FoldScorer`], *optional*): `(position, maps, frames) -> {outcome: value}` held out, of the patched
+            model with `maps` (and `frames`) in place of that gap's patch (`{}`: the patch kept); its `by` outcome
+            ranks the candidates. Needed by `auto`.
         weight_of (`callable`, *optional*): state-dict key -> the checkpoint's tensor; `down-proj-rotated` reads the
             norms it absorbs with it (`auto` leaves that objective out without it).
 
@@ -276,9 +255,9 @@ def plan_folds(
             else:
                 candidates[objective] = fit_map(objective, a, m, target, diagonal, ridge)
             errors[objective] = relative_error(a, m, target, candidates[objective], candidate_frames.get(objective))
-        scores = {}
+        measured = {}
         if len(candidates) > 1:
-            scores = {
+            measured = {
                 objective: score(
                     position,
                     {} if transform is None else {position: transform},
@@ -286,12 +265,17 @@ def plan_folds(
                 )
                 for objective, transform in candidates.items()
             }
-            chosen = min(candidates, key=scores.get)  # the first listed on a tie
+            chosen = min(candidates, key=lambda objective: measured[objective][score.by])  # the first on a tie
         else:
             chosen = objectives[0]
         entry = dict(position=position, objective=chosen)
-        if scores:
-            entry["heldout_perplexity"] = scores
+        if measured:
+            entry["heldout_perplexity"] = {objective: outcomes["loss"] for objective, outcomes in measured.items()}
+            if score.by != "loss":
+                entry["score"] = score.by
+                entry[f"heldout_{score.by}"] = {
+                    objective: outcomes[score.by] for objective, outcomes in measured.items()
+                }
         if chosen == "scalar":
             _merge(transforms, _scalar_transforms(config, position, ratio))
             described.append(dict(entry, how=scalar_how, exact=exact_scalar))
@@ -308,7 +292,7 @@ def plan_folds(
 
 
 def plan_model_folds(
-    model, fold: str, input_ids: torch.Tensor | None = None, dense=None, ridge: float = 1e-3
+    model, fold: str, input_ids: torch.Tensor | None = None, dense=None, ridge: float = 1e-3, score: str = "loss"
 ) -> FoldPlan:
     """The [`FoldPlan`] of the LinearPatch `model` (in memory or a [`layerwise_model`]).
 
@@ -320,6 +304,8 @@ def plan_model_folds(
         dense (*optional*): the dense model (in memory or a [`layerwise_model`]) for the dense objectives; `auto`
             without it compares only the folds that need none.
         ridge (`float`, *optional*, defaults to 1e-3): least-squares regulariser.
+        score (`str`, *optional*, defaults to `"loss"`): what ranks `auto`'s candidates: `loss` (held-out
+            perplexity) or `kl` (held-out KL to `dense`).
     """
     config = model.config
     patches = _patch_matrices(model)
@@ -339,13 +325,11 @@ def plan_model_folds(
                 streams.update(dense_streams(dense, config, gaps, fit_ids))
             return streams[position]
 
-    score = None
+    scorer = None
     if heldout_ids is not None:
-
-        def score(position: int, maps: dict, frames: dict) -> float:
-            return heldout_perplexity(model, heldout_ids, maps, frames)
-
-    return plan_folds(config, patches, fold, stream_at, ridge, dense_at, score, _weight_reader(model))
+        reference = dense_reference(dense, heldout_ids, TEACHER_TOP_K) if score == "kl" else None
+        scorer = FoldScorer(model, heldout_ids, score, reference)
+    return plan_folds(config, patches, fold, stream_at, ridge, dense_at, scorer, _weight_reader(model))
 
 
 def _weight_reader(model):
@@ -385,7 +369,7 @@ def fold_state_dict(
 
 
 def export_model(
-    model, fold: str = "auto", input_ids: torch.Tensor | None = None, dense=None
+    model, fold: str = "auto", input_ids: torch.Tensor | None = None, dense=None, score: str = "loss"
 ) -> tuple[PreTrainedModel, list]:
     """A stock causal LM of the family (`LlamaForCausalLM`, `Qwen3ForCausalLM`, ...) equivalent (exactly or
     approximately, see [`fold_state_dict`]) to the LinearPatch `model`, and a description of each fold.
@@ -395,8 +379,9 @@ def export_model(
         fold (`str`, *optional*, defaults to `"auto"`): one of `FOLDS`.
         input_ids (`torch.LongTensor`, *optional*): calibration windows (see [`plan_model_folds`]).
         dense (*optional*): the dense model the checkpoint was pruned from, for the dense objectives.
+        score (`str`, *optional*, defaults to `"loss"`): what ranks `auto`'s candidates (`loss` or `kl`).
     """
-    plan = plan_model_folds(model, fold, input_ids, dense)
+    plan = plan_model_folds(model, fold, input_ids, dense, score=score)
     return plan.stock(model), plan.described
 
 
@@ -428,7 +413,6 @@ __all__ = [
     "export_model",
     "fold_models",
     "fold_state_dict",
-    "heldout_perplexity",
     "original_index",
     "plan_folds",
     "plan_model_folds",
