@@ -143,13 +143,23 @@ def _model_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
             "",
             f"Only the patches were trained, by top-{distill['top_k']} logit distillation from "
             f"`{distill['teacher'] if is_repo_id(distill['teacher']) else base_model}` on "
-            f"{data_info.get('num_windows')} windows x {data_info.get('seq_len')} tokens; lr {distill['lr']}, "
+            f"{data_info.get('num_windows')} windows x {data_info.get('seq_len')} tokens of "
+            f"{_data_source(data_info)}; lr {distill['lr']}, "
             f"{distill['epochs']} epoch(s), temperature {distill['temperature']}.",
         ]
     if evaluation:
         lines += ["", "## Evaluation", "", evaluation.strip()]
     lines += ["", "## Usage", "", _usage(repo_id, adapter=False)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _data_source(data: dict) -> str:
+    """The training text as the card names it: the teacher's own generated text, or the corpus (a local file by its
+    name only)."""
+    source = str(data.get("source", "unknown text"))
+    if data.get("sampling") == "generated":
+        return f"text the teacher generated itself (prompts of `{source.rsplit(' ', 1)[-1]}`, seed {data.get('seed')})"
+    return f"`{Path(source).name if Path(source).exists() else source}`"
 
 
 def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
@@ -199,7 +209,8 @@ def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
         lines += [
             "",
             f"The maps were then distilled from {teacher} top-{training.get('top_k')} logits "
-            f"({training.get('steps')} steps on {training.get('data', {}).get('num_windows')} windows), starting "
+            f"({training.get('steps')} steps on {training.get('data', {}).get('num_windows')} windows of "
+            f"{_data_source(training.get('data', {}))}), starting "
             "from the best training-free fold.",
         ]
     perplexity = export.get("perplexity", {})

@@ -183,7 +183,13 @@ class DistillRequest(Request):
     teacher: str = option(required=True, help="the dense model (run once, in a separate process)")
     output: str | Path = option(required=True, help="folder for the merged checkpoint (or the adapter)")
     top_k: int = option(TEACHER_TOP_K, type=positive_int, help="teacher log-probabilities kept per token")
-    data: str = option(DEFAULT_CALIBRATION, help="training text (embedded corpus, file, datasets name)")
+    data: str = option(
+        DEFAULT_CALIBRATION,
+        help="training text (embedded corpus, file, datasets name), or generated: the teacher continues prompts of "
+        "the calibration corpus (cached beside the teacher cache)",
+    )
+    gen_temperature: float = option(1.0, help="with --data generated: the teacher's sampling temperature")
+    gen_top_p: float = option(0.95, help="with --data generated: the teacher's nucleus (top-p) sampling")
     num_samples: int | None = option(
         None, type=positive_int, help=f"training windows (default: {describe('distillation')})"
     )
@@ -335,21 +341,9 @@ class ReportRequest(Request):
 @dataclass(frozen=True)
 class ExportRequest(Request):
     r"""
-    `linearpatch export` ([`export_checkpoint`]).
-
-    Args:
-        checkpoint (`str`): a LinearPatch checkpoint (folder or Hub id).
-        output (`str` or `Path`): the stock-architecture folder to create.
-        fold (`str`): one of `FOLDS`: `auto` (each objective fitted, the best on held-out windows kept), `down-proj`,
-            `down-proj-dense`, `down-proj-cosine`, `down-proj-rotated` or `scalar` (see `export/`).
-        dense (`str`, *optional*): the dense model, for the dense objectives (default: the checkpoint's
-            `base_model`).
-        calibration (`str`), num_samples (`int`, *optional*), seq_len (`int`, *optional*), seed (`int`): text for
-            the fit (and, for `auto`, its held-out windows: one in eight).
-        eval_corpora (`tuple[str, ...]`), eval_windows (`int`, *optional*): held-out perplexity of the patched
-            checkpoint, the export and plain pruning (0: skip; default: the device's evaluation size).
-        overwrite (`bool`), sequential (`bool`, *optional*), max_memory (`str` or `int`, *optional*),
-            max_shard_size (`str` or `int`), device (`str`, *optional*), progress (`bool`): as for [`PruneRequest`].
+    `linearpatch export` ([`export_checkpoint`]). Each field's `help` is its documentation: the fold (one of
+    `FOLDS`, see `export/`), the dense model for the dense objectives, the fit text (`auto` holds out one window in
+    eight of it), and the held-out comparison of the patched checkpoint, the export and plain pruning.
     """
 
     checkpoint: str = option(positional=True, help="a LinearPatch checkpoint")

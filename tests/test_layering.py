@@ -58,6 +58,7 @@ LAYERS = {
         "linearpatch.integration.pruning.search",
         "linearpatch.integration.pruning.streaming",
         "linearpatch.integration.distillation.teacher_cache",
+        "linearpatch.integration.distillation.generated",
         "linearpatch.integration.distillation.trainer",
         "linearpatch.integration.evaluation.tasks",
         "linearpatch.integration.export.folding",

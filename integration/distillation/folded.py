@@ -37,7 +37,8 @@ from ..export.folding import (
     writer_sites,
 )
 from ..export.plan import fold_models, plan_model_folds
-from ..requests import DistillRequest
+from ..requests import DEFAULT_CALIBRATION, DistillRequest
+from .generated import GENERATED
 
 log = logging.getLogger("linearpatch")
 
@@ -156,7 +157,9 @@ def export_start(request: DistillRequest, config, tokenizer, device: str, spread
     from ..models import portable_model_id, resolve_model
 
     sizes = Sizes.resolve("calibration", device, None, None, config)
-    windows = token_windows(request.data, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
+    # The fold is fitted on corpus text: the calibration corpus when the training text is the teacher's own.
+    text = DEFAULT_CALIBRATION if request.data == GENERATED else request.data
+    windows = token_windows(text, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
     plan = training_free_plan(request.checkpoint, resolve_model(request.teacher), windows, device, bool(spread))
     if not plan.maps:
         raise LinearPatchError(

@@ -27,6 +27,7 @@ from ..export.folding import FOLD_HOLDERS
 from ..requests import DistillRequest
 from ..shards import SafetensorsCheckpoint
 from .folded import export_start, target_modules
+from .generated import training_windows
 from .plan import (
     DistillPlan,
     check_teacher_matches,
@@ -159,7 +160,8 @@ def distill_checkpoint(
     student_tokenizer = load_tokenizer(request.checkpoint)
     check_teacher_matches(request.teacher, student_config, student_tokenizer)
     student_bytes = SafetensorsCheckpoint(job.model_path).nbytes(getattr(torch, request.dtype))
-    plan = plan_distillation(request, student_tokenizer, student_config, device, student_bytes)
+    generated = training_windows(request, student_tokenizer, student_config, device, cache_root)
+    plan = plan_distillation(request, student_tokenizer, student_config, device, student_bytes, generated)
     windows = plan.windows
     cache = build_cache_in_subprocess(
         request.teacher,

@@ -85,10 +85,14 @@ def work_folder(request: DistillRequest) -> Path:
     return Path(request.work_dir) if request.work_dir else output.with_name(f"{output.name}.work")
 
 
-def plan_distillation(request: DistillRequest, tokenizer, config, device: str, student_bytes: int) -> DistillPlan:
-    """The plan of `request` for a student of `config` (`student_bytes` in its dtype) on `device`."""
-    sizes = Sizes.resolve("distillation", device, request.num_samples, request.seq_len, config)
-    windows = token_windows(request.data, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
+def plan_distillation(
+    request: DistillRequest, tokenizer, config, device: str, student_bytes: int, windows: TokenWindows | None = None
+) -> DistillPlan:
+    """The plan of `request` for a student of `config` (`student_bytes` in its dtype) on `device`, training on
+    `windows` when given (the teacher's own text), else on windows cut from `request.data`."""
+    if windows is None:
+        sizes = Sizes.resolve("distillation", device, request.num_samples, request.seq_len, config)
+        windows = token_windows(request.data, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
     work_dir = work_folder(request)
     from_finished = request.resume and (work_dir / FINISHED_ADAPTER).exists()
     if from_finished:
