@@ -84,9 +84,9 @@ def next_token_log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _rest(log_probs: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """The log of the mass of `log_probs` (`(..., vocab)`) outside the `kept` token ids (`(..., k)`), in fp64 and
-    summed directly, not as one minus the kept mass (which rounding leaves at about 1e-7 when nothing is left)."""
-    outside = log_probs.double().scatter(-1, kept, float("-inf"))
+    """The log of the mass of `log_probs` (`(..., vocab)`) outside the `kept` token ids (`(..., k)`), summed directly,
+    not as one minus the kept mass (which rounding leaves at about 1e-7 when nothing is left)."""
+    outside = log_probs.scatter(-1, kept, float("-inf"))
     return torch.logsumexp(outside, dim=-1)
 
 
@@ -99,7 +99,8 @@ def token_closeness(reference: Reference, index: int | slice, logits: torch.Tens
     log_p = reference.log_probs[index].to(log_q_all.device).double()
     log_q = log_q_all.gather(-1, ids).double()
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    log_p_rest, log_q_rest = reference.rest[index].to(log_q_all.device), _rest(log_q_all, ids)
+    log_p_rest = reference.rest[index].to(log_q_all.device).double()
+    log_q_rest = _rest(log_q_all, ids).double()
     # No rest bucket where the kept tokens are the whole vocabulary (0 * (-inf - -inf) would be NaN).
     kl = kl + torch.where(log_p_rest > float("-inf"), log_p_rest.exp() * (log_p_rest - log_q_rest), 0.0)
     mine = log_q_all.topk(AGREEMENT_K, dim=-1).indices
