@@ -238,6 +238,10 @@ def test_fold_auto_by_kl_keeps_the_candidate_closest_to_the_dense_model(tiny_che
     stock, (fold,) = export_model(patched, "auto", windows, dense=dense, score="kl")
     kls, perplexities = fold["heldout_kl"], fold["heldout_perplexity"]
     assert fold["score"] == "kl" and list(kls) == list(perplexities) and len(kls) == 4
+    from linearpatch.integration.export import ExportReport
+
+    shown = ExportReport(None, "auto", None, [2, 3], [2], folds=[fold], num_layers=4).summary()
+    assert "held-out KL to the dense model (ranks them): down-proj " in shown
     assert fold["objective"] == min(kls, key=kls.get)
     _, held_out = split_fit_heldout(windows)
     figures, _ = compare_with(stock, reference_of(dense, held_out, TEACHER_TOP_K)[0])

@@ -61,6 +61,9 @@ class ExportReport:
             if scores:
                 shown = ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
                 lines.append(f"  held-out calibration perplexity: {shown}")
+            if fold.get("heldout_kl"):  # `--score kl`: what ranked them
+                shown = ", ".join(f"{name} {value:.4f}" for name, value in fold["heldout_kl"].items())
+                lines.append(f"  held-out KL to the dense model (ranks them): {shown}")
         if self.perplexity:  # skipped by a sequential export
             lines.append(values_table(self.perplexity))
         lines.append(f"Wrote a stock {self.architecture} (no remote code) to {self.output} (report: {EXPORT_RECORD})")
