@@ -1,4 +1,5 @@
-"""Choose by outcome: score candidate blocks and patch kinds by the pruned model's loss on held-out calibration text.
+"""Choose by outcome: score candidate blocks and patch kinds by the pruned model's loss on held-out calibration text,
+or by its KL to the dense model there (`--metric kl`, `--score kl`).
 
 The proxies (cosine between X_s and X_{s+n}, Block Influence) say how little a block changes the residual stream;
 what a user cares about is how well the pruned, patched model predicts text. `HeldOutScorer` measures that directly,
