@@ -15,6 +15,7 @@ from linearpatch.modeling import family_of
 from ..choices import DENSE_OBJECTIVES, FOLD_OBJECTIVES, FOLDS, ROTATED_OBJECTIVE
 from ..defaults import TEACHER_TOP_K
 from ..measurement.capture import recording, run_until
+from ..measurement.closeness import reference_of
 from ..measurement.holdout import split_fit_heldout
 from .fitting import fit_map, fit_rotated, relative_error
 from .folding import (
@@ -25,7 +26,7 @@ from .folding import (
     map_transforms,
     split_frame,
 )
-from .scoring import FoldScorer, dense_reference
+from .scoring import FoldScorer
 from .stock import apply_plan, stock_from_state
 
 
@@ -327,7 +328,7 @@ def plan_model_folds(
 
     scorer = None
     if heldout_ids is not None:
-        reference = dense_reference(dense, heldout_ids, TEACHER_TOP_K) if score == "kl" else None
+        reference = reference_of(dense, heldout_ids, TEACHER_TOP_K)[0] if score == "kl" else None
         scorer = FoldScorer(model, heldout_ids, score, reference)
     return plan_folds(config, patches, fold, stream_at, ridge, dense_at, scorer, _weight_reader(model))
 

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import TokenWindows
+from .capture import logits_source
 from .perplexity import held_out_windows, summed_next_token_nll
 
 # Tokens of the top-K agreement figure.
@@ -57,14 +58,14 @@ def _windows(windows: TokenWindows | torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference_of(model, windows: TokenWindows | torch.Tensor, top_k: int, progress: bool = False):
     """The baseline `model`'s [`Reference`] on `windows` (its top-`top_k` next-token log-probabilities, at least the
-    top 10), and its perplexity on them (from the same forward passes)."""
+    top 10), and its perplexity on them (from the same forward passes). `model` may be a [`layerwise_model`]."""
     input_ids = _windows(windows)
-    device = next(model.parameters()).device
     predictions, nll = [], 0.0
-    for window in tqdm(input_ids, desc="reference", disable=not progress):
-        logits = model(window[None].to(device), use_cache=False).logits.float()
-        nll += summed_next_token_nll(logits, window[None])
-        predictions.append([part.cpu() for part in top_predictions(logits, top_k)])
+    with logits_source(model, input_ids) as logits_of:
+        for row in tqdm(range(len(input_ids)), desc="reference", disable=not progress):
+            logits = logits_of(slice(row, row + 1)).float()
+            nll += summed_next_token_nll(logits, input_ids[row : row + 1])
+            predictions.append([part.cpu() for part in top_predictions(logits, top_k)])
     reference = Reference(input_ids, *(torch.cat(parts) for parts in zip(*predictions, strict=True)))
     return reference, math.exp(nll / input_ids[:, 1:].numel())
 
@@ -110,20 +111,31 @@ def token_closeness(reference: Reference, index: int | slice, logits: torch.Tens
 
 
 @torch.no_grad()
-def compare_with(model, reference: Reference, progress: bool = False) -> tuple[dict[str, float], float]:
-    """`model`'s closeness to the baseline on the reference's windows (`kl`, `top1`, `top10`: means over every
-    position of every window), and its perplexity on them (from the same forward passes)."""
-    device = next(model.parameters()).device
+def measure_windows(
+    model, input_ids: torch.Tensor, reference: Reference | None = None, progress: bool = False
+) -> tuple[float, dict[str, float]]:
+    """`model`'s perplexity on `input_ids` (in memory or a [`layerwise_model`]) and, with the baseline's `reference`
+    on the same windows, its closeness to it (`kl`, `top1`, `top10`: means over every position of every window; `{}`
+    without), from the same forward passes."""
     sums, nll = dict(kl=0.0, top1=0.0, top10=0.0), 0.0
-    for index, window in enumerate(tqdm(reference.input_ids, desc="closeness", disable=not progress)):
-        logits = model(window[None].to(device), use_cache=False).logits.float()
-        nll += summed_next_token_nll(logits, window[None])
-        scores = token_closeness(reference, index, logits[0])
-        for name, values in scores.items():
-            sums[name] += float(values.sum())
-    positions = reference.input_ids.numel()
-    perplexity = math.exp(nll / reference.input_ids[:, 1:].numel())
-    return {name: total / positions for name, total in sums.items()}, perplexity
+    with logits_source(model, input_ids) as logits_of:
+        for row in tqdm(range(len(input_ids)), desc="closeness", disable=not progress):
+            rows = slice(row, row + 1)
+            logits = logits_of(rows).float()
+            nll += summed_next_token_nll(logits, input_ids[rows])
+            if reference is not None:
+                for name, values in token_closeness(reference, rows, logits).items():
+                    sums[name] += float(values.sum())
+    perplexity = math.exp(nll / input_ids[:, 1:].numel())
+    figures = {name: total / input_ids.numel() for name, total in sums.items()} if reference is not None else {}
+    return perplexity, figures
+
+
+def compare_with(model, reference: Reference, progress: bool = False) -> tuple[dict[str, float], float]:
+    """`model`'s closeness to the baseline on the reference's windows (see [`measure_windows`]), and its perplexity
+    on them."""
+    perplexity, figures = measure_windows(model, reference.input_ids, reference, progress)
+    return figures, perplexity
 
 
 @torch.no_grad()
@@ -170,6 +182,7 @@ __all__ = [
     "generation_agreement",
     "greedy_continuations",
     "held_out_prompts",
+    "measure_windows",
     "next_token_log_probs",
     "reference_of",
     "token_closeness",
