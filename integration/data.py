@@ -218,6 +218,11 @@ def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
     return stream
 
 
+def token_fingerprint(input_ids: torch.Tensor) -> str:
+    """SHA-256 of token ids (a CPU tensor): the identity of windows of text, wherever they are stored."""
+    return hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()
+
+
 @dataclass
 class TokenWindows:
     """Fixed-length token windows and where they came from.
@@ -240,7 +245,7 @@ class TokenWindows:
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the token ids: identifies the exact data (for caches and model cards)."""
-        return hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()
+        return token_fingerprint(self.input_ids)
 
     def describe(self) -> dict:
         num_windows, seq_len = self.input_ids.shape
@@ -295,4 +300,12 @@ def token_windows(
     return TokenWindows(windows.contiguous(), source, sampling, seed, len(stream))
 
 
-__all__ = ["EMBEDDED_CORPORA", "TokenWindows", "check_text_source", "load_texts", "local_text_file", "token_windows"]
+__all__ = [
+    "EMBEDDED_CORPORA",
+    "TokenWindows",
+    "check_text_source",
+    "load_texts",
+    "local_text_file",
+    "token_fingerprint",
+    "token_windows",
+]

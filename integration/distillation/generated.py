@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import write_text_atomically
 
-from ..data import TokenWindows, token_windows
+from ..data import TokenWindows, token_fingerprint, token_windows
 from ..defaults import Sizes
 from ..requests import DEFAULT_CALIBRATION, DEFAULT_EVAL_CORPORA, DistillRequest
 from .teacher_cache import checkpoint_fingerprint
@@ -96,15 +96,13 @@ def training_windows(request: DistillRequest, tokenizer, config, device: str, ca
     return generated_windows(request.teacher, tokenizer, recipe, cache_root, device, request.dtype)
 
 
-def generated_windows(teacher: str, tokenizer, recipe: GenerationRecipe, cache_root: Path, device: str, dtype):
+def generated_windows(teacher: str, tokenizer, recipe: GenerationRecipe, cache_root: Path, device: str, dtype: str):
     """The teacher's own text as training windows: read from the cache under `cache_root/generated/<key>`, or
     generated there (the teacher is loaded only then, and released after)."""
     from ..models import load_model, resolve_model
 
     prompts = token_windows(recipe.prompts_from, tokenizer, recipe.num_windows, recipe.prompt_len, seed=recipe.seed)
-    identity = checkpoint_fingerprint(
-        resolve_model(teacher), getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    )
+    identity = checkpoint_fingerprint(resolve_model(teacher), getattr(torch, dtype))
     key = hashlib.sha256(json.dumps([identity, prompts.fingerprint, asdict(recipe)], sort_keys=True).encode())
     folder = Path(cache_root) / GENERATED / key.hexdigest()[:32]
     input_ids = _read(folder, recipe)
@@ -158,7 +156,11 @@ def _read(folder: Path, recipe: GenerationRecipe) -> torch.Tensor | None:
     except Exception:  # a file cut short or missing: safetensors refuses it
         input_ids = None
     expected = (recipe.num_windows, recipe.seq_len)
-    if input_ids is None or tuple(input_ids.shape) != expected or _digest(input_ids) != manifest.get("sha256"):
+    if (
+        input_ids is None
+        or tuple(input_ids.shape) != expected
+        or token_fingerprint(input_ids) != manifest.get("sha256")
+    ):
         log.warning("linearpatch: the generated text in %s does not match its manifest: generating it again.", folder)
         return None
     return input_ids
@@ -171,12 +173,10 @@ def _write(folder: Path, input_ids: torch.Tensor, recipe: GenerationRecipe, teac
     staging = folder / "tokens.safetensors.partial"
     save_file({"input_ids": input_ids.contiguous()}, str(staging))
     staging.replace(folder / "tokens.safetensors")
-    manifest = dict(teacher=teacher, recipe=asdict(recipe), sha256=_digest(input_ids), shape=list(input_ids.shape))
+    manifest = dict(
+        teacher=teacher, recipe=asdict(recipe), sha256=token_fingerprint(input_ids), shape=list(input_ids.shape)
+    )
     write_text_atomically(folder / "manifest.json", json.dumps(manifest, indent=2))
-
-
-def _digest(input_ids: torch.Tensor) -> str:
-    return hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()
 
 
 __all__ = ["BATCH", "GENERATED", "GenerationRecipe", "generate", "generated_windows", "training_windows"]
