@@ -289,18 +289,21 @@ def map_transforms(
         prefix = f"model.layers.{position - 1}.{where.writers[-1]}"
         if transform.dim() == 1:
             transform = torch.diag(transform)
-        add(f"{prefix}.weight", lambda t, f=transform: (f.T @ t.double()).to(t.dtype))
-        add(f"{prefix}.bias", lambda t, f=transform: (t.double() @ f).to(t.dtype))
+        _fold_into_linear(add, prefix, transform)
     for site, transform in sorted((writers or {}).items()):
         if offset is not None:
             raise LinearPatchError(
                 f"{config.model_type}'s writers leave through norms, so a map on {site} does not fold: train without "
                 "writer maps (--export-layers 0)."
             )
-        transform = transform.double()
-        add(f"model.layers.{site}.weight", lambda t, f=transform: (f.T @ t.double()).to(t.dtype))
-        add(f"model.layers.{site}.bias", lambda t, f=transform: (t.double() @ f).to(t.dtype))
+        _fold_into_linear(add, f"model.layers.{site}", transform.double())
     return transforms
+
+
+def _fold_into_linear(add, prefix: str, forward: torch.Tensor) -> None:
+    """Fold `x -> x F` on the output of the Linear layer `prefix` into it: `W <- F^T W`, `b <- b F` (float64)."""
+    add(f"{prefix}.weight", lambda t, f=forward: (f.T @ t.double()).to(t.dtype))
+    add(f"{prefix}.bias", lambda t, f=forward: (t.double() @ f).to(t.dtype))
 
 
 def frame_transforms(config, frames: dict[int, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -331,6 +334,10 @@ def frame_transforms(config, frames: dict[int, torch.Tensor], norms: dict[str, t
             "fold objective."
         )
     transforms: dict[str, list] = {}
+
+    def add(key: str, function) -> None:
+        transforms.setdefault(key, []).append(function)
+
     size = next(iter(frames.values())).shape[0]
     writer_map = torch.eye(size, dtype=torch.float64)  # F
     reader_map = torch.eye(size, dtype=torch.float64)  # Q_1 ... Q_k
@@ -345,9 +352,7 @@ def frame_transforms(config, frames: dict[int, torch.Tensor], norms: dict[str, t
             prefix = f"model.layers.{index}"
             readers = [(f"{prefix}.{norm}", [f"{prefix}.{name}" for name in names]) for norm, names in where.readers]
             for name in where.writers:
-                forward = writer_map.clone()
-                transforms[f"{prefix}.{name}.weight"] = [lambda t, f=forward: (f.T @ t.double()).to(t.dtype)]
-                transforms[f"{prefix}.{name}.bias"] = [lambda t, f=forward: (t.double() @ f).to(t.dtype)]
+                _fold_into_linear(add, f"{prefix}.{name}", writer_map.clone())
         for norm, names in readers:
             read = norms[f"{norm}.weight"].double()[:, None] * reader_map.T  # diag(w) (Q_1 ... Q_k)^T
             transforms[f"{norm}.weight"] = [torch.ones_like]
