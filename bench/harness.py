@@ -53,6 +53,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed(seconds: dict[str, float], name: str, function, *args, **options):
+    """`function(*args, **options)`, its wall seconds recorded as `seconds[name]` (a stage of a section's run)."""
+    started = time.perf_counter()
+    result = function(*args, **options)
+    seconds[name] = round(time.perf_counter() - started, 1)
+    return result
+
+
 def median_time(function, repeats: int, device: str) -> float:
     """Median wall seconds of `repeats` calls (the device synchronised around each)."""
     times = []

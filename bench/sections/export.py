@@ -5,7 +5,7 @@ checkpoint), held-out perplexity on text no fit saw (the export's own comparison
 
 from linearpatch.common.reporting import values_table
 
-from ..harness import BLOCK, Claim, per_corpus
+from ..harness import BLOCK, Claim, per_corpus, timed
 
 TITLE = "Stock export, training-free and distilled (SmolLM2, about 65 minutes on 2 CPU cores)"
 DEFAULT = False
@@ -19,7 +19,6 @@ DISTILLED_RATIO = 1.10  # the distilled export's over the distilled patch's, at 
 def run(device: str, quick: bool) -> dict:
     import shutil
     import tempfile
-    import time
     from pathlib import Path
 
     from linearpatch.integration.distillation import distill_checkpoint
@@ -35,14 +34,9 @@ def run(device: str, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
 
-        def timed(name, function, *args, **options):
-            started = time.perf_counter()
-            result = function(*args, **options)
-            seconds[name] = round(time.perf_counter() - started, 1)
-            return result
-
         for kind in ("hadamard", "auto"):
             timed(
+                seconds,
                 f"prune {kind}",
                 prune_checkpoint,
                 "smollm2-135m",
@@ -54,6 +48,7 @@ def run(device: str, quick: bool) -> dict:
                 **sizes,
             )
             report = timed(
+                seconds,
                 f"export {kind}",
                 export_checkpoint,
                 str(root / kind),
@@ -71,8 +66,17 @@ def run(device: str, quick: bool) -> dict:
         cache = dict(cache_dir=root / "teacher-cache", **training)
         corpora = list(perplexity["plain"])
         for kind in ("hadamard", "auto"):
-            timed(f"distill {kind}", distill_checkpoint, str(root / kind), "smollm2-135m", root / "patch", **cache)
+            timed(
+                seconds,
+                f"distill {kind}",
+                distill_checkpoint,
+                str(root / kind),
+                "smollm2-135m",
+                root / "patch",
+                **cache,
+            )
             distilled = timed(
+                seconds,
                 f"distill --export {kind}",
                 distill_checkpoint,
                 str(root / kind),
