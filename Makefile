@@ -50,7 +50,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
-# Every quality and cost claim on SmolLM2, measured anew (about 135 minutes on 2 CPU cores; the serving section needs
+# Every quality and cost claim on SmolLM2, measured anew (about 185 minutes on 2 CPU cores; the serving section needs
 # .venv-serving). Run it before a release and after a change to pruning, distillation or export.
 bench-check: $(STAMP) $(SERVING_STAMP)
 	$(PY) -m bench --check

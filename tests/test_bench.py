@@ -31,6 +31,18 @@ def _set(path: str, value):
     return breaker
 
 
+def _set_keys(*keys: str, value):
+    """[`_set`] for keys that hold dots themselves (`models["20..24 patched"]`)."""
+
+    def breaker(result):
+        target = result
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return breaker
+
+
 def _scale(path: str, factor: float):
     def breaker(result):
         *parents, last = path.split(".")
@@ -67,6 +79,22 @@ BREAKERS = {
     ),
     ("export", "--export of a --patch auto"): _set(f"ratios.auto distilled export over distilled patch.{NEWS}", 1.2),
     ("export", "beats plain pruning"): _set(f"perplexity.hadamard export.{WIKI}", 1e4),
+    ("closeness", "at 20..24, the patched model is closer"): _set_keys(
+        "models", "20..24 patched", "closeness", NEWS, "kl", value=10.0
+    ),
+    ("closeness", "at 20..24, the patched model agrees"): _set_keys(
+        "models", "20..24 plain", "closeness", WIKI, "top1", value=1.0
+    ),
+    ("closeness", "at n=5, the patched model is closer"): _set_keys(
+        "models", "n=5 patched", "closeness", WIKI, "kl", value=10.0
+    ),
+    ("closeness", "at n=5, the patched model agrees"): _set_keys(
+        "models", "n=5 patched", "closeness", NEWS, "top10", value=0.0
+    ),
+    ("closeness", "greedy continuations"): _set_keys(
+        "models", "20..24 patched", "generation", "identical_tokens", value=0.0
+    ),
+    ("closeness", "default data"): _set_keys("models", "n=5 distilled corpus", "closeness", NEWS, "kl", value=10.0),
     ("serving", "at least 0.7x as fast"): _set("ratios.patched_over_plain_same_backend", 0.5),
     ("sequential", "at most 0.5x the memory"): _set("rss_ratio_streaming_over_load_prune_save", 0.8),
     ("sequential", "writes the in-memory tensors"): _set("largest_tensor_difference.sequential", 0.01),

@@ -4,6 +4,7 @@
 from . import (
     calibration,
     checkpoint,
+    closeness,
     distillation,
     export,
     inference,
@@ -26,6 +27,7 @@ SECTIONS = {
         patch_kinds,
         search,
         export,
+        closeness,
         serving,
         sequential,
         tasks,
