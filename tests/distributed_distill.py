@@ -52,7 +52,8 @@ def main() -> None:
     )
     from accelerate import PartialState
 
-    assert PartialState().num_processes == int(os.environ.get("WORLD_SIZE", 1)), "not data-parallel"
+    state = PartialState()
+    assert state.num_processes == int(os.environ.get("WORLD_SIZE", 1)), "not data-parallel"
     (output / f"read-{rank}.json").write_text(json.dumps(read))
     if rank == 0:
         patches = {
@@ -61,6 +62,10 @@ def main() -> None:
             if parameter.requires_grad
         }
         save_file(patches, str(output / "patches.safetensors"))
+    # Every rank waits for the others, then leaves the process group: a rank that exits with gloo's threads still
+    # running can abort ("terminate called without an active exception", seen once in CI under load).
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
