@@ -18,38 +18,30 @@ RECORDED = json.loads((ROOT / "bench" / "results" / "latest.json").read_text())
 WIKI, NEWS = "wikipedia-eval", "lee-news"
 
 
-def _set(path: str, value):
-    """A breaker that sets one value (a dotted path into the section's result; list indices as numbers)."""
+def _located(result, path: str | tuple[str, ...]):
+    """The container and key that `path` names in a section's result: a dotted path (list indices as numbers), or
+    a tuple of keys for keys that hold dots themselves (`models["20..24 patched"]`)."""
+    *parents, last = path.split(".") if isinstance(path, str) else path
+    target = result
+    for key in parents:
+        target = target[int(key)] if isinstance(target, list) else target[key]
+    return target, int(last) if isinstance(target, list) else last
+
+
+def _set(path: str | tuple[str, ...], value):
+    """A breaker that sets the one value at `path` (see [`_located`])."""
 
     def breaker(result):
-        *parents, last = path.split(".")
-        target = result
-        for key in parents:
-            target = target[int(key)] if isinstance(target, list) else target[key]
-        target[int(last) if isinstance(target, list) else last] = value
-
-    return breaker
-
-
-def _set_keys(*keys: str, value):
-    """[`_set`] for keys that hold dots themselves (`models["20..24 patched"]`)."""
-
-    def breaker(result):
-        target = result
-        for key in keys[:-1]:
-            target = target[key]
-        target[keys[-1]] = value
+        target, key = _located(result, path)
+        target[key] = value
 
     return breaker
 
 
 def _scale(path: str, factor: float):
     def breaker(result):
-        *parents, last = path.split(".")
-        target = result
-        for key in parents:
-            target = target[int(key)] if isinstance(target, list) else target[key]
-        target[last] *= factor
+        target, key = _located(result, path)
+        target[key] *= factor
 
     return breaker
 
@@ -79,22 +71,20 @@ BREAKERS = {
     ),
     ("export", "--export of a --patch auto"): _set(f"ratios.auto distilled export over distilled patch.{NEWS}", 1.2),
     ("export", "beats plain pruning"): _set(f"perplexity.hadamard export.{WIKI}", 1e4),
-    ("closeness", "at 20..24, the patched model is closer"): _set_keys(
-        "models", "20..24 patched", "closeness", NEWS, "kl", value=10.0
+    ("closeness", "at 20..24, the patched model is closer"): _set(
+        ("models", "20..24 patched", "closeness", NEWS, "kl"), 10.0
     ),
-    ("closeness", "at 20..24, the patched model agrees"): _set_keys(
-        "models", "20..24 plain", "closeness", WIKI, "top1", value=1.0
+    ("closeness", "at 20..24, the patched model agrees"): _set(
+        ("models", "20..24 plain", "closeness", WIKI, "top1"), 1.0
     ),
-    ("closeness", "at n=5, the patched model is closer"): _set_keys(
-        "models", "n=5 patched", "closeness", WIKI, "kl", value=10.0
+    ("closeness", "at n=5, the patched model is closer"): _set(
+        ("models", "n=5 patched", "closeness", WIKI, "kl"), 10.0
     ),
-    ("closeness", "at n=5, the patched model agrees"): _set_keys(
-        "models", "n=5 patched", "closeness", NEWS, "top10", value=0.0
+    ("closeness", "at n=5, the patched model agrees"): _set(
+        ("models", "n=5 patched", "closeness", NEWS, "top10"), 0.0
     ),
-    ("closeness", "greedy continuations"): _set_keys(
-        "models", "20..24 patched", "generation", "identical_tokens", value=0.0
-    ),
-    ("closeness", "default data"): _set_keys("models", "n=5 distilled corpus", "closeness", NEWS, "kl", value=10.0),
+    ("closeness", "greedy continuations"): _set(("models", "20..24 patched", "generation", "identical_tokens"), 0.0),
+    ("closeness", "default data"): _set(("models", "n=5 distilled corpus", "closeness", NEWS, "kl"), 10.0),
     ("serving", "at least 0.7x as fast"): _set("ratios.patched_over_plain_same_backend", 0.5),
     ("sequential", "at most 0.5x the memory"): _set("rss_ratio_streaming_over_load_prune_save", 0.8),
     ("sequential", "writes the in-memory tensors"): _set("largest_tensor_difference.sequential", 0.01),
