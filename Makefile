@@ -35,12 +35,13 @@ PYTEST := $(PY) -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist loadgrou
 environments:
 	$(MAKE) -j2 $(STAMP) $(SERVING_STAMP)
 
-test: environments
+# llama.cpp (`make gguf`, once per machine) is a dependency: tests/test_gguf.py runs its converter, quantizer and server.
+test: environments gguf
 	$(VENV)/bin/ruff check .
 	$(PYTEST) tests
 
 # The edit loop: everything but the real SmolLM2 model and vLLM (markers `slow` and `serving`).
-test-fast: $(STAMP)
+test-fast: $(STAMP) gguf
 	$(VENV)/bin/ruff check .
 	$(PYTEST) -m "not slow and not serving and not exhaustive" tests
 

@@ -43,7 +43,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, request_class) -> Non
     for field in cli_fields(request_class):
         meta = field.metadata
         settings = {"help": meta.get("help")}
-        for key in ("choices", "nargs", "metavar"):
+        for key in ("choices", "nargs", "metavar", "action"):
             if key in meta:
                 settings[key] = meta[key]
         default = None if field.default is dataclasses.MISSING else field.default
@@ -168,9 +168,10 @@ def _commands() -> dict[str, tuple]:
         "serve": (
             requests.ServeRequest,
             cmd_serve,
-            "serve a checkpoint (or an export) with vLLM's OpenAI-compatible server",
+            "serve a checkpoint or export with vLLM, or a .gguf with llama-server (OpenAI API)",
             "Runs `vllm serve CHECKPOINT --trust-remote-code --model-impl transformers` (plain `vllm serve` for an "
-            "export). Options linearpatch does not know go to vllm as they are, e.g. --port 8000 --dtype float32.",
+            "export), or `llama-server --model FILE.gguf` for a GGUF file (`make gguf` builds it). Options "
+            "linearpatch does not know go to the server as they are, e.g. --port 8000 --dtype float32.",
         ),
         "push": (
             requests.PushRequest,
@@ -221,7 +222,7 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "serve":  # `serve` passes the options it does not know to vllm
+    if unknown and args.command != "serve":  # `serve` passes the options it does not know to the server
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from linearpatch.common.errors import LinearPatchError, first_line
     from linearpatch.common.files import ledger

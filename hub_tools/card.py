@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
 from linearpatch.common.names import DISTILL_RECORD, EVAL_FILES, EXPORT_RECORD, PRUNE_RECORD, is_repo_id
-from linearpatch.common.reporting import values_table
+from linearpatch.common.reporting import markdown_table, values_table
 
 from .validate import CheckpointInfo, InvalidCheckpointError, find_local_paths
 
@@ -173,7 +173,7 @@ def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
         library_name="transformers",
         pipeline_tag="text-generation",
         license=KNOWN_LICENSES.get(base_model),
-        tags=["linearpatch", "layer-pruning", family],
+        tags=["linearpatch", "layer-pruning", family, *(["gguf"] if export.get("gguf") else [])],
     )
     origin = f"the LinearPatch checkpoint `{source}`" if source else "a LinearPatch checkpoint"
     lines = [
@@ -223,8 +223,49 @@ def _export_card(info: CheckpointInfo, repo_id: str) -> ModelCard:
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```',
+        *_gguf_section(export.get("gguf") or {}, repo_id),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _gguf_section(gguf: dict, repo_id: str) -> list[str]:
+    """The GGUF files (`export --gguf`): each with its type, size and llama-perplexity beside transformers' on the
+    same text, llama.cpp's limits, and how llama.cpp and Ollama pull one."""
+    if not gguf:
+        return []
+    reference = gguf.get("reference") or {}
+    corpora = list(reference)
+    rows = []
+    for entry in gguf["files"]:
+        measured = entry.get("perplexity", {})
+        shown = [f"{measured[corpus]:.2f}" if corpus in measured else "-" for corpus in corpora]
+        rows.append([f"`{entry['file']}`", entry["type"].upper(), f"{entry['bytes'] / 1e6:.1f} MB", *shown])
+    if reference:
+        rows.append(
+            ["transformers, this repository's safetensors", "F32", "", *(f"{reference[c]:.2f}" for c in corpora)]
+        )
+    measured = (
+        f"Perplexity: `llama-perplexity` on {gguf.get('windows')} windows of {gguf.get('seq_len')} tokens per corpus, "
+        "each scored on its second half; the last row is transformers on the same text, scored the same way."
+        if corpora
+        else "The files were not measured."
+    )
+    example = next((entry for entry in gguf["files"] if entry["type"] == "q4_k_m"), gguf["files"][0])
+    tag = example["type"].upper()
+    return [
+        "",
+        "## GGUF files (llama.cpp, Ollama, LM Studio)",
+        "",
+        "Converted from these weights by llama.cpp's own `convert_hf_to_gguf.py` and quantized by `llama-quantize`.",
+        "",
+        markdown_table(["file", "type", "size", *corpora], rows),
+        "",
+        measured,
+        *([""] if gguf.get("notes") else []),
+        *(f"**Note:** {note}" for note in gguf.get("notes", [])),
+        "",
+        f"```sh\nllama-server -hf {repo_id}:{tag}\nollama run hf.co/{repo_id}:{tag}\n```",
+    ]
 
 
 def _adapter_card(info: CheckpointInfo, repo_id: str) -> ModelCard:

@@ -52,6 +52,31 @@ def find_local_paths(text: str) -> list[str]:
     return _LOCAL_PATH.findall(text)
 
 
+def check_gguf_files(path: Path, files: list[str]) -> None:
+    """Every `.gguf` in an export folder is one `export --gguf` wrote, whole: listed in its record with this size.
+
+    Raises:
+        InvalidCheckpointError: for a GGUF the record does not list (copied in by hand) or whose size differs from
+            the one written (truncated, or replaced).
+    """
+    written = {
+        entry["file"]: entry["bytes"]
+        for entry in json.loads((path / EXPORT_RECORD).read_text()).get("gguf", {}).get("files", [])
+    }
+    for name in (f for f in files if f.endswith(".gguf")):
+        if name not in written:
+            raise InvalidCheckpointError(
+                f"{path / name} was not written by `linearpatch export --gguf` (not in {EXPORT_RECORD}): remove it, "
+                "or export again with --gguf."
+            )
+        size = (path / name).stat().st_size
+        if size != written[name]:
+            raise InvalidCheckpointError(
+                f"{path / name} has {size} bytes, not the {written[name]} it was written with (truncated or "
+                "replaced): export again with --gguf."
+            )
+
+
 def validate_folder(
     path: str | Path, check_import: bool = True, adapter_config_override: bytes | None = None
 ) -> CheckpointInfo:
@@ -95,6 +120,7 @@ def validate_folder(
             raise InvalidCheckpointError(f"{path} has {EXPORT_RECORD} but is not a stock-architecture model.")
         if not any(f.endswith(".safetensors") for f in files) or not any(name in files for name in TOKENIZER_FILES):
             raise InvalidCheckpointError(f"{path} lacks safetensors weights or a tokenizer; export it again.")
+        check_gguf_files(path, files)
         return CheckpointInfo(path, "export", config, files)
     if config.get("model_type") not in checkpoint_model_types():
         raise InvalidCheckpointError(
@@ -137,6 +163,7 @@ def check_imports(info: CheckpointInfo) -> None:
 __all__ = [
     "CheckpointInfo",
     "InvalidCheckpointError",
+    "check_gguf_files",
     "check_imports",
     "find_local_paths",
     "validate_folder",

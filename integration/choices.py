@@ -2,6 +2,8 @@
 without torch or transformers: `linearpatch --help` shows them at once. The code that implements each lives in its
 own module (`pruning/patches.py`, `pruning/selection.py`, `pruning/search.py`, `export.py`)."""
 
+from linearpatch.common.errors import LinearPatchError
+
 # Training-free patch kinds (`pruning/patches.py`).
 PATCH_KINDS = ("hadamard", "diag", "scalar", "lstsq", "none")
 # What `prune` accepts: a kind above, or `auto` (each kind fitted and the best on held-out windows kept, `search.py`).
@@ -31,6 +33,18 @@ FOLD_OBJECTIVES = ("down-proj", *DENSE_OBJECTIVES)
 # How `export` folds a patch into the stock architecture (`export.py`): a map fitted to one objective, `auto` (each
 # objective fitted and the best on held-out windows kept), or `scalar` (Prune&Comp).
 FOLDS = ("auto", *FOLD_OBJECTIVES, "scalar")
+# The GGUF files `export --gguf` writes (`export/gguf.py`): the converter's float types, then llama-quantize's.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+
+
+def gguf_types(types) -> tuple[str, ...]:
+    """`--gguf`'s types as a tuple (one type may be given as a string), each one of `GGUF_TYPES`."""
+    types = (types,) if isinstance(types, str) else tuple(types or ())
+    unknown = [kind for kind in types if kind not in GGUF_TYPES]
+    if unknown:
+        raise LinearPatchError(f"Unknown --gguf type {unknown[0]!r}: choose from {', '.join(GGUF_TYPES)}.")
+    return types
+
 
 __all__ = [
     "DENSE_OBJECTIVES",
@@ -39,8 +53,10 @@ __all__ = [
     "FOLD_OBJECTIVES",
     "METRICS",
     "METRIC_SCORES",
+    "GGUF_TYPES",
     "OUTCOMES",
     "PATCH_CHOICES",
     "PATCH_KINDS",
     "SELECTION_METRICS",
+    "gguf_types",
 ]

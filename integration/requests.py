@@ -14,7 +14,7 @@ from pathlib import Path
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.names import is_repo_id
 
-from .choices import FOLDS, OUTCOMES, PATCH_CHOICES, SELECTION_METRICS
+from .choices import FOLDS, GGUF_TYPES, OUTCOMES, PATCH_CHOICES, SELECTION_METRICS, gguf_types
 from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS, GENERATION_TOKENS, TASK_LIMIT, TEACHER_TOP_K, describe
 from .options import Request, non_negative_int, option, parse_layers, positive_int
 
@@ -22,6 +22,11 @@ DEFAULT_CALIBRATION = "wikipedia-calibration"
 DEFAULT_EVAL_CORPORA = ("wikipedia-eval", "lee-news")
 DEFAULT_SHARD_SIZE = "5GB"
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+# `--gguf q8_0 --gguf q4_k_m` or `--gguf q8_0 q4_k_m`: llama.cpp files beside the stock export (`export/gguf.py`).
+GGUF_HELP = f"also write OUTPUT/NAME-TYPE.gguf for llama.cpp; TYPE: {', '.join(GGUF_TYPES)}"
+GGUF_OPTION = dict(choices=GGUF_TYPES, nargs="+", action="extend", metavar="TYPE", help=GGUF_HELP)
 
 
 MODEL_OPTIONS = dict(
@@ -46,9 +51,7 @@ class PruneRequest(Request):
         help="dense model (llama, mistral, qwen2, qwen3 or gemma3_text): smollm2-135m (embedded), a local folder, or "
         "a Hub id",
     )
-    num_layers: int | None = option(
-        None, type=positive_int, group="which", help="how many layers to drop (chosen by --metric)"
-    )
+    num_layers: int | None = option(None, type=positive_int, group="which", help="layers to drop (chosen by --metric)")
     layers: list[int] | str | None = option(
         None, group="which", help="explicit layers, e.g. 20-24 or 3,7,9 (dense indices)"
     )
@@ -90,9 +93,7 @@ class PruneRequest(Request):
     seq_len: int | None = option(None, type=positive_int, help="tokens per calibration window (default: see above)")
     seed: int = option(0, help="seed of the calibration window offsets")
     batch_size: int = option(1, type=positive_int, help="windows per calibration forward")
-    base_model: str | None = option(
-        None, help="Hub id to record as the dense model (default: the model's own Hub id, if any)"
-    )
+    base_model: str | None = option(None, help="Hub id to record as the dense model (default: the model's own)")
     eval_windows: int = option(0, type=non_negative_int, help="also report held-out perplexity on N windows")
     eval_seq_len: int | None = option(None, type=positive_int, help="tokens per evaluation window (default: as eval)")
     eval_corpora: tuple[str, ...] = option(
@@ -106,7 +107,7 @@ class PruneRequest(Request):
         "whole model (default: only when it does not fit --max-memory)",
     )
     max_memory: str | int | None = option(
-        None, help="memory the model may use on the device, e.g. 200MB or 80GB (default: its free memory)"
+        None, help="memory the model may use, e.g. 80GB (default: the device's free)"
     )
     max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
     output: str | Path | None = option(None, required=True, help="checkpoint folder to create")
@@ -224,6 +225,7 @@ class DistillRequest(Request):
         help="with --export: also train a map on every writer (attention and MLP output) of the N kept layers before "
         "each gap, each folded into its o_proj or down_proj; 0: only the map before the gap",
     )
+    gguf: tuple[str, ...] = option((), **GGUF_OPTION | dict(help="with --export: " + GGUF_HELP))
     eval_corpora: tuple[str, ...] = option(
         DEFAULT_EVAL_CORPORA, flag="--eval-corpus", nargs="*", help="with --export: held-out perplexity corpora"
     )
@@ -263,6 +265,9 @@ class DistillRequest(Request):
             raise LinearPatchError(
                 f"--epochs {self.epochs} trains for zero steps: give a number above 0 (or --max-steps N)."
             )
+        object.__setattr__(self, "gguf", gguf_types(self.gguf))
+        if self.gguf and not self.export:
+            raise LinearPatchError("--gguf converts the stock export: add --export.")
         if self.export and self.adapter_only:
             raise LinearPatchError(
                 "--export writes a stock model with the trained maps folded in, --adapter-only writes only an "
@@ -385,19 +390,21 @@ class ExportRequest(Request):
     )
     max_memory: str | int | None = option(None, help="memory the checkpoint may use on the device, e.g. 200MB")
     max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
+    gguf: tuple[str, ...] = option((), **GGUF_OPTION)
     device: str | None = option(None, help="cpu, cuda, ... (default: cuda when available)")
     progress: bool = option(True, cli=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "gguf", gguf_types(self.gguf))
         if self.fold not in FOLDS:
             raise LinearPatchError(f"Unknown fold {self.fold!r}: choose one of {', '.join(FOLDS)}.")
 
 
 @dataclass(frozen=True)
 class ServeRequest(Request):
-    """`linearpatch serve` ([`serve`]): options it does not know go to vllm as they are (`extra`)."""
+    """`linearpatch serve` ([`serve`]): options it does not know go to the server as they are (`extra`)."""
 
-    checkpoint: str = option(positional=True, help="a LinearPatch checkpoint or `linearpatch export` folder")
+    checkpoint: str = option(positional=True, help="a checkpoint or export folder (vLLM), or a .gguf (llama-server)")
     vllm: str | None = option(
         None, help="the vllm executable (default: vllm on PATH, else .venv-serving from `make serving`)"
     )

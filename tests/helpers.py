@@ -1,6 +1,7 @@
 """What the tests share (imported as `from helpers import ...`): tiny real Llama models and patches, and the checks of
 a command's outcome (one-line errors, leftovers, folder digests)."""
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -150,3 +151,40 @@ def assert_one_line_error(code: int, stderr: str, *fragments: str) -> None:
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name or p.suffix == ".work")
+
+
+@contextlib.contextmanager
+def serving(command: list[str], port: int, log: Path, timeout: float, **popen):
+    """Run a server (`command`, its own process group, output to `log`) until its /health answers on `port`, yield,
+    then stop it (Ctrl-C, then kill): `linearpatch serve` with vLLM or llama-server."""
+    import json
+    import signal
+    import time
+    import urllib.request
+
+    with open(log, "w") as stream:
+        server = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                assert server.poll() is None, log.read_text()[-4000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"the server did not start in {timeout} s"
+                    time.sleep(1)
+
+            def ask(path: str, body: dict, wait: float = 300) -> dict:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+                )
+                return json.loads(urllib.request.urlopen(request, timeout=wait).read())
+
+            yield ask
+        finally:
+            os.killpg(server.pid, signal.SIGINT)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)

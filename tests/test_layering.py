@@ -50,6 +50,7 @@ LAYERS = {
     "loading": [
         "linearpatch.integration.data",
         "linearpatch.integration.opening",
+        "linearpatch.integration.llama_cpp",
     ],
     "measurement": ["linearpatch.integration.measurement.*"],
     "operations": [
@@ -65,6 +66,7 @@ LAYERS = {
         "linearpatch.integration.export.fitting",
         "linearpatch.integration.export.scoring",
         "linearpatch.integration.export.stock",
+        "linearpatch.integration.export.gguf",
     ],
     # A stage's plan and report: what it decides, and what it returns.
     "plans": [
@@ -442,7 +444,8 @@ def test_integration_has_no_loose_file_of_a_stage():
     # eval and report, export, serve) is a folder of its own.
     loose = {path.stem for path in (ROOT / "integration").glob("*.py")} - {"__init__"}
     shared = {"choices", "defaults", "options", "requests", "shards", "adapter", "embedded", "models", "layerwise"}
-    assert loose == shared | {"data", "opening"}, loose
+    # llama_cpp: the tools `make gguf` builds, shared by export (--gguf) and serve (a .gguf).
+    assert loose == shared | {"data", "opening", "llama_cpp"}, loose
     assert {path.name for path in (ROOT / "integration").iterdir() if (path / "__init__.py").exists()} == {
         "measurement",
         *STAGES,

@@ -6,17 +6,14 @@ families, and the remote-code files work under the transformers version vLLM pin
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAMILY_OVERRIDES, random_patch, tiny_family
+from helpers import FAMILY_OVERRIDES, random_patch, serving, tiny_family
 from transformers import AutoModelForCausalLM
 
 from linearpatch.cli import main
@@ -151,9 +148,11 @@ def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, smol
 
 
 def readme_serve_commands() -> list[str]:
-    """The README's `linearpatch serve ...` lines, without their comments."""
+    """The README's `linearpatch serve ...` lines for vLLM, without their comments (a `.gguf` goes to llama-server:
+    tests/test_gguf.py)."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    return [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("linearpatch serve ")]
+    lines = [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("linearpatch serve ")]
+    return [line for line in lines if ".gguf" not in line]
 
 
 @pytest.fixture(scope="module")
@@ -186,42 +185,11 @@ def test_the_readmes_serve_commands_answer_like_transformers(serving_python, rea
             pytest.fail(f"port {port}, which the README's serve command uses, is taken: free it to run this test")
     environment = {key: value for key, value in os.environ.items() if key != "VLLM_CPU_KVCACHE_SPACE"}
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below, after the server
-    server = subprocess.Popen(
-        ["bash", "-c", f"exec {command}"],
-        cwd=readme_folder,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=environment,
-        start_new_session=True,  # its own process group: vLLM's engine processes are stopped with it
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "vLLM did not start in time"
-                time.sleep(2)
-        request = {"model": served, "prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0}
-        reply = urllib.request.urlopen(
-            urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/completions",
-                data=json.dumps(request).encode(),
-                headers={"Content-Type": "application/json"},
-            ),
-            timeout=300,
-        )
-        choices = sorted(json.loads(reply.read())["choices"], key=lambda choice: choice["index"])
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+    request = {"model": served, "prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0}
+    with serving(
+        ["bash", "-c", f"exec {command}"], port, tmp_path / "serve.log", 600, cwd=readme_folder, env=environment
+    ) as ask:
+        choices = sorted(ask("/v1/completions", request)["choices"], key=lambda choice: choice["index"])
     started = (tmp_path / "serve.log").read_text()
     assert "VLLM_CPU_KVCACHE_SPACE=2" in started and "--enforce-eager" in started  # the CPU defaults, said aloud
     folder = readme_folder / served

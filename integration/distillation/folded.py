@@ -36,6 +36,7 @@ from ..export.folding import (
     detach_fold_maps,
     writer_sites,
 )
+from ..export.gguf import GgufPlan, export_gguf
 from ..export.plan import fold_models, plan_model_folds
 from ..requests import DEFAULT_CALIBRATION, DistillRequest
 from .generated import GENERATED
@@ -98,6 +99,7 @@ class FoldedExport:
     source: str | None
     writers: list[str] = field(default_factory=list)
     handles: list = field(default_factory=list)
+    gguf: GgufPlan | None = None
 
     def attach(self, student) -> None:
         """Attach the plan's maps and frames to `student`, and an identity map on each of the writers."""
@@ -114,7 +116,7 @@ class FoldedExport:
 
         config = merged.config
         stock, maps, difference = fold_trained(merged, self.handles, self.plan, windows.input_ids[:1])
-        perplexity = {}
+        perplexity, sizes = {}, None
         if request.eval_windows != 0:
             device = next(merged.parameters()).device
             sizes = Sizes.resolve("perplexity", device.type, request.eval_windows, None, config)
@@ -146,12 +148,16 @@ class FoldedExport:
                 writer_maps=list(self.writers),
             ),
         )
-        write_checkpoint_files(
-            staging, stock, tokenizer, {report.record: report.to_json(), record.record: record.to_json()}
-        )
+        write_checkpoint_files(staging, stock, tokenizer, {report.record: report.to_json()})
+        if self.gguf is not None:
+            measured = (request.eval_corpora, sizes) if sizes is not None and sizes.num_samples else None
+            record.gguf = export_gguf(staging, Path(report.output).name, self.gguf, tokenizer, measured, stock)
+        (staging / record.record).write_text(record.to_json())
 
 
-def export_start(request: DistillRequest, config, tokenizer, device: str, spread: dict) -> FoldedExport:
+def export_start(
+    request: DistillRequest, config, tokenizer, device: str, spread: dict, gguf: GgufPlan | None = None
+) -> FoldedExport:
     """The training-free fold `distill --export` starts from: `--fold auto` on the export's calibration windows of the
     training text, fitted to the teacher (the dense model), held whole only when the student fits the device."""
     from ..models import portable_model_id, resolve_model
@@ -167,7 +173,7 @@ def export_start(request: DistillRequest, config, tokenizer, device: str, spread
             "to train: run `linearpatch export`, or `linearpatch distill` without --export to train the patches."
         )
     writers = writer_sites(config, plan.maps, request.export_layers)
-    return FoldedExport(plan, windows.describe(), portable_model_id(request.checkpoint), writers)
+    return FoldedExport(plan, windows.describe(), portable_model_id(request.checkpoint), writers, gguf=gguf)
 
 
 __all__ = ["FoldedExport", "export_start", "fold_trained", "target_modules", "training_free_plan"]

@@ -24,6 +24,7 @@ from linearpatch.common.names import TEACHER_CACHE_MANIFEST
 from ..adapter import base_identity, patch_weights, write_adapter
 from ..data import local_text_file
 from ..export.folding import FOLD_HOLDERS
+from ..export.gguf import plan_gguf
 from ..requests import DistillRequest
 from ..shards import SafetensorsCheckpoint
 from .folded import export_start, target_modules
@@ -159,6 +160,7 @@ def distill_checkpoint(
         raise LinearPatchError(f"--resume: there is no work folder {work_dir} to resume from; run without --resume.")
     student_tokenizer = load_tokenizer(request.checkpoint)
     check_teacher_matches(request.teacher, student_config, student_tokenizer)
+    gguf = plan_gguf(student_config, request.gguf)  # `--export --gguf`: refused now, not after the training
     student_bytes = SafetensorsCheckpoint(job.model_path).nbytes(getattr(torch, request.dtype))
     generated = training_windows(request, student_tokenizer, student_config, device, cache_root)
     plan = plan_distillation(request, student_tokenizer, student_config, device, student_bytes, generated)
@@ -177,7 +179,7 @@ def distill_checkpoint(
     if (
         request.export
     ):  # the training-free start; the teacher is held only while it is fitted, layer by layer if need be
-        folded = export_start(request, student_config, student_tokenizer, device, plan.device_map)
+        folded = export_start(request, student_config, student_tokenizer, device, plan.device_map, gguf)
     # The student (pruned checkpoint) is the only model this process trains.
     student, tokenizer = load_model(
         request.checkpoint, dtype=request.dtype, device=device, kind="checkpoint", **plan.device_map

@@ -19,6 +19,7 @@ from ..layerwise import choose_sequential
 from ..measurement.holdout import split_fit_heldout
 from ..requests import ExportRequest
 from ..shards import SafetensorsCheckpoint, parse_size
+from .gguf import export_gguf, plan_gguf
 from .plan import FoldPlan, fold_models, plan_model_folds
 from .report import ExportReport
 from .stock import apply_folds, plain_model, stock_config, stock_model
@@ -57,6 +58,7 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
         inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in request.eval_corpora}
     job = open_job(request.checkpoint, "checkpoint", request.output, request.overwrite, request.device, inputs)
     device, config = job.device, job.config
+    gguf_plan = plan_gguf(config, request.gguf)  # refused before any work: a family or pattern llama.cpp cannot run
     needs_fit = fold != "scalar" and any(p > 0 for p in config.patch_positions)
     dense_model = resolve_dense(config, request.dense, fold) if needs_fit else None
     if request.score != "loss" and (fold != "auto" or dense_model is None):
@@ -95,9 +97,14 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
         num_layers=config.num_hidden_layers,
         dense=dense_model,
     )
-    report.seconds = round(time.perf_counter() - started, 2)
     with atomic_directory(job.output, request.overwrite) as staging:
         pipeline.write(staging, tokenizer, {report.record: report.to_json()})
+        if gguf_plan is not None:
+            measured = (request.eval_corpora, held_out) if evaluation else None
+            stock = pipeline.stock if evaluation else None
+            report.gguf = export_gguf(staging, job.output.name, gguf_plan, tokenizer, measured, stock)
+        report.seconds = round(time.perf_counter() - started, 2)
+        (staging / report.record).write_text(report.to_json())
     return report
 
 

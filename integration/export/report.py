@@ -4,7 +4,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from linearpatch.common.names import EXPORT_RECORD
-from linearpatch.common.reporting import values_table
+from linearpatch.common.reporting import markdown_table, values_table
 
 
 @dataclass
@@ -27,6 +27,9 @@ class ExportReport:
         dense (`str`, *optional*): the dense model the dense objectives were fitted to.
         distilled (`dict`): for `distill --export`, the training's report and the held-out perplexity of the
             training-free fold it started from.
+        gguf (`dict`): for `--gguf`, each file (name, type, bytes, llama-perplexity per corpus), what llama.cpp was
+            told (`overrides`), its limits (`notes`), and transformers' perplexity of the export on the same text
+            scored the same way (`reference`).
     """
 
     source: str | None
@@ -43,6 +46,7 @@ class ExportReport:
     num_layers: int = 0
     dense: str | None = None
     distilled: dict = field(default_factory=dict)
+    gguf: dict = field(default_factory=dict)
 
     record = EXPORT_RECORD
 
@@ -66,8 +70,31 @@ class ExportReport:
                 lines.append(f"  held-out KL to the dense model (ranks them): {shown}")
         if self.perplexity:  # skipped by a sequential export
             lines.append(values_table(self.perplexity))
+        lines += gguf_lines(self.gguf)
         lines.append(f"Wrote a stock {self.architecture} (no remote code) to {self.output} (report: {EXPORT_RECORD})")
         return "\n".join(lines)
 
 
-__all__ = ["ExportReport"]
+def gguf_lines(gguf: dict) -> list[str]:
+    """The GGUF files written, their sizes and llama-perplexity beside transformers' on the same text."""
+    if not gguf:
+        return []
+    corpora = list(gguf.get("reference") or (gguf["files"][0].get("perplexity") or {}))
+    rows = [
+        [entry["file"], f"{entry['bytes'] / 1e6:.1f}", *(f"{entry['perplexity'][c]:.2f}" for c in corpora)]
+        for entry in gguf["files"]
+    ]
+    if gguf.get("reference"):
+        rows.append(["transformers (the export)", "", *(f"{gguf['reference'][c]:.2f}" for c in corpora)])
+    if corpora:
+        title = (
+            f"llama.cpp files, perplexity by llama-perplexity's protocol ({gguf['windows']} windows of "
+            f"{gguf['seq_len']} tokens, each scored on its second half):"
+        )
+    else:
+        title = "llama.cpp files (not measured):"
+    table = markdown_table(["file", "MB", *corpora], rows)
+    return [title, table, *(f"note: {note}" for note in gguf.get("notes", []))]
+
+
+__all__ = ["ExportReport", "gguf_lines"]

@@ -46,6 +46,29 @@ def chunked_perplexity(
     return math.exp(total_nll / total_tokens)
 
 
+@torch.no_grad()
+def half_window_perplexity(
+    model, token_ids: torch.Tensor, seq_len: int, chunks: int, bos_token_id: int | None
+) -> float:
+    """exp(mean NLL) as `llama-perplexity` scores a text: `chunks` consecutive windows of `seq_len` tokens of
+    `token_ids` (the text tokenised whole), the first token of each replaced by `bos_token_id` (when the vocabulary
+    adds one), and only the second half of each window scored, so that every scored token has at least `seq_len / 2`
+    tokens of context. The export's GGUF files are compared with the stock model this way, on the same text.
+    """
+    device = next(model.parameters()).device
+    first = seq_len // 2
+    total_nll, total_tokens = 0.0, 0
+    for index in range(chunks):
+        window = token_ids[index * seq_len : (index + 1) * seq_len].clone()
+        if bos_token_id is not None:
+            window[0] = bos_token_id
+        window = window.to(device)
+        logits = model(window[None], use_cache=False).logits[0, first : seq_len - 1].float()
+        total_nll += torch.nn.functional.cross_entropy(logits, window[first + 1 :], reduction="sum").item()
+        total_tokens += seq_len - 1 - first
+    return math.exp(total_nll / total_tokens)
+
+
 def corpus_perplexity(
     model, tokenizer, source: str, num_windows: int | None = None, seq_len: int | None = None, **kwargs
 ) -> float:
@@ -73,4 +96,11 @@ def perplexity_table(models: dict, windows: dict[str, TokenWindows], progress: b
     }
 
 
-__all__ = ["chunked_perplexity", "corpus_perplexity", "held_out_windows", "perplexity_table", "summed_next_token_nll"]
+__all__ = [
+    "chunked_perplexity",
+    "corpus_perplexity",
+    "half_window_perplexity",
+    "held_out_windows",
+    "perplexity_table",
+    "summed_next_token_nll",
+]

@@ -1,5 +1,6 @@
 """Serve a checkpoint with vLLM: a LinearPatch checkpoint through vLLM's Transformers backend (remote code), an
-exported stock-architecture folder with vLLM's native kernels.
+exported stock-architecture folder with vLLM's native kernels; or a GGUF file (`export --gguf`) with llama.cpp's
+`llama-server` (`make gguf` builds it). Both speak the OpenAI API.
 
 vLLM pins its own torch and transformers, so it usually lives in its own environment (`make serving` creates
 `.venv-serving` with the CPU build). `linearpatch serve` finds its `vllm` executable and runs
@@ -16,6 +17,7 @@ from pathlib import Path
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.names import CONFIG_FILE, EXPORT_RECORD
 
+from ..llama_cpp import llama_tool, read_gguf
 from ..requests import ServeRequest
 
 # Where `make serving` puts vLLM, relative to the repository (the package root when installed editable).
@@ -93,9 +95,28 @@ def cpu_defaults(extra: list[str] | tuple[str, ...], environment: dict) -> tuple
     return options, variables
 
 
+def is_gguf(path: str | Path) -> bool:
+    """Whether `serve` should hand `path` to llama-server: a `.gguf` name, or any file (a model folder is vLLM's)."""
+    return str(path).endswith(".gguf") or Path(path).is_file()
+
+
+def llama_server_command(path: str | Path, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The `llama-server` command line for a GGUF file, after checking the file is a whole GGUF; the model is served
+    under the file's name (`--alias`) unless `extra` names it.
+
+    Raises:
+        LinearPatchError: in one line, for a missing, non-GGUF or truncated file, or llama.cpp not built.
+    """
+    read_gguf(path)
+    command = [str(llama_tool("llama-server")), "--model", str(path)]
+    if not {"-a", "--alias"} & {argument.split("=")[0] for argument in extra}:
+        command += ["--alias", Path(path).stem]
+    return command + list(extra)
+
+
 def serve(request: ServeRequest | str | Path, **options) -> int:
-    """`linearpatch serve`: check the checkpoint, then run vLLM's OpenAI-compatible server on it until it stops;
-    return its exit code.
+    """`linearpatch serve`: check the checkpoint, then run vLLM's OpenAI-compatible server on it (llama-server's for a
+    GGUF file) until it stops; return its exit code.
 
     Args:
         request ([`ServeRequest`], `str` or `Path`): the request, or the checkpoint (then `options`, the request's
@@ -109,19 +130,32 @@ def serve(request: ServeRequest | str | Path, **options) -> int:
     if not isinstance(request, ServeRequest):
         request = ServeRequest(checkpoint=str(request), **options)
     extra = request.extra
-    executable = find_vllm(request.vllm)
-    command = serve_command(request.checkpoint, executable, extra)
-    check_model_files(str(request.checkpoint))  # config and weights complete, before vLLM starts (a minute on a CPU)
     variables = {}
-    if is_cpu_build(executable):
+    if is_gguf(request.checkpoint):
+        command, engine = llama_server_command(request.checkpoint, extra), "llama-server"
+    else:
+        executable, engine = find_vllm(request.vllm), "vLLM"
+        command = serve_command(request.checkpoint, executable, extra)
+        check_model_files(str(request.checkpoint))  # config and weights whole, before vLLM starts (a minute on a CPU)
+    if engine == "vLLM" and is_cpu_build(executable):
         options, variables = cpu_defaults(extra, os.environ)
         command += options
     shown = " ".join([*(f"{name}={value}" for name, value in variables.items()), *command])
     print(f"Running: {shown}", flush=True)
     code = subprocess.run(command, env={**os.environ, **variables}).returncode
     if code not in (0, -2, 130):  # a stop by Ctrl-C is not a failure
-        print(f"linearpatch serve: vLLM exited with status {code}; its messages are above.", file=sys.stderr)
+        print(f"linearpatch serve: {engine} exited with status {code}; its messages are above.", file=sys.stderr)
     return code
 
 
-__all__ = ["CPU_KV_CACHE_GIB", "SERVING_VENV", "cpu_defaults", "find_vllm", "is_cpu_build", "serve", "serve_command"]
+__all__ = [
+    "CPU_KV_CACHE_GIB",
+    "SERVING_VENV",
+    "cpu_defaults",
+    "find_vllm",
+    "is_cpu_build",
+    "is_gguf",
+    "llama_server_command",
+    "serve",
+    "serve_command",
+]

@@ -1,0 +1,230 @@
+"""`export --gguf`: the stock export as GGUF files for llama.cpp (and Ollama, LM Studio), written by llama.cpp's own
+converter and quantizer (`make gguf`), measured by `llama-perplexity` beside transformers on the same text, and refused
+where llama.cpp would run the pruned model differently from transformers.
+
+llama.cpp's graph for a family is fixed by a few GGUF keys, so a pruned model converts unchanged except where the
+converter or llama.cpp assumes the dense model's layer count:
+- Gemma 3: llama.cpp assumes one global layer in every `period` (`period - 1` sliding layers, then a global one), with
+  period 6 unless the GGUF says otherwise, and the converter writes no period. A pruned model whose layers still
+  follow such a pattern gets its period written (`llama-quantize --override-kv`); any other pattern is refused.
+  llama.cpp also scales attention by the head size (by hidden / heads at 62 layers, Gemma 3 27B), not by
+  `query_pre_attn_scalar`: a model where they differ is refused.
+- a sliding window outside Gemma 3 (Mistral, Qwen with `use_sliding_window`): llama.cpp attends to the whole context,
+  so the GGUF equals transformers only up to the window's length. Said in one line and on the card.
+"""
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.modeling import family_of
+
+from ..data import load_texts
+from ..defaults import Sizes
+from ..llama_cpp import converter_command, gguf_perplexity, llama_tool, read_gguf, run_tool
+from ..measurement.perplexity import half_window_perplexity
+
+logger = logging.getLogger("linearpatch")
+
+# The families llama.cpp's converter knows (by the dense `model_type`).
+CONVERTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# The float types in order of precision: the converter writes the most precise one asked for (f16 when none is), and
+# llama-quantize makes every other file from it.
+FLOAT_TYPES = ("f32", "f16", "bf16")
+GEMMA3_PERIOD_KEY = "gemma3.attention.sliding_window_pattern"
+GEMMA3_DEFAULT_PERIOD = 6
+GEMMA3_27B_LAYERS = 62
+
+
+@dataclass(frozen=True)
+class GgufPlan:
+    r"""
+    The GGUF files an export writes and what llama.cpp needs told about the pruned model.
+
+    Args:
+        types (`tuple[str, ...]`): the files, each one of `GGUF_TYPES`.
+        base (`str`): the float type the converter writes; llama-quantize makes the others from it.
+        overrides (`tuple[str, ...]`): `KEY=TYPE:VALUE` metadata written into every file (Gemma 3's period).
+        notes (`tuple[str, ...]`): where the files equal transformers only within limits (a sliding window).
+    """
+
+    types: tuple[str, ...]
+    base: str
+    overrides: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @staticmethod
+    def file_name(name: str, gguf_type: str) -> str:
+        """`NAME-Q4_K_M.gguf`: the suffix Ollama's and LM Studio's Hub listings read the quantization from."""
+        return f"{name}-{gguf_type.upper()}.gguf"
+
+
+def llama_cpp_period(sliding: list[bool]) -> int | None:
+    """The period llama.cpp's Gemma 3 reads (`il % period < period - 1` is sliding, 0: every layer) that gives
+    exactly these sliding layers, the default 6 first; `None` when no period does."""
+    count = len(sliding)
+    for period in (GEMMA3_DEFAULT_PERIOD, *range(1, count + 1), 0):
+        if all(flag == (period == 0 or index % period < period - 1) for index, flag in enumerate(sliding)):
+            return period
+    return None
+
+
+def gemma3_overrides(config) -> tuple[str, ...]:
+    """The metadata llama.cpp needs to run this pruned Gemma 3 as transformers does.
+
+    Raises:
+        LinearPatchError: when llama.cpp cannot express its layer pattern or its attention scale.
+    """
+    layer_types = list(config.layer_types)
+    sliding = [kind == "sliding_attention" for kind in layer_types]
+    period = llama_cpp_period(sliding)
+    if period is None:
+        globals_at = [index for index, flag in enumerate(sliding) if not flag]
+        raise LinearPatchError(
+            f"--gguf: llama.cpp runs Gemma 3 with one global-attention layer every N layers, but this pruned model's "
+            f"global layers are {globals_at} of {len(sliding)}: no GGUF can say that. Prune a block whose removal "
+            "keeps the pattern regular (e.g. whole periods of 6), or serve the export with transformers or vLLM."
+        )
+    heads_size = config.hidden_size // config.num_attention_heads
+    scalar = heads_size if config.num_hidden_layers == GEMMA3_27B_LAYERS else config.head_dim
+    if config.query_pre_attn_scalar != scalar:
+        raise LinearPatchError(
+            f"--gguf: llama.cpp scales this Gemma 3's attention by 1/sqrt({scalar}) (at {config.num_hidden_layers} "
+            f"layers), but its query_pre_attn_scalar is {config.query_pre_attn_scalar}: the GGUF would be silently "
+            "wrong. Serve the export with transformers or vLLM instead."
+        )
+    return () if period == GEMMA3_DEFAULT_PERIOD else (f"{GEMMA3_PERIOD_KEY}=int:{period}",)
+
+
+def sliding_window_note(config, model_type: str) -> str | None:
+    """One line when transformers slides a window that llama.cpp ignores (any family but Gemma 3, whose windows
+    llama.cpp runs)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    slides = "sliding_attention" in layer_types or (model_type == "mistral" and not layer_types)
+    if not window or not slides:
+        return None
+    return (
+        f"llama.cpp ignores {model_type}'s sliding window of {window} tokens: the GGUF files equal transformers for "
+        f"contexts up to {window} tokens and attend to the whole context beyond."
+    )
+
+
+def plan_gguf(config, types: tuple[str, ...] | list[str]) -> GgufPlan | None:
+    """What `export --gguf TYPES` writes for a checkpoint of `config` (`None` for no files), checked before any work.
+
+    Raises:
+        LinearPatchError: for a family llama.cpp does not convert, a Gemma 3 it would run differently, or llama.cpp
+            not built.
+    """
+    if not types:
+        return None
+    model_type = family_of(config).dense_model_type
+    if model_type not in CONVERTED_FAMILIES:
+        raise LinearPatchError(
+            f"--gguf: llama.cpp's converter does not take {model_type} models here (it takes "
+            f"{', '.join(CONVERTED_FAMILIES)}): export without --gguf."
+        )
+    llama_tool("llama-quantize")  # not built: say so now, not after the fit
+    types = tuple(dict.fromkeys(types))
+    base = next((kind for kind in FLOAT_TYPES if kind in types), "f16")
+    overrides = gemma3_overrides(config) if model_type == "gemma3_text" else ()
+    note = sliding_window_note(config, model_type) if model_type != "gemma3_text" else None
+    if note:
+        logger.warning("linearpatch: %s", note)
+    return GgufPlan(types, base, overrides, (note,) if note else ())
+
+
+def write_ggufs(folder: Path, name: str, plan: GgufPlan) -> list[dict]:
+    """Convert the stock model in `folder` with llama.cpp's converter, then make each file of `plan` with
+    llama-quantize, into `folder`. Returns each file's name, type and size."""
+    base = folder / f".{name}-base.gguf"
+    command, environment = converter_command(folder, base, plan.base)
+    run_tool(command + ["--model-name", name], "llama.cpp's convert_hf_to_gguf.py", environment)
+    quantize = str(llama_tool("llama-quantize"))
+    overrides = [argument for override in plan.overrides for argument in ("--override-kv", override)]
+    kept_as_is = plan.base if plan.base in plan.types and not overrides else None
+    files = []
+    for gguf_type in sorted(plan.types, key=lambda kind: kind == kept_as_is):  # the base file last: it is moved
+        target = folder / plan.file_name(name, gguf_type)
+        if gguf_type == kept_as_is:
+            os.replace(base, target)
+        else:
+            run_tool([quantize, *overrides, str(base), str(target), gguf_type.upper()], f"llama-quantize {gguf_type}")
+        files.append(dict(file=target.name, type=gguf_type, bytes=target.stat().st_size))
+    base.unlink(missing_ok=True)
+    return sorted(files, key=lambda entry: plan.types.index(entry["type"]))
+
+
+def text_for(corpus: str, tokenizer, num_tokens: int, directory: Path) -> tuple[Path, list[int]]:
+    """The first documents of `corpus` joined into one text of at least `num_tokens` tokens, written to a file in
+    `directory`, and its token ids (tokenised whole, without special tokens: what llama.cpp tokenises)."""
+    documents = load_texts(corpus)
+    count, ids = 0, []
+    while len(ids) < num_tokens and count < len(documents):
+        count = min(len(documents), max(1, 2 * count))
+        text = "\n\n".join(documents[:count])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < num_tokens:
+        raise LinearPatchError(f"{corpus} has {len(ids)} tokens, fewer than the {num_tokens} that --gguf measures on.")
+    path = directory / f"{len(list(directory.iterdir()))}.txt"
+    path.write_text(text, encoding="utf-8")
+    return path, ids
+
+
+def measure_ggufs(folder: Path, files: list[dict], tokenizer, corpora: tuple[str, ...], sizes: Sizes, model=None):
+    """`llama-perplexity` of each file on each corpus (`sizes`: windows x tokens, scored on each window's second
+    half), added to `files` in place; and, with `model` (the stock export), transformers' perplexity of it on the same
+    text scored the same way: the reference each file is compared with. Returns that reference per corpus."""
+    metadata = read_gguf(folder / files[0]["file"])
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    adds_bos = metadata.get("tokenizer.ggml.add_bos_token", tokenizer("a")["input_ids"][:1] == [bos])
+    reference = {}
+    with tempfile.TemporaryDirectory(prefix="linearpatch-gguf-") as directory:
+        for corpus in corpora:
+            # llama-perplexity needs two windows beyond the ones it scores.
+            path, ids = text_for(corpus, tokenizer, (sizes.num_samples + 2) * sizes.seq_len, Path(directory))
+            for entry in files:
+                value = gguf_perplexity(folder / entry["file"], path, sizes.seq_len, sizes.num_samples)
+                entry.setdefault("perplexity", {})[corpus] = value
+            if model is not None:
+                token_ids = torch.tensor(([bos] if adds_bos else []) + ids)
+                start = bos if adds_bos else None
+                reference[corpus] = half_window_perplexity(model, token_ids, sizes.seq_len, sizes.num_samples, start)
+    return reference
+
+
+def export_gguf(folder: Path, name: str, plan: GgufPlan, tokenizer, measured: tuple | None = None, model=None) -> dict:
+    """Write `plan`'s GGUF files beside the stock model in `folder` and, with `measured` (`(corpora, sizes)`), measure
+    them (see [`measure_ggufs`]): the export report's `gguf` record."""
+    files = write_ggufs(folder, name, plan)
+    record = dict(files=files, base=plan.base, overrides=list(plan.overrides), notes=list(plan.notes))
+    if measured is not None:
+        corpora, sizes = measured
+        record.update(
+            windows=sizes.num_samples,
+            seq_len=sizes.seq_len,
+            reference=measure_ggufs(folder, files, tokenizer, corpora, sizes, model),
+        )
+    else:
+        logger.warning("linearpatch: --gguf: the files are not measured (no held-out comparison in this export).")
+    return record
+
+
+__all__ = [
+    "CONVERTED_FAMILIES",
+    "export_gguf",
+    "GgufPlan",
+    "gemma3_overrides",
+    "llama_cpp_period",
+    "measure_ggufs",
+    "plan_gguf",
+    "sliding_window_note",
+    "text_for",
+    "write_ggufs",
+]
