@@ -114,6 +114,19 @@ def test_quantized_files_run_and_stay_close(dense_models, tmp_path):
         assert abs(files["f16"]["perplexity"][corpus] / want - 1) <= 0.01
 
 
+def test_a_sequential_export_converts_its_shards(dense_models, tmp_path):
+    """Larger than the machine: the export streams its folded tensors into shards and llama.cpp's converter reads
+    them (lazily); the held-out comparison needs whole models, so the files are written unmeasured."""
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(dense_models["qwen3"]), "--layers", "4-5", *QUICK, "--output", str(pruned)]) == 0
+    command = ["export", str(pruned), "--dense", str(dense_models["qwen3"]), "--sequential", "--max-shard-size", "2MB"]
+    assert main([*command, *QUICK, "--gguf", "q8_0", "--output", str(tmp_path / "big")]) == 0
+    assert len(list((tmp_path / "big").glob("model-*.safetensors"))) > 1
+    gguf = json.loads((tmp_path / "big" / "linearpatch_export.json").read_text())["gguf"]
+    assert [entry["file"] for entry in gguf["files"]] == ["big-Q8_0.gguf"] and "reference" not in gguf
+    assert read_gguf(tmp_path / "big" / "big-Q8_0.gguf")["qwen3.block_count"] == 4
+
+
 def test_llama_cpps_gemma3_period():
     sliding, full = True, False
     assert llama_cpp_period([sliding] * 5 + [full] + [sliding] * 5 + [full]) == 6
@@ -148,6 +161,19 @@ def test_what_llama_cpp_would_run_differently_is_refused_or_said(dense_models, t
     qwen3 = FAMILIES["qwen3"].dense_config_class(use_sliding_window=True, sliding_window=64, max_window_layers=1)
     assert "up to 64 tokens" in plan_gguf(qwen3, ["q8_0"]).notes[0]
     assert plan_gguf(FAMILIES["llama"].dense_config_class(), ["q8_0"]).notes == ()
+
+
+def test_a_sliding_window_llama_cpp_ignores_is_said_on_the_card(tmp_path, smollm2_tokenizer):
+    from linearpatch.hub_tools import model_card, validate_folder
+
+    dense = tiny_family("mistral", vocab_size=len(smollm2_tokenizer), sliding_window=16)
+    dense.save_pretrained(tmp_path / "dense")
+    smollm2_tokenizer.save_pretrained(tmp_path / "dense")
+    record = export_gguf(tmp_path / "dense", "2-3", tmp_path / "windowed", "q8_0")
+    (note,) = record["gguf"]["notes"]
+    assert "equal transformers for contexts up to 16 tokens" in note
+    card = str(model_card(validate_folder(tmp_path / "windowed", check_import=False), "org/windowed"))
+    assert f"**Note:** {note}" in card
 
 
 def test_bad_requests_are_refused_before_work(dense_models, tmp_path, capsys, monkeypatch):

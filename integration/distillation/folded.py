@@ -148,11 +148,13 @@ class FoldedExport:
                 writer_maps=list(self.writers),
             ),
         )
-        write_checkpoint_files(staging, stock, tokenizer, {report.record: report.to_json()})
+        write_checkpoint_files(staging, stock, tokenizer)
         if self.gguf is not None:
             measured = (request.eval_corpora, sizes) if sizes is not None and sizes.num_samples else None
             record.gguf = export_gguf(staging, Path(report.output).name, self.gguf, tokenizer, measured, stock)
-        (staging / record.record).write_text(record.to_json())
+            report.gguf = record.gguf
+        for written in (report, record):
+            (staging / written.record).write_text(written.to_json())
 
 
 def export_start(

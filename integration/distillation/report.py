@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from linearpatch.common.names import DISTILL_RECORD
 from linearpatch.common.reporting import values_table
 
+from ..export.report import gguf_lines
+
 
 @dataclass
 class DistillReport:
@@ -21,6 +23,7 @@ class DistillReport:
         train_loss (`float`): mean training loss. steps (`int`): optimiser steps.
         perplexity (`dict`): with `export`, held-out perplexity per corpus of the patched checkpoint, the
             training-free and the distilled export, and plain pruning.
+        gguf (`dict`): with `export` and `gguf`, the GGUF files written (as `ExportReport.gguf`).
     """
 
     teacher: str
@@ -39,6 +42,7 @@ class DistillReport:
     steps: int = 0
     log: list[dict] = field(default_factory=list)
     perplexity: dict = field(default_factory=dict)
+    gguf: dict = field(default_factory=dict)
 
     record = DISTILL_RECORD
 
@@ -51,6 +55,7 @@ class DistillReport:
         lines = []
         if self.perplexity:
             lines.append(values_table(self.perplexity))
+        lines += gguf_lines(self.gguf)
         what = "a stock model (no remote code)" if self.kind == "export" else self.kind
         lines.append(
             f"Distilled {self.data['num_windows']} windows in {self.steps} steps{loss} "
