@@ -21,6 +21,8 @@ import pytest
 from helpers import tiny_llama
 from hub_server import start_hub_server
 
+from linearpatch.integration.llama_cpp import llama_cpp_home
+
 ROOT = Path(__file__).resolve().parents[1]
 _BLOCK = re.compile(r"(?P<before>[^\n]*)\n+```(?P<language>bash|python)\n(?P<code>.*?)```", re.S)
 # README sections whose blocks need nothing that the other sections make: each runs in a working folder of its own (a
@@ -148,6 +150,8 @@ def test_readme_examples_run_as_written(chain, tmp_path, smollm2_tokenizer, line
     home = tmp_path / "home"
     cache = embedded_stand_in(home, smollm2_tokenizer)
     ours = {"HOME": str(home), "LINEARPATCH_CACHE": str(cache), "LINEARPATCH_QUICK": "1"}
+    # llama.cpp is built once per machine, outside the checkout (`make gguf`): the one this machine has.
+    ours["LLAMA_CPP_HOME"] = str(llama_cpp_home())
     env = {
         **os.environ,
         **ours,
