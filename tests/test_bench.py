@@ -38,7 +38,7 @@ def _set(path: str | tuple[str, ...], value):
     return breaker
 
 
-def _scale(path: str, factor: float):
+def _scale(path: str | tuple[str, ...], factor: float):
     def breaker(result):
         target, key = _located(result, path)
         target[key] *= factor
@@ -85,6 +85,15 @@ BREAKERS = {
     ),
     ("closeness", "greedy continuations"): _set(("models", "20..24 patched", "generation", "identical_tokens"), 0.0),
     ("closeness", "default data"): _set(("models", "n=5 distilled corpus", "closeness", NEWS, "kl"), 10.0),
+    ("gguf", "at 20..24 the patched GGUF beats"): _set(("files", "20..24 patched", "0", "perplexity", NEWS), 1e4),
+    ("gguf", "at n=5 the patched GGUF beats"): _set(("files", "n=5 plain", "2", "perplexity", WIKI), 1.0),
+    ("gguf", "lower than llama-quantize --prune-layers"): _set(
+        ("files", "20..24 llama-quantize --prune-layers", "1", "perplexity", WIKI), 60.0
+    ),
+    ("gguf", "for dense and the plain cut"): _scale(("files", "dense", "1", "perplexity", WIKI), 1.06),
+    ("gguf", "for the folded exports"): _scale(("files", "n=5 distilled", "1", "perplexity", NEWS), 1.1),
+    ("gguf", "the stock export's perplexity"): _scale(("stock", "20..24 patched", WIKI), 0.8),
+    ("gguf", "more than 10% slower"): _scale(("files", "20..24 plain", "0", "generation_tps"), 0.7),
     ("serving", "at least 0.7x as fast"): _set("ratios.patched_over_plain_same_backend", 0.5),
     ("sequential", "at most 0.5x the memory"): _set("rss_ratio_streaming_over_load_prune_save", 0.8),
     ("sequential", "writes the in-memory tensors"): _set("largest_tensor_difference.sequential", 0.01),
