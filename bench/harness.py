@@ -126,19 +126,33 @@ else:
     from linearpatch.cli import main
     main(sys.argv[1:])
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec, so a child of a process
-# bigger than itself would report the parent's size.
+# bigger than itself would report the parent's size. rchar: every byte read() returned, page cache or not (the
+# safetensors shards are read with plain reads, never memory-mapped).
 peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]
-print("RESULT", int(peak) / 1024, time.perf_counter() - started)
+read = next(line for line in open("/proc/self/io") if line.startswith("rchar:")).split()[1]
+print("RESULT", int(peak) / 1024, time.perf_counter() - started, read)
 """
+
+
+def cli_costs(*arguments: str, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Peak RSS (`peak_rss_mib`), `seconds` and bytes read from files (`read_bytes`) of one `linearpatch` command in a
+    fresh process (`baseline`: the imports only)."""
+    output = subprocess.run(
+        [sys.executable, "-c", _CLI_RSS, *arguments],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
+    ).stdout
+    _, peak, seconds, read = next(line for line in output.splitlines() if line.startswith("RESULT")).split()
+    return dict(peak_rss_mib=float(peak), seconds=float(seconds), read_bytes=int(read))
 
 
 def cli_peak_rss(*arguments: str) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of one `linearpatch` command in a fresh process (`baseline`: the imports only)."""
-    output = subprocess.run(
-        [sys.executable, "-c", _CLI_RSS, *arguments], capture_output=True, text=True, check=True, cwd=ROOT
-    ).stdout
-    _, peak, seconds = next(line for line in output.splitlines() if line.startswith("RESULT")).split()
-    return float(peak), float(seconds)
+    costs = cli_costs(*arguments)
+    return costs["peak_rss_mib"], costs["seconds"]
 
 
 def evaluation_windows(tokenizer, windows: int, seq_len: int = 512) -> dict:
