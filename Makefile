@@ -40,8 +40,7 @@ environments:
 # compiles while pip installs both environments (pip spends most of its time on one core, unpacking): one after the
 # other they took 4.5 + 6.2 minutes, side by side 9.5 (fresh machine, no pip cache; .ci/run 23 minutes in all).
 test:
-	$(MAKE) -j3 $(STAMP) $(SERVING_STAMP) gguf
-	$(MAKE) qwen2-tokenizer
+	$(MAKE) -j3 $(STAMP) $(SERVING_STAMP) gguf qwen2-tokenizer
 	$(VENV)/bin/ruff check .
 	$(PYTEST) tests
 

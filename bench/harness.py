@@ -134,16 +134,11 @@ print("RESULT", int(peak) / 1024, time.perf_counter() - started, read)
 """
 
 
-def cli_costs(*arguments: str, env: dict[str, str] | None = None) -> dict[str, float]:
+def cli_costs(*arguments: str) -> dict[str, float]:
     """Peak RSS (`peak_rss_mib`), `seconds` and bytes read from files (`read_bytes`) of one `linearpatch` command in a
     fresh process (`baseline`: the imports only)."""
     output = subprocess.run(
-        [sys.executable, "-c", _CLI_RSS, *arguments],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        env=None if env is None else {**os.environ, **env},
+        [sys.executable, "-c", _CLI_RSS, *arguments], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
     _, peak, seconds, read = next(line for line in output.splitlines() if line.startswith("RESULT")).split()
     return dict(peak_rss_mib=float(peak), seconds=float(seconds), read_bytes=int(read))

@@ -11,22 +11,24 @@ import json
 import shutil
 from pathlib import Path
 
+# Meta-Llama-3-8B's config.json, every field that shapes the weights or the compute.
+LLAMA_3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 SHAPES = {
-    # Meta-Llama-3-8B's config.json, every field that shapes the weights or the compute.
-    "llama-3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
+    "llama-3-8b": LLAMA_3_8B,
     # The same layout at a size the tests can write (the writer's own test).
     "tiny": dict(
+        LLAMA_3_8B,
         hidden_size=64,
         intermediate_size=160,
         num_hidden_layers=4,
@@ -34,9 +36,6 @@ SHAPES = {
         num_key_value_heads=2,
         vocab_size=49152,
         max_position_embeddings=2048,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
     ),
 }
 MAX_SHARD_SIZE = 2 * 1000**3  # the issue's 2 GB, as the Hub writes shard sizes
@@ -44,27 +43,15 @@ SLAB_ELEMENTS = 32 * 2**20  # elements generated at a time: 128 MiB of fp32, wha
 STD = 0.02  # Llama's initializer_range: activations keep a sane scale through 32 random layers
 
 
-def shapes_of(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Every weight of a Llama of `config`, in the order `save_pretrained` writes them (layer by layer)."""
-    hidden, inner = config["hidden_size"], config["intermediate_size"]
-    head = hidden // config["num_attention_heads"]
-    kv = config["num_key_value_heads"] * head
-    names = [("model.embed_tokens.weight", (config["vocab_size"], hidden))]
-    for index in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{index}."
-        names += [
-            (prefix + "input_layernorm.weight", (hidden,)),
-            (prefix + "self_attn.q_proj.weight", (hidden, hidden)),
-            (prefix + "self_attn.k_proj.weight", (kv, hidden)),
-            (prefix + "self_attn.v_proj.weight", (kv, hidden)),
-            (prefix + "self_attn.o_proj.weight", (hidden, hidden)),
-            (prefix + "post_attention_layernorm.weight", (hidden,)),
-            (prefix + "mlp.gate_proj.weight", (inner, hidden)),
-            (prefix + "mlp.up_proj.weight", (inner, hidden)),
-            (prefix + "mlp.down_proj.weight", (hidden, inner)),
-        ]
-    names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (config["vocab_size"], hidden))]
-    return names
+def shapes_of(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Every weight of the Llama of `config` (a `LlamaConfig`), in the order `save_pretrained` writes them: the
+    family's own model, built on the meta device (no memory), says which."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        weights = LlamaForCausalLM(config).state_dict()
+    return [(name, tuple(tensor.shape)) for name, tensor in weights.items()]
 
 
 def _producer(name: str, shape: tuple[int, ...], seed: int):
@@ -124,7 +111,7 @@ def write_scale_model(
         tokenizer.save_pretrained(staging)
         tensors = [
             (name, PendingTensor(torch.bfloat16, size, _producer(name, size, seed)))
-            for seed, (name, size) in enumerate(shapes_of(SHAPES[shape]))
+            for seed, (name, size) in enumerate(shapes_of(config))
         ]
         write_sharded_safetensors(staging, tensors, max_shard_size, progress=progress)
         rename_no_replace(staging, folder)

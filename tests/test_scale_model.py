@@ -5,7 +5,7 @@ import json
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench.scale_model import SHAPES, shapes_of, write_scale_model
 
@@ -26,7 +26,7 @@ def test_writes_bounded_shards_of_the_shape_that_load_and_do_not_depend_on_the_s
     oversized = [path for path in shards if path.stat().st_size > limit + 10**4]  # + the JSON header
     assert len(oversized) == 2
     index = json.loads((folder / "model.safetensors.index.json").read_text())
-    expected = dict(shapes_of(SHAPES["tiny"]))
+    expected = dict(shapes_of(LlamaConfig(**SHAPES["tiny"])))
     assert set(index["weight_map"]) == set(expected)
     tensors = _tensors(folder)
     assert {name: tuple(tensor.shape) for name, tensor in tensors.items()} == expected

@@ -47,8 +47,9 @@ def run(device: str, quick: bool) -> dict:
     seconds, files, stock, pruned_layers = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
+        folders = {"dense": root / "dense"}  # where each model's files are, for the speeds
         windows = evaluation.get("eval_windows", 8)  # of 512 tokens, as the export measures on a CPU
-        files["dense"] = timed(seconds, "dense", dense_files, root, windows)
+        files["dense"] = timed(seconds, "dense", dense_files, folders["dense"], windows)
         for cut, which in CUTS.items():
             for name, patch in (("plain", "none"), ("patched", "auto")):
                 checkpoint = root / f"{cut}-{name}"
@@ -57,22 +58,27 @@ def run(device: str, quick: bool) -> dict:
                     eval_windows=0, progress=False, **which, **sizes,
                 )  # fmt: skip
                 pruned_layers[cut] = report.pruned_layers
+                folders[f"{cut} {name}"] = root / f"{cut}-{name}-export"
                 report = timed(
-                    seconds, f"export {cut} {name}", export_checkpoint, str(checkpoint), root / f"{cut}-{name}-export",
+                    seconds, f"export {cut} {name}", export_checkpoint, str(checkpoint), folders[f"{cut} {name}"],
                     gguf=TYPES, progress=False, **sizes, **evaluation,
                 )  # fmt: skip
                 files[f"{cut} {name}"], stock[f"{cut} {name}"] = report.gguf["files"], report.gguf["reference"]
+            folders[f"{cut} distilled"] = root / f"{cut}-distilled"
             timed(
                 seconds, f"distill --export {cut}", distill_checkpoint, str(root / f"{cut}-patched"), "smollm2-135m",
-                root / f"{cut}-distilled", export=True, gguf=TYPES, cache_dir=root / "teacher-cache", **training,
+                folders[f"{cut} distilled"], export=True, gguf=TYPES, cache_dir=root / "teacher-cache", **training,
                 **evaluation,
             )  # fmt: skip
-            record = read_record(root / f"{cut}-distilled")
+            record = read_record(folders[f"{cut} distilled"])
             files[f"{cut} distilled"], stock[f"{cut} distilled"] = record["files"], record["reference"]
-            flag = timed(seconds, f"llama flag {cut}", flag_files, root, cut, pruned_layers[cut], windows)
-            files[f"{cut} llama-quantize --prune-layers"] = flag
+            flag = f"{cut} llama-quantize --prune-layers"
+            folders[flag] = root / f"{cut}-flag"
+            files[flag] = timed(
+                seconds, f"llama flag {cut}", flag_files, folders[flag], folders["dense"], pruned_layers[cut], windows
+            )
         measured = {
-            root / ("dense" if model == "dense" else folder_of(model)) / entry["file"]: entry
+            folders[model] / entry["file"]: entry
             for model, entries in files.items()
             for entry in entries
             if entry["file"] is not None
@@ -82,20 +88,13 @@ def run(device: str, quick: bool) -> dict:
     return dict(files=files, stock=stock, pruned_layers=pruned_layers, seconds=seconds)
 
 
-def folder_of(model: str) -> str:
-    cut, _, kind = model.partition(" ")
-    return {"plain": f"{cut}-plain-export", "patched": f"{cut}-patched-export", "distilled": f"{cut}-distilled"}.get(
-        kind, f"{cut}-flag"
-    )
-
-
 def read_record(folder) -> dict:
     import json
 
     return json.loads((folder / "linearpatch_export.json").read_text())["gguf"]
 
 
-def dense_files(root, windows: int) -> list[dict]:
+def dense_files(folder, windows: int) -> list[dict]:
     """SmolLM2 itself, converted and quantized like the exports (its folder linked, not written into), measured."""
     from pathlib import Path
 
@@ -105,7 +104,6 @@ def dense_files(root, windows: int) -> list[dict]:
     from linearpatch.integration.models import resolve_model
 
     source = Path(resolve_model("smollm2-135m"))
-    folder = root / "dense"
     folder.mkdir()
     for path in source.iterdir():
         (folder / path.name).symlink_to(path)
@@ -114,20 +112,20 @@ def dense_files(root, windows: int) -> list[dict]:
     return entries
 
 
-def flag_files(root, cut: str, layers: list[int], windows: int) -> list[dict]:
-    """`llama-quantize --prune-layers LAYERS` of the dense f16 file, at each type, measured."""
+def flag_files(folder, dense, layers: list[int], windows: int) -> list[dict]:
+    """`llama-quantize --prune-layers LAYERS` of the dense f16 file in the folder `dense`, at each type, into `folder`,
+    measured."""
     from transformers import AutoTokenizer
 
     from linearpatch.common.errors import LinearPatchError, first_line
     from linearpatch.integration.llama_cpp import llama_tool, run_tool
     from linearpatch.integration.models import resolve_model
 
-    folder = root / f"{cut}-flag"
     folder.mkdir()
     entries = []
     for kind in TYPES:
         target = folder / f"flag-{kind.upper()}.gguf"
-        arguments = ["--prune-layers", ",".join(map(str, layers)), str(root / "dense" / "dense-F16.gguf")]
+        arguments = ["--prune-layers", ",".join(map(str, layers)), str(dense / "dense-F16.gguf")]
         try:
             run_tool([str(llama_tool("llama-quantize")), *arguments, str(target), kind.upper()], "llama-quantize")
         except LinearPatchError as error:  # b10605 crashes on some layer lists (SIGSEGV at 14..18): recorded
