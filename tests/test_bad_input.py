@@ -181,7 +181,6 @@ def test_outcome_choices_refuse_what_they_cannot_do(tiny_checkpoint, tmp_path, c
     prune = ["prune", str(tiny_checkpoint), "--output", output]
     for arguments, fragments in (
         (["--target-ppl-ratio", "0.9", *QUICK], ("not above 1",)),
-        (["--num-layers", "2", "--patch", "auto", "--sequential", *QUICK], ("held-out windows", "--no-sequential")),
         (["--num-layers", "2", "--metric", "loss", "--num-samples", "1", "--seq-len", "32"], ("--holdout",)),
         (["--num-layers", "2", "--metric", "loss", "--holdout", "4", *QUICK], ("Cannot hold out 4 of 4",)),
         (["--target-ppl-ratio", "1.5", "--metric", "block-influence", *QUICK], ("one block per depth",)),

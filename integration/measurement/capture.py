@@ -86,29 +86,48 @@ def recording(sites: dict, outputs: bool = False, to_cpu: bool = True):
             handle.remove()
 
 
+def _pass_through(hidden_states, *args, **kwargs):
+    """A decoder layer's forward that leaves the residual stream as it is (the layers a tail pass skips)."""
+    return hidden_states
+
+
 @contextlib.contextmanager
-def logits_source(model, input_ids: torch.Tensor):
-    """Yield `logits_of(windows: slice)`: `model`'s logits for those rows of `input_ids` (the teacher cache's and the
-    export's held-out scoring's one way to get logits from a model in memory or run layer by layer).
+def logits_source(model, input_ids: torch.Tensor, hidden: torch.Tensor | None = None, first_layer: int = 0):
+    """Yield `logits_of(windows: slice)`: `model`'s logits for those rows of `input_ids` (the teacher cache's, eval's
+    and the export's held-out scoring's one way to get logits from a model in memory or run layer by layer).
 
     In memory this is the model's forward on the rows. Layer by layer, every window first goes through the decoder
     layers (each loaded once), then the final norm and the LM head are loaded and the causal LM's own forward runs
     per slice on the stored hidden states, so that what follows the base model (a logit soft-cap, say) is the
-    family's."""
+    family's. With `hidden` (`(windows, seq_len, C)`, layer by layer only) the pass starts from these hidden states
+    entering decoder layer `first_layer` instead of the embeddings (the outcome search's tail forwards, every
+    candidate of a gap in one pass); `input_ids` are then only the rows' labels."""
     layerwise = getattr(model, "layerwise", None)
     if layerwise is None:
+        if hidden is not None:
+            raise ValueError("logits_source starts from `hidden` only for a model run layer by layer.")
         device = next(model.parameters()).device
         yield lambda rows: model(input_ids[rows].to(device), use_cache=False).logits
         return
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     base = model.model
+    if hidden is None:
+        inputs, skipped = dict(input_ids=input_ids.to(layerwise.device)), []
+    else:
+        # A copy: the pass writes each layer's output over its input.
+        inputs, skipped = dict(inputs_embeds=hidden.to(layerwise.device, copy=True)), list(base.layers[:first_layer])
+    own_forwards = [layer.forward for layer in skipped]
+    for layer in skipped:
+        layer.forward = _pass_through
     layerwise.in_place = True  # nothing needs a layer's input once its output is written
     try:
-        hidden = capture_input(base, base.norm, input_ids=input_ids.to(layerwise.device), use_cache=False)
+        hidden = capture_input(base, base.norm, **inputs, use_cache=False)
     finally:
         layerwise.in_place = False
         layerwise.close_bar()
+        for layer, forward in zip(skipped, own_forwards, strict=True):
+            layer.forward = forward
     norm, head = layerwise.load("model.norm"), layerwise.load("lm_head")
     current: dict[str, slice] = {}
     base_forward = base.forward

@@ -22,7 +22,7 @@ from ..measurement.calibration import CalibrationStatistics
 from ..measurement.holdout import split_holdout
 from ..requests import PruneRequest
 from ..shards import SafetensorsCheckpoint, parse_size
-from .plan import OUTCOME_NEEDS_MEMORY, PruningPlan, check_prune_arguments, plan_pruning
+from .plan import PruningPlan, check_prune_arguments, plan_pruning
 from .report import PruneReport, plan_report
 
 
@@ -120,8 +120,6 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
     checkpoint = SafetensorsCheckpoint(job.model_path)
     dtype = getattr(torch, request.dtype) if isinstance(request.dtype, str) else request.dtype
     sequential = choose_sequential(checkpoint.nbytes(dtype), device, request.sequential, request.max_memory)
-    if sequential and request.chooses_by_outcome:
-        raise LinearPatchError(OUTCOME_NEEDS_MEMORY)
     if sequential and (request.eval_windows or request.plots):
         raise LinearPatchError(
             "--eval-windows and --plots run the dense and pruned models whole, which a sequential prune avoids: "

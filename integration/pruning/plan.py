@@ -19,7 +19,15 @@ from ..measurement.hadamard import factor_hidden_size
 from ..measurement.holdout import split_holdout
 from ..requests import PruneRequest
 from .patches import estimate_patch
-from .search import GapChoice, HeldOutScorer, fixed_variant, patch_variants, score_gap, scoring_bar
+from .search import (
+    GapChoice,
+    HeldOutScorer,
+    LayerwiseHeldOutScorer,
+    fixed_variant,
+    patch_variants,
+    score_gap,
+    scoring_bar,
+)
 from .selection import candidate_scores, select_layers
 
 
@@ -116,8 +124,6 @@ def plan_pruning(
         return calibrate(model, windows_, *args, batch_size=size, progress=request.progress, **kwargs)
 
     if request.chooses_by_outcome:
-        if layerwise:
-            raise LinearPatchError(OUTCOME_NEEDS_MEMORY)
         if statistics is not None:
             raise LinearPatchError("Reused statistics may have seen the held-out windows: do not pass `statistics`.")
         return search_by_outcome(OutcomeSearch(model, get_windows(), run, request, explicit))
@@ -145,11 +151,6 @@ def plan_pruning(
     return PruningPlan(chosen, metric, patch, patches, statistics, scores)
 
 
-OUTCOME_NEEDS_MEMORY = (
-    "--metric loss, --patch auto and --target-ppl-ratio score pruned models on held-out windows, which needs the "
-    "dense model in memory; a sequential prune cannot: prune in memory (raise --max-memory or pass "
-    "--no-sequential), or choose with --metric cosine and a fixed --patch."
-)
 # Depths whose Gram matrices (for lstsq) one extra calibration pass collects when searching for a target ratio.
 _GRAM_DEPTHS = 4
 # A target search stops after this many depths in a row above the target.
@@ -203,7 +204,9 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
     else:
         distances = (1,) if explicit else (1, num_layers)
     statistics = run(fit, distances, explicit_gaps if needs_gram else [])
-    scorer = HeldOutScorer(model, held.input_ids, progress=progress, closeness="kl" in (metric, score))
+    # Layer by layer, every candidate of a gap runs in one pass over the layers after it.
+    scorer_class = LayerwiseHeldOutScorer if getattr(model, "layerwise", None) is not None else HeldOutScorer
+    scorer = scorer_class(model, held.input_ids, progress=progress, closeness="kl" in (metric, score))
 
     @functools.cache  # asked for by the Gram pass, the progress bar and the scoring of each depth
     def blocks_of(n: int) -> list[tuple[int, int]]:
@@ -325,7 +328,6 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
 
 
 __all__ = [
-    "OUTCOME_NEEDS_MEMORY",
     "OutcomeSearch",
     "PruningPlan",
     "check_prune_arguments",

@@ -30,8 +30,8 @@ from linearpatch.modeling import family_of, prune_layers
 
 from ..defaults import DEFAULT_CANDIDATES, TEACHER_TOP_K
 from ..measurement.calibration import CalibrationStatistics
-from ..measurement.capture import recording
-from ..measurement.closeness import Reference, token_closeness, top_predictions
+from ..measurement.capture import logits_source, recording
+from ..measurement.closeness import Reference, reference_of, token_closeness, top_predictions
 from ..measurement.hadamard import hadamard_supported
 from ..measurement.holdout import default_holdout, split_holdout
 from ..measurement.perplexity import summed_next_token_nll
@@ -140,6 +140,10 @@ class HeldOutScorer:
         applied to the residual stream at the gap."""
         return self.measure(start, end, patch)["loss"]
 
+    def measure_many(self, start: int, end: int, patches: list[torch.Tensor | None]) -> list[dict[str, float]]:
+        """[`measure`] of each of `patches` at the gap [start, end)."""
+        return [self.measure(start, end, patch) for patch in patches]
+
     @torch.no_grad()
     def measure(self, start: int, end: int, patch: torch.Tensor | None) -> dict[str, float]:
         """The held-out outcomes (see `choices.OUTCOMES`) of the dense model with layers [start, end) removed and
@@ -179,6 +183,78 @@ class HeldOutScorer:
         """Forget the recorded X_s of every start not in `keep`."""
         for start in [start for start in self.hidden if start not in set(keep)]:
             del self.hidden[start]
+
+
+class LayerwiseHeldOutScorer(HeldOutScorer):
+    r"""
+    [`HeldOutScorer`] for a dense model run layer by layer ([`layerwise_model`]): the dense forward records X_s as
+    each layer runs, and the candidates of a gap run together, the held-out windows once per candidate stacked into
+    one batch, through the layers after the gap, each loaded once; so scoring a gap's V variants reads the tail's
+    weights once, not V times. Same figures as in memory (the same layers on the same inputs).
+    """
+
+    @torch.no_grad()
+    def prepare(self, starts) -> None:
+        missing = sorted(set(starts) - set(self.hidden))
+        if not missing and self.dense_perplexity is not None:
+            return
+        layerwise = self.model.layerwise
+        parts: dict[int, list[torch.Tensor]] = {start: [] for start in missing}
+
+        def observe(index, rows, inputs, outputs):
+            if index in parts:
+                parts[index].append(inputs.clone())  # the pass writes the layer's output over its input next
+
+        layerwise.observer = observe
+        try:
+            reference, self.dense_perplexity = reference_of(self.model, self.input_ids, TEACHER_TOP_K)
+        finally:
+            layerwise.observer = None
+        self.reference = reference if self.closeness else None
+        self.forwards += 1
+        self.hidden.update({start: torch.cat(chunks) for start, chunks in parts.items()})
+
+    def measure(self, start: int, end: int, patch: torch.Tensor | None) -> dict[str, float]:
+        return self.measure_many(start, end, [patch])[0]
+
+    @torch.no_grad()
+    def measure_many(self, start: int, end: int, patches: list[torch.Tensor | None]) -> list[dict[str, float]]:
+        from linearpatch.modeling.modeling_linearpatch import LinearPatch
+
+        self.prepare([start])
+        hidden = self.hidden[start]
+        stacked = []
+        for patch in patches:
+            if patch is None:
+                stacked.append(hidden)
+                continue
+            module = LinearPatch(patch.shape[0]).to(hidden.device)  # applied as the pruned model applies it
+            module.weight.data.copy_(patch)
+            stacked.append(module(hidden))
+        nll, kl = self._variant_sums(torch.cat(stacked), end, len(patches))
+        self.forwards += len(patches)
+        tokens = self.input_ids[:, 1:].numel()
+        outcomes = [dict(loss=math.exp(value / tokens)) for value in nll]
+        if self.reference is not None:
+            for outcome, value in zip(outcomes, kl, strict=True):
+                outcome["kl"] = value / self.input_ids.numel()
+        return outcomes
+
+    def _variant_sums(self, hidden: torch.Tensor, first_layer: int, variants: int) -> tuple[list, list]:
+        """Summed NLL and KL to the reference of each variant's rows of `hidden` (variant-major), run from
+        `first_layer` on."""
+        count = len(self.input_ids)
+        labels = self.input_ids.repeat(variants, 1)
+        nll, kl = [0.0] * variants, [0.0] * variants
+        with logits_source(self.model, labels, hidden, first_layer) as logits_of:
+            for row in range(len(labels)):
+                logits = logits_of(slice(row, row + 1)).float()
+                variant, window = divmod(row, count)
+                nll[variant] += summed_next_token_nll(logits, labels[row : row + 1])
+                if self.reference is not None:
+                    closeness = token_closeness(self.reference, slice(window, window + 1), logits)
+                    kl[variant] += float(closeness["kl"].sum())
+        return nll, kl
 
 
 @dataclass
@@ -226,11 +302,10 @@ def score_gap(
     """Fit every variant for `gap` (`[start, end)`) on the calibration statistics, measure each on the held-out
     windows and keep the lowest `by` (`loss` or `kl`; the first listed on a tie)."""
     start, end = gap
-    outcomes = {}
-    for variant in variants:
-        outcomes[variant.label] = scorer.measure(start, end, variant.fit(statistics, start, end))
-        if bar is not None:
-            bar.update(1)
+    measured = scorer.measure_many(start, end, [variant.fit(statistics, start, end) for variant in variants])
+    outcomes = {variant.label: outcome for variant, outcome in zip(variants, measured, strict=True)}
+    if bar is not None:
+        bar.update(len(variants))
     best = min(variants, key=lambda variant: outcomes[variant.label][by])
     scores = {label: measured["loss"] for label, measured in outcomes.items()}
     kl_scores = {label: measured["kl"] for label, measured in outcomes.items() if "kl" in measured}
@@ -246,6 +321,7 @@ __all__ = [
     "RIDGE_GRID",
     "GapChoice",
     "HeldOutScorer",
+    "LayerwiseHeldOutScorer",
     "default_holdout",
     "PatchVariant",
     "fixed_variant",
