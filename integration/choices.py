@@ -35,6 +35,9 @@ FOLD_OBJECTIVES = ("down-proj", *DENSE_OBJECTIVES)
 FOLDS = ("auto", *FOLD_OBJECTIVES, "scalar")
 # The GGUF files `export --gguf` writes (`export/gguf.py`): the converter's float types, then llama-quantize's.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+# `--gguf q8_0 --gguf q4_k_m` or `--gguf q8_0 q4_k_m`: llama.cpp files beside the stock export (`export/gguf.py`).
+GGUF_HELP = f"also write OUTPUT/NAME-TYPE.gguf for llama.cpp; TYPE: {', '.join(GGUF_TYPES)}"
+GGUF_OPTION = dict(choices=GGUF_TYPES, nargs="+", action="extend", metavar="TYPE", help=GGUF_HELP)
 
 
 def gguf_types(types) -> tuple[str, ...]:
@@ -53,6 +56,8 @@ __all__ = [
     "FOLD_OBJECTIVES",
     "METRICS",
     "METRIC_SCORES",
+    "GGUF_HELP",
+    "GGUF_OPTION",
     "GGUF_TYPES",
     "OUTCOMES",
     "PATCH_CHOICES",

@@ -14,7 +14,7 @@ from pathlib import Path
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.names import is_repo_id
 
-from .choices import FOLDS, GGUF_TYPES, OUTCOMES, PATCH_CHOICES, SELECTION_METRICS, gguf_types
+from .choices import FOLDS, GGUF_HELP, GGUF_OPTION, OUTCOMES, PATCH_CHOICES, SELECTION_METRICS, gguf_types
 from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS, GENERATION_TOKENS, TASK_LIMIT, TEACHER_TOP_K, describe
 from .options import Request, non_negative_int, option, parse_layers, positive_int
 
@@ -24,14 +24,10 @@ DEFAULT_SHARD_SIZE = "5GB"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-# `--gguf q8_0 --gguf q4_k_m` or `--gguf q8_0 q4_k_m`: llama.cpp files beside the stock export (`export/gguf.py`).
-GGUF_HELP = f"also write OUTPUT/NAME-TYPE.gguf for llama.cpp; TYPE: {', '.join(GGUF_TYPES)}"
-GGUF_OPTION = dict(choices=GGUF_TYPES, nargs="+", action="extend", metavar="TYPE", help=GGUF_HELP)
-
-
 MODEL_OPTIONS = dict(
     dtype=dict(choices=DTYPES, help="model dtype"),
     device=dict(help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
+    max_memory=dict(help="memory a model may use on the device, e.g. 80GB (default: its free memory)"),
 )
 
 
@@ -106,9 +102,7 @@ class PruneRequest(Request):
         help="calibrate one layer at a time from the safetensors shards and stream the output, never holding the "
         "whole model (default: only when it does not fit --max-memory)",
     )
-    max_memory: str | int | None = option(
-        None, help="memory the model may use, e.g. 80GB (default: the device's free)"
-    )
+    max_memory: str | int | None = option(None, **MODEL_OPTIONS["max_memory"])
     max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
     output: str | Path | None = option(None, required=True, help="checkpoint folder to create")
     overwrite: bool = option(False, help="replace an existing output folder")
@@ -206,9 +200,7 @@ class DistillRequest(Request):
     activation_checkpointing: bool = option(False, help="trade compute for memory")
     save_steps: int = option(0, type=non_negative_int, help="Trainer checkpoint every N steps (for --resume)")
     resume: bool = option(False, help="resume from the last checkpoint in --work-dir")
-    work_dir: str | Path | None = option(
-        None, help="Trainer checkpoints with --save-steps (default: OUTPUT.work beside the output)"
-    )
+    work_dir: str | Path | None = option(None, help="Trainer checkpoints with --save-steps (default: OUTPUT.work)")
     cache_dir: str | Path | None = option(
         None, help="teacher cache root (default: ~/.cache/linearpatch/teacher-cache)"
     )
@@ -321,6 +313,13 @@ class EvalRequest(Request):
         None, help="folder for linearpatch_eval.json/.md (a checkpoint folder: push shows it on the card)"
     )
     overwrite: bool = option(False, help="replace existing linearpatch_eval files")
+    sequential: bool | None = option(
+        None,
+        negatable=True,
+        help="score perplexity and closeness one layer at a time from each folder's shards (default: for a model that "
+        "does not fit --max-memory; lm-eval tasks and generation need models whole)",
+    )
+    max_memory: str | int | None = option(None, **MODEL_OPTIONS["max_memory"])
     dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
     device: str | None = option(None, **MODEL_OPTIONS["device"])
 
@@ -388,9 +387,10 @@ class ExportRequest(Request):
         help="fit layer by layer and stream the folded tensors, never holding the checkpoint (default: when it does "
         "not fit --max-memory; skips the held-out comparison)",
     )
-    max_memory: str | int | None = option(None, help="memory the checkpoint may use on the device, e.g. 200MB")
+    max_memory: str | int | None = option(None, **MODEL_OPTIONS["max_memory"])
     max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
     gguf: tuple[str, ...] = option((), **GGUF_OPTION)
+    dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
     device: str | None = option(None, help="cpu, cuda, ... (default: cuda when available)")
     progress: bool = option(True, cli=False)
 

@@ -76,6 +76,7 @@ LAYERS = {
         "linearpatch.integration.distillation.report",
         "linearpatch.integration.export.plan",
         "linearpatch.integration.export.report",
+        "linearpatch.integration.evaluation.opening",
     ],
     "jobs": [
         "linearpatch.integration.pruning.job",

@@ -24,15 +24,13 @@ from ..measurement.closeness import (
     reference_of,
 )
 from ..measurement.perplexity import held_out_windows
-from ..models import check_model_files, check_same_vocabulary, load_model, load_tokenizer, resolve_device
+from ..models import check_model_files, check_same_vocabulary, load_tokenizer, resolve_device
 from ..requests import EvalRequest
-from .tasks import OFFLINE_TASKS, chance_accuracy, lm_eval_tasks, task_manager
+from .opening import layerwise_names, open_baseline, opened_model
+from .tasks import chance_accuracy, lm_eval_tasks, task_manager
 
 # A task counts as solved by the dense model only if it beats chance by more than this many standard errors.
 CHANCE_STDERRS = 2.0
-# (requests, tokens) a document of an offline task costs, roughly: four (context plus one choice) requests of about 60
-# tokens each for the multiple-choice tasks; one passage of about 160 tokens for the last-word task.
-_DOCUMENT_COST = {"wiki_next_sentence": (4, 240), "mmlu_dev_offline": (4, 240), "wiki_last_word": (1, 160)}
 
 
 @dataclass
@@ -130,54 +128,55 @@ def retained_performance(
     return 100.0 * sum(ratios) / len(ratios) if ratios else float("nan")
 
 
-def _evaluate_tasks(name: str, request: EvalRequest, loaded: tuple | None):
-    """Load `name` (or take it `loaded`), describe it and run the request's lm-eval tasks on it."""
-    device = resolve_device(request.device)
-    model, tokenizer = loaded or load_model(name, dtype=request.dtype, device=device)
+def _evaluate_tasks(name: str, request: EvalRequest, model, tokenizer) -> ModelEvaluation:
+    """Describe the opened model `name` and run the request's lm-eval tasks on it."""
     config = model.config
     evaluation = ModelEvaluation(
         name=name,
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=sum(p.numel() for p in model.parameters()),  # meta tensors of a layer-by-layer model count too
         num_layers=config.num_hidden_layers,
         pruned_layers=list(getattr(config, "pruned_layers", None) or []),
         patch_kind=getattr(config, "patch_kind", None),
     )
     if request.tasks:
-        limit = documents_per_task(request.limit, device)
+        limit = documents_per_task(request.limit, resolve_device(request.device))
         tasks = list(request.tasks)
         evaluation.tasks = lm_eval_tasks(model, tokenizer, tasks, limit=limit, batch_size=request.batch_size)
-    return evaluation, model, tokenizer
+    return evaluation
 
 
 def evaluate_baseline(
-    name: str, request: EvalRequest, windows: dict[str, TokenWindows], loaded: tuple | None = None
+    name: str, request: EvalRequest, windows: dict[str, TokenWindows], loaded: tuple | None = None, layerwise=False
 ) -> tuple[ModelEvaluation, Baseline]:
     """Evaluate the baseline `name` as [`evaluate_model`] does, and keep what the others are compared with: its
     top-K predictions on the perplexity `windows` (from the same forward passes as its perplexity) and its greedy
-    continuations of the held-out prompts."""
-    evaluation, model, tokenizer = _evaluate_tasks(name, request, loaded)
-    references = {}
-    for corpus, text in windows.items():
-        references[corpus], evaluation.perplexity[corpus] = reference_of(model, text, TEACHER_TOP_K, True)
-    device = next(model.parameters()).device
-    sizes = Sizes.resolve("generation", device, request.generation_prompts, None, model.config)
-    prompts = held_out_prompts(tokenizer, request.corpora, sizes.num_samples, sizes.seq_len)
-    continuations = None if prompts is None else greedy_continuations(model, prompts, request.generation_tokens)
+    continuations of the held-out prompts (none when a model runs layer by layer: [`layerwise_names`])."""
+    with opened_model(name, request, layerwise, loaded) as (model, tokenizer):
+        evaluation = _evaluate_tasks(name, request, model, tokenizer)
+        references = {}
+        for corpus, text in windows.items():
+            references[corpus], evaluation.perplexity[corpus] = reference_of(model, text, TEACHER_TOP_K, True)
+        device = resolve_device(request.device)
+        sizes = Sizes.resolve("generation", device, request.generation_prompts, None, model.config)
+        prompts = None if layerwise else held_out_prompts(tokenizer, request.corpora, sizes.num_samples, sizes.seq_len)
+        continuations = None if prompts is None else greedy_continuations(model, prompts, request.generation_tokens)
     return evaluation, Baseline(references, prompts, continuations)
 
 
 def evaluate_model(
-    name: str, request: EvalRequest, baseline: Baseline, loaded: tuple | None = None
+    name: str, request: EvalRequest, baseline: Baseline, loaded: tuple | None = None, layerwise: bool = False
 ) -> ModelEvaluation:
-    """Load `name` (embedded name, folder, adapter folder or Hub id) and evaluate it on the request's lm-eval tasks,
-    and on the `baseline`'s windows: its perplexity and its closeness to the baseline (the same forward passes), and
-    its greedy generation agreement; `loaded` is an already loaded `(model, tokenizer)` of `name`."""
-    evaluation, model, _ = _evaluate_tasks(name, request, loaded)
-    for corpus, reference in baseline.references.items():
-        evaluation.closeness[corpus], evaluation.perplexity[corpus] = compare_with(model, reference, progress=True)
-    if baseline.prompts is not None:
-        continuations = greedy_continuations(model, baseline.prompts, request.generation_tokens)
-        evaluation.generation = generation_agreement(continuations, baseline.continuations)
+    """Load `name` (embedded name, folder, adapter folder or Hub id; with `layerwise`, run it layer by layer from its
+    shards) and evaluate it on the request's lm-eval tasks, and on the `baseline`'s windows: its perplexity and its
+    closeness to the baseline (the same forward passes), and its greedy generation agreement; `loaded` is an already
+    loaded `(model, tokenizer)` of `name`."""
+    with opened_model(name, request, layerwise, loaded) as (model, tokenizer):
+        evaluation = _evaluate_tasks(name, request, model, tokenizer)
+        for corpus, reference in baseline.references.items():
+            evaluation.closeness[corpus], evaluation.perplexity[corpus] = compare_with(model, reference, progress=True)
+        if baseline.prompts is not None:
+            continuations = greedy_continuations(model, baseline.prompts, request.generation_tokens)
+            evaluation.generation = generation_agreement(continuations, baseline.continuations)
     return evaluation
 
 
@@ -300,14 +299,15 @@ class ModelComparison:
     Args:
         data (`dict`): [`comparison`] data plus `settings` (JSON as written to `linearpatch_eval.json`).
         table (`str`): the Markdown table (`linearpatch_eval.md`).
-        estimate_seconds (`float`): the up-front estimate of the run's time.
+        estimate_seconds (`float` or `None`): the up-front estimate of the run's time (none when the baseline runs
+            layer by layer).
         seconds (`float`): what it took.
         written (`list[str]`): files written.
     """
 
     data: dict
     table: str
-    estimate_seconds: float = 0.0
+    estimate_seconds: float | None = 0.0
     seconds: float = 0.0
     written: list[str] = field(default_factory=list)
 
@@ -318,19 +318,11 @@ class ModelComparison:
 
     def summary(self) -> str:
         """The table, the time it took and the files written: what `linearpatch eval` prints."""
-        lines = [self.table, f"Took {self.seconds / 60:.1f} min (estimated {self.estimate_seconds / 60:.1f})."]
+        estimated = "" if self.estimate_seconds is None else f" (estimated {self.estimate_seconds / 60:.1f})"
+        lines = [self.table, f"Took {self.seconds / 60:.1f} min{estimated}."]
         if self.written:
             lines.append(f"Wrote {', '.join(self.written)}")
         return "\n".join(lines)
-
-
-def _measure_tokens_per_second(model, seq_len: int) -> float:
-    window = torch.randint(0, model.config.vocab_size, (1, min(seq_len, 256)), device=next(model.parameters()).device)
-    with torch.no_grad():
-        model(window, use_cache=False)  # warm-up
-        started = time.perf_counter()
-        model(window, use_cache=False)
-    return window.numel() / max(time.perf_counter() - started, 1e-6)
 
 
 def compare_models(models: list[str], baseline: str, log=print, **options) -> ModelComparison:
@@ -384,30 +376,21 @@ def evaluate_checkpoints(request: EvalRequest, log=print) -> ModelComparison:
     sizes = Sizes.resolve("perplexity", device, request.perplexity_windows, request.seq_len, dense_config)
     if tasks:
         task_manager(list(tasks))
+    layerwise = layerwise_names(request, device)
     tokenizer = load_tokenizer(request.baseline)
     windows = held_out_windows(tokenizer, request.corpora, sizes.num_samples, sizes.seq_len)
 
-    dense = load_model(request.baseline, dtype=request.dtype, device=device)
-    known = [task for task in tasks if task in OFFLINE_TASKS]
-    requests = (limit or 500) * sum(_DOCUMENT_COST[task][0] for task in known)
-    tokens = (limit or 500) * sum(_DOCUMENT_COST[task][1] for task in known)
-    tokens += sum(w.input_ids.numel() for w in windows.values())
-    count = 1 + len(request.models)
-    estimate = count * tokens / _measure_tokens_per_second(dense[0], sizes.seq_len)
-    unknown = "" if len(known) == len(tasks) else " plus the Hub tasks"
-    log(
-        f"Evaluating {count} models: {requests} lm-eval requests{unknown} and "
-        f"{sum(len(w.input_ids) for w in windows.values())} perplexity windows each; estimated "
-        f"{estimate / 60:.1f} min on {device} (lower --limit / --ppl-windows to go faster)."
-    )
+    dense, estimate = open_baseline(request, layerwise, windows, limit, device, log)
 
     def announce(name: str) -> str:
         log(f"[{time.perf_counter() - started:.0f}s] evaluating {name}")
         return name
 
-    baseline_result, baseline = evaluate_baseline(announce(request.baseline), request, windows, dense)
+    baseline_result, baseline = evaluate_baseline(
+        announce(request.baseline), request, windows, dense, request.baseline in layerwise
+    )
     del dense
-    results = [evaluate_model(announce(name), request, baseline) for name in request.models]
+    results = [evaluate_model(announce(name), request, baseline, None, name in layerwise) for name in request.models]
     data = comparison(results, baseline_result)
     data["settings"] = dict(
         tasks=list(tasks),

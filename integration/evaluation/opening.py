@@ -1,0 +1,116 @@
+"""How `linearpatch eval` holds each model: whole in memory, or run layer by layer from its safetensors shards when it
+does not fit `--max-memory` (or `--sequential` says so). Perplexity and closeness to the baseline need one forward per
+window, which a [`layerwise_model`] gives with one layer in memory at a time; lm-eval tasks and greedy generation need
+the model whole (generation would read every layer once per token), so they are refused for such a model."""
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.names import ADAPTER_CONFIG
+
+from ..layerwise import choose_sequential, layerwise_model
+from ..models import load_model, load_tokenizer, resolve_model
+from ..requests import EvalRequest
+from ..shards import SafetensorsCheckpoint
+from .tasks import OFFLINE_TASKS
+
+# (requests, tokens) a document of an offline task costs, roughly: four (context plus one choice) requests of about 60
+# tokens each for the multiple-choice tasks; one passage of about 160 tokens for the last-word task.
+_DOCUMENT_COST = {"wiki_next_sentence": (4, 240), "mmlu_dev_offline": (4, 240), "wiki_last_word": (1, 160)}
+
+
+def layerwise_names(request: EvalRequest, device: str) -> set[str]:
+    """The models of `request` (the baseline included) that run layer by layer: every local checkpoint folder with
+    `--sequential`, else those whose weights in `--dtype` exceed `--max-memory` (default: the device's free memory).
+
+    Raises:
+        LinearPatchError: for lm-eval tasks or generation prompts asked of a model run layer by layer, and for an
+            adapter folder or a Hub id asked to run layer by layer (naming the fix).
+    """
+    dtype = getattr(torch, request.dtype)
+    chosen = set()
+    for name in dict.fromkeys([request.baseline, *request.models]):
+        path = Path(resolve_model(name))
+        if not path.is_dir() or (path / ADAPTER_CONFIG).exists():
+            if request.sequential:
+                what = "a patch adapter (merge it: distill without --adapter-only)" if path.is_dir() else "on the Hub"
+                raise LinearPatchError(f"--sequential reads a checkpoint folder's shards, and {name} is {what}.")
+            continue
+        size = SafetensorsCheckpoint(path).nbytes(dtype)
+        if choose_sequential(size, device, request.sequential, request.max_memory, name):
+            chosen.add(name)
+    if chosen:
+        which = ", ".join(sorted(chosen))
+        if request.tasks:
+            raise LinearPatchError(
+                f"lm-eval tasks run each model whole, and {which} runs layer by layer (it does not fit --max-memory): "
+                "pass --tasks with no names to compare perplexity and closeness only, or allow more memory."
+            )
+        if request.generation_prompts:
+            raise LinearPatchError(
+                f"--gen-prompts: greedy generation would read every layer of {which} once per token: pass "
+                "--gen-prompts 0 (perplexity and closeness are measured layer by layer), or allow more memory."
+            )
+    return chosen
+
+
+@contextlib.contextmanager
+def opened_model(name: str, request: EvalRequest, layerwise: bool, loaded: tuple | None = None) -> Iterator[tuple]:
+    """`(model, tokenizer)` of `name`: `loaded` when given, else loaded whole on the request's device, or (with
+    `layerwise`) the model run layer by layer from its shards; released on exit."""
+    if loaded is not None:
+        yield loaded
+        return
+    from ..models import resolve_device
+
+    device, dtype = resolve_device(request.device), getattr(torch, request.dtype)
+    if not layerwise:
+        yield load_model(name, dtype=dtype, device=device)
+        return
+    # The activation store gets what --max-memory leaves it, or (no limit) what layerwise_model picks.
+    with layerwise_model(resolve_model(name), dtype=dtype, device=device) as model:
+        yield model, load_tokenizer(name)
+
+
+def _measure_tokens_per_second(model, seq_len: int) -> float:
+    window = torch.randint(0, model.config.vocab_size, (1, min(seq_len, 256)), device=next(model.parameters()).device)
+    with torch.no_grad():
+        model(window, use_cache=False)  # warm-up
+        started = time.perf_counter()
+        model(window, use_cache=False)
+    return window.numel() / max(time.perf_counter() - started, 1e-6)
+
+
+def open_baseline(
+    request: EvalRequest, layerwise: set[str], windows: dict, limit: int | None, device: str, log: Callable
+) -> tuple[tuple | None, float | None]:
+    """Load the baseline whole (unless it runs layer by layer), log what the run will do and how long it should take
+    (timed on the baseline in memory; no estimate for one run layer by layer); return `(model, tokenizer)` or `None`,
+    and the estimate in seconds."""
+    tasks = request.tasks
+    known = [task for task in tasks if task in OFFLINE_TASKS]
+    requests = (limit or 500) * sum(_DOCUMENT_COST[task][0] for task in known)
+    tokens = (limit or 500) * sum(_DOCUMENT_COST[task][1] for task in known)
+    tokens += sum(w.input_ids.numel() for w in windows.values())
+    count = 1 + len(request.models)
+    dense, estimate, how = None, None, f"{', '.join(sorted(layerwise))} layer by layer"
+    if request.baseline not in layerwise:
+        dense = load_model(request.baseline, dtype=request.dtype, device=device)
+        seq_len = max((w.input_ids.shape[1] for w in windows.values()), default=256)
+        estimate = count * tokens / _measure_tokens_per_second(dense[0], seq_len)
+        how = f"estimated {estimate / 60:.1f} min on {device}" + (f", {how}" if layerwise else "")
+    unknown = "" if len(known) == len(tasks) else " plus the Hub tasks"
+    log(
+        f"Evaluating {count} models: {requests} lm-eval requests{unknown} and "
+        f"{sum(len(w.input_ids) for w in windows.values())} perplexity windows each; {how} "
+        "(lower --limit / --ppl-windows to go faster)."
+    )
+    return dense, estimate
+
+
+__all__ = ["layerwise_names", "open_baseline", "opened_model"]
