@@ -212,15 +212,24 @@ class SafetensorsCheckpoint:
         return out.to(device)
 
     def pending(
-        self, name: str, dtype: torch.dtype | None = None, transform: Callable | None = None
+        self, name: str, dtype: torch.dtype | None = None, transform: Callable | None = None, by_rows: bool = False
     ) -> "PendingTensor":
         """Tensor `name` to be written later: floating tensors in `dtype` (when given), read in blocks of rows, or
-        whole and passed through `transform` (which keeps shape and dtype) when there is one."""
+        whole and passed through `transform` (which keeps shape and dtype) when there is one; with `by_rows` (a
+        transform that treats each row alone), block by block, so that a large matrix is never transformed whole."""
         entry = self.entries[name]
         stored = DTYPES[entry.dtype]
         target = dtype if dtype is not None and stored.is_floating_point else stored
         if transform is None:
             return PendingTensor(target, entry.shape, lambda: self.read_blocks(name, target))
+        if by_rows and len(entry.shape) == 2:
+            columns = entry.shape[1]
+
+            def blocks() -> Iterator[torch.Tensor]:
+                for block in self.read_blocks(name, target):
+                    yield transform(block.view(-1, columns)).reshape(-1)
+
+            return PendingTensor(target, entry.shape, blocks)
         return PendingTensor(target, entry.shape, lambda: transform(self.read(name, target)))
 
     def read_blocks(

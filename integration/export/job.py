@@ -74,9 +74,8 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
         if fold == "auto" and dense_model is not None:
             split_fit_heldout(windows.input_ids)  # refuse too few windows before any model is loaded
     weights = SafetensorsCheckpoint(job.model_path)
-    sequential = choose_sequential(
-        weights.nbytes(torch.float32), device, request.sequential, request.max_memory, "checkpoint"
-    )
+    dtype = getattr(torch, request.dtype)
+    sequential = choose_sequential(weights.nbytes(dtype), device, request.sequential, request.max_memory, "checkpoint")
     evaluation = {}
     held_out = Sizes.resolve("perplexity", device, request.eval_windows, None, config)
     if held_out.num_samples and not sequential:
@@ -151,7 +150,8 @@ class InMemoryExport:
         from ..models import load_model
 
         self.request, self.device = request, device
-        self.patched, _ = load_model(request.checkpoint, device=device, kind="checkpoint")
+        self.dtype = getattr(torch, request.dtype)
+        self.patched, _ = load_model(request.checkpoint, dtype=self.dtype, device=device, kind="checkpoint")
         self.stock: torch.nn.Module | None = None
         self.plan: FoldPlan | None = None
 
@@ -165,7 +165,7 @@ class InMemoryExport:
         with contextlib.ExitStack() as stack:
             dense_model = None
             if dense is not None:
-                dense_model, _ = load_model(dense, device=self.device, kind="dense")
+                dense_model, _ = load_model(dense, dtype=self.dtype, device=self.device, kind="dense")
                 stack.callback(dense_model.to, "meta")  # free its memory as soon as the fold is planned
             self.plan = plan_model_folds(
                 self.patched, self.request.fold, input_ids, dense_model, score=self.request.score
@@ -197,22 +197,25 @@ class SequentialExport:
     def __init__(self, request: ExportRequest, checkpoint: SafetensorsCheckpoint, config, device: str):
         logger.warning(
             "linearpatch: sequential export: the held-out comparison of patched, export and plain pruning needs whole "
-            "models and is skipped; run `linearpatch eval` on the output where it fits."
+            "models and is skipped; `linearpatch eval OUTPUT CHECKPOINT --baseline DENSE --tasks --max-memory ...` "
+            "compares them layer by layer."
         )
         self.request, self.checkpoint, self.config, self.device = request, checkpoint, config, device
         self.pending, self.stock, self.plan = [], None, None
+        self.dtype = getattr(torch, request.dtype)
 
     def fold(self, windows, dense: str | None = None) -> list[dict]:
         checkpoint, config = self.checkpoint, self.config
         input_ids = windows.input_ids if windows is not None else None
-        with fold_models(checkpoint.folder, dense, self.device, True, self.request.progress) as (model, dense_model):
+        opened = fold_models(checkpoint.folder, dense, self.device, True, self.request.progress, self.dtype)
+        with opened as (model, dense_model):
             plan = self.plan = plan_model_folds(
                 model, self.request.fold, input_ids, dense_model, score=self.request.score
             )
         transforms = plan.transforms()
         untie = plan.unties()
         stock = stock_config(config, untie)
-        stock.dtype = torch.float32
+        stock.dtype = self.dtype
         with torch.device("meta"):
             expected = stock_model(stock).state_dict().keys()
         sources = {key: key for key in checkpoint.keys() if ".linear_patch." not in key}
@@ -231,7 +234,10 @@ class SequentialExport:
                 if key in transforms
                 else None
             )
-            self.pending.append((key, checkpoint.pending(sources[key], torch.float32, transform)))
+            # The vocabulary matrices' folds act on the stream's axis (their columns), row by row: they are folded in
+            # blocks, never in float64 whole (a 128k x 4096 head would take 4 GB).
+            by_rows = key in ("model.embed_tokens.weight", "lm_head.weight")
+            self.pending.append((key, checkpoint.pending(sources[key], self.dtype, transform, by_rows)))
         self.stock = stock
         return plan.described
 

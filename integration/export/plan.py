@@ -387,23 +387,31 @@ def export_model(
 
 
 @contextlib.contextmanager
-def fold_models(checkpoint: str, dense: str | None, device: str, sequential: bool, progress: bool = True):
-    """Yield `(model, dense_model)` to plan the folds of `checkpoint` with: both loaded whole, or run layer by layer
-    from their shards when `sequential`; `dense_model` is `None` without `dense`. Both are released on exit."""
+def fold_models(
+    checkpoint: str,
+    dense: str | None,
+    device: str,
+    sequential: bool,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+):
+    """Yield `(model, dense_model)` to plan the folds of `checkpoint` with, in `dtype`: both loaded whole, or run layer
+    by layer from their shards when `sequential`; `dense_model` is `None` without `dense`. Both are released on
+    exit."""
     from ..layerwise import layerwise_model
     from ..models import load_model
 
     with contextlib.ExitStack() as stack:
         if sequential:
-            model = stack.enter_context(layerwise_model(checkpoint, device=device, progress=progress))
+            model = stack.enter_context(layerwise_model(checkpoint, dtype, device=device, progress=progress))
             dense_model = None
             if dense is not None:
-                dense_model = stack.enter_context(layerwise_model(dense, device=device, progress=progress))
+                dense_model = stack.enter_context(layerwise_model(dense, dtype, device=device, progress=progress))
         else:
-            model, _ = load_model(checkpoint, device=device, kind="checkpoint")
+            model, _ = load_model(checkpoint, dtype=dtype, device=device, kind="checkpoint")
             dense_model = None
             if dense is not None:
-                dense_model, _ = load_model(dense, device=device, kind="dense")
+                dense_model, _ = load_model(dense, dtype=dtype, device=device, kind="dense")
                 stack.callback(dense_model.to, "meta")  # free its memory as soon as the fold is planned
         yield model, dense_model
 
