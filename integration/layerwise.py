@@ -7,14 +7,15 @@ them afterwards:
 - the embedding loads the rows of the tokens in use for the forward, then is freed;
 - each decoder layer loads, pushes every window's hidden states through itself in chunks of `chunk_size` windows
   (the layer's own forward, so attention masks, RoPE and sliding windows are the family's), writes the results into
-  an activation store and is freed;
+  an activation store and is freed; while it computes, a background thread reads the next layer's weights (the
+  reads release the GIL), so that a pass runs at the speed of its compute, not of compute plus reading;
 - the final norm and the LM head are loaded explicitly by whoever needs them ([`LayerwiseModel.load`]).
 
 The activation store, one `(windows, seq_len, C)` tensor per layer boundary, is kept on the device when it fits the
 memory budget, else in CPU memory, else in a memory-mapped file on disk (a message says so). A forward over all
 windows at once is then exactly what the in-memory model computes one batch at a time, with peak memory of about
-one layer plus the activations. Calibration ([`calibrate`] with `batch_size` = all windows) and the teacher cache
-run over it unchanged.
+two layers (the one computing and the one being read) plus the activations. Each shard byte is read once per pass.
+Calibration ([`calibrate`] with `batch_size` = all windows) and the teacher cache run over it unchanged.
 """
 
 import contextlib
@@ -172,19 +173,20 @@ class LayerwiseModel:
         # writes a layer's output over its input (one activation tensor instead of two).
         self.observer = None
         self.in_place = False
+        self._reader = None  # the prefetching thread, started with the first prefetch
+        self._prefetched: tuple | None = None  # (module name, future of its weights)
 
     def load(self, name: str) -> torch.nn.Module:
         """Load the weights of the module `name` (e.g. `model.norm`, `lm_head`) onto the device; return it."""
         module = self.model.get_submodule(name)
-        prefix = name + "."
-        state = {
-            # Patches stay in fp32 whatever the compute dtype, as `from_pretrained` keeps them.
-            key[len(prefix) :]: self.checkpoint.read(key, None if "linear_patch" in key else self.dtype, self.device)
-            for key in self.checkpoint.keys()
-            if key.startswith(prefix)
-        }
-        if not state and name == "lm_head" and self.model.config.tie_word_embeddings:
-            state = {"weight": self.checkpoint.read("model.embed_tokens.weight", self.dtype, self.device)}
+        state = None
+        if self._prefetched is not None:
+            # Taken if it is the module asked for; else (a pass that stopped early) dropped, once its read ends.
+            prefetched, future = self._prefetched
+            self._prefetched = None
+            state = future.result() if prefetched == name else None
+        if state is None:
+            state = self._read_state(name)
         expected = {key for key, _ in module.named_parameters()}
         if set(state) != expected:
             from linearpatch.common.errors import CheckpointMismatchError
@@ -195,6 +197,29 @@ class LayerwiseModel:
             )
         module.load_state_dict(state, strict=True, assign=True)
         return module
+
+    def _read_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The weights of module `name` from the shards, in the compute dtype, on the device."""
+        prefix = name + "."
+        state = {
+            # Patches stay in fp32 whatever the compute dtype, as `from_pretrained` keeps them.
+            key[len(prefix) :]: self.checkpoint.read(key, None if "linear_patch" in key else self.dtype, self.device)
+            for key in self.checkpoint.keys()
+            if key.startswith(prefix)
+        }
+        if not state and name == "lm_head" and self.model.config.tie_word_embeddings:
+            state = {"weight": self.checkpoint.read("model.embed_tokens.weight", self.dtype, self.device)}
+        return state
+
+    def prefetch(self, name: str) -> None:
+        """Start reading the weights of module `name` in a background thread, for the next [`load`] of it: the file
+        reads (which release the GIL) overlap with the current layer's compute, at the cost of one more layer in
+        memory."""
+        if self._reader is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="linearpatch-prefetch")
+        self._prefetched = (name, self._reader.submit(self._read_state, name))
 
     def release(self, module: torch.nn.Module) -> None:
         _release(module)
@@ -263,6 +288,8 @@ class LayerwiseModel:
                     total=len(self.model.model.layers), desc="layers", unit="layer", disable=not self.progress
                 )
             self.load(f"model.layers.{index}")
+            if index + 1 < len(self.model.model.layers):
+                self.prefetch(f"model.layers.{index + 1}")
             try:
                 output = hidden_states if self.in_place else self.new_store(hidden_states.shape, hidden_states.dtype)
                 for first in range(0, batch, self.chunk_size):
@@ -290,6 +317,10 @@ class LayerwiseModel:
 
     def close(self) -> None:
         self.close_bar()
+        self._prefetched = None
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
         if self.spill_dir is not None:
             self.spill_dir.cleanup()
             self.spill_dir = None

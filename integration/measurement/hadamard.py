@@ -210,16 +210,30 @@ def hadamard_matrix(size: int, dtype: torch.dtype = torch.float32, device=None) 
     return _hadamard_matrix_cached(size).to(dtype=dtype, device=device)
 
 
+@lru_cache(maxsize=32)
+def _sylvester(order: int) -> torch.Tensor:
+    """The unnormalised Sylvester matrix of order `order` (a power of two): symmetric, entries +-1."""
+    matrix = torch.ones(1, 1)
+    while matrix.shape[0] < order:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
 def _walsh_hadamard_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Sylvester transform along the last axis (length 2^m) in m butterfly stages."""
+    """Unnormalised Sylvester transform along the last axis (length M = 2^m).
+
+    H_M = H_a (x) H_b for any a * b = M, so a row viewed as an a x b matrix X becomes H_a X H_b (both symmetric): two
+    small matrix products (a, b <= 64 at M = 4096) instead of m butterfly stages, each of which would copy the whole
+    tensor (the calibration pass transforms every token of every layer). Entries are +-1 and sums exact up to the
+    dtype's rounding.
+    """
     length = x.shape[-1]
-    half = 1
-    while half < length:
-        x = x.reshape(*x.shape[:-1], length // (2 * half), 2, half)
-        x = torch.stack([x[..., 0, :] + x[..., 1, :], x[..., 0, :] - x[..., 1, :]], dim=-2)
-        x = x.reshape(*x.shape[:-3], length)
-        half *= 2
-    return x
+    first = 2 ** ((length.bit_length() - 1) // 2)
+    second = length // first
+    blocks = x.reshape(*x.shape[:-1], first, second)
+    left = _sylvester(first).to(dtype=x.dtype, device=x.device)
+    right = _sylvester(second).to(dtype=x.dtype, device=x.device)
+    return (left @ blocks @ right).reshape(x.shape)
 
 
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
