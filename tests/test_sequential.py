@@ -277,3 +277,75 @@ def test_cli_sequential_export_writes_the_in_memory_tensors(
     for seq, memory in zip(numbers[0] + scores[0], numbers[1] + scores[1], strict=True):
         assert seq == pytest.approx(memory, rel=1e-5)
     assert fold != "auto" or len(scores[0][0]) == 4
+
+
+# Issue #33: choosing by outcome (`--patch auto`, `--metric loss` / `kl`, a target ratio) layer by layer, as large
+# models need it, scores every candidate as the in-memory search does.
+@pytest.mark.parametrize(
+    "model_type, choice",
+    [
+        ("llama", dict(num_layers=2, metric="cosine", patch="auto")),
+        ("gemma3_text", dict(num_layers=2, metric="kl", patch="auto", score="kl", candidates=3)),
+        ("qwen2", dict(num_layers=1, metric="loss", patch="hadamard", candidates=0)),
+        ("llama", dict(target_ppl_ratio=1.5, metric="loss", patch="auto", candidates=2)),
+    ],
+)
+def test_layerwise_choice_by_outcome_equals_in_memory(tmp_path, model_type, choice):
+    from linearpatch.integration.pruning.plan import plan_pruning
+    from linearpatch.integration.requests import PruneRequest
+
+    dense = tiny_family(model_type, 6)
+    dense.save_pretrained(tmp_path, max_shard_size="100KB")
+    from linearpatch.integration.data import TokenWindows
+
+    ids = torch.randint(0, 256, (8, 12), generator=torch.Generator().manual_seed(3))
+    windows = TokenWindows(ids, "random tokens", "random", 3, ids.numel())
+    request = PruneRequest(model="tiny", calibration=windows, holdout=3, progress=False, **choice)
+    expected = plan_pruning(dense, windows, request, None)
+    with layerwise_model(tmp_path, chunk_size=3, progress=False) as model:
+        got = plan_pruning(model, windows, request, None)
+        assert all(p.device.type == "meta" for p in model.parameters())  # every layer freed
+    assert got.layers == expected.layers and got.patch_kind == expected.patch_kind
+    assert [c.to_dict()["label"] for c in got.choices] == [c.to_dict()["label"] for c in expected.choices]
+    for mine, theirs in zip(got.choices, expected.choices, strict=True):
+        assert mine.scores.keys() == theirs.scores.keys()
+        for label, value in theirs.scores.items():
+            assert mine.scores[label] == pytest.approx(value, rel=1e-5), label
+        for label, value in theirs.kl_scores.items():
+            assert mine.kl_scores[label] == pytest.approx(value, rel=1e-4, abs=1e-7), label
+    assert got.holdout["dense_perplexity"] == pytest.approx(expected.holdout["dense_perplexity"], rel=1e-5)
+    for mine, theirs in zip(got.patches or [], expected.patches or [], strict=True):
+        assert (mine - theirs).norm() <= 1e-5 * theirs.norm()
+    assert [row["num_layers"] for row in got.depth_curve] == [row["num_layers"] for row in expected.depth_curve]
+
+
+# Issue #33: `eval --max-memory` scores models larger than the limit layer by layer, with the figures of the in-memory
+# run, and refuses what needs a model whole.
+def test_cli_eval_layer_by_layer_equals_in_memory(tmp_path, sharded_dense, sharded_pruned, linearpatch_cli):
+    common = ["eval", str(sharded_pruned), "--baseline", str(sharded_dense), "--tasks", "--ppl-windows", "2"]
+    common += ["--seq-len", "32", "--gen-prompts", "0"]
+    in_memory = linearpatch_cli(*common, "--output", tmp_path / "memory")
+    assert in_memory.returncode == 0, in_memory.stderr
+    limited = linearpatch_cli(*common, "--max-memory", "100KB", "--output", tmp_path / "limited")
+    assert limited.returncode == 0, limited.stderr
+    assert "does not fit in 100.0 KB (--max-memory): running it layer by layer" in limited.stderr
+    assert "layers" in limited.stderr  # the per-layer progress bar
+    expected, got = (
+        json.loads((tmp_path / name / "linearpatch_eval.json").read_text()) for name in ("memory", "limited")
+    )
+    assert len(got["models"]) == len(expected["models"]) == 2
+    for mine, theirs in zip(got["models"], expected["models"], strict=True):
+        assert mine["parameters"] == theirs["parameters"] and mine["num_layers"] == theirs["num_layers"]
+        for corpus, value in theirs["perplexity"].items():
+            assert mine["perplexity"][corpus] == pytest.approx(value, rel=1e-5), corpus
+        for corpus, figures in theirs["closeness"].items():
+            for name, value in figures.items():
+                assert mine["closeness"][corpus][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (corpus, name)
+    # lm-eval tasks and greedy generation need the model whole: one line each, nothing written.
+    for extra, fragment in (
+        (["--tasks", "wiki_last_word"], "--tasks with no names"),
+        (["--gen-prompts", "2"], "--gen-prompts 0"),
+    ):
+        refused = linearpatch_cli(*common, *extra, "--max-memory", "100KB", "--output", tmp_path / "refused")
+        assert refused.returncode == 2 and fragment in refused.stderr and "Traceback" not in refused.stderr
+        assert not (tmp_path / "refused").exists()
