@@ -173,6 +173,7 @@ class LayerwiseModel:
         # writes a layer's output over its input (one activation tensor instead of two).
         self.observer = None
         self.in_place = False
+        self.read_ahead = True  # read the next layer while one computes (off when two layers exceed --max-memory)
         self._reader = None  # the prefetching thread, started with the first prefetch
         self._prefetched: tuple | None = None  # (module name, future of its weights)
 
@@ -288,7 +289,7 @@ class LayerwiseModel:
                     total=len(self.model.model.layers), desc="layers", unit="layer", disable=not self.progress
                 )
             self.load(f"model.layers.{index}")
-            if index + 1 < len(self.model.model.layers):
+            if self.read_ahead and index + 1 < len(self.model.model.layers):
                 self.prefetch(f"model.layers.{index + 1}")
             try:
                 output = hidden_states if self.in_place else self.new_store(hidden_states.shape, hidden_states.dtype)
@@ -334,6 +335,7 @@ def layerwise_model(
     chunk_size: int = 1,
     memory_budget: int | None = None,
     progress: bool = True,
+    max_memory: str | int | None = None,
 ) -> Iterator[torch.nn.Module]:
     r"""
     The dense causal LM of the checkpoint folder `path`, with its weights left in the safetensors shards and loaded
@@ -348,6 +350,9 @@ def layerwise_model(
         memory_budget (`int`, *optional*): bytes for the activation store on the device (CPU: before it spills to
             disk); defaults to half the device's free memory.
         progress (`bool`, *optional*, defaults to `True`): a progress bar over layers.
+        max_memory (`str` or `int`, *optional*): what the model may hold on the device (`--max-memory`): the layers
+            in memory (two while the next one is read ahead, one when two do not fit) and the activation store share
+            it, and activations past it go to the CPU or to disk. Without it, `memory_budget` alone bounds them.
 
     Yields:
         `PreTrainedModel`: the skeleton, with `model.layerwise` the [`LayerwiseModel`] that loads its weights.
@@ -374,7 +379,21 @@ def layerwise_model(
     model.eval()
     if memory_budget is None:
         memory_budget = available_memory(device) // 2
+    read_ahead = True
+    if max_memory is not None:
+        limit = parse_size(max_memory)
+        layer = max(checkpoint.nbytes(dtype, f"model.layers.{i}.") for i in range(config.num_hidden_layers))
+        read_ahead = 2 * layer <= limit
+        if layer > limit:
+            logger.warning(
+                "linearpatch: one decoder layer (%s) is larger than --max-memory (%s): it is loaded whole anyway, one "
+                "at a time.",
+                format_size(layer),
+                format_size(limit),
+            )
+        memory_budget = min(memory_budget, max(limit - (2 if read_ahead else 1) * layer, 0))
     layerwise = LayerwiseModel(checkpoint, model, dtype, device, chunk_size, memory_budget, progress)
+    layerwise.read_ahead = read_ahead
     layerwise.install()
     model.layerwise = layerwise
     try:

@@ -159,10 +159,12 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def nbytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of all tensors, as stored or converted to floating `dtype`."""
+    def nbytes(self, dtype: torch.dtype | None = None, prefix: str = "") -> int:
+        """Bytes of all tensors (those whose names start with `prefix`), as stored or converted to floating `dtype`."""
         total = 0
-        for entry in self.entries.values():
+        for name, entry in self.entries.items():
+            if not name.startswith(prefix):
+                continue
             stored = DTYPES[entry.dtype]
             target = dtype if dtype is not None and stored.is_floating_point else stored
             total += entry.numel * target.itemsize

@@ -349,3 +349,25 @@ def test_cli_eval_layer_by_layer_equals_in_memory(tmp_path, sharded_dense, shard
         refused = linearpatch_cli(*common, *extra, "--max-memory", "100KB", "--output", tmp_path / "refused")
         assert refused.returncode == 2 and fragment in refused.stderr and "Traceback" not in refused.stderr
         assert not (tmp_path / "refused").exists()
+
+
+# Issue #33: --max-memory bounds what a layer-by-layer model holds: two layers while the next is read ahead (one when
+# two do not fit), and the activation store takes what is left before it spills to disk.
+def test_max_memory_bounds_the_layers_and_the_activations(tmp_path, caplog):
+    dense = tiny_family("llama", 6)
+    dense.save_pretrained(tmp_path)
+    windows = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(4))
+    reference = calibrate(dense, windows, (1,), [(2, 4)], batch_size=1, progress=False)
+    layer = SafetensorsCheckpoint(tmp_path).nbytes(torch.float32, "model.layers.0.")
+    with layerwise_model(tmp_path, max_memory=100 * layer, progress=False) as model:
+        assert model.layerwise.read_ahead and model.layerwise.memory_budget == 98 * layer
+    with layerwise_model(tmp_path, max_memory=3 * layer // 2, progress=False) as model:
+        assert not model.layerwise.read_ahead and model.layerwise.memory_budget == 3 * layer // 2 - layer
+    with caplog.at_level("WARNING", logger="linearpatch"):
+        with layerwise_model(tmp_path, max_memory=layer // 2, progress=False) as model:
+            assert not model.layerwise.read_ahead and model.layerwise.memory_budget == 0
+            statistics = calibrate(model, windows, (1,), [(2, 4)], batch_size=4, progress=False)
+            assert model.layerwise.store_location == "disk"
+    assert "is larger than --max-memory" in caplog.text and "spill to memory-mapped files" in caplog.text
+    torch.testing.assert_close(statistics.channel_abs_mean, reference.channel_abs_mean, rtol=1e-5, atol=0)
+    torch.testing.assert_close(statistics.gram[(2, 4)][1], reference.gram[(2, 4)][1], rtol=1e-5, atol=1e-8)

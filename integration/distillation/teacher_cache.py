@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     with contextlib.ExitStack() as stack:
         if sequential:
-            teacher = stack.enter_context(layerwise_model(folder, dtype=dtype, device=device))
+            teacher = stack.enter_context(layerwise_model(folder, dtype, device, max_memory=args.max_memory))
             fingerprint = checkpoint_fingerprint(folder, dtype)
         else:
             # `distill_checkpoint` checked the teacher (`kind="dense"`) in the parent, where `register_family` may

@@ -72,8 +72,8 @@ def opened_model(name: str, request: EvalRequest, layerwise: bool, loaded: tuple
     if not layerwise:
         yield load_model(name, dtype=dtype, device=device)
         return
-    # The activation store gets what --max-memory leaves it, or (no limit) what layerwise_model picks.
-    with layerwise_model(resolve_model(name), dtype=dtype, device=device) as model:
+    # The layers and the activation store share --max-memory.
+    with layerwise_model(resolve_model(name), dtype, device, max_memory=request.max_memory) as model:
         yield model, load_tokenizer(name)
 
 

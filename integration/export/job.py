@@ -207,7 +207,10 @@ class SequentialExport:
     def fold(self, windows, dense: str | None = None) -> list[dict]:
         checkpoint, config = self.checkpoint, self.config
         input_ids = windows.input_ids if windows is not None else None
-        opened = fold_models(checkpoint.folder, dense, self.device, True, self.request.progress, self.dtype)
+        request = self.request
+        opened = fold_models(
+            checkpoint.folder, dense, self.device, True, request.progress, self.dtype, request.max_memory
+        )
         with opened as (model, dense_model):
             plan = self.plan = plan_model_folds(
                 model, self.request.fold, input_ids, dense_model, score=self.request.score

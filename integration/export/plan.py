@@ -394,19 +394,23 @@ def fold_models(
     sequential: bool,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    max_memory: str | int | None = None,
 ):
     """Yield `(model, dense_model)` to plan the folds of `checkpoint` with, in `dtype`: both loaded whole, or run layer
-    by layer from their shards when `sequential`; `dense_model` is `None` without `dense`. Both are released on
-    exit."""
+    by layer from their shards when `sequential` (each within `max_memory`); `dense_model` is `None` without `dense`.
+    Both are released on exit."""
     from ..layerwise import layerwise_model
     from ..models import load_model
 
     with contextlib.ExitStack() as stack:
         if sequential:
-            model = stack.enter_context(layerwise_model(checkpoint, dtype, device=device, progress=progress))
+            model = stack.enter_context(
+                layerwise_model(checkpoint, dtype, device, progress=progress, max_memory=max_memory)
+            )
             dense_model = None
             if dense is not None:
-                dense_model = stack.enter_context(layerwise_model(dense, dtype, device=device, progress=progress))
+                opened = layerwise_model(dense, dtype, device, progress=progress, max_memory=max_memory)
+                dense_model = stack.enter_context(opened)
         else:
             model, _ = load_model(checkpoint, dtype=dtype, device=device, kind="checkpoint")
             dense_model = None

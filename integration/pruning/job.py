@@ -221,7 +221,10 @@ class SequentialPrune:
         # One batch is every window: each layer is loaded once and runs them all.
         started = time.perf_counter()
         folder, progress = self.checkpoint.folder, self.request.progress
-        with layerwise_model(folder, dtype=self.dtype, device=self.device, progress=progress) as skeleton:
+        opened = layerwise_model(
+            folder, self.dtype, self.device, progress=progress, max_memory=self.request.max_memory
+        )
+        with opened as skeleton:
             plan = plan_pruning(skeleton, windows, self.request, explicit)
         plan.check_finite()
         metadata = dict(base_model=base_model, selection_metric=plan.metric, patch_kind=plan.patch_kind)
