@@ -320,3 +320,12 @@ def test_export_cli_auto_uses_the_dense_model_and_refuses_a_dense_fold_without_o
         ]
     )
     assert code == 2 and "at least 2" in capsys.readouterr().err
+
+
+def test_rotated_fold_rounds_shrink_with_the_cube_of_a_wide_stream():
+    """Each round is a C x C SVD (27 s at C = 4096 on 2 cores): up to C = 1024 the fit keeps its 100 rounds, beyond it
+    the rounds cost about what 100 cost at 1024, and never fewer than 5."""
+    from linearpatch.integration.export.fitting import rotated_rounds
+
+    assert [rotated_rounds(width, 100) for width in (576, 1024, 2048, 4096, 8192)] == [100, 100, 12, 5, 5]
+    assert rotated_rounds(2048, 3) == 3
