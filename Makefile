@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVING_VENV := .venv-serving
 SERVING_STAMP := $(SERVING_VENV)/.installed
 
-.PHONY: setup serving gguf qwen2-tokenizer environments demo test test-fast lint bench bench-check clean
+.PHONY: setup serving gguf qwen2-tokenizer environments demo test test-fast lint bench bench-check bench-scale clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,10 @@ bench: $(STAMP)
 # .venv-serving, the gguf section `make gguf`). Run it before a release and after a change to pruning, distillation or export.
 bench-check: $(STAMP) $(SERVING_STAMP) gguf
 	$(PY) -m bench --check
+
+# Opt-in: a 16 GB Llama-3-8B-shaped model through every stage with --max-memory 4GB (about an hour, 45 GB of disk).
+bench-scale: $(STAMP)
+	$(PY) -m bench --check --sections scale
 
 clean:
 	rm -rf $(VENV) $(SERVING_VENV)

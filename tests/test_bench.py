@@ -99,6 +99,10 @@ BREAKERS = {
     ("sequential", "writes the in-memory tensors"): _set("largest_tensor_difference.sequential", 0.01),
     ("tasks", "dense SmolLM2 scores at least"): _set("scores.dense.acc_norm", 0.3),
     ("tasks", "separates dense from plain"): _set("scores.plain.acc_norm", 0.5),
+    ("scale", "peak at most"): _set("steps.eval_pruned.peak_rss_mib", 7000.0),
+    ("scale", "best matmul FLOP/s"): _set("calibration.share_of_best_matmul", 0.3),
+    ("scale", "read once per pass"): _scale("steps.prune_hadamard.weights_read_bytes", 1.5),
+    ("scale", "student fits"): _scale("steps.distill.peak_rss_mib", 2.0),
 }
 
 
@@ -156,3 +160,10 @@ def test_check_refuses_a_section_without_a_result():
     # A section that was never run is not a claim that holds.
     with pytest.raises(SystemExit, match="no recorded result for quality"):
         check({"machine": "x"}, ["quality"])
+
+
+def test_check_leaves_the_opt_in_scale_section_to_make_bench_scale():
+    from bench.sections import CHECKED_SECTIONS
+
+    assert set(SECTIONS) - set(CHECKED_SECTIONS) == {"scale"}
+    assert "bench --check --sections scale" in (ROOT / "Makefile").read_text()
