@@ -11,7 +11,7 @@ from helpers import QUICK, assert_one_line_error, random_patch, tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import linearpatch.integration.evaluation.comparison as comparison
+import linearpatch.integration.evaluation.opening as opening
 from linearpatch.cli import main
 from linearpatch.modeling import prune_layers
 
@@ -25,7 +25,8 @@ def _copy(source, target):
 def test_eval_checks_every_model_adapter_and_export_before_the_first_forward(
     tiny_checkpoint, tiny_pruned, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(comparison, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    for name in ("load_model", "layerwise_model"):  # whole, or layer by layer
+        monkeypatch.setattr(opening, name, lambda *a, **k: pytest.fail("a model was loaded"))
     evaluate = ["eval", "--baseline", str(tiny_checkpoint), "--tasks", "--ppl-windows", "1"]
 
     truncated = _copy(tiny_pruned, tmp_path / "truncated")
@@ -45,7 +46,8 @@ def test_eval_checks_every_model_adapter_and_export_before_the_first_forward(
     arguments = ["distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint), "--adapter-only", "--top-k", "8"]
     monkeypatch.undo()
     assert main([*arguments, *QUICK, "--cache-dir", str(tmp_path / "cache"), "--output", str(adapter)]) == 0
-    monkeypatch.setattr(comparison, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    for name in ("load_model", "layerwise_model"):  # whole, or layer by layer
+        monkeypatch.setattr(opening, name, lambda *a, **k: pytest.fail("a model was loaded"))
     capsys.readouterr()
     dense_based = _copy(adapter, tmp_path / "dense-based")
     (dense_based / "linearpatch_adapter.json").unlink()
@@ -57,7 +59,8 @@ def test_eval_checks_every_model_adapter_and_export_before_the_first_forward(
     other_cut = tmp_path / "other-cut"
     monkeypatch.undo()
     assert main(["prune", str(tiny_checkpoint), "--layers", "1", *QUICK, "--output", str(other_cut)]) == 0
-    monkeypatch.setattr(comparison, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    for name in ("load_model", "layerwise_model"):  # whole, or layer by layer
+        monkeypatch.setattr(opening, name, lambda *a, **k: pytest.fail("a model was loaded"))
     capsys.readouterr()
     config["base_model_name_or_path"] = str(other_cut)
     (dense_based / "adapter_config.json").write_text(json.dumps(config))

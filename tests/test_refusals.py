@@ -46,14 +46,19 @@ def test_bad_input_is_one_line_before_any_work(
     argv, fragments, tiny_checkpoint, tiny_pruned, tmp_path, capsys, monkeypatch
 ):
     import linearpatch.integration.distillation.job as distill_job
-    import linearpatch.integration.evaluation.comparison as comparison
+    import linearpatch.integration.evaluation.opening as opening
     import linearpatch.integration.models as models
     import linearpatch.integration.pruning.plan as pruning_plan
 
     def no_work(*args, **kwargs):
         pytest.fail("a model was loaded (or run) before the input was refused")
 
-    for module, name in [(models, "load_model"), (comparison, "load_model"), (pruning_plan, "calibrate")]:
+    for module, name in [
+        (models, "load_model"),
+        (opening, "load_model"),
+        (opening, "layerwise_model"),
+        (pruning_plan, "calibrate"),
+    ]:
         monkeypatch.setattr(module, name, no_work)
     monkeypatch.setattr(distill_job, "build_cache_in_subprocess", no_work)
     output = tmp_path / "output"
