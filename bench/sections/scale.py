@@ -20,6 +20,7 @@ from linearpatch.common.names import EVAL_FILES, EXPORT_RECORD, PRUNE_RECORD
 from linearpatch.common.reporting import markdown_table
 
 from ..harness import Claim, cli_costs
+from ..scale_model import LLAMA_3_8B
 
 TITLE = "At scale: a Llama-3-8B-shaped model with --max-memory 4GB (about an hour on 2 CPU cores; make bench-scale)"
 DEFAULT = False
@@ -47,10 +48,15 @@ SIZES = {
 
 
 def layer_shapes(config) -> list[tuple[int, int]]:
-    """(in, out) of every matrix of one decoder layer: q, k, v, o and the gated MLP's gate, up and down."""
-    width, inner = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (width // config.num_attention_heads)
-    return [(width, width), (width, kv), (width, kv), (width, width), (width, inner), (width, inner), (inner, width)]
+    """(in, out) of every matrix of one decoder layer (q, k, v, o and the gated MLP's gate, up and down), as
+    transformers' own Llama of `config` has them (`bench.scale_model.shapes_of`, built with one layer)."""
+    from transformers import LlamaConfig
+
+    from bench.scale_model import shapes_of
+
+    one_layer = LlamaConfig.from_dict(dict(config.to_dict(), num_hidden_layers=1))
+    weights = shapes_of(one_layer)
+    return [(shape[1], shape[0]) for name, shape in weights if name.startswith("model.layers.0.") and len(shape) == 2]
 
 
 def layer_flops(config, windows: int, seq_len: int) -> float:
@@ -159,7 +165,8 @@ def run(device: str, quick: bool) -> dict:
     flops = matmul_flops(config, sizes["samples"] * sizes["seq_len"] if quick else 512)
     # (Paths here have no spaces: the work folder is beside the cached model.)
     work = model.parent / f"{sizes['shape']}-work"
-    steps = Steps(model, work, _weights_bytes(model) / layers)
+    model_bytes = _weights_bytes(model)
+    steps = Steps(model, work, model_bytes / layers)
     hadamard, auto, export, distilled = (work / name for name in ("hadamard", "auto", "export", "distilled"))
     pruned = steps.run("prune_hadamard", "prune", model, *f"--output {hadamard} --layers {cut[0]}-{cut[1]}".split(),
                        "--patch", "hadamard", *calibration, *limit, facts=_record(hadamard, PRUNE_RECORD))  # fmt: skip
@@ -190,7 +197,6 @@ def run(device: str, quick: bool) -> dict:
     reports = {"hadamard": pruned["record"], "auto": chosen["record"]}
     kept = {"hadamard": pruned["weights_bytes"], "auto": chosen["weights_bytes"]}
     export_report, student_bytes, cache_bytes = exported["record"], pruned["weights_bytes"], taught["cache_bytes"]
-    model_bytes = _weights_bytes(model)
     statistics = reports["hadamard"]["calibration"]
     pass_flops = layers * layer_flops(config, sizes["samples"], sizes["seq_len"])
     return dict(
@@ -239,13 +245,15 @@ def run(device: str, quick: bool) -> dict:
     )
 
 
-# The Llama 3 shapes the README's table derives (Meta's configs; vocabulary 128256, GQA with 8 KV heads).
+# The Llama 3 shapes the README's table derives (Meta's configs: the 8B one the section measures, and the larger
+# two, which differ from it in width, depth and heads; GQA with 8 KV heads and the 128256-token vocabulary in all).
 LLAMA_3 = {
-    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
-    "70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
-    "405B": dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128),
+    "8B": LLAMA_3_8B,
+    "70B": dict(LLAMA_3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
+    "405B": dict(
+        LLAMA_3_8B, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128
+    ),
 }
-VOCABULARY = 128256
 # The one-GPU column is arithmetic from these, not a measurement: an 80 GB GPU at 600 TFLOP/s of bf16 matmul (about
 # 60% of an H100's dense peak), its shards read from NVMe at 3 GB/s, and the GPU calibration default of 128 x 2048.
 GPU = dict(memory=80e9, flops=600e12, read=3e9, windows=128, seq_len=2048)
@@ -253,9 +261,9 @@ PROCESS_BYTES = 0.45e9  # a linearpatch process before any weights (torch, trans
 
 
 def _shape(name: str):
-    from types import SimpleNamespace
+    from transformers import LlamaConfig
 
-    return SimpleNamespace(num_key_value_heads=8, **LLAMA_3[name])
+    return LlamaConfig(**LLAMA_3[name])
 
 
 def derived(q: dict) -> list[dict]:
@@ -270,7 +278,7 @@ def derived(q: dict) -> list[dict]:
         config = _shape(name)
         layers, width = config.num_hidden_layers, config.hidden_size
         layer_bytes = 2 * sum(a * b for a, b in layer_shapes(config))
-        model_bytes = layers * layer_bytes + 2 * 2 * VOCABULARY * width
+        model_bytes = layers * layer_bytes + 2 * 2 * config.vocab_size * width  # + embedding and head
         kept = model_bytes - layers // 8 * layer_bytes  # a prune of one layer in eight
         cpu = layers * layer_flops(config, 32, 512) / rate + kept / write_rate
         evaluation = layers * layer_flops(config, 4, 512) / rate
