@@ -146,7 +146,11 @@ def _evaluate_tasks(name: str, request: EvalRequest, model, tokenizer) -> ModelE
 
 
 def evaluate_baseline(
-    name: str, request: EvalRequest, windows: dict[str, TokenWindows], loaded: tuple | None = None, layerwise=False
+    name: str,
+    request: EvalRequest,
+    windows: dict[str, TokenWindows],
+    loaded: tuple | None = None,
+    layerwise: bool = False,
 ) -> tuple[ModelEvaluation, Baseline]:
     """Evaluate the baseline `name` as [`evaluate_model`] does, and keep what the others are compared with: its
     top-K predictions on the perplexity `windows` (from the same forward passes as its perplexity) and its greedy

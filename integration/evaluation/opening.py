@@ -48,8 +48,9 @@ def layerwise_names(request: EvalRequest, device: str) -> set[str]:
         which = ", ".join(sorted(chosen))
         if request.tasks:
             raise LinearPatchError(
-                f"lm-eval tasks run each model whole, and {which} runs layer by layer (it does not fit --max-memory): "
-                "pass --tasks with no names to compare perplexity and closeness only, or allow more memory."
+                f"lm-eval tasks run each model whole, and {which} runs layer by layer (--sequential, or it does not "
+                "fit --max-memory): pass --tasks with no names to compare perplexity and closeness only, or allow "
+                "more memory."
             )
         if request.generation_prompts:
             raise LinearPatchError(
