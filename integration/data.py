@@ -218,6 +218,15 @@ def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
     return stream
 
 
+def bos_token_of(tokenizer) -> int | None:
+    """The BOS id `tokenizer` starts every sequence with when it adds special tokens, else `None` (SmolLM2 adds none;
+    Gemma, Llama 3 and Mistral add one, and Gemma reads at half its quality without it)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    return bos if tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
 def token_fingerprint(input_ids: torch.Tensor) -> str:
     """SHA-256 of token ids (a CPU tensor): the identity of windows of text, wherever they are stored."""
     return hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()
@@ -274,35 +283,44 @@ def token_windows(
     non-overlapping windows from the start (the paper's perplexity protocol); `num_windows=None` with `chunked`
     takes every full window.
 
+    Every window starts as the model's tokenizer starts a sequence: where it adds BOS (see [`bos_token_of`]), each
+    window is BOS followed by `seq_len - 1` tokens of text, so that calibration, training and scoring see the model
+    as it runs in use.
+
     Raises:
         ValueError: if the source has fewer than `seq_len + 1` tokens, or the arguments are not positive.
     """
     if seq_len < 2 or (num_windows is not None and num_windows < 1):
         raise ValueError(f"Need seq_len >= 2 and num_windows >= 1, got seq_len={seq_len}, num_windows={num_windows}.")
     stream = _token_stream(load_texts(source), tokenizer)
-    if len(stream) < seq_len + 1:
+    bos = bos_token_of(tokenizer)
+    text_len = seq_len - (bos is not None)  # tokens of text per window
+    if len(stream) < text_len + 1:
         raise ValueError(
             f"The text source {source!r} has only {len(stream)} tokens, fewer than one window of {seq_len}: "
             f"use a shorter --seq-len or more text."
         )
     if sampling == "chunked":
-        available = len(stream) // seq_len
+        available = len(stream) // text_len
         count = available if num_windows is None else min(num_windows, available)
-        windows = stream[: count * seq_len].view(count, seq_len)
+        windows = stream[: count * text_len].view(count, text_len)
     elif sampling == "random":
         if num_windows is None:
             raise ValueError("Random sampling needs a number of windows.")
         rng = random.Random(seed)
-        starts = [rng.randrange(0, len(stream) - seq_len) for _ in range(num_windows)]
-        windows = torch.stack([stream[start : start + seq_len] for start in starts])
+        starts = [rng.randrange(0, len(stream) - text_len) for _ in range(num_windows)]
+        windows = torch.stack([stream[start : start + text_len] for start in starts])
     else:
         raise ValueError(f"Unknown sampling {sampling!r}: use 'random' or 'chunked'.")
+    if bos is not None:
+        windows = torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
     return TokenWindows(windows.contiguous(), source, sampling, seed, len(stream))
 
 
 __all__ = [
     "EMBEDDED_CORPORA",
     "TokenWindows",
+    "bos_token_of",
     "check_text_source",
     "load_texts",
     "local_text_file",

@@ -98,3 +98,48 @@ def test_the_token_stream_is_cached_by_text_and_tokenizer(smollm2_tokenizer, tmp
     assert data.load_file(str(entry))["input_ids"].tolist() == stream
     monkeypatch.setenv("LINEARPATCH_CACHE", "/proc/linearpatch-cache")
     assert torch.equal(token_windows(str(source), smollm2_tokenizer, 4, 16, seed=3).input_ids, cold.input_ids)
+
+
+class BosTokenizer(CharacterTokenizer):
+    """A tokenizer that starts every sequence with BOS when it adds special tokens (as Gemma's, Llama 3's do)."""
+
+    bos_token_id = 300
+
+    def __call__(self, text: str | list[str], add_special_tokens=True):
+        if isinstance(text, list):
+            return {"input_ids": [self(one, add_special_tokens)["input_ids"] for one in text]}
+        ids = [b + 1 for b in text.encode()]
+        return {"input_ids": [self.bos_token_id, *ids] if add_special_tokens else ids}
+
+
+@pytest.mark.parametrize("sampling", ["chunked", "random"])
+def test_windows_start_as_the_tokenizer_starts_a_sequence(tmp_path, sampling):
+    """Where the tokenizer adds BOS, every window is BOS then `seq_len - 1` tokens of the text (chunked: consecutive,
+    non-overlapping); where it adds none, windows are the text alone, as before."""
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    source, seq_len = str(tmp_path / "a.txt"), 16
+    stream = data._tokenize(load_texts(source), CharacterTokenizer())
+    assert data.bos_token_of(BosTokenizer()) == 300 and data.bos_token_of(CharacterTokenizer()) is None
+    with_bos = token_windows(source, BosTokenizer(), 6, seq_len, seed=4, sampling=sampling).input_ids
+    plain = token_windows(source, CharacterTokenizer(), 6, seq_len, seed=4, sampling=sampling).input_ids
+    assert with_bos.shape == plain.shape == (6, seq_len)
+    assert (with_bos[:, 0] == 300).all() and (with_bos[:, 1:] != 300).all()
+    assert not (plain == 300).any()
+    if sampling == "chunked":
+        assert torch.equal(with_bos[:, 1:].reshape(-1), stream[: 6 * (seq_len - 1)])
+        assert torch.equal(plain.reshape(-1), stream[: 6 * seq_len])
+    every = token_windows(source, BosTokenizer(), None, seq_len, sampling="chunked").input_ids
+    assert len(every) == len(stream) // (seq_len - 1)
+
+
+def test_real_tokenizers_bos_gemma_yes_smollm2_no(smollm2_tokenizer):
+    """Gemma-3-270M's tokenizer adds BOS, and its windows start with it; SmolLM2's adds none (windows unchanged)."""
+    from transformers import AutoTokenizer
+
+    from linearpatch.integration.models import resolve_model
+
+    gemma = AutoTokenizer.from_pretrained(resolve_model("gemma3-270m"))
+    assert data.bos_token_of(gemma) == gemma.bos_token_id == 2
+    assert data.bos_token_of(smollm2_tokenizer) is None
+    windows = token_windows("wikipedia-eval", gemma, 3, 32, sampling="chunked").input_ids
+    assert (windows[:, 0] == 2).all() and (windows[:, 1:] != 2).all()

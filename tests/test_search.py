@@ -60,7 +60,7 @@ def test_auto_keeps_the_best_variant_per_gap_and_records_every_score():
     pruned, report = prune(dense, None, layers=[2, 3], patch="auto", calibration=data, holdout=3, progress=False)
     (choice,) = report.patch_choices
     labels = [variant.label for variant in patch_variants("auto")]
-    assert list(choice["scores"]) == labels and len(labels) == 7
+    assert list(choice["scores"]) == labels and len(labels) == 8 and labels[-1] == "none"
     assert choice["heldout_perplexity"] == min(choice["scores"].values())
     assert pruned.config.patch_kind == choice["kind"] == report.patch_kind
     # The saved patch is the chosen variant's, refitted: its held-out perplexity is the recorded one.
@@ -70,6 +70,31 @@ def test_auto_keeps_the_best_variant_per_gap_and_records_every_score():
     for kind in ("hadamard", "diag", "scalar", "lstsq"):
         fixed, _ = prune(dense, None, layers=[2, 3], patch=kind, calibration=split_holdout(data, 3)[0], progress=False)
         assert chunked_perplexity(fixed, held) >= choice["heldout_perplexity"] * (1 - 1e-5)
+
+
+def test_auto_keeps_no_patch_where_every_fitted_patch_is_worse(monkeypatch):
+    """The identity is among auto's candidates: when every fitted patch scores worse than none on the held-out
+    windows (here each is made 30x the identity), the gap keeps none, and a gap beside it keeps its own patch."""
+    from linearpatch.integration.pruning import search
+
+    dense = tiny_family("llama", num_layers=8, seed=6)
+    data = windows(12)
+    fit = search.PatchVariant.fit
+
+    def ruinous_at_first_gap(variant, statistics, start, end):
+        patch = fit(variant, statistics, start, end)
+        return 30 * torch.eye(64) if patch is not None and start == 1 else patch
+
+    monkeypatch.setattr(search.PatchVariant, "fit", ruinous_at_first_gap)
+    pruned, report = prune(dense, None, layers=[1, 2, 5], patch="auto", calibration=data, holdout=3, progress=False)
+    first, second = report.patch_choices
+    assert first["kind"] == "none" and first["heldout_perplexity"] == min(first["scores"].values())
+    assert second["kind"] != "none"
+    # The gap that keeps none holds the identity; the model equals plain pruning there.
+    assert torch.equal(pruned.model.layers[1].linear_patch.weight, torch.eye(64))
+    plain_first = prune_layers(dense, [1, 2, 5], patches=[torch.eye(64), pruned.model.layers[3].linear_patch.weight])
+    held = split_holdout(data, 3)[1].input_ids
+    assert math.isclose(chunked_perplexity(pruned, held), chunked_perplexity(plain_first, held), rel_tol=1e-6)
 
 
 def test_loss_metric_scores_the_top_cosine_blocks_and_keeps_the_best():
@@ -124,7 +149,7 @@ def test_auto_and_target_work_for_a_width_without_a_hadamard_matrix():
     with pytest.raises(ValueError, match="No Hadamard matrix of order 136"):
         prune(dense, None, layers=[2, 3], patch="hadamard", calibration=data, progress=False)
     _, report = prune(dense, None, layers=[2, 3], patch="auto", calibration=data, holdout=3, progress=False)
-    assert "hadamard" not in report.patch_choices[0]["scores"] and len(report.patch_choices[0]["scores"]) == 6
+    assert "hadamard" not in report.patch_choices[0]["scores"] and len(report.patch_choices[0]["scores"]) == 7
     _, report = prune(dense, None, target_ppl_ratio=1e9, calibration=data, holdout=3, progress=False)
     assert {point["fixed_patch"] for point in report.depth_curve} == {"lstsq(ridge=0.01)"}
 
@@ -146,7 +171,10 @@ def test_cli_target_ratio_and_its_depth_curve(tiny_checkpoint, tmp_path, linearp
     curve, chosen = report["depth_curve"], len(report["pruned_layers"])
     assert report["metric"] == "loss" and report["patch"] == "auto" and chosen >= 1
     assert [point["num_layers"] for point in curve] == list(range(1, len(curve) + 1))
-    assert curve[chosen - 1]["ratio"] <= 1.0001 and curve[-1]["ratio"] > 1.0001 and curve[-2]["ratio"] > 1.0001
+    # The deepest depth within the target is kept; the search ends two misses in a row, or at the last depth.
+    assert chosen == max(point["num_layers"] for point in curve if point["ratio"] <= 1.0001)
+    stopped = curve[-1]["ratio"] > 1.0001 and curve[-2]["ratio"] > 1.0001
+    assert stopped or len(curve) == report["num_dense_layers"] - 1
     assert all(p["ratio"] <= p["fixed_ratio"] * (1 + 1e-6) for p in curve)  # hadamard at the cosine block: a candidate
     assert f"{chosen} layers" in run.stdout and "plain" in run.stdout
     model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
@@ -211,7 +239,7 @@ def test_kl_metric_and_score_choose_by_kl_to_the_dense_model(tiny_checkpoint, tm
     assert "Held-out KL to the dense model" in run.stdout
     assert choice["heldout_kl"] == min(choice["kl_scores"].values()) == scores[best]
     assert choice["label"] == min(choice["kl_scores"], key=choice["kl_scores"].get)
-    assert list(choice["scores"]) == list(choice["kl_scores"]) and len(choice["scores"]) == 7
+    assert list(choice["scores"]) == list(choice["kl_scores"]) and len(choice["scores"]) == 8
     by_loss = linearpatch_cli(
         "prune", tiny_checkpoint, *sizes, "--metric", "loss", "--patch", "auto", "--output", tmp_path / "loss"
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.files import write_files_atomically
 
-from ..data import load_texts
+from ..data import bos_token_of, load_texts
 from ..models import cache_dir
 
 OFFLINE_TASKS = ("wiki_next_sentence", "mmlu_dev_offline", "wiki_last_word")
@@ -253,7 +253,17 @@ def lm_eval_tasks(
 
     manager = task_manager(tasks, include_path)
     device = str(next(model.parameters()).device)
-    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", device=device, batch_size=batch_size)
+    # Every request starts as the model's tokenizer starts a sequence (BOS for Gemma, Llama 3, Mistral), said
+    # explicitly rather than left to lm-eval's per-family guesses.
+    add_bos = bos_token_of(tokenizer) is not None
+    wrapped = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        backend="causal",
+        device=device,
+        batch_size=batch_size,
+        add_bos_token=add_bos,
+    )
     # lm-eval records the git commit of the current directory by running `git describe`, which prints "fatal: not a
     # git repository" outside one; that commit says nothing about the models evaluated here.
     no_git = lambda: None  # noqa: E731

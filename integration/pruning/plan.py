@@ -303,7 +303,7 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
         scores = candidate_scores(statistics, num_layers, metric)
     patches = None
     if any(choice.variant.kind != "none" for choice in choices):
-        patches = [choice.variant.fit(statistics, choice.start, choice.end) for choice in choices]
+        patches = [choice.variant.fit_matrix(statistics, choice.start, choice.end) for choice in choices]
     holdout_info = dict(
         held.describe(),
         windows=f"the last {len(held.input_ids)} of the calibration sample, never used to fit",

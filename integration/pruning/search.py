@@ -14,10 +14,10 @@ on calibration windows that were set aside before the calibration pass and are n
    the layers before it.
 
 Cost: scoring k candidate blocks with V patch variants is k x V such tail forwards over the held-out windows (on
-average about half a forward each); `--patch auto` has V = 7 and `--metric loss` scores the k = 4 blocks with the best
-cosine by default, so the search costs roughly 14 forwards of the held-out windows per depth on top of the
-calibration pass (and a second, shorter pass for the Gram matrices of the lstsq candidates). `bench/`, section
-`search`, measures it against the default.
+average about half a forward each); `--patch auto` has V = 8 (the identity included) and `--metric loss` scores the
+k = 4 blocks with the best cosine by default, so the search costs roughly 16 forwards of the held-out windows per
+depth on top of the calibration pass (and a second, shorter pass for the Gram matrices of the lstsq candidates).
+`bench/`, section `search`, measures it against the default.
 """
 
 import math
@@ -59,6 +59,11 @@ class PatchVariant:
             return None
         return estimate_patch(statistics, start, end, self.kind, ridge=self.ridge or DEFAULT_RIDGE)
 
+    def fit_matrix(self, statistics: CalibrationStatistics, start: int, end: int) -> torch.Tensor:
+        """[`fit`] as a matrix: the identity for `none` (a gap that keeps no patch beside gaps that do)."""
+        patch = self.fit(statistics, start, end)
+        return torch.eye(statistics.channel_abs_mean.shape[-1]) if patch is None else patch
+
 
 def patch_variants(patch: str, hidden_size: int | None = None) -> list[PatchVariant]:
     """What `patch` tries: every kind (and the ridge grid of `lstsq`) for `auto`, else the one kind. `auto` leaves
@@ -67,7 +72,10 @@ def patch_variants(patch: str, hidden_size: int | None = None) -> list[PatchVari
         kinds = ["hadamard", "diag", "scalar"]
         if hidden_size is not None and not hadamard_supported(hidden_size):
             kinds.remove("hadamard")
-        return [PatchVariant(kind) for kind in kinds] + [PatchVariant("lstsq", ridge) for ridge in RIDGE_GRID]
+        # The identity (no patch) is a candidate too: where every fitted patch scores worse than none, none is kept.
+        # Listed last, so that a tie keeps a patch.
+        fitted = [PatchVariant(kind) for kind in kinds] + [PatchVariant("lstsq", ridge) for ridge in RIDGE_GRID]
+        return [*fitted, PatchVariant("none")]
     return [PatchVariant(patch, DEFAULT_RIDGE if patch == "lstsq" else None)]
 
 
