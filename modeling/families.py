@@ -79,6 +79,41 @@ GEMMA3_RESIDUAL = ResidualLayout(
     writer_norm_offset=1.0,
     readers=(),
 )
+
+
+@dataclass(frozen=True)
+class LlamaCppLayout:
+    r"""
+    What llama.cpp assumes of a family that its converter takes (`export --gguf`), where that differs from
+    transformers for a pruned model.
+
+    Args:
+        period_key (`str`, *optional*): the GGUF key of the period of a sliding/global layer pattern that llama.cpp
+            assumes (`period - 1` sliding layers, then a global one) and the converter does not write: Gemma 3's.
+        default_period (`int`, *optional*): the period llama.cpp assumes when the GGUF does not say.
+        head_scale_from_width_at (`int`, *optional*): the depth at which llama.cpp scales attention by
+            1 / sqrt(hidden / heads) instead of 1 / sqrt(head_dim) (Gemma 3 27B's 62 layers), whatever
+            `query_pre_attn_scalar` says.
+        runs_sliding_window (`bool`, *optional*, defaults to `False`): llama.cpp runs the family's sliding windows;
+            otherwise it attends to the whole context, and the GGUF equals transformers only up to the window.
+        window_on_every_layer (`bool`, *optional*, defaults to `False`): a `sliding_window` in a config without
+            `layer_types` slides on every layer (Mistral's).
+    """
+
+    period_key: str | None = None
+    default_period: int | None = None
+    head_scale_from_width_at: int | None = None
+    runs_sliding_window: bool = False
+    window_on_every_layer: bool = False
+
+
+LLAMA_CPP = LlamaCppLayout()
+GEMMA3_LLAMA_CPP = LlamaCppLayout(
+    period_key="gemma3.attention.sliding_window_pattern",
+    default_period=6,
+    head_scale_from_width_at=62,
+    runs_sliding_window=True,
+)
 # Config fields that describe the decoder layers: lists with one entry per layer (sliced to the kept layers), counts
 # of the first layers (`max_window_layers`: the first N use full attention; recounted over the kept layers), and
 # periodic patterns that a family recomputes from the depth (dropped: the sliced `layer_types` is explicit). Every
@@ -100,6 +135,8 @@ class Family:
         residual (`ResidualLayout`): where its layers write the residual stream (the export's folds).
         logit_softcap_field (`str`, *optional*): the config field of a `tanh` soft-cap its causal LM applies to the
             logits after the head (Gemma's `final_logit_softcapping`), for code that runs the head itself.
+        llama_cpp (`LlamaCppLayout`, *optional*): what llama.cpp assumes of it; `None` where llama.cpp's converter
+            does not take the family (`export --gguf` refuses it).
         per_layer_fields, layer_count_fields, layer_pattern_fields: its config fields that describe the decoder layers
             (see `PER_LAYER_FIELDS`), re-indexed when layers are removed.
     """
@@ -111,6 +148,7 @@ class Family:
     causal_lm_class: type[PreTrainedModel]
     residual: ResidualLayout = LLAMA_RESIDUAL
     logit_softcap_field: str | None = None
+    llama_cpp: LlamaCppLayout | None = None
     per_layer_fields: tuple[str, ...] = PER_LAYER_FIELDS
     layer_count_fields: tuple[str, ...] = LAYER_COUNT_FIELDS
     layer_pattern_fields: tuple[str, ...] = LAYER_PATTERN_FIELDS
@@ -153,6 +191,7 @@ def register_family(
     *,
     residual: ResidualLayout = LLAMA_RESIDUAL,
     logit_softcap_field: str | None = None,
+    llama_cpp: LlamaCppLayout | None = None,
 ) -> Family:
     r"""
     Teach linearpatch a family with the Llama residual structure (each decoder layer maps the residual stream to the
@@ -169,6 +208,7 @@ def register_family(
         dense_config_class, dense_causal_lm_class, decoder_layer, final_norm, base_model: the family's own classes.
         residual (`ResidualLayout`, *optional*): where its layers write the residual stream, when not as Llama's.
         logit_softcap_field (`str`, *optional*): the config field of a soft-cap on the logits, if it has one.
+        llama_cpp (`LlamaCppLayout`, *optional*): what llama.cpp assumes of it, if its converter takes the family.
 
     Example:
 
@@ -200,22 +240,23 @@ def register_family(
         causal_lm_class,
         residual=residual,
         logit_softcap_field=logit_softcap_field,
+        llama_cpp=llama_cpp,
     )
     return _add(family)
 
 
 for _family in (
     Family(LlamaConfig, LlamaForCausalLM, configs.LinearPatchConfig, models.LinearPatchModel,
-           models.LinearPatchForCausalLM),
+           models.LinearPatchForCausalLM, llama_cpp=LLAMA_CPP),
     Family(MistralConfig, MistralForCausalLM, configs.LinearPatchMistralConfig, models.LinearPatchMistralModel,
-           models.LinearPatchMistralForCausalLM),
+           models.LinearPatchMistralForCausalLM, llama_cpp=LlamaCppLayout(window_on_every_layer=True)),
     Family(Qwen2Config, Qwen2ForCausalLM, configs.LinearPatchQwen2Config, models.LinearPatchQwen2Model,
-           models.LinearPatchQwen2ForCausalLM),
+           models.LinearPatchQwen2ForCausalLM, llama_cpp=LLAMA_CPP),
     Family(Qwen3Config, Qwen3ForCausalLM, configs.LinearPatchQwen3Config, models.LinearPatchQwen3Model,
-           models.LinearPatchQwen3ForCausalLM),
+           models.LinearPatchQwen3ForCausalLM, llama_cpp=LLAMA_CPP),
     Family(Gemma3TextConfig, Gemma3ForCausalLM, configs.LinearPatchGemma3TextConfig,
            models.LinearPatchGemma3TextModel, models.LinearPatchGemma3TextForCausalLM,
-           residual=GEMMA3_RESIDUAL, logit_softcap_field="final_logit_softcapping"),
+           residual=GEMMA3_RESIDUAL, logit_softcap_field="final_logit_softcapping", llama_cpp=GEMMA3_LLAMA_CPP),
 ):  # fmt: skip
     _add(_family)
 
@@ -248,9 +289,12 @@ def family_of(config: PreTrainedConfig | dict) -> Family:
 
 __all__ = [
     "FAMILIES",
+    "GEMMA3_LLAMA_CPP",
     "GEMMA3_RESIDUAL",
+    "LLAMA_CPP",
     "LLAMA_RESIDUAL",
     "Family",
+    "LlamaCppLayout",
     "ResidualLayout",
     "checkpoint_model_types",
     "family_of",

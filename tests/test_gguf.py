@@ -18,6 +18,7 @@ from linearpatch.cli import main
 from linearpatch.integration.export.gguf import llama_cpp_period, plan_gguf
 from linearpatch.integration.llama_cpp import LLAMA_CPP_SHA256, llama_cpp_home, read_gguf
 from linearpatch.modeling import FAMILIES
+from linearpatch.modeling.families import GEMMA3_LLAMA_CPP
 
 ROOT = Path(__file__).resolve().parents[1]
 # Sliding windows off where llama.cpp ignores them (their note is tested apart); Gemma 3 keeps its 4-token windows,
@@ -131,12 +132,15 @@ def test_a_sequential_export_converts_its_shards(dense_models, tmp_path):
 
 
 def test_llama_cpps_gemma3_period():
+    """The period llama.cpp reads for a layer pattern, Gemma 3's default (6, from the family registry) first."""
     sliding, full = True, False
-    assert llama_cpp_period([sliding] * 5 + [full] + [sliding] * 5 + [full]) == 6
-    assert llama_cpp_period([sliding, sliding, full, sliding]) == 3
-    assert llama_cpp_period([sliding] * 3) == 6  # every layer sliding: the default says it already
-    assert llama_cpp_period([full, full]) == 1
-    assert llama_cpp_period([sliding, sliding, full, sliding, full]) is None
+    GEMMA3_PERIOD = GEMMA3_LLAMA_CPP.default_period
+    assert GEMMA3_PERIOD == 6
+    assert llama_cpp_period([sliding] * 5 + [full] + [sliding] * 5 + [full], GEMMA3_PERIOD) == 6
+    assert llama_cpp_period([sliding, sliding, full, sliding], GEMMA3_PERIOD) == 3
+    assert llama_cpp_period([sliding] * 3, GEMMA3_PERIOD) == 6  # every layer sliding: the default says it already
+    assert llama_cpp_period([full, full], GEMMA3_PERIOD) == 1
+    assert llama_cpp_period([sliding, sliding, full, sliding, full], GEMMA3_PERIOD) is None
 
 
 def test_what_llama_cpp_would_run_differently_is_refused_or_said(dense_models, tmp_path, capsys):

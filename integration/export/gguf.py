@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.modeling import family_of
+from linearpatch.modeling import FAMILIES, family_of
+from linearpatch.modeling.families import LlamaCppLayout
 
 from ..data import load_texts
 from ..defaults import Sizes
@@ -31,14 +32,14 @@ from ..measurement.perplexity import half_window_perplexity
 
 logger = logging.getLogger("linearpatch")
 
-# The families llama.cpp's converter knows (by the dense `model_type`).
-CONVERTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # The float types in order of precision: the converter writes the most precise one asked for (f16 when none is), and
 # llama-quantize makes every other file from it.
 FLOAT_TYPES = ("f32", "f16", "bf16")
-GEMMA3_PERIOD_KEY = "gemma3.attention.sliding_window_pattern"
-GEMMA3_DEFAULT_PERIOD = 6
-GEMMA3_27B_LAYERS = 62
+
+
+def converted_families() -> tuple[str, ...]:
+    """The dense `model_type`s llama.cpp's converter takes: the families whose entry says what llama.cpp assumes."""
+    return tuple(model_type for model_type, family in FAMILIES.items() if family.llama_cpp is not None)
 
 
 @dataclass(frozen=True)
@@ -64,25 +65,26 @@ class GgufPlan:
         return f"{name}-{gguf_type.upper()}.gguf"
 
 
-def llama_cpp_period(sliding: list[bool]) -> int | None:
+def llama_cpp_period(sliding: list[bool], default: int) -> int | None:
     """The period llama.cpp's Gemma 3 reads (`il % period < period - 1` is sliding, 0: every layer) that gives
-    exactly these sliding layers, the default 6 first; `None` when no period does."""
+    exactly these sliding layers, its `default` first; `None` when no period does."""
     count = len(sliding)
-    for period in (GEMMA3_DEFAULT_PERIOD, *range(1, count + 1), 0):
+    for period in (default, *range(1, count + 1), 0):
         if all(flag == (period == 0 or index % period < period - 1) for index, flag in enumerate(sliding)):
             return period
     return None
 
 
-def gemma3_overrides(config) -> tuple[str, ...]:
-    """The metadata llama.cpp needs to run this pruned Gemma 3 as transformers does.
+def period_overrides(config, facts: LlamaCppLayout) -> tuple[str, ...]:
+    """The metadata llama.cpp needs to run this pruned model's sliding/global layer pattern (and attention scale) as
+    transformers does, for a family whose pattern llama.cpp reads as a period (Gemma 3).
 
     Raises:
         LinearPatchError: when llama.cpp cannot express its layer pattern or its attention scale.
     """
     layer_types = list(config.layer_types)
     sliding = [kind == "sliding_attention" for kind in layer_types]
-    period = llama_cpp_period(sliding)
+    period = llama_cpp_period(sliding, facts.default_period)
     if period is None:
         globals_at = [index for index, flag in enumerate(sliding) if not flag]
         raise LinearPatchError(
@@ -91,22 +93,22 @@ def gemma3_overrides(config) -> tuple[str, ...]:
             "keeps the pattern regular (e.g. whole periods of 6), or serve the export with transformers or vLLM."
         )
     heads_size = config.hidden_size // config.num_attention_heads
-    scalar = heads_size if config.num_hidden_layers == GEMMA3_27B_LAYERS else config.head_dim
+    scalar = heads_size if config.num_hidden_layers == facts.head_scale_from_width_at else config.head_dim
     if config.query_pre_attn_scalar != scalar:
         raise LinearPatchError(
             f"--gguf: llama.cpp scales this Gemma 3's attention by 1/sqrt({scalar}) (at {config.num_hidden_layers} "
             f"layers), but its query_pre_attn_scalar is {config.query_pre_attn_scalar}: the GGUF would be silently "
             "wrong. Serve the export with transformers or vLLM instead."
         )
-    return () if period == GEMMA3_DEFAULT_PERIOD else (f"{GEMMA3_PERIOD_KEY}=int:{period}",)
+    return () if period == facts.default_period else (f"{facts.period_key}=int:{period}",)
 
 
-def sliding_window_note(config, model_type: str) -> str | None:
-    """One line when transformers slides a window that llama.cpp ignores (any family but Gemma 3, whose windows
-    llama.cpp runs)."""
+def sliding_window_note(config, model_type: str, facts: LlamaCppLayout) -> str | None:
+    """One line when transformers slides a window that llama.cpp ignores (a family whose windows llama.cpp does not
+    run)."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
-    slides = "sliding_attention" in layer_types or (model_type == "mistral" and not layer_types)
+    slides = "sliding_attention" in layer_types or (facts.window_on_every_layer and not layer_types)
     if not window or not slides:
         return None
     return (
@@ -124,17 +126,18 @@ def plan_gguf(config, types: tuple[str, ...] | list[str]) -> GgufPlan | None:
     """
     if not types:
         return None
-    model_type = family_of(config).dense_model_type
-    if model_type not in CONVERTED_FAMILIES:
+    family = family_of(config)
+    model_type, facts = family.dense_model_type, family.llama_cpp
+    if facts is None:
         raise LinearPatchError(
             f"--gguf: llama.cpp's converter does not take {model_type} models here (it takes "
-            f"{', '.join(CONVERTED_FAMILIES)}): export without --gguf."
+            f"{', '.join(converted_families())}): export without --gguf."
         )
     llama_tool("llama-quantize")  # not built: say so now, not after the fit
     types = tuple(dict.fromkeys(types))
     base = next((kind for kind in FLOAT_TYPES if kind in types), "f16")
-    overrides = gemma3_overrides(config) if model_type == "gemma3_text" else ()
-    note = sliding_window_note(config, model_type) if model_type != "gemma3_text" else None
+    overrides = period_overrides(config, facts) if facts.period_key else ()
+    note = None if facts.runs_sliding_window else sliding_window_note(config, model_type, facts)
     if note:
         logger.warning("linearpatch: %s", note)
     return GgufPlan(types, base, overrides, (note,) if note else ())
@@ -217,12 +220,12 @@ def export_gguf(folder: Path, name: str, plan: GgufPlan, tokenizer, measured: tu
 
 
 __all__ = [
-    "CONVERTED_FAMILIES",
+    "converted_families",
     "export_gguf",
     "GgufPlan",
-    "gemma3_overrides",
     "llama_cpp_period",
     "measure_ggufs",
+    "period_overrides",
     "plan_gguf",
     "sliding_window_note",
     "text_for",
