@@ -3,9 +3,10 @@
     python examples/demo.py [--layers 20-24 | --num-layers 5] [--output outputs/smollm2-linearpatch]
 
 1. Calibrate on Wikipedia articles (64 x 512 tokens) and remove the layers (default: 20..24, a hard case).
-2. Held-out perplexity of dense / plain-pruned / LinearPatch models, side by side, on Wikipedia articles not used
-   for calibration and on the Lee news corpus.
-3. Save the patched checkpoint and reload it with `trust_remote_code=True` in a process that cannot import
+2. Held-out perplexity of dense / plain-pruned / LinearPatch (the paper's Hadamard patch) / `--patch auto` (the
+   default: every patch kind and none, scored on held-out calibration windows) models, side by side, on Wikipedia
+   articles not used for calibration and on the Lee news corpus.
+3. Save the default (auto) checkpoint and reload it with `trust_remote_code=True` in a process that cannot import
    linearpatch; check that its logits equal the in-memory model's.
 """
 
@@ -39,24 +40,22 @@ def main() -> None:
     model, tokenizer = linearpatch.load_model(args.model)
     calibration = token_windows("wikipedia-calibration", tokenizer, args.num_samples, args.seq_len, seed=0)
     layers = None if args.num_layers else parse_layers(args.layers)
-    patched, report = linearpatch.prune(
-        model,
-        tokenizer,
-        num_layers=args.num_layers,
-        layers=layers,
-        calibration=calibration,
+    hadamard, hadamard_report = linearpatch.prune(
+        model, tokenizer, num_layers=args.num_layers, layers=layers, patch="hadamard", calibration=calibration
     )
-    plain = linearpatch.prune_layers(model, report.pruned_layers, add_patches=False)
+    layers = hadamard_report.pruned_layers  # the same cut for the default, whose held-out split moves the cosine
+    patched, report = linearpatch.prune(model, tokenizer, layers=layers, calibration=calibration)
+    plain = linearpatch.prune_layers(model, layers, add_patches=False)
     print(
-        f"\nRemoved layers {report.pruned_layers} of {report.num_dense_layers} ({report.metric}); "
-        f"one Hadamard LinearPatch per gap {report.gaps}"
+        f"\nRemoved layers {layers} of {report.num_dense_layers} ({hadamard_report.metric}); one patch per gap "
+        f"{report.gaps}: the paper's Hadamard LinearPatch, and the default --patch auto (kept: {report.patch_kind})"
     )
 
     corpora = ("wikipedia-eval", "lee-news")
     evaluation = {c: token_windows(c, tokenizer, args.eval_windows, args.seq_len, sampling="chunked") for c in corpora}
     rows = {
         name: {c: chunked_perplexity(m, w, progress=True) for c, w in evaluation.items()}
-        for name, m in (("dense", model), ("plain pruned", plain), ("LinearPatch", patched))
+        for name, m in (("dense", model), ("plain pruned", plain), ("LinearPatch", hadamard), ("auto", patched))
     }
     print(
         f"\nHeld-out perplexity ({args.eval_windows} x {args.seq_len} tokens per corpus, "
@@ -64,7 +63,8 @@ def main() -> None:
     )
     print(values_table(rows))
     for c in corpora:
-        print(f"LinearPatch improves plain pruning {rows['plain pruned'][c] / rows['LinearPatch'][c]:.2f}x on {c}")
+        gains = (rows["plain pruned"][c] / rows[name][c] for name in ("LinearPatch", "auto"))
+        print(f"LinearPatch and auto improve plain pruning {next(gains):.2f}x and {next(gains):.2f}x on {c}")
 
     report.evaluation = rows
     linearpatch.save_checkpoint(patched, tokenizer, args.output, args.overwrite, report=report)

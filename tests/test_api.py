@@ -55,7 +55,8 @@ def test_default_sizes_follow_the_device_unless_quick(monkeypatch):
 def test_api_and_cli_use_the_same_default_calibration(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.delenv("LINEARPATCH_QUICK")  # the CPU defaults themselves, as a user gets them
     dense, tokenizer = linearpatch.load_model(str(tiny_checkpoint), device="cpu")
-    _, report = linearpatch.prune(dense, tokenizer, num_layers=2, progress=False)
+    # The Hadamard patch, which fits on every window (the default, auto, holds one in eight out).
+    _, report = linearpatch.prune(dense, tokenizer, num_layers=2, patch="hadamard", progress=False)
     cpu = CALIBRATION["cpu"]
     # The default windows, cut to the tiny model's context of 256 tokens (both ways alike).
     context = dense.config.max_position_embeddings
@@ -63,7 +64,8 @@ def test_api_and_cli_use_the_same_default_calibration(tiny_checkpoint, tmp_path,
         cpu.num_samples,
         context,
     )
-    assert main(["prune", str(tiny_checkpoint), "--num-layers", "2", "--output", str(tmp_path / "cli")]) == 0
+    cli = ["prune", str(tiny_checkpoint), "--num-layers", "2", "--patch", "hadamard"]
+    assert main([*cli, "--output", str(tmp_path / "cli")]) == 0
     from_cli = json.loads((tmp_path / "cli" / "linearpatch_report.json").read_text())
     assert from_cli["calibration"] == {
         **from_cli["calibration"],

@@ -51,15 +51,20 @@ def test_every_prune_input_is_checked_before_the_first_forward(tiny_checkpoint, 
 
 
 def test_unsupported_hidden_size_fails_before_calibration(tmp_path, smollm2_tokenizer, capsys):
-    # 100 = 25 * 4 has no Hadamard matrix.
+    """100 = 25 * 4 has no Hadamard matrix: `--patch hadamard` is refused before calibration, naming the width and
+    the kinds that work; the default (auto) leaves the Hadamard patch out and prunes."""
     dense = tiny_llama(
         hidden_size=100, num_attention_heads=2, num_key_value_heads=1, vocab_size=len(smollm2_tokenizer)
     )
     dense.save_pretrained(tmp_path / "dense")
     smollm2_tokenizer.save_pretrained(tmp_path / "dense")
-    code = main(["prune", str(tmp_path / "dense"), "--layers", "2", *QUICK, "--output", str(tmp_path / "out")])
+    command = ["prune", str(tmp_path / "dense"), "--layers", "2", *QUICK]
+    code = main([*command, "--patch", "hadamard", "--output", str(tmp_path / "out")])
     assert_one_line_error(code, capsys.readouterr().err, "order 100", "patch='diag'")
     assert not (tmp_path / "out").exists()
+    assert main([*command, "--output", str(tmp_path / "out")]) == 0
+    (choice,) = json.loads((tmp_path / "out" / "linearpatch_report.json").read_text())["patch_choices"]
+    assert "hadamard" not in choice["scores"]
 
 
 @pytest.fixture(scope="module")

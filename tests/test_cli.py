@@ -46,7 +46,9 @@ def test_prune_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
     report = json.loads((output / "linearpatch_report.json").read_text())
     assert report["metric"] == "cosine" and len(report["pruned_layers"]) == 2
     assert set(map(int, report["candidate_scores"])) == set(range(5))
-    assert report["calibration"]["num_windows"] == 4 and report["calibration"]["seq_len"] == 32
+    # The default patch (auto) fits on 3 of the 4 windows and scores its candidates on the fourth.
+    assert report["calibration"]["num_windows"] == 3 and report["calibration"]["seq_len"] == 32
+    assert report["holdout"]["num_windows"] == 1 and report["patch"] == "auto"
     assert set(report["evaluation"]) == {"dense", "pruned"}
     assert (output / "tokenizer.json").exists() and (output / "modeling_linearpatch.py").exists()
     plots = json.loads((output / "linearpatch_plots.json").read_text())

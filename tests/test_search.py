@@ -247,6 +247,59 @@ def test_kl_metric_and_score_choose_by_kl_to_the_dense_model(tiny_checkpoint, tm
     loss_choice = json.loads((tmp_path / "loss" / "linearpatch_report.json").read_text())["patch_choices"][0]
     assert "kl_scores" not in loss_choice  # KL is measured only when something is chosen by it
     refused = linearpatch_cli(
-        "prune", tiny_checkpoint, "--num-layers", "2", "--score", "kl", "--output", tmp_path / "x"
+        "prune",
+        tiny_checkpoint,
+        "--num-layers",
+        "2",
+        "--patch",
+        "hadamard",
+        "--score",
+        "kl",
+        "--output",
+        tmp_path / "x",
     )
     assert refused.returncode == 2 and "add --patch auto" in refused.stderr and not (tmp_path / "x").exists()
+
+
+def test_a_fixed_patch_is_checked_against_no_patch_on_windows_it_never_saw(
+    tiny_checkpoint, tmp_path, linearpatch_cli, monkeypatch
+):
+    """`prune --patch KIND` scores the patch and no patch on windows drawn after the calibration windows (which stay
+    exactly those of a prune without the check), records both per gap, and warns in one line when the patch is worse
+    (here a ruinous 30 x identity stands in for a patch whose statistic does not fit the block)."""
+    from transformers import AutoTokenizer
+
+    from linearpatch.integration.data import token_windows
+    from linearpatch.integration.pruning import plan as plan_module
+
+    sizes = ["--num-samples", "8", "--seq-len", "32", "--layers", "2-3", "--patch", "hadamard"]
+    run = linearpatch_cli("prune", tiny_checkpoint, *sizes, "--output", tmp_path / "checked")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "checked" / "linearpatch_report.json").read_text())
+    (check,) = report["patch_check"]
+    assert check["gap"] == [2, 4] and check["patch"] == "hadamard" and "Held-out check, layers 2..3" in run.stdout
+    # The check scores exactly the saved model and the plain cut on the one window drawn after the eight fitted.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    drawn = token_windows("wikipedia-calibration", tokenizer, 9, 32, seed=0).input_ids
+    saved = load_saved(tmp_path / "checked")
+    assert math.isclose(chunked_perplexity(saved, drawn[8:]), check["perplexity"], rel_tol=1e-5)
+    assert check["worse_than_none"] == (check["perplexity"] > check["none_perplexity"])
+    # The calibration windows are those of a prune without the check: the same patch.
+    fitted = token_windows("wikipedia-calibration", tokenizer, 8, 32)
+    options = dict(layers=[2, 3], patch="hadamard", calibration=fitted, progress=False)
+    unchecked, _ = prune(load_saved(tiny_checkpoint), None, **options)
+    assert torch.allclose(saved.model.layers[2].linear_patch.weight, unchecked.model.layers[2].linear_patch.weight)
+
+    monkeypatch.setattr(plan_module, "estimate_patch", lambda *args, **kwargs: 30 * torch.eye(64))
+    run = linearpatch_cli("prune", tiny_checkpoint, *sizes, "--output", tmp_path / "ruined")
+    assert run.returncode == 0, run.stderr
+    (check,) = json.loads((tmp_path / "ruined" / "linearpatch_report.json").read_text())["patch_check"]
+    assert check["worse_than_none"] and check["perplexity"] > check["none_perplexity"]
+    warnings = [line for line in run.stderr.splitlines() if "worse than no patch" in line]
+    assert len(warnings) == 1 and "layers 2..3" in warnings[0] and "--patch auto" in warnings[0]
+
+
+def load_saved(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()

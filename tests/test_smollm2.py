@@ -60,4 +60,4 @@ def test_demo_runs_on_the_embedded_model(tmp_path):
         timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "-> OK" in result.stdout and "LinearPatch improves plain pruning" in result.stdout
+    assert "-> OK" in result.stdout and "LinearPatch and auto improve plain pruning" in result.stdout

@@ -27,7 +27,9 @@ def run(device: str, quick: bool, windows: int = 300, seq_len: int = 512, lr: fl
     started = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m", device=device)
     calibration = token_windows("wikipedia-calibration", tokenizer, 64, 512, seed=0)
-    patched, _ = linearpatch.prune(model, tokenizer, layers=BLOCK, calibration=calibration, progress=False)
+    patched, _ = linearpatch.prune(
+        model, tokenizer, layers=BLOCK, patch="hadamard", calibration=calibration, progress=False
+    )
     evaluation = evaluation_windows(tokenizer, 2 if quick else 16)
     before = perplexities(patched, evaluation)
     train = token_windows("wikipedia-calibration", tokenizer, windows, seq_len, seed=1)

@@ -46,7 +46,7 @@ def run(device: str, quick: bool) -> dict:
         five[f"cosine+{kind}"] = dict(perplexities(pruned, evaluation), layers=report.pruned_layers)
     seconds = {}
     for name, kwargs in {
-        "cosine+hadamard": {},
+        "cosine+hadamard": dict(patch="hadamard"),
         "loss+hadamard": dict(metric="loss"),
         "cosine+auto": dict(patch="auto"),
         "loss+auto": dict(metric="loss", patch="auto"),

@@ -36,8 +36,8 @@ def run(device: str, quick: bool) -> dict:
     sizes = ["--num-samples", "4", "--seq-len", "128"] if quick else []
     runs = {"baseline": ["baseline"]}
     variants = {
-        "in_memory": [],
-        "sequential": ["--sequential"],
+        "in_memory": ["--patch", "hadamard"],
+        "sequential": ["--patch", "hadamard", "--sequential"],
         # Plain pruning needs no calibration: what remains is load-prune-save against streaming the shards.
         "load_prune_save": ["--patch", "none"],
         "streaming_prune": ["--patch", "none", "--sequential"],

@@ -29,7 +29,9 @@ def run(device: str, quick: bool) -> dict:
 
     model, tokenizer = load_model("smollm2-135m")
     calibration = token_windows("wikipedia-calibration", tokenizer, 16, 256, seed=0)
-    patched, _ = linearpatch.prune(model, tokenizer, layers=BLOCK, calibration=calibration, progress=False)
+    patched, _ = linearpatch.prune(
+        model, tokenizer, layers=BLOCK, patch="hadamard", calibration=calibration, progress=False
+    )
     exported, _ = export_model(patched, "down-proj", calibration.input_ids)
     plain = LlamaForCausalLM(stock_config(patched.config))
     plain.load_state_dict({k: v for k, v in patched.state_dict().items() if ".linear_patch." not in k}, strict=False)

@@ -22,7 +22,7 @@ from ..measurement.calibration import CalibrationStatistics
 from ..measurement.holdout import split_holdout
 from ..requests import PruneRequest
 from ..shards import SafetensorsCheckpoint, parse_size
-from .plan import PruningPlan, check_prune_arguments, plan_pruning
+from .plan import PruningPlan, check_prune_arguments, patch_check_windows, plan_pruning
 from .report import PruneReport, plan_report
 
 
@@ -55,8 +55,10 @@ def prune_model(
     request: PruneRequest,
     windows: TokenWindows | None = None,
     statistics: CalibrationStatistics | None = None,
+    check_windows: TokenWindows | None = None,
 ) -> tuple[PreTrainedModel, PruneReport]:
-    """[`prune`] with its request made: `windows` (cut by the job) stand in for the request's calibration text."""
+    """[`prune`] with its request made: `windows` (cut by the job) stand in for the request's calibration text, and
+    `check_windows` for the windows a fixed patch is checked on against none (cut here when not given)."""
     from ..models import portable_model_id
 
     started = time.perf_counter()
@@ -64,16 +66,18 @@ def prune_model(
     explicit = check_prune_arguments(request, config)
     base_model = request.base_model or portable_model_id(getattr(config, "_name_or_path", None))
 
+    sizes = Sizes.resolve("calibration", next(model.parameters()).device, request.num_samples, request.seq_len, config)
+
     def calibration_windows() -> TokenWindows:
         if windows is not None:
             return windows
         if isinstance(request.calibration, TokenWindows):
             return request.calibration
-        device = next(model.parameters()).device
-        sizes = Sizes.resolve("calibration", device, request.num_samples, request.seq_len, config)
         return token_windows(request.calibration, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
 
-    plan = plan_pruning(model, calibration_windows, request, explicit, statistics)
+    if check_windows is None and windows is None and statistics is None:
+        check_windows = patch_check_windows(request, tokenizer, sizes)
+    plan = plan_pruning(model, calibration_windows, request, explicit, statistics, check_windows)
     pruned = _prune_with(model, plan, base_model)
     return pruned, plan_report(base_model, config.num_hidden_layers, plan, started)
 
@@ -132,6 +136,7 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
         windows = token_windows(request.calibration, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
     if request.chooses_by_outcome:
         split_holdout(windows, request.holdout)  # too few windows to hold some out fails here, before the model loads
+    check_windows = None if sequential else patch_check_windows(request, tokenizer, sizes)
     evaluation_windows = {}
     if request.eval_windows:
         length = Sizes.resolve("perplexity", device, None, request.eval_seq_len, config, "--eval-seq-len").seq_len
@@ -149,7 +154,7 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
         pipeline = SequentialPrune(request, checkpoint, config, device)
     else:
         pipeline = InMemoryPrune(request, device)
-    report = pipeline.prune(windows, explicit, base_model)
+    report = pipeline.prune(windows, explicit, base_model, check_windows)
     if evaluation_windows:
         report.evaluation |= pipeline.compare(evaluation_windows)
     report.output, report.plots = str(job.output), request.plots
@@ -169,9 +174,15 @@ class InMemoryPrune:
         self.dense, self.tokenizer = load_model(request.model, dtype=request.dtype, device=device, kind="dense")
         self.pruned = None
 
-    def prune(self, windows: TokenWindows | None, explicit: list[int] | None, base_model: str | None) -> PruneReport:
-        request = self.request
-        self.pruned, report = prune_model(self.dense, self.tokenizer, _with_base(request, base_model), windows)
+    def prune(
+        self,
+        windows: TokenWindows | None,
+        explicit: list[int] | None,
+        base_model: str | None,
+        check_windows: TokenWindows | None = None,
+    ) -> PruneReport:
+        request = _with_base(self.request, base_model)
+        self.pruned, report = prune_model(self.dense, self.tokenizer, request, windows, check_windows=check_windows)
         return report
 
     def compare(self, windows: dict) -> dict:
@@ -213,7 +224,15 @@ class SequentialPrune:
         self.dtype = getattr(torch, request.dtype) if isinstance(request.dtype, str) else request.dtype
         self.plan = self.pruned_config = None
 
-    def prune(self, windows: TokenWindows | None, explicit: list[int] | None, base_model: str | None) -> PruneReport:
+    def prune(
+        self,
+        windows: TokenWindows | None,
+        explicit: list[int] | None,
+        base_model: str | None,
+        check_windows: TokenWindows | None = None,
+    ) -> PruneReport:
+        """Layer by layer, a fixed patch is not checked against none (`check_windows` is ignored): the check would
+        read every layer once more."""
         from linearpatch.modeling import pruned_config
 
         from ..layerwise import layerwise_model

@@ -2,7 +2,9 @@
 outcome on held-out windows ([`search_by_outcome`]). A plan is made from a request and a model (in memory, or run
 layer by layer for the proxies), before anything is written."""
 
+import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from ..choices import OUTCOMES
 from ..data import TokenWindows
 from ..measurement.calibration import CalibrationStatistics, calibrate
 from ..measurement.hadamard import factor_hidden_size
-from ..measurement.holdout import split_holdout
+from ..measurement.holdout import default_holdout, split_holdout
 from ..requests import PruneRequest
 from .patches import estimate_patch
 from .search import (
@@ -29,6 +31,8 @@ from .search import (
     scoring_bar,
 )
 from .selection import candidate_scores, select_layers
+
+logger = logging.getLogger("linearpatch")
 
 
 def check_prune_arguments(request: PruneRequest, config) -> list[int] | None:
@@ -67,6 +71,8 @@ class PruningPlan:
         holdout (`dict`): the held-out calibration windows and the dense model's perplexity on them.
         depth_curve (`list[dict]`): for a target ratio, each depth tried with its plain, fixed-patch and chosen
             perplexity ratios.
+        patch_check (`list[dict]`): for a fixed patch kind, per gap: its held-out perplexity and that of no patch
+            (see [`check_against_no_patch`]).
     """
 
     layers: list[int]
@@ -79,6 +85,7 @@ class PruningPlan:
     candidate_patches: dict[int, dict[str, float]] = field(default_factory=dict)
     holdout: dict = field(default_factory=dict)
     depth_curve: list[dict] = field(default_factory=list)
+    patch_check: list[dict] = field(default_factory=list)
 
     def check_finite(self) -> None:
         """Refuse a patch with NaN or inf entries (activations of corrupt weights), before anything is written.
@@ -102,11 +109,61 @@ class PruningPlan:
         return kinds[0] if len(set(kinds)) == 1 else ",".join(kinds)
 
 
+def patch_check_windows(request: PruneRequest, tokenizer, sizes) -> TokenWindows | None:
+    """The windows a fixed patch kind is checked on against no patch ([`check_against_no_patch`]): one in eight more
+    (at least one), drawn after the calibration windows from the same text with the same seed, so that the
+    calibration windows (the first `sizes.num_samples` of that draw) are exactly the ones a prune without the check
+    fits on. `None` where nothing is checked: no patch, a choice by outcome (which scores the identity itself), or
+    calibration given as ready windows."""
+    if request.patch_kind == "none" or request.chooses_by_outcome or isinstance(request.calibration, TokenWindows):
+        return None
+    from ..data import token_windows
+
+    count = default_holdout(sizes.num_samples)
+    drawn = token_windows(request.calibration, tokenizer, sizes.num_samples + count, sizes.seq_len, seed=request.seed)
+    return dataclasses.replace(drawn, input_ids=drawn.input_ids[sizes.num_samples :])
+
+
+def check_against_no_patch(model, plan: "PruningPlan", held: TokenWindows, progress: bool = False) -> list[dict]:
+    """Score each gap's patch and no patch on `held` (windows no estimate saw), from the dense model's stored stream
+    ([`HeldOutScorer`]); log one warning line for each gap whose patch is worse than none (a patch kind whose
+    statistic does not fit the block: Gemma-3-270M's Hadamard patch at 6..11 raises perplexity 10^14-fold). The
+    patch is kept: it is what was asked for; the line names `--patch auto`, which keeps none where none is better."""
+    scorer = HeldOutScorer(model, held.input_ids, progress=progress)
+    gaps = contiguous_gaps(plan.layers)
+    scorer.prepare([start for start, _ in gaps])
+    checked = []
+    for (start, end), patch in zip(gaps, plan.patches, strict=True):
+        patched, plain = (outcome["loss"] for outcome in scorer.measure_many(start, end, [patch, None]))
+        worse = patched > plain
+        checked.append(
+            dict(gap=[start, end], patch=plan.patch, perplexity=patched, none_perplexity=plain, worse_than_none=worse)
+        )
+        if worse:
+            logger.warning(
+                "linearpatch: the %s patch at layers %d..%d scores worse than no patch on %d held-out windows "
+                "(perplexity %.4g against %.4g): use --patch auto, which keeps no patch where none is better.",
+                plan.patch,
+                start,
+                end - 1,
+                len(held.input_ids),
+                patched,
+                plain,
+            )
+    return checked
+
+
 def plan_pruning(
-    model, windows, request: PruneRequest, explicit: list[int] | None, statistics: CalibrationStatistics | None = None
+    model,
+    windows,
+    request: PruneRequest,
+    explicit: list[int] | None,
+    statistics: CalibrationStatistics | None = None,
+    check_windows: TokenWindows | None = None,
 ) -> PruningPlan:
     """Calibrate (unless `statistics` are given or nothing needs them), choose the layers and estimate the patches
-    that `request` asks for (`explicit`: its layers, checked by [`check_prune_arguments`]).
+    that `request` asks for (`explicit`: its layers, checked by [`check_prune_arguments`]). With `check_windows`
+    (from [`patch_check_windows`]) and a model in memory, a fixed patch is checked against none on them.
 
     `model` is a dense model in memory or a [`layerwise_model`] (then every window goes through each layer at once);
     `windows` is `TokenWindows` or a function that makes them (called only when a pass is needed). A choice by
@@ -148,7 +205,10 @@ def plan_pruning(
         statistics.gram.update(extra.gram)
 
     patches = None if patch == "none" else [estimate_patch(statistics, start, end, patch) for start, end in gaps]
-    return PruningPlan(chosen, metric, patch, patches, statistics, scores)
+    plan = PruningPlan(chosen, metric, patch, patches, statistics, scores)
+    if patches is not None and check_windows is not None and not layerwise:
+        plan.patch_check = check_against_no_patch(model, plan, check_windows, request.progress)
+    return plan
 
 
 # Depths whose Gram matrices (for lstsq) one extra calibration pass collects when searching for a target ratio.
@@ -301,8 +361,10 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
         scores = {start: choice.outcome(metric) for start, choice in table.items()}
     else:
         scores = candidate_scores(statistics, num_layers, metric)
+    # A choice among patches (auto) keeps a patch module at every gap, the identity where no patch scored best:
+    # the output is the plain cut's, and `distill` can still train the patch from there.
     patches = None
-    if any(choice.variant.kind != "none" for choice in choices):
+    if len(variants) > 1 or any(choice.variant.kind != "none" for choice in choices):
         patches = [choice.variant.fit_matrix(statistics, choice.start, choice.end) for choice in choices]
     holdout_info = dict(
         held.describe(),
@@ -330,7 +392,9 @@ def search_by_outcome(search: OutcomeSearch) -> PruningPlan:
 __all__ = [
     "OutcomeSearch",
     "PruningPlan",
+    "check_against_no_patch",
     "check_prune_arguments",
+    "patch_check_windows",
     "plan_pruning",
     "search_by_outcome",
 ]

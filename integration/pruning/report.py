@@ -41,6 +41,8 @@ class PruneReport:
             chosen block and patch, of plain pruning and of the fixed patch (`fixed_patch`: Hadamard, or lstsq for
             a width without one) at the cosine block.
         plots (`bool`): whether the figures were written beside the checkpoint.
+        patch_check (`list[dict]`): for a fixed patch kind, per gap: its perplexity and no patch's on held-out
+            calibration windows, and whether it is worse than none (`worse_than_none`).
     """
 
     base_model: str | None
@@ -61,6 +63,7 @@ class PruneReport:
     holdout: dict = field(default_factory=dict)
     depth_curve: list[dict] = field(default_factory=list)
     plots: bool = False
+    patch_check: list[dict] = field(default_factory=list)
 
     record = PRUNE_RECORD
 
@@ -89,6 +92,12 @@ class PruneReport:
             if any(c.get("heldout_kl") is not None for c in self.patch_choices):
                 kls = ", ".join(f"{c['label']} {c['heldout_kl']:.4f}" for c in self.patch_choices)
                 lines.append(f"Held-out KL to the dense model (nats per token): {kls}")
+        for check in self.patch_check:
+            verdict = "WORSE than no patch" if check["worse_than_none"] else "better than no patch"
+            lines.append(
+                f"Held-out check, layers {check['gap'][0]}..{check['gap'][1] - 1}: {check['patch']} "
+                f"{check['perplexity']:.4g}, no patch {check['none_perplexity']:.4g} ({verdict})"
+            )
         for point in self.depth_curve:
             lines.append(
                 f"  {point['num_layers']:>3} layers: {point['ratio']:.3f}x ({point['patch']}, layers "
@@ -129,6 +138,7 @@ def plan_report(base_model: str | None, total: int, plan: PruningPlan, started: 
         candidate_patches=plan.candidate_patches,
         holdout=plan.holdout,
         depth_curve=plan.depth_curve,
+        patch_check=plan.patch_check,
     )
 
 
