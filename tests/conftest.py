@@ -105,12 +105,14 @@ def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_pruned(tiny_checkpoint, tmp_path_factory):
-    """`tiny_checkpoint` pruned at layers 2-3 by `linearpatch prune` (4 x 32 calibration tokens): the suite's one tiny
-    LinearPatch checkpoint, made once per worker. Tests read it; one that changes a checkpoint copies it first."""
+    """`tiny_checkpoint` pruned at layers 2-3 by `linearpatch prune --patch hadamard` (4 x 32 calibration tokens): the
+    suite's one tiny LinearPatch checkpoint, made once per worker. Tests read it; one that changes a checkpoint copies
+    it first."""
     from linearpatch.cli import main
 
     output = tmp_path_factory.mktemp("tiny-pruned") / "pruned"
-    arguments = ["prune", str(tiny_checkpoint), "--layers", "2-3", "--num-samples", "4", "--seq-len", "32"]
+    arguments = ["prune", str(tiny_checkpoint), "--layers", "2-3", "--patch", "hadamard", "--num-samples", "4"]
+    arguments += ["--seq-len", "32"]
     assert main([*arguments, "--output", str(output)]) == 0
     return output
 

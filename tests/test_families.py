@@ -185,7 +185,8 @@ def test_register_family_adds_a_family_with_the_same_residual_structure(tmp_path
         olmo2.Olmo2ForCausalLM(config).save_pretrained(dense_folder)
         smollm2_tokenizer.save_pretrained(dense_folder)
         sizes = ["--num-samples", "4", "--seq-len", "16"]
-        assert main(["prune", str(dense_folder), "--layers", "1-2", *sizes, "--output", str(pruned)]) == 0
+        prune = ["prune", str(dense_folder), "--layers", "1-2", "--patch", "hadamard", *sizes]
+        assert main([*prune, "--output", str(pruned)]) == 0
         assert json.loads((pruned / "config.json").read_text())["model_type"] == "linearpatch_olmo2"
         distill = ["distill", str(pruned), "--teacher", str(dense_folder), "--output", str(distilled), "--top-k", "8"]
         assert main([*distill, *sizes, "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0

@@ -11,7 +11,7 @@ REFUSALS = [
     # prune: options that contradict each other or the model
     (["prune", "{dense}", "--layers", "2-3", "--metric", "cosine"], ["--layers names them"]),
     (["prune", "{dense}", "--layers", "2-3", "--metric", "loss"], ["--layers names them", "--patch auto"]),
-    (["prune", "{dense}", "--num-layers", "2", "--holdout", "2"], ["nothing is held out"]),
+    (["prune", "{dense}", "--num-layers", "2", "--patch", "hadamard", "--holdout", "2"], ["nothing is held out"]),
     (["prune", "{dense}", "--target-ppl-ratio", "0.9"], ["is not above 1"]),
     (["prune", "{dense}", "--num-layers", "2", "--base-model", "not-a-repo"], ["not a Hub repo id"]),
     (["prune", "{dense}", "--layers", "2-x"], ["Cannot read layers", "'20-24'"]),
