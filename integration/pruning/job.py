@@ -39,8 +39,9 @@ def prune(
         statistics (`CalibrationStatistics`, *optional*): reuse a previous pass on the same model and data.
         options: the fields of [`PruneRequest`] (`num_layers`, `layers` or `target_ppl_ratio`; `metric`, `patch`,
             `holdout`, `candidates`, `calibration` (a text source or ready `TokenWindows`), `num_samples`,
-            `seq_len`, `seed`, `batch_size`, `base_model`, `progress`), which hold every default: cosine and
-            hadamard (the paper's), 32 x 512 calibration tokens on a CPU and 128 x 2048 on a GPU.
+            `seq_len`, `seed`, `batch_size`, `base_model`, `progress`), which hold every default: cosine (the
+            paper's) and auto (every patch kind and none, scored on held-out windows), 32 x 512 calibration tokens
+            on a CPU and 128 x 2048 on a GPU.
 
     Returns:
         `tuple[PreTrainedModel, PruneReport]`: the family's LinearPatch causal LM and the report.
