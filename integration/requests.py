@@ -156,9 +156,8 @@ class PruneRequest(Request):
 
     @property
     def patch_kind(self) -> str:
-        """The patch to fit: the given one, else `auto` (the bench's `real_models` section: better than the plain cut
-        on both real models at every cut, and than the Hadamard patch at three of four cuts, within 0.2% at the
-        fourth, at up to about 2x the Hadamard prune's time)."""
+        """The patch to fit: the given one, else `auto` (bench `real_models`: best, or within 0.2% of the Hadamard
+        patch, on both real models at every cut; the README's "Choose by outcome" has the figures)."""
         return self.patch or "auto"
 
     @property
