@@ -104,12 +104,18 @@ BREAKERS = {
     ("scale", "read once per pass"): _scale("steps.prune_hadamard.weights_read_bytes", 1.5),
     ("scale", "student fits"): _scale("steps.distill.peak_rss_mib", 2.0),
 }
-# real_models: three claims per model and cut, each broken at its own figure (the default row is `auto`).
+# real_models: five claims per model and cut, each broken at its own figure (the default row is `auto`).
 for _run in ("smollm2-135m 1/6", "smollm2-135m stress", "gemma3-270m 1/6", "gemma3-270m stress"):
     _default, _distilled = ("runs", _run, "figures", "auto"), ("runs", _run, "figures", "distilled")
     BREAKERS |= {
         ("real_models", f"{_run}: the default patch ("): _set((*_default, "perplexity", WIKI), 1e9),
         ("real_models", f"{_run}: distilling the default"): _set((*_distilled, "perplexity", NEWS), 1e9),
+        ("real_models", f"{_run}: the Hadamard patch"): _set(
+            ("runs", _run, "figures", "hadamard", "perplexity", NEWS), 1e9
+        ),
+        ("real_models", f"{_run}: --patch auto is within"): _set(
+            ("runs", _run, "figures", "plain", "perplexity", WIKI), 1.0
+        ),
         ("real_models", f"{_run}: the default patch's prune"): _scale(("runs", _run, "seconds", "auto"), 10.0),
     }
 

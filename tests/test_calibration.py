@@ -90,6 +90,37 @@ def test_scales_and_patch_match_direct_formula(model, windows, gap):
     assert torch.allclose(estimate_patch(statistics, start, end, "lstsq").double(), ridge, atol=1e-5)
 
 
+@torch.no_grad()
+def test_massive_channels_are_scaled_on_their_own(windows):
+    """A channel carrying a massive activation on every token (as Gemma 3's do) is found in every layer from the
+    embeddings on, and the Hadamard patch scales it by its own ratio while the rotation covers the other channels:
+    P = E H diag(d_rest) H^T E + diag(r_M), with d_rest from the stream with the channel zeroed."""
+    massive_model = tiny_llama(num_layers=NUM_LAYERS, seed=3)
+    channel = 17
+    massive_model.model.embed_tokens.weight[:, channel] = 500.0  # about 10^4 x the other channels' mean |x|
+    statistics = calibrate(massive_model, windows, distances=(1,), batch_size=3, progress=False)
+    assert statistics.massive_channels.nonzero()[:, 1].unique().tolist() == [channel]
+    assert statistics.massive_channels[:, channel].all()
+    x = layer_inputs(massive_model, windows)
+    rotation = hadamard_matrix(64, dtype=torch.float64)
+    keep = torch.ones(64, dtype=torch.float64)
+    keep[channel] = 0
+    start, end = 1, 4
+    rest = ((x[end] * keep) @ rotation).abs().mean(dim=1) / ((x[start] * keep) @ rotation).abs().mean(dim=1)
+    expected = keep[:, None] * (rotation @ torch.diag(rest.mean(dim=0)) @ rotation.T) * keep[None, :]
+    expected[channel, channel] = (x[end][..., channel].abs().mean(1) / x[start][..., channel].abs().mean(1)).mean()
+    patch = estimate_patch(statistics, start, end, "hadamard").double()
+    torch.testing.assert_close(patch, expected, rtol=1e-5, atol=1e-6)
+    assert patch[channel].count_nonzero() == 1 and patch[:, channel].count_nonzero() == 1
+    # The paper's formula rotates the massive channel into every scale; this patch differs from it.
+    whole = ((x[end] @ rotation).abs().mean(dim=1) / (x[start] @ rotation).abs().mean(dim=1)).mean(dim=0)
+    assert (patch - rotation @ torch.diag(whole) @ rotation.T).abs().max() > 1e-2
+    # The massive channels are decided by the first window alone: any batching finds the same ones.
+    again = calibrate(massive_model, windows, distances=(1,), batch_size=1, progress=False)
+    assert torch.equal(again.massive_channels, statistics.massive_channels)
+    torch.testing.assert_close(again.rotated_rest_abs_mean, statistics.rotated_rest_abs_mean)
+
+
 def test_prune_uses_statistics_and_reports(model, windows):
     pruned, report = prune(model, None, num_layers=2, calibration=_as_windows(windows), progress=False)
     assert report.metric == "cosine" and len(report.pruned_layers) == 2
@@ -97,6 +128,7 @@ def test_prune_uses_statistics_and_reports(model, windows):
     assert pruned.config.pruned_layers == report.pruned_layers
     assert pruned.config.selection_metric == "cosine" and pruned.config.patch_kind == "hadamard"
     assert report.scales[0]["hadamard"]["min"] > 0
+    assert report.scales[0]["massive_channels"] == []  # a random tiny model has none: the paper's patch exactly
     plain, plain_report = prune(model, None, layers=[0, 5], patch="none", progress=False)
     assert plain_report.metric == "manual" and plain_report.calibration == {}
     assert not [n for n, _ in plain.named_parameters() if "linear_patch" in n]

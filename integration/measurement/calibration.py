@@ -4,6 +4,8 @@ Notation: X_l is the residual-stream input of decoder layer l (before its input 
 is the input of the final norm. Per window the pass keeps, for every layer l:
 
 - the per-channel mean |X_l| and mean |X_l H| (Hadamard-rotated) -> `[windows, L + 1, C]`;
+- the model's massive-activation channels (mean |x| over 100x the median channel's, as Gemma 3 carries on every
+  token) up to each layer, and mean |X_l H| with them left out -> the Hadamard patch scales them on their own;
 - sums of the per-token hidden-axis cosine (and angular distance) between X_l and X_{l+k} for the requested
   distances k -> `[L + 1, len(distances)]`;
 - for requested blocks (s, e), the Gram matrices X_s^T X_s and X_s^T X_e (C x C, for the least-squares baseline).
@@ -24,6 +26,11 @@ from ..data import TokenWindows
 from .capture import StopForward, raise_stop, run_until
 from .hadamard import hadamard_supported, hadamard_transform
 
+# A channel whose mean |x| exceeds this many times the median channel's carries a massive activation (Sun et al.,
+# 2024: fixed channels, 10^2-10^4x the rest). Gemma-3-270M has five, from layer 1 on (up to 1063x); SmolLM2-135M's
+# largest channel is 58x. See `massive_channels` in [`CalibrationStatistics`].
+MASSIVE_RATIO = 100.0
+
 
 @dataclass
 class CalibrationStatistics:
@@ -40,6 +47,11 @@ class CalibrationStatistics:
         rotated_abs_mean (`torch.Tensor`, same shape): per-window mean over tokens of |X_l H| (NaN for a width
             without a Hadamard matrix: the other patch kinds do not need it).
         gram (`dict`): `(s, e) -> (X_s^T X_s, X_s^T X_e)` in float64, summed over calibration tokens.
+        massive_channels (`torch.BoolTensor` of shape `(L + 1, C)`): channels with a massive activation in X_l or
+            any earlier X_j (mean |x| over the first calibration window above `MASSIVE_RATIO` times the median
+            channel's). The first window alone decides, so that the choice does not depend on batching.
+        rotated_rest_abs_mean (`torch.Tensor` of shape `(windows, L + 1, C)`): per-window mean over tokens of
+            |(X_l with its massive channels zeroed) H|; equal to `rotated_abs_mean` where there are none.
         num_tokens (`int`): calibration tokens seen.
         data (`dict`): description of the calibration windows (source, sizes, seed, hash).
         seconds (`float`): wall time of the pass.
@@ -55,6 +67,8 @@ class CalibrationStatistics:
     num_tokens: int = 0
     data: dict = field(default_factory=dict)
     seconds: float = 0.0
+    massive_channels: torch.Tensor | None = None
+    rotated_rest_abs_mean: torch.Tensor | None = None
 
     def block_cosine(self, distance: int) -> torch.Tensor:
         """Mean cosine between X_s and X_{s+distance} for every start s = 0..L-distance."""
@@ -131,6 +145,8 @@ def calibrate(
     channel_abs = torch.zeros(num_windows, num_layers + 1, hidden_size, dtype=torch.float32)
     rotate = hadamard_supported(hidden_size)
     rotated_abs = torch.zeros_like(channel_abs) if rotate else torch.full_like(channel_abs, float("nan"))
+    rotated_rest_abs = rotated_abs.clone()
+    massive = torch.zeros(num_layers + 1, hidden_size, dtype=torch.bool)
     gram = {
         block: (
             torch.zeros(hidden_size, hidden_size, dtype=torch.float64, device=device),
@@ -143,9 +159,19 @@ def calibrate(
         """Update the statistics with X_index of the windows `windows`; `earlier_of(j)` gives X_j of the same
         windows (or None)."""
         hidden = hidden.to(device).float()
-        channel_abs[windows, index] = hidden.abs().mean(dim=1).cpu()
+        magnitudes = hidden.abs().mean(dim=1).cpu()
+        channel_abs[windows, index] = magnitudes
+        if windows.start == 0:  # the first window decides (every pass and batching sees it first at each layer)
+            massive[index] = magnitudes[0] > MASSIVE_RATIO * magnitudes[0].median()
+            if index > 0:
+                massive[index] |= massive[index - 1]
         if rotate:
-            rotated_abs[windows, index] = hadamard_transform(hidden).abs().mean(dim=1).cpu()
+            rotated = hadamard_transform(hidden).abs().mean(dim=1).cpu()
+            rotated_abs[windows, index] = rotated
+            if massive[index].any():
+                rest = hidden.masked_fill(massive[index].to(hidden.device), 0.0)
+                rotated = hadamard_transform(rest).abs().mean(dim=1).cpu()
+            rotated_rest_abs[windows, index] = rotated
         for column, distance in enumerate(distances):
             earlier = earlier_of(index - distance)
             if earlier is None:
@@ -271,7 +297,9 @@ def calibrate(
         num_tokens=token_count,
         data=windows.describe() if isinstance(windows, TokenWindows) else {"num_windows": num_windows},
         seconds=time.perf_counter() - started,
+        massive_channels=massive,
+        rotated_rest_abs_mean=rotated_rest_abs,
     )
 
 
-__all__ = ["CalibrationStatistics", "calibrate"]
+__all__ = ["MASSIVE_RATIO", "CalibrationStatistics", "calibrate"]

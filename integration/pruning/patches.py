@@ -25,6 +25,41 @@ def channel_scales(statistics: CalibrationStatistics, start: int, end: int, rota
     return _mean_ratio(magnitudes, start, end)
 
 
+def massive_channels(statistics: CalibrationStatistics, start: int, end: int) -> torch.Tensor:
+    """The massive-activation channels at either end of the gap [start, end) (a bool mask over C; all False for
+    statistics from before they were recorded)."""
+    if statistics.massive_channels is None:
+        return torch.zeros(statistics.channel_abs_mean.shape[-1], dtype=torch.bool)
+    return statistics.massive_channels[start] | statistics.massive_channels[end]
+
+
+def hadamard_patch(statistics: CalibrationStatistics, start: int, end: int) -> torch.Tensor:
+    """LinearPatch's P = H diag(d) H^T for the gap [start, end), with the model's massive-activation channels kept
+    out of the rotation.
+
+    The rotation spreads every channel over all of them, so d is the ratio of the whole stream's magnitudes. A block
+    may change massive channels in opposite ways: Gemma-3-270M's layers 6..11 shrink channel 400 six-fold while
+    channel 163 grows 4.5-fold, so every rotated scale is about 4.4 and the patch hands layer 12 a channel 400 26x
+    too large (held-out perplexity 5e18 against 4e4 for no patch). Here the massive channels M (see
+    [`calibrate`]) each get their own ratio, and H diag(d) H^T is fitted to the stream with M zeroed and applied to
+    it: P = E H diag(d_rest) H^T E + diag(r_M), E the projection that zeroes M. With no massive channel (SmolLM2
+    and every tiny test model) this is the paper's patch exactly.
+    """
+    size = statistics.channel_abs_mean.shape[-1]
+    rotation = hadamard_matrix(size, dtype=torch.float64)
+    massive = massive_channels(statistics, start, end)
+    if not massive.any():
+        scales = channel_scales(statistics, start, end, rotated=True)
+        return ((rotation * scales) @ rotation.T).float()
+    rest = (~massive).double()
+    scales = _mean_ratio(statistics.rotated_rest_abs_mean, start, end)
+    patch = rest[:, None] * ((rotation * scales) @ rotation.T) * rest[None, :]
+    own = channel_scales(statistics, start, end, rotated=False)
+    index = massive.nonzero().flatten()
+    patch[index, index] = own[index]
+    return patch.float()
+
+
 def estimate_patch(
     statistics: CalibrationStatistics, start: int, end: int, kind: str = "hadamard", ridge: float = DEFAULT_RIDGE
 ) -> torch.Tensor:
@@ -34,7 +69,9 @@ def estimate_patch(
         statistics (`CalibrationStatistics`): from [`calibrate`] on the dense model.
         start (`int`), end (`int`): the gap; P maps X_start (output of layer start-1) towards X_end.
         kind (`str`, *optional*, defaults to `"hadamard"`):
-            `hadamard`: P = H diag(d) H^T, d from the rotated magnitudes (LinearPatch);
+            `hadamard`: P = H diag(d) H^T, d from the rotated magnitudes (LinearPatch); where the model carries
+            massive-activation channels at either end of the gap, those are scaled on their own and the rotation
+            covers the rest (see [`hadamard_patch`]);
             `diag`: P = diag(d) without rotation; `scalar`: P = r I with r the mean over windows of the ratio of
             mean |X| over all channels; `lstsq`: ridge least squares X_start P ~= X_end (ReplaceMe-style baseline,
             needs `regression_blocks=[(start, end)]` in the calibration pass).
@@ -43,9 +80,7 @@ def estimate_patch(
     """
     size = statistics.channel_abs_mean.shape[-1]
     if kind == "hadamard":
-        scales = channel_scales(statistics, start, end, rotated=True)
-        rotation = hadamard_matrix(size, dtype=torch.float64)
-        return ((rotation * scales) @ rotation.T).float()
+        return hadamard_patch(statistics, start, end)
     if kind == "diag":
         return torch.diag(channel_scales(statistics, start, end, rotated=False)).float()
     if kind == "scalar":
@@ -61,8 +96,9 @@ def estimate_patch(
 
 
 def scale_summary(statistics: CalibrationStatistics, start: int, end: int) -> dict:
-    """Per-channel scale statistics of a gap, rotated and not (for the report)."""
-    summary = {}
+    """Per-channel scale statistics of a gap, rotated and not, and its massive-activation channels (for the
+    report)."""
+    summary = {"massive_channels": massive_channels(statistics, start, end).nonzero().flatten().tolist()}
     for name, rotated in (("hadamard", True), ("channel", False)):
         if rotated and statistics.rotated_abs_mean.isnan().all():
             continue  # a width without a Hadamard matrix
@@ -73,4 +109,13 @@ def scale_summary(statistics: CalibrationStatistics, start: int, end: int) -> di
     return summary
 
 
-__all__ = ["DEFAULT_RIDGE", "PATCH_CHOICES", "PATCH_KINDS", "channel_scales", "estimate_patch", "scale_summary"]
+__all__ = [
+    "DEFAULT_RIDGE",
+    "PATCH_CHOICES",
+    "PATCH_KINDS",
+    "channel_scales",
+    "estimate_patch",
+    "hadamard_patch",
+    "massive_channels",
+    "scale_summary",
+]

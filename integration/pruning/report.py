@@ -26,7 +26,8 @@ class PruneReport:
         patch (`str`): patch kind requested (`auto`: chosen per gap, see `patch_choices`).
         candidate_scores (`dict[int, float]`): score of every candidate block start (or layer, for
             block influence; held-out perplexity for `loss`); empty for explicit layers.
-        scales (`list[dict]`): per-gap statistics of the channel scales, rotated and not.
+        scales (`list[dict]`): per-gap statistics of the channel scales, rotated and not, and the gap's
+            massive-activation channels (scaled on their own by the Hadamard patch).
         calibration (`dict`): the calibration data (source, windows, seq_len, seed, sha256, tokens/s).
         seconds (`float`): total wall time.
         evaluation (`dict`): held-out perplexity per model (`dense`, `pruned`) and corpus, when asked for.
