@@ -1,97 +1,33 @@
-"""Resolve, validate, load and save models: the embedded default model (SmolLM2-135M, converted once from a PyPI
-wheel), local folders and Hub ids.
-
-Everything that can be checked from a config is checked here, before any weight is read: that the model exists,
-that its family is supported, that the device exists.
+"""Load and save models: the embedded models (converted once from PyPI wheels), local folders, adapters and Hub ids,
+each opened by `resolution.py` (what it is and whether its config and files are whole) before any weight is read.
+Every loader takes a name or an opened [`ModelRef`].
 """
 
-import json
 import logging
-import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from linearpatch.common.errors import (
-    CheckpointMismatchError,
-    LinearPatchError,
-    ModelNotFoundError,
-    UnsupportedModelError,
-    first_line,
-)
+from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
 from linearpatch.common.files import atomic_directory
-from linearpatch.common.names import ADAPTER_CONFIG, CONFIG_FILE, PRUNE_RECORD, REPO_ID, WEIGHTS_FILE, is_repo_id
-from linearpatch.modeling import checkpoint_model_types, supported_model_types
+from linearpatch.common.names import PRUNE_RECORD, is_repo_id
 
-from .adapter import adapter_base, base_identity, check_adapter_folder, merge_patch_adapter, write_adapter
+from .adapter import adapter_base, base_identity, merge_patch_adapter, write_adapter
 from .defaults import default_device
-from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, cache_dir, convert_embedded
-from .shards import SafetensorsCheckpoint, refuse_non_finite
+from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, cache_dir
+from .resolution import (
+    ModelRef,
+    check_model_files,
+    embedded_name_for,
+    load_config,
+    open_model,
+    portable_model_id,
+    resolve_model,
+)
+from .shards import refuse_non_finite
 
 logger = logging.getLogger(__name__)
-
-_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/")
-
-
-def resolve_model(name_or_path: str) -> str:
-    """Return a path or Hub id loadable by `from_pretrained`; embedded names are converted once and cached.
-
-    Args:
-        name_or_path (`str`): `smollm2-135m`, a local checkpoint folder, or a Hub repo id.
-
-    Raises:
-        ModelNotFoundError: for a path that does not exist (and is not a Hub id).
-    """
-    name_or_path = str(name_or_path)
-    spec = EMBEDDED_MODELS.get(name_or_path)
-    if spec is not None:
-        target = cache_dir() / "models" / name_or_path
-        if not (target / WEIGHTS_FILE).exists():
-            convert_embedded(name_or_path, spec, target)
-        return str(target)
-    if Path(name_or_path).expanduser().exists():
-        return str(Path(name_or_path).expanduser())
-    if not REPO_ID.match(name_or_path):
-        raise ModelNotFoundError(
-            f"Model {name_or_path!r} not found: it is not a folder, not a Hub id (org/name), and not an embedded "
-            f"model ({', '.join(EMBEDDED_MODELS)}). Check the path."
-        )
-    return name_or_path
-
-
-def portable_model_id(name_or_path: str | None) -> str | None:
-    """What to record as a model's origin so that another machine can resolve it: the Hub id of an embedded model
-    (never its cache path), a Hub id as given, the repo of an HF cache snapshot, or the `base_model` a LinearPatch
-    checkpoint folder records. `None` for a local folder with no Hub identity (pass `base_model=` then)."""
-    if not name_or_path:
-        return None
-    name_or_path = str(name_or_path)
-    if name_or_path in EMBEDDED_MODELS:
-        return EMBEDDED_MODELS[name_or_path].hub_id
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        return name_or_path if REPO_ID.match(name_or_path) else None
-    source = path / "EMBEDDED_SOURCE"
-    if source.exists():
-        return source.read_text().split()[2]
-    snapshot = _CACHE_SNAPSHOT.search(str(path.resolve()))
-    if snapshot:
-        return f"{snapshot['org']}/{snapshot['name']}"
-    config = path / CONFIG_FILE
-    if config.exists():
-        recorded = json.loads(config.read_text()).get("base_model")
-        if is_repo_id(recorded):
-            return recorded
-    return None
-
-
-def embedded_name_for(model_id: str | None) -> str | None:
-    """The embedded name whose Hub id is `model_id` (so a recorded `base_model` loads offline), else `model_id`."""
-    for name, spec in EMBEDDED_MODELS.items():
-        if spec.hub_id == model_id:
-            return name
-    return model_id
 
 
 def resolve_device(device: str | None) -> str:
@@ -115,52 +51,6 @@ def resolve_device(device: str | None) -> str:
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise LinearPatchError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible.")
     return device
-
-
-def load_config(name_or_path: str, kind: str | None = None):
-    """Read a model's config (no weights) and check that linearpatch can work on it.
-
-    Args:
-        name_or_path (`str`): see [`resolve_model`].
-        kind (`str`, *optional*): `dense` (a model to prune: a supported family), `checkpoint` (a LinearPatch
-            checkpoint), `None` (either), or `teacher` (any causal LM: the distillation teacher, which the parent
-            process checked as `dense`; its child process knows only the built-in families, not registered ones).
-
-    Raises:
-        ModelNotFoundError, UnsupportedModelError: naming the model and what would work.
-    """
-    import linearpatch.modeling  # noqa: F401  (registers the LinearPatch auto classes)
-
-    path = resolve_model(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        if Path(path).is_dir():
-            raise ModelNotFoundError(
-                f"{name_or_path} is a folder but not a model ({str(error).splitlines()[0]}); it needs a config.json."
-            ) from error
-        raise ModelNotFoundError(
-            f"Cannot load {name_or_path!r} from the Hub ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            "Check the id, your network and HF_TOKEN, or pass a local folder."
-        ) from error
-    model_type = config.model_type
-    families = ", ".join(supported_model_types())
-    checkpoint_types = checkpoint_model_types()
-    if kind == "checkpoint" and model_type not in checkpoint_types:
-        raise UnsupportedModelError(
-            f"{name_or_path} is a {model_type!r} model, not a LinearPatch checkpoint; run `linearpatch prune` on it "
-            "first."
-        )
-    if kind == "dense" and model_type not in supported_model_types():
-        hint = " It is already pruned: prune its dense model instead." if model_type in checkpoint_types else ""
-        raise UnsupportedModelError(
-            f"{name_or_path} is a {model_type!r} model; linearpatch prunes these families: {families}.{hint}"
-        )
-    if kind is None and model_type not in (*supported_model_types(), *checkpoint_types):
-        raise UnsupportedModelError(
-            f"{name_or_path} is a {model_type!r} model; linearpatch works on {families} and LinearPatch checkpoints."
-        )
-    return config
 
 
 def check_same_vocabulary(name: str, vocab_size: int, reference: str, reference_vocab_size: int, why: str) -> None:
@@ -206,52 +96,27 @@ def check_same_base(config, dense_config, dense: str, role: str) -> None:
         )
 
 
-def _is_patch_adapter(name_or_path: str, kind: str | None) -> bool:
-    """Whether a model input is a patch adapter folder (a dense model or teacher never is one)."""
-    return (Path(str(name_or_path)) / ADAPTER_CONFIG).exists() and kind not in ("dense", "teacher")
-
-
-def check_model_files(name_or_path: str, kind: str | None = None):
-    """Open and check a model input without loading its weights: its config and family (see [`load_config`]), and
-    for a local folder its safetensors files (every shard present and as long as its header says, every index entry
-    in its shard); for a patch adapter, the adapter's files and the checkpoint it belongs to. Commands run this on
-    every model they are given before the first forward pass of any.
-
-    Returns:
-        The model's config (for an adapter: its base checkpoint's).
-
-    Raises:
-        ModelNotFoundError, UnsupportedModelError, CheckpointMismatchError: naming the model and the fix.
-    """
-    if _is_patch_adapter(name_or_path, kind):
-        return _check_adapter_files(name_or_path)
-    config = load_config(name_or_path, kind)
-    path = Path(resolve_model(name_or_path))
-    if path.is_dir():
-        SafetensorsCheckpoint(path)
-    return config
-
-
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str | ModelRef):
     """The tokenizer of a model. It never runs remote code: a LinearPatch checkpoint's tokenizer is a stock one."""
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=False)
 
 
 def load_model(
-    name_or_path: str,
+    name_or_path: str | ModelRef,
     dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
     kind: str | None = None,
     **kwargs,
 ):
-    """Load a causal LM and its tokenizer by name (see [`resolve_model`]); the model is put in eval mode.
+    """Load a causal LM and its tokenizer by name (see [`resolve_model`]) or opened reference (see [`open_model`]);
+    the model is put in eval mode.
 
     Only safetensors weights are accepted (`use_safetensors=True`): pickled checkpoints are never loaded. A folder
     holding a LinearPatch PEFT adapter loads its base checkpoint and merges the adapter (after checking that it
     belongs to that base).
 
     Args:
-        name_or_path (`str`): `smollm2-135m`, a folder, or a Hub id.
+        name_or_path (`str` or `ModelRef`): `smollm2-135m`, a folder, or a Hub id.
         dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`).
         device (`str`, *optional*): defaults to CUDA when available.
         kind (`str`, *optional*): `dense` or `checkpoint` to refuse the other (see [`load_config`]).
@@ -262,10 +127,10 @@ def load_model(
     device = resolve_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    if _is_patch_adapter(name_or_path, kind):
-        return load_patch_adapter(name_or_path, dtype=dtype, device=device)
-    load_config(name_or_path, kind)
-    path = resolve_model(name_or_path)
+    opened = open_model(name_or_path, kind, check_files=False)
+    if opened.kind == "adapter":
+        return load_patch_adapter(opened.path, base=opened.base, dtype=dtype, device=device)
+    path = opened.path
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
     except Exception as error:
@@ -284,26 +149,12 @@ def load_model(
         model.to(device)
     for name, tensor in model.state_dict().items():  # one pass over the weights: cheap next to any use of them
         refuse_non_finite(f"{name_or_path}: {name}", tensor)
-    return model.eval(), load_tokenizer(path)
+    return model.eval(), load_tokenizer(opened)
 
 
-def _check_adapter_files(adapter_dir: str | Path):
-    """[`check_model_files`] of a patch adapter: its own files, the checkpoint it belongs to (a LinearPatch checkpoint
-    whose files are complete), and that its patches fit that checkpoint's. Returns the base checkpoint's config."""
-    base = adapter_base(adapter_dir)
-    try:
-        config = check_model_files(base, kind="checkpoint")
-    except LinearPatchError as error:
-        raise CheckpointMismatchError(
-            f"The adapter {adapter_dir} names {base} as its base, which is not a usable LinearPatch checkpoint "
-            f"({first_line(error)}). Save the adapter with `save_patch_adapter(model, folder, base=CHECKPOINT)` or "
-            "`linearpatch distill --adapter-only`."
-        ) from error
-    check_adapter_folder(adapter_dir, base, config)
-    return config
-
-
-def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=torch.float32, device: str = "cpu"):
+def load_patch_adapter(
+    adapter_dir: str | Path, base: str | ModelRef | None = None, dtype=torch.float32, device: str = "cpu"
+):
     """Load a LinearPatch checkpoint, check that the adapter in `adapter_dir` belongs to it, and merge the adapter.
 
     Args:
@@ -314,7 +165,8 @@ def load_patch_adapter(adapter_dir: str | Path, base: str | None = None, dtype=t
     Returns:
         `tuple[LinearPatchForCausalLM, tokenizer]`: the merged model, in eval mode.
     """
-    model, tokenizer = load_model(adapter_base(adapter_dir, base), dtype=dtype, device=device, kind="checkpoint")
+    checkpoint = base if isinstance(base, ModelRef) else adapter_base(adapter_dir, base)
+    model, tokenizer = load_model(checkpoint, dtype=dtype, device=device, kind="checkpoint")
     return merge_patch_adapter(model, adapter_dir), tokenizer
 
 
@@ -401,6 +253,7 @@ def write_checkpoint_files(folder: Path, model, tokenizer=None, files: dict[str,
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
+    "ModelRef",
     "cache_dir",
     "check_model_files",
     "check_same_base",
@@ -410,6 +263,7 @@ __all__ = [
     "load_model",
     "load_patch_adapter",
     "load_tokenizer",
+    "open_model",
     "portable_model_id",
     "resolve_device",
     "resolve_model",

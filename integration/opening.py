@@ -9,7 +9,7 @@ from transformers import PreTrainedConfig
 
 from linearpatch.common.files import check_output, refuse_overlap
 
-from .models import load_config, resolve_device, resolve_model
+from .models import ModelRef, open_model, resolve_device
 
 
 @dataclass(frozen=True)
@@ -20,18 +20,26 @@ class JobOpening:
     Args:
         output (`Path`): the folder the job will create.
         device (`str`): the resolved device (`cuda` when available and none was asked for).
-        config (`PreTrainedConfig`): the model's config (dense or LinearPatch, as `kind` asked).
-        model_path (`str`): where the model's files are (a folder, or the Hub cache's snapshot).
+        model (`ModelRef`): the model, opened once (dense or LinearPatch, as `kind` asked); the job passes it down.
     """
 
     output: Path
     device: str
-    config: PreTrainedConfig
-    model_path: str
+    model: ModelRef
+
+    @property
+    def config(self) -> PreTrainedConfig:
+        """The model's config."""
+        return self.model.config
+
+    @property
+    def model_path(self) -> str:
+        """Where the model's files are (a folder, or a Hub id)."""
+        return self.model.path
 
 
 def open_job(
-    model: str,
+    model: str | ModelRef,
     kind: str,
     output: str | Path,
     overwrite: bool,
@@ -42,7 +50,7 @@ def open_job(
     """Check a job's output, device, model and other inputs, cheaply and in this order.
 
     Args:
-        model (`str`): the model the job reads (`smollm2-135m`, a folder or a Hub id).
+        model (`str` or `ModelRef`): the model the job reads (`smollm2-135m`, a folder or a Hub id).
         kind (`str`): `dense` or `checkpoint` (see `load_config`).
         output (`str` or `Path`), overwrite (`bool`): the folder to create, and whether it may replace one.
         device (`str`, *optional*): as given by the user.
@@ -55,11 +63,10 @@ def open_job(
     output = Path(output)
     check_output(output, overwrite)
     device = resolve_device(device)
-    config = load_config(model, kind=kind)
-    model_path = resolve_model(model)
+    opened = open_model(model, kind=kind, check_files=False)
     role = role or ("dense model" if kind == "dense" else "checkpoint")
-    refuse_overlap(output, {role: model_path, **(inputs or {})})
-    return JobOpening(output, device, config, model_path)
+    refuse_overlap(output, {role: opened.path, **(inputs or {})})
+    return JobOpening(output, device, opened)
 
 
 __all__ = ["JobOpening", "open_job"]

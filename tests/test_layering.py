@@ -38,11 +38,13 @@ LAYERS = {
         "linearpatch.integration.options",
         "linearpatch.integration.requests",
     ],
-    # Weight I/O: shards, models (the embedded one included), the patch adapter, layer-by-layer running.
+    # Weight I/O: shards, model inputs opened once, models (the embedded one included), the patch adapter,
+    # layer-by-layer running.
     "weights": [
         "linearpatch.integration.shards",
         "linearpatch.integration.adapter",
         "linearpatch.integration.embedded",
+        "linearpatch.integration.resolution",
         "linearpatch.integration.models",
         "linearpatch.integration.layerwise",
     ],
@@ -445,6 +447,7 @@ def test_integration_has_no_loose_file_of_a_stage():
     # eval and report, export, serve) is a folder of its own.
     loose = {path.stem for path in (ROOT / "integration").glob("*.py")} - {"__init__"}
     shared = {"choices", "defaults", "options", "requests", "shards", "adapter", "embedded", "models", "layerwise"}
+    shared |= {"resolution"}  # what a model input is, opened once (`ModelRef`)
     # llama_cpp: the tools `make gguf` builds, shared by export (--gguf) and serve (a .gguf).
     assert loose == shared | {"data", "opening", "llama_cpp"}, loose
     assert {path.name for path in (ROOT / "integration").iterdir() if (path / "__init__.py").exists()} == {

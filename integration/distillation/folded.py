@@ -39,6 +39,7 @@ from ..export.folding import (
 from ..export.gguf import GgufPlan, export_gguf
 from ..export.plan import fold_models, plan_model_folds
 from ..requests import DEFAULT_CALIBRATION, DistillRequest
+from ..resolution import ModelRef
 from .generated import GENERATED
 
 log = logging.getLogger("linearpatch")
@@ -158,24 +159,29 @@ class FoldedExport:
 
 
 def export_start(
-    request: DistillRequest, config, tokenizer, device: str, spread: dict, gguf: GgufPlan | None = None
+    request: DistillRequest,
+    student: ModelRef,
+    teacher: ModelRef,
+    tokenizer,
+    device: str,
+    spread: dict,
+    gguf: GgufPlan | None = None,
 ) -> FoldedExport:
     """The training-free fold `distill --export` starts from: `--fold auto` on the export's calibration windows of the
     training text, fitted to the teacher (the dense model), held whole only when the student fits the device."""
-    from ..models import portable_model_id, resolve_model
-
+    config = student.config
     sizes = Sizes.resolve("calibration", device, None, None, config)
     # The fold is fitted on corpus text: the calibration corpus when the training text is the teacher's own.
     text = DEFAULT_CALIBRATION if request.data == GENERATED else request.data
     windows = token_windows(text, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
-    plan = training_free_plan(request.checkpoint, resolve_model(request.teacher), windows, device, bool(spread))
+    plan = training_free_plan(student.path, teacher.path, windows, device, bool(spread))
     if not plan.maps:
         raise LinearPatchError(
             "Every patch of this checkpoint folds exactly into the stock weights (a scalar patch), so there is no map "
             "to train: run `linearpatch export`, or `linearpatch distill` without --export to train the patches."
         )
     writers = writer_sites(config, plan.maps, request.export_layers)
-    return FoldedExport(plan, windows.describe(), portable_model_id(request.checkpoint), writers, gguf=gguf)
+    return FoldedExport(plan, windows.describe(), student.origin, writers, gguf=gguf)
 
 
 __all__ = ["FoldedExport", "export_start", "fold_trained", "target_modules", "training_free_plan"]

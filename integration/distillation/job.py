@@ -133,13 +133,14 @@ def distill_checkpoint(
     if not isinstance(request, DistillRequest):
         request = DistillRequest(checkpoint=request, teacher=teacher, output=output, **options)
     from ..models import cache_dir as default_cache_dir
-    from ..models import load_model, load_tokenizer, resolve_model, write_checkpoint_files
+    from ..models import load_model, load_tokenizer, open_model, write_checkpoint_files
     from ..opening import open_job
 
     cache_root = Path(request.cache_dir) if request.cache_dir else default_cache_dir() / "teacher-cache"
     output, work_dir = Path(request.output), work_folder(request)
+    teacher = open_model(request.teacher, kind="dense", check_files=False)
     inputs = {
-        "teacher": resolve_model(request.teacher),
+        "teacher": teacher.path,
         "teacher cache": cache_root,
         "work folder": work_dir if work_dir.exists() else None,
         "training text": local_text_file(request.data),
@@ -158,8 +159,8 @@ def distill_checkpoint(
         )
     if request.resume and not work_dir.exists():
         raise LinearPatchError(f"--resume: there is no work folder {work_dir} to resume from; run without --resume.")
-    student_tokenizer = load_tokenizer(request.checkpoint)
-    check_teacher_matches(request.teacher, student_config, student_tokenizer)
+    student_tokenizer = load_tokenizer(job.model)
+    check_teacher_matches(teacher, student_config, student_tokenizer)
     gguf = plan_gguf(student_config, request.gguf)  # `--export --gguf`: refused now, not after the training
     student_bytes = SafetensorsCheckpoint(job.model_path).nbytes(getattr(torch, request.dtype))
     generated = training_windows(request, student_tokenizer, student_config, device, cache_root)
@@ -179,10 +180,10 @@ def distill_checkpoint(
     if (
         request.export
     ):  # the training-free start; the teacher is held only while it is fitted, layer by layer if need be
-        folded = export_start(request, student_config, student_tokenizer, device, plan.device_map, gguf)
+        folded = export_start(request, job.model, teacher, student_tokenizer, device, plan.device_map, gguf)
     # The student (pruned checkpoint) is the only model this process trains.
     student, tokenizer = load_model(
-        request.checkpoint, dtype=request.dtype, device=device, kind="checkpoint", **plan.device_map
+        job.model, dtype=request.dtype, device=device, kind="checkpoint", **plan.device_map
     )
     identity = base_identity(student)
     weights_of = patch_weights
@@ -203,7 +204,7 @@ def distill_checkpoint(
     try:
         with atomic_directory(output, request.overwrite) as staging:
             if request.adapter_only:
-                base = resolve_model(request.checkpoint)
+                base = job.model.path
                 local = Path(base).exists()
                 base_path = str(Path(base).resolve()) if local else request.checkpoint
                 # A local path works on this machine; `linearpatch push --base-model ORG/NAME` replaces it for the

@@ -17,6 +17,7 @@ from ..data import TokenWindows, token_windows
 from ..defaults import Sizes
 from ..layerwise import available_memory, memory_limit
 from ..requests import DistillRequest
+from ..resolution import ModelRef
 from ..shards import format_size
 
 log = logging.getLogger("linearpatch")
@@ -127,7 +128,7 @@ def trainer_overrides(request: DistillRequest, device: str) -> dict:
     return overrides
 
 
-def check_teacher_matches(teacher: str, student_config, student_tokenizer) -> None:
+def check_teacher_matches(teacher: "str | ModelRef", student_config, student_tokenizer) -> None:
     """Refuse a teacher whose vocabulary differs from the student's, from configs and tokenizers only.
 
     Raises:

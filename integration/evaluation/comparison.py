@@ -24,9 +24,9 @@ from ..measurement.closeness import (
     reference_of,
 )
 from ..measurement.perplexity import held_out_windows
-from ..models import check_model_files, check_same_vocabulary, load_tokenizer, resolve_device
+from ..models import ModelRef, check_same_vocabulary, load_tokenizer, open_model, resolve_device
 from ..requests import EvalRequest
-from .opening import layerwise_names, open_baseline, opened_model
+from .opening import open_baseline, opened_model, place_models
 from .tasks import chance_accuracy, lm_eval_tasks, task_manager
 
 # A task counts as solved by the dense model only if it beats chance by more than this many standard errors.
@@ -146,36 +146,33 @@ def _evaluate_tasks(name: str, request: EvalRequest, model, tokenizer) -> ModelE
 
 
 def evaluate_baseline(
-    name: str,
-    request: EvalRequest,
-    windows: dict[str, TokenWindows],
-    loaded: tuple | None = None,
-    layerwise: bool = False,
+    ref: ModelRef, request: EvalRequest, windows: dict[str, TokenWindows], loaded: tuple | None = None
 ) -> tuple[ModelEvaluation, Baseline]:
-    """Evaluate the baseline `name` as [`evaluate_model`] does, and keep what the others are compared with: its
+    """Evaluate the baseline `ref` as [`evaluate_model`] does, and keep what the others are compared with: its
     top-K predictions on the perplexity `windows` (from the same forward passes as its perplexity) and its greedy
-    continuations of the held-out prompts (none when a model runs layer by layer: [`layerwise_names`])."""
-    with opened_model(name, request, layerwise, loaded) as (model, tokenizer):
-        evaluation = _evaluate_tasks(name, request, model, tokenizer)
+    continuations of the held-out prompts (none when a model runs layer by layer: [`place_models`])."""
+    with opened_model(ref, request, loaded) as (model, tokenizer):
+        evaluation = _evaluate_tasks(ref.name, request, model, tokenizer)
         references = {}
         for corpus, text in windows.items():
             references[corpus], evaluation.perplexity[corpus] = reference_of(model, text, TEACHER_TOP_K, True)
         device = resolve_device(request.device)
         sizes = Sizes.resolve("generation", device, request.generation_prompts, None, model.config)
+        layerwise = ref.layerwise
         prompts = None if layerwise else held_out_prompts(tokenizer, request.corpora, sizes.num_samples, sizes.seq_len)
         continuations = None if prompts is None else greedy_continuations(model, prompts, request.generation_tokens)
     return evaluation, Baseline(references, prompts, continuations)
 
 
 def evaluate_model(
-    name: str, request: EvalRequest, baseline: Baseline, loaded: tuple | None = None, layerwise: bool = False
+    ref: ModelRef, request: EvalRequest, baseline: Baseline, loaded: tuple | None = None
 ) -> ModelEvaluation:
-    """Load `name` (embedded name, folder, adapter folder or Hub id; with `layerwise`, run it layer by layer from its
-    shards) and evaluate it on the request's lm-eval tasks, and on the `baseline`'s windows: its perplexity and its
-    closeness to the baseline (the same forward passes), and its greedy generation agreement; `loaded` is an already
-    loaded `(model, tokenizer)` of `name`."""
-    with opened_model(name, request, layerwise, loaded) as (model, tokenizer):
-        evaluation = _evaluate_tasks(name, request, model, tokenizer)
+    """Load `ref` (an opened embedded name, folder, adapter folder or Hub id; run layer by layer from its shards where
+    [`place_models`] said so) and evaluate it on the request's lm-eval tasks, and on the `baseline`'s windows: its
+    perplexity and its closeness to the baseline (the same forward passes), and its greedy generation agreement;
+    `loaded` is an already loaded `(model, tokenizer)` of it."""
+    with opened_model(ref, request, loaded) as (model, tokenizer):
+        evaluation = _evaluate_tasks(ref.name, request, model, tokenizer)
         for corpus, reference in baseline.references.items():
             evaluation.closeness[corpus], evaluation.perplexity[corpus] = compare_with(model, reference, progress=True)
         if baseline.prompts is not None:
@@ -365,36 +362,34 @@ def evaluate_checkpoints(request: EvalRequest, log=print) -> ModelComparison:
     if request.output is not None:
         for name in EVAL_FILES:
             check_output(Path(request.output) / name, request.overwrite)
-    # Every model, adapter and export is opened and checked before the first forward pass of any of them.
-    dense_config = check_model_files(request.baseline)
+    # Every model, adapter and export is opened and checked once, before the first forward pass of any of them.
+    opened = [open_model(request.baseline)]
     for name in request.models:
+        opened.append(open_model(name))
         # Every model is scored on the baseline's tokens, and retained performance compares like with like.
         check_same_vocabulary(
             name,
-            check_model_files(name).vocab_size,
+            opened[-1].config.vocab_size,
             f"the baseline {request.baseline}",
-            dense_config.vocab_size,
+            opened[0].config.vocab_size,
             "compare a pruned model with the dense model it was pruned from.",
         )
     limit = documents_per_task(limit, device)
-    sizes = Sizes.resolve("perplexity", device, request.perplexity_windows, request.seq_len, dense_config)
+    sizes = Sizes.resolve("perplexity", device, request.perplexity_windows, request.seq_len, opened[0].config)
     if tasks:
         task_manager(list(tasks))
-    layerwise = layerwise_names(request, device)
-    tokenizer = load_tokenizer(request.baseline)
-    windows = held_out_windows(tokenizer, request.corpora, sizes.num_samples, sizes.seq_len)
+    opened = place_models(opened, request, device)
+    windows = held_out_windows(load_tokenizer(opened[0]), request.corpora, sizes.num_samples, sizes.seq_len)
 
-    dense, estimate = open_baseline(request, layerwise, windows, limit, device, log)
+    dense, estimate = open_baseline(request, opened, windows, limit, device, log)
 
-    def announce(name: str) -> str:
-        log(f"[{time.perf_counter() - started:.0f}s] evaluating {name}")
-        return name
+    def announce(ref: ModelRef) -> ModelRef:
+        log(f"[{time.perf_counter() - started:.0f}s] evaluating {ref}")
+        return ref
 
-    baseline_result, baseline = evaluate_baseline(
-        announce(request.baseline), request, windows, dense, request.baseline in layerwise
-    )
+    baseline_result, baseline = evaluate_baseline(announce(opened[0]), request, windows, dense)
     del dense
-    results = [evaluate_model(announce(name), request, baseline, None, name in layerwise) for name in request.models]
+    results = [evaluate_model(announce(ref), request, baseline) for ref in opened[1:]]
     data = comparison(results, baseline_result)
     data["settings"] = dict(
         tasks=list(tasks),

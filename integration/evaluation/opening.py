@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.names import ADAPTER_CONFIG
 
 from ..layerwise import choose_sequential, layerwise_model
-from ..models import load_model, load_tokenizer, resolve_model
+from ..models import ModelRef, load_model, load_tokenizer
 from ..requests import EvalRequest
 from ..shards import SafetensorsCheckpoint
 from .tasks import OFFLINE_TASKS
@@ -24,28 +23,29 @@ from .tasks import OFFLINE_TASKS
 _DOCUMENT_COST = {"wiki_next_sentence": (4, 240), "mmlu_dev_offline": (4, 240), "wiki_last_word": (1, 160)}
 
 
-def layerwise_names(request: EvalRequest, device: str) -> set[str]:
-    """The models of `request` (the baseline included) that run layer by layer: every local checkpoint folder with
-    `--sequential`, else those whose weights in `--dtype` exceed `--max-memory` (default: the device's free memory).
+def place_models(refs: list[ModelRef], request: EvalRequest, device: str) -> list[ModelRef]:
+    """The opened models of `request` (the baseline first), each marked whether it runs layer by layer
+    ([`ModelRef.placed`]): every local checkpoint folder with `--sequential`, else those whose weights in `--dtype`
+    exceed `--max-memory` (default: the device's free memory).
 
     Raises:
         LinearPatchError: for lm-eval tasks or generation prompts asked of a model run layer by layer, and for an
             adapter folder or a Hub id asked to run layer by layer (naming the fix).
     """
     dtype = getattr(torch, request.dtype)
-    chosen = set()
-    for name in dict.fromkeys([request.baseline, *request.models]):
-        path = Path(resolve_model(name))
-        if not path.is_dir() or (path / ADAPTER_CONFIG).exists():
+    placed = []
+    for ref in refs:
+        if not ref.is_folder or ref.kind == "adapter":
             if request.sequential:
-                what = "a patch adapter (merge it: distill without --adapter-only)" if path.is_dir() else "on the Hub"
-                raise LinearPatchError(f"--sequential reads a checkpoint folder's shards, and {name} is {what}.")
+                what = "a patch adapter (merge it: distill without --adapter-only)" if ref.is_folder else "on the Hub"
+                raise LinearPatchError(f"--sequential reads a checkpoint folder's shards, and {ref} is {what}.")
+            placed.append(ref)
             continue
-        size = SafetensorsCheckpoint(path).nbytes(dtype)
-        if choose_sequential(size, device, request.sequential, request.max_memory, name):
-            chosen.add(name)
+        size = SafetensorsCheckpoint(Path(ref.path)).nbytes(dtype)
+        placed.append(ref.placed(choose_sequential(size, device, request.sequential, request.max_memory, ref.name)))
+    chosen = sorted({ref.name for ref in placed if ref.layerwise})
     if chosen:
-        which = ", ".join(sorted(chosen))
+        which = ", ".join(chosen)
         if request.tasks:
             raise LinearPatchError(
                 f"lm-eval tasks run each model whole, and {which} runs layer by layer (--sequential, or it does not "
@@ -57,25 +57,25 @@ def layerwise_names(request: EvalRequest, device: str) -> set[str]:
                 f"--gen-prompts: greedy generation would read every layer of {which} once per token: pass "
                 "--gen-prompts 0 (perplexity and closeness are measured layer by layer), or allow more memory."
             )
-    return chosen
+    return placed
 
 
 @contextlib.contextmanager
-def opened_model(name: str, request: EvalRequest, layerwise: bool, loaded: tuple | None = None) -> Iterator[tuple]:
-    """`(model, tokenizer)` of `name`: `loaded` when given, else loaded whole on the request's device, or (with
-    `layerwise`) the model run layer by layer from its shards; released on exit."""
+def opened_model(ref: ModelRef, request: EvalRequest, loaded: tuple | None = None) -> Iterator[tuple]:
+    """`(model, tokenizer)` of `ref`: `loaded` when given, else loaded whole on the request's device, or (when it runs
+    layer by layer) the model run from its shards; released on exit."""
     if loaded is not None:
         yield loaded
         return
     from ..models import resolve_device
 
     device, dtype = resolve_device(request.device), getattr(torch, request.dtype)
-    if not layerwise:
-        yield load_model(name, dtype=dtype, device=device)
+    if not ref.layerwise:
+        yield load_model(ref, dtype=dtype, device=device)
         return
     # The layers and the activation store share --max-memory.
-    with layerwise_model(resolve_model(name), dtype, device, max_memory=request.max_memory) as model:
-        yield model, load_tokenizer(name)
+    with layerwise_model(ref.path, dtype, device, max_memory=request.max_memory) as model:
+        yield model, load_tokenizer(ref)
 
 
 def _measure_tokens_per_second(model, seq_len: int) -> float:
@@ -88,20 +88,21 @@ def _measure_tokens_per_second(model, seq_len: int) -> float:
 
 
 def open_baseline(
-    request: EvalRequest, layerwise: set[str], windows: dict, limit: int | None, device: str, log: Callable
+    request: EvalRequest, refs: list[ModelRef], windows: dict, limit: int | None, device: str, log: Callable
 ) -> tuple[tuple | None, float | None]:
-    """Load the baseline whole (unless it runs layer by layer), log what the run will do and how long it should take
-    (timed on the baseline in memory; no estimate for one run layer by layer); return `(model, tokenizer)` or `None`,
-    and the estimate in seconds."""
+    """Load the baseline (`refs[0]`; the models follow) whole unless it runs layer by layer, log what the run will do
+    and how long it should take (timed on the baseline in memory; no estimate for one run layer by layer); return
+    `(model, tokenizer)` or `None`, and the estimate in seconds."""
     tasks = request.tasks
     known = [task for task in tasks if task in OFFLINE_TASKS]
     requests = (limit or 500) * sum(_DOCUMENT_COST[task][0] for task in known)
     tokens = (limit or 500) * sum(_DOCUMENT_COST[task][1] for task in known)
     tokens += sum(w.input_ids.numel() for w in windows.values())
-    count = 1 + len(request.models)
-    dense, estimate, how = None, None, f"{', '.join(sorted(layerwise))} layer by layer"
-    if request.baseline not in layerwise:
-        dense = load_model(request.baseline, dtype=request.dtype, device=device)
+    count = len(refs)
+    layerwise = sorted({ref.name for ref in refs if ref.layerwise})
+    dense, estimate, how = None, None, f"{', '.join(layerwise)} layer by layer"
+    if not refs[0].layerwise:
+        dense = load_model(refs[0], dtype=request.dtype, device=device)
         seq_len = max((w.input_ids.shape[1] for w in windows.values()), default=256)
         estimate = count * tokens / _measure_tokens_per_second(dense[0], seq_len)
         how = f"estimated {estimate / 60:.1f} min on {device}" + (f", {how}" if layerwise else "")
@@ -114,4 +115,4 @@ def open_baseline(
     return dense, estimate
 
 
-__all__ = ["layerwise_names", "open_baseline", "opened_model"]
+__all__ = ["open_baseline", "opened_model", "place_models"]

@@ -18,6 +18,7 @@ from ..defaults import Sizes
 from ..layerwise import choose_sequential
 from ..measurement.holdout import split_fit_heldout
 from ..requests import ExportRequest
+from ..resolution import ModelRef
 from ..shards import SafetensorsCheckpoint, parse_size
 from .gguf import export_gguf, plan_gguf
 from .plan import FoldPlan, fold_models, plan_model_folds
@@ -48,7 +49,7 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
     if not isinstance(request, ExportRequest):
         request = ExportRequest(checkpoint=request, output=output, **options)
     from ..measurement.perplexity import held_out_windows
-    from ..models import load_tokenizer, portable_model_id
+    from ..models import load_tokenizer
     from ..opening import open_job
 
     started = time.perf_counter()
@@ -66,7 +67,7 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
             f"--score {request.score} ranks --fold auto's candidates by their KL to the dense model: use --fold auto "
             "with the dense model (--dense MODEL, or a checkpoint whose base_model can be opened)."
         )
-    tokenizer = load_tokenizer(request.checkpoint)
+    tokenizer = load_tokenizer(job.model)
     windows = None
     if needs_fit:
         sizes = Sizes.resolve("calibration", device, request.num_samples, request.seq_len, config)
@@ -80,10 +81,14 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
     held_out = Sizes.resolve("perplexity", device, request.eval_windows, None, config)
     if held_out.num_samples and not sequential:
         evaluation = held_out_windows(tokenizer, request.eval_corpora, held_out.num_samples, held_out.seq_len)
-    pipeline = SequentialExport(request, weights, config, device) if sequential else InMemoryExport(request, device)
+    pipeline = (
+        SequentialExport(request, weights, config, device)
+        if sequential
+        else InMemoryExport(request, job.model, device)
+    )
     described = pipeline.fold(windows, dense_model)
     report = ExportReport(
-        source=portable_model_id(request.checkpoint),
+        source=job.model.origin,
         fold=fold,
         base_model=config.base_model,
         pruned_layers=list(config.pruned_layers),
@@ -116,7 +121,7 @@ def resolve_dense(config, dense: str | None, fold: str) -> str | None:
         LinearPatchError: when a given `dense`, or the default that a dense objective needs, cannot be found or is
             not the checkpoint's base.
     """
-    from ..models import check_same_base, embedded_name_for, load_config, resolve_model
+    from ..models import check_same_base, embedded_name_for, open_model
 
     if fold != "auto" and fold not in DENSE_OBJECTIVES:
         return None
@@ -124,7 +129,7 @@ def resolve_dense(config, dense: str | None, fold: str) -> str | None:
     try:
         if not name:
             raise LinearPatchError("the checkpoint records no base_model")
-        dense_config = load_config(name, kind="dense")
+        opened = open_model(name, kind="dense", check_files=False)
     except (LinearPatchError, OSError) as error:
         if dense is None and fold == "auto":
             logger.warning(
@@ -138,20 +143,20 @@ def resolve_dense(config, dense: str | None, fold: str) -> str | None:
             f"--fold {fold} fits the fold to the dense model's stream, but {name or 'the dense model'} cannot be "
             f"opened ({first_line(error)}): pass --dense with the model the checkpoint was pruned from."
         ) from error
-    check_same_base(config, dense_config, name, "dense model")
-    return resolve_model(name)
+    check_same_base(config, opened.config, name, "dense model")
+    return opened.path
 
 
 class InMemoryExport:
     """The export job's pipeline for a checkpoint that fits: loaded whole, folded into a stock model by its
     [`FoldPlan`], compared side by side with the patched model and plain pruning, saved."""
 
-    def __init__(self, request: ExportRequest, device: str):
+    def __init__(self, request: ExportRequest, checkpoint: ModelRef, device: str):
         from ..models import load_model
 
         self.request, self.device = request, device
         self.dtype = getattr(torch, request.dtype)
-        self.patched, _ = load_model(request.checkpoint, dtype=self.dtype, device=device, kind="checkpoint")
+        self.patched, _ = load_model(checkpoint, dtype=self.dtype, device=device, kind="checkpoint")
         self.stock: torch.nn.Module | None = None
         self.plan: FoldPlan | None = None
 

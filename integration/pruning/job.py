@@ -21,6 +21,7 @@ from ..layerwise import choose_sequential
 from ..measurement.calibration import CalibrationStatistics
 from ..measurement.holdout import split_holdout
 from ..requests import PruneRequest
+from ..resolution import ModelRef
 from ..shards import SafetensorsCheckpoint, parse_size
 from .plan import PruningPlan, check_prune_arguments, patch_check_windows, plan_pruning
 from .report import PruneReport, plan_report
@@ -110,7 +111,7 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
     if not isinstance(request, PruneRequest):
         request = PruneRequest(model=request, output=output, **options)
     from ..measurement.perplexity import held_out_windows
-    from ..models import load_tokenizer, portable_model_id
+    from ..models import load_tokenizer
     from ..opening import open_job
 
     if request.output is None:
@@ -131,7 +132,7 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
             "drop them and run `linearpatch eval` on the output where it fits, or prune in memory."
         )
     sizes = Sizes.resolve("calibration", device, request.num_samples, request.seq_len, config)
-    tokenizer = load_tokenizer(request.model)
+    tokenizer = load_tokenizer(job.model)
     windows = None
     if explicit is None or request.patch_kind != "none" or request.chooses_by_outcome:
         windows = token_windows(request.calibration, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
@@ -147,14 +148,14 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
         figures = Sizes.resolve("figures", device)
         plot_windows = token_windows("wikipedia-eval", tokenizer, figures.num_samples, figures.seq_len, request.seed)
 
-    base_model = request.base_model or portable_model_id(request.model)
+    base_model = request.base_model or job.model.origin
     if sequential:
         # The tokenizer is not needed while the layers run: its memory is returned first, and it is loaded again
         # to be saved.
         del tokenizer
-        pipeline = SequentialPrune(request, checkpoint, config, device)
+        pipeline = SequentialPrune(request, job.model, checkpoint, device)
     else:
-        pipeline = InMemoryPrune(request, device)
+        pipeline = InMemoryPrune(request, job.model, device)
     report = pipeline.prune(windows, explicit, base_model, check_windows)
     if evaluation_windows:
         report.evaluation |= pipeline.compare(evaluation_windows)
@@ -168,11 +169,11 @@ class InMemoryPrune:
     """The prune job's pipeline for a model that fits: loaded whole, pruned by [`prune_model`] (every choice by outcome
     available), compared with the dense model, saved with the figures if asked."""
 
-    def __init__(self, request: PruneRequest, device: str):
+    def __init__(self, request: PruneRequest, dense: ModelRef, device: str):
         from ..models import load_model
 
         self.request = request
-        self.dense, self.tokenizer = load_model(request.model, dtype=request.dtype, device=device, kind="dense")
+        self.dense, self.tokenizer = load_model(dense, dtype=request.dtype, device=device, kind="dense")
         self.pruned = None
 
     def prune(
@@ -220,8 +221,9 @@ class SequentialPrune:
     the shards ([`layerwise_model`]), then the kept tensors and the patches streamed from the dense shards to the
     output. Choosing by outcome, comparing and plotting need the model whole and are refused before this runs."""
 
-    def __init__(self, request: PruneRequest, checkpoint: SafetensorsCheckpoint, config, device: str):
-        self.request, self.checkpoint, self.config, self.device = request, checkpoint, config, device
+    def __init__(self, request: PruneRequest, dense: ModelRef, checkpoint: SafetensorsCheckpoint, device: str):
+        self.request, self.dense, self.checkpoint, self.device = request, dense, checkpoint, device
+        self.config = dense.config
         self.dtype = getattr(torch, request.dtype) if isinstance(request.dtype, str) else request.dtype
         self.plan = self.pruned_config = None
 
@@ -277,7 +279,7 @@ class SequentialPrune:
             max_shard_size=parse_size(self.request.max_shard_size),
             progress=self.request.progress,
         )
-        write_checkpoint_files(staging, None, load_tokenizer(self.request.model), {report.record: report.to_json()})
+        write_checkpoint_files(staging, None, load_tokenizer(self.dense), {report.record: report.to_json()})
 
 
 __all__ = [
