@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVING_VENV := .venv-serving
 SERVING_STAMP := $(SERVING_VENV)/.installed
 
-.PHONY: setup serving gguf qwen2-tokenizer gemma3-270m environments demo test test-fast lint bench bench-check bench-scale clean
+.PHONY: setup serving gguf qwen2-tokenizer gemma3-270m environments demo docs test test-fast lint bench bench-check bench-scale clean
 
 setup: $(STAMP)
 
@@ -42,7 +42,16 @@ environments:
 test:
 	$(MAKE) -j3 $(STAMP) $(SERVING_STAMP) gguf qwen2-tokenizer gemma3-270m
 	$(VENV)/bin/ruff check .
+	$(MAKE) docs
 	$(PYTEST) tests
+
+# The documentation site (docs/, mkdocs.yml): the generated pages checked against their sources (docs/generate.py:
+# the CLI reference from the parser, the bench page and the README's headline table from bench/results/latest.json),
+# the figures made by the commands that make them (a quick prune and `linearpatch report`), then mkdocs with --strict:
+# a broken link, a missing page or an API reference that does not resolve fails the build.
+docs: $(STAMP)
+	$(PY) docs/generate.py --check --figures
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 # The edit loop: everything but the real SmolLM2 model and vLLM (markers `slow` and `serving`).
 test-fast: $(STAMP) gguf qwen2-tokenizer gemma3-270m

@@ -117,7 +117,7 @@ def load_model(
 
     Args:
         name_or_path (`str` or `ModelRef`): `smollm2-135m`, a folder, or a Hub id.
-        dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`).
+        dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): the dtype the weights are loaded in.
         device (`str`, *optional*): defaults to CUDA when available.
         kind (`str`, *optional*): `dense` or `checkpoint` to refuse the other (see [`load_config`]).
 

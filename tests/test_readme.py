@@ -46,16 +46,32 @@ EXPECTED = {
 }
 
 
-def readme_blocks() -> list[tuple[str, str, str]]:
-    """(section, language, code) of every block the README does not mark as not run, in order."""
+def documents() -> list[Path]:
+    """The README, then every page of the documentation in the site's order (mkdocs.yml's nav): the guides continue
+    one another (a later one uses what an earlier one made), as a reader following them would."""
+    pages = re.findall(r"^\s+- (?:[^:\n]+: )?([\w/.-]+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    return [ROOT / "README.md", *(ROOT / "docs" / page for page in pages)]
+
+
+def document_blocks(marked: bool = False) -> list[tuple[str, str, str, str]]:
+    """(section, language, code, why not run) of every block of every document, in order: those not marked as not
+    run (`marked=True`: those marked, with the reason)."""
     blocks = []
-    text = (ROOT / "README.md").read_text()
-    for match in _BLOCK.finditer(text):
-        if "not run by tests/test_readme.py" in match["before"]:
-            continue
-        headings = re.findall(r"^## (.+)$", text[: match.start("code")], re.M)
-        blocks.append((headings[-1] if headings else "", match["language"], match["code"]))
+    for document in documents():
+        text = document.read_text()
+        for match in _BLOCK.finditer(text):
+            reason = re.search(r"<!-- not run by tests/test_readme.py: (.*?) -->", match["before"])
+            if bool(reason) != marked:
+                continue
+            headings = re.findall(r"^## (.+)$", text[: match.start("code")], re.M)
+            section = headings[-1] if headings else ""
+            blocks.append((section, match["language"], match["code"], reason[1] if reason else ""))
     return blocks
+
+
+def readme_blocks() -> list[tuple[str, str, str]]:
+    """(section, language, code) of every block the README and the guides do not mark as not run, in order."""
+    return [(section, language, code) for section, language, code, _ in document_blocks()]
 
 
 def chain_of(section: str) -> str:
@@ -63,12 +79,28 @@ def chain_of(section: str) -> str:
 
 
 def test_readme_marks_only_hub_or_gpu_examples_as_not_run():
-    text = (ROOT / "README.md").read_text()
-    for reason in re.findall(r"<!-- not run by tests/test_readme.py: (.*?) -->", text):
+    for _, _, _, reason in document_blocks(marked=True):
         assert any(word in reason for word in ("Hub", "GPU", "test suite")), reason  # each says where it is covered
     languages = [language for _, language, _ in readme_blocks()]
     assert languages.count("bash") >= 4 and languages.count("python") >= 2
     assert {chain_of(section) for section, _, _ in readme_blocks()} == set(EXPECTED)  # no independent section is gone
+
+
+def test_the_readme_is_a_front_page_whose_commands_run_in_the_guides():
+    """Issue #46: at most 250 lines, the two commands first; each command line of a README block that a guide runs
+    (marked "the guide ... runs" or "runs in docs/...") is in a block of the guides that runs, word for word."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    first = _BLOCK.search(text)
+    assert [line.split()[:2] for line in first["code"].splitlines()] == [["make", "demo"], ["make", "test"]]
+    run = "\n".join(code for _, _, code in readme_blocks())
+    serving = (ROOT / "docs" / "guides" / "serving.md").read_text()  # tests/test_serving.py runs its serve lines
+    for _, language, code, reason in document_blocks(marked=True):
+        if "guide" not in reason or language not in ("bash", "python"):
+            continue
+        lines = shell_commands(code) if language == "bash" else [line for line in code.splitlines() if line.strip()]
+        for line in lines:
+            assert line in run or (line.startswith("linearpatch serve") and line in serving), line
 
 
 def test_readme_names_the_current_offline_task_folder():
@@ -76,7 +108,7 @@ def test_readme_names_the_current_offline_task_folder():
     # works only on machines that still hold the old folder.
     from linearpatch.integration.evaluation.tasks import TASKS_VERSION
 
-    named = re.findall(r"lm_eval_tasks-v(\d+)-", (ROOT / "README.md").read_text())
+    named = re.findall(r"lm_eval_tasks-v(\d+)-", "".join(document.read_text() for document in documents()))
     assert named and set(named) == {str(TASKS_VERSION)}, named
 
 

@@ -148,9 +148,9 @@ def test_remote_code_works_under_the_transformers_vllm_pins(serving_python, smol
 
 
 def readme_serve_commands() -> list[str]:
-    """The README's `linearpatch serve ...` lines for vLLM, without their comments (a `.gguf` goes to llama-server:
-    tests/test_gguf.py)."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The serving guide's `linearpatch serve ...` lines for vLLM (the README's front page shows one of them),
+    without their comments (a `.gguf` goes to llama-server: tests/test_gguf.py)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "serving.md").read_text()
     lines = [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("linearpatch serve ")]
     return [line for line in lines if ".gguf" not in line]
 

@@ -132,6 +132,27 @@ def run(device: str, quick: bool) -> dict:
     return dict(default_patch=default, runs=results)
 
 
+HEADLINE_ROWS = {"dense": "dense", "plain": "plain pruned", "default": "patched (default)", "distilled": "distilled"}
+
+
+def headline(v: dict, cut: str = "stress") -> str:
+    """The README's headline table: dense, plain, patched (the default patch) and distilled, held-out perplexity per
+    model at `cut` and corpus (one column per model and corpus)."""
+    runs = [run for run in v["runs"].values() if run["cut"] == cut]
+    corpora = list(runs[0]["figures"]["dense"]["perplexity"])
+    header = ["model"]
+    for run in runs:
+        header += [f"{run['model']} {_span(run['pruned_layers']['plain'])} {corpus}" for corpus in corpora]
+    lines = []
+    for row, label in HEADLINE_ROWS.items():
+        cells = [label]
+        for run in runs:
+            figures = run["figures"][run["default"] if row == "default" else row]
+            cells += [_perplexity(figures["perplexity"][corpus]) for corpus in corpora]
+        lines.append(cells)
+    return markdown_table(header, lines)
+
+
 def _figures(row: dict) -> dict:
     closeness = row.get("closeness") or {}
     return dict(
