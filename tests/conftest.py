@@ -34,6 +34,7 @@ from helpers import SMOLLM2_PRUNE, tiny_llama  # noqa: E402
 # each. The longest groups go first (measured: `--durations`), so that none is left to run alone at the end.
 LONGEST_FIRST = (
     "test_readme.py",
+    "test_examples.py",
     "test_serving.py",
     "test_hub.py",
     "test_families.py",
