@@ -51,7 +51,7 @@ test:
 # a broken link, a missing page or an API reference that does not resolve fails the build.
 docs: $(STAMP)
 	$(PY) docs/generate.py --check --figures
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The edit loop: everything but the real SmolLM2 model and vLLM (markers `slow` and `serving`).
 test-fast: $(STAMP) gguf qwen2-tokenizer gemma3-270m

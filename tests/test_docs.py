@@ -58,6 +58,6 @@ def test_every_page_is_in_the_site_and_every_figure_is_made():
     shown = {
         name
         for path in (ROOT / "docs").rglob("*.md")
-        for name in re.findall(r"\]\(images/([\w.-]+)\)", path.read_text())
+        for name in re.findall(r"\]\((?:\.\./)?images/([\w.-]+)\)", path.read_text())
     }
     assert shown and shown <= set(generator.FIGURES)
