@@ -104,17 +104,32 @@ BREAKERS = {
     ("scale", "read once per pass"): _scale("steps.prune_hadamard.weights_read_bytes", 1.5),
     ("scale", "student fits"): _scale("steps.distill.peak_rss_mib", 2.0),
 }
+
+
+def _auto_just_above_plain(run: str):
+    """Breaks only "the default (auto) is no worse than plain": auto a hair above plain, the Hadamard row equal to
+    plain (so auto stays within 1.01x of the better of the two, and Hadamard no worse than plain)."""
+
+    def breaker(result):
+        figures = result["runs"][run]["figures"]
+        plain = figures["plain"]["perplexity"][WIKI]
+        figures["hadamard"]["perplexity"][WIKI] = plain
+        figures["auto"]["perplexity"][WIKI] = plain * 1.001
+
+    return breaker
+
+
 # real_models: five claims per model and cut, each broken at its own figure (the default row is `auto`).
 for _run in ("smollm2-135m 1/6", "smollm2-135m stress", "gemma3-270m 1/6", "gemma3-270m stress"):
     _default, _distilled = ("runs", _run, "figures", "auto"), ("runs", _run, "figures", "distilled")
     BREAKERS |= {
-        ("real_models", f"{_run}: the default patch ("): _set((*_default, "perplexity", WIKI), 1e9),
+        ("real_models", f"{_run}: the default patch ("): _auto_just_above_plain(_run),
         ("real_models", f"{_run}: distilling the default"): _set((*_distilled, "perplexity", NEWS), 1e9),
         ("real_models", f"{_run}: the Hadamard patch"): _set(
             ("runs", _run, "figures", "hadamard", "perplexity", NEWS), 1e9
         ),
         ("real_models", f"{_run}: --patch auto is within"): _set(
-            ("runs", _run, "figures", "plain", "perplexity", WIKI), 1.0
+            ("runs", _run, "figures", "hadamard", "perplexity", WIKI), 1.0
         ),
         ("real_models", f"{_run}: the default patch's prune"): _scale(("runs", _run, "seconds", "auto"), 10.0),
     }

@@ -102,7 +102,7 @@ LAYERS = {
         "linearpatch.integration.serving",
     ],
 }
-SKIPPED = {".venv", ".venv-serving", "tests", "bench", "examples", "build"}
+SKIPPED = {".venv", ".venv-serving", "tests", "bench", "examples", "build", "docs", "site"}
 
 
 def package_modules() -> dict[str, Path]:
