@@ -46,6 +46,18 @@ def per_corpus(values: dict[str, float], digits: int = 3) -> str:
     return ", ".join(f"{corpus} {value:.{digits}f}" for corpus, value in values.items())
 
 
+def compare_side_by_side(paths: dict, dense: str, **options) -> tuple[dict[str, dict], dict]:
+    """`linearpatch eval` of the checkpoints `paths` (label -> folder) against the dense model `dense`, quietly: each
+    model's row of the comparison by its label (`dense` for the baseline), and the run's settings. `options` are
+    `compare_models`' (tasks, limit, device, window sizes)."""
+    from linearpatch.integration.evaluation.comparison import compare_models
+
+    data = compare_models([str(path) for path in paths.values()], dense, log=lambda line: None, **options).data
+    by_name = {row["name"]: row for row in data["models"]}
+    rows = {"dense": by_name[dense]} | {label: by_name[str(path)] for label, path in paths.items()}
+    return rows, data["settings"]
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch

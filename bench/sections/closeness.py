@@ -6,7 +6,7 @@ against the dense one: perplexity, KL, top-1/top-10 agreement, greedy generation
 
 from linearpatch.common.reporting import markdown_table
 
-from ..harness import BLOCK, Claim, timed
+from ..harness import BLOCK, Claim, compare_side_by_side, timed
 
 TITLE = "Closeness to the dense model (SmolLM2, about 50 minutes on 2 CPU cores)"
 DEFAULT = False
@@ -22,7 +22,6 @@ def run(device: str, quick: bool) -> dict:
 
     from linearpatch.integration.distillation import distill_checkpoint
     from linearpatch.integration.distillation.generated import GENERATED
-    from linearpatch.integration.evaluation.comparison import compare_models
     from linearpatch.integration.pruning import prune_checkpoint
     from linearpatch.integration.requests import DistillRequest
 
@@ -65,25 +64,21 @@ def run(device: str, quick: bool) -> dict:
                     **training,
                 )
                 steps[name] = report.steps
-        comparison = timed(
+        rows, settings = timed(
             seconds,
             "eval",
-            compare_models,
-            [str(path) for path in paths.values()],
+            compare_side_by_side,
+            paths,
             "smollm2-135m",
-            log=lambda line: None,
             tasks=TASKS,
             limit=8 if quick else TASK_LIMIT,
             device=device,
             **evaluation,
-        ).data
-    rows = {row["name"]: row for row in comparison["models"]}
-    models = {"dense": _figures(rows["smollm2-135m"])}
-    models |= {name: _figures(rows[str(path)]) for name, path in paths.items()}
+        )
     return dict(
-        models=models,
+        models={name: _figures(row) for name, row in rows.items()},
         pruned_layers=pruned,
-        settings=comparison["settings"],
+        settings=settings,
         default_data=corpus,
         steps=steps,
         seconds=seconds,

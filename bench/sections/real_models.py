@@ -9,7 +9,7 @@ cut is kept under `~/.cache/linearpatch/bench/real_models/`, so a run that stops
 
 from linearpatch.common.reporting import markdown_table
 
-from ..harness import Claim
+from ..harness import Claim, compare_side_by_side
 
 TITLE = "Real models (SmolLM2-135M and Gemma-3-270M, about 100 minutes on 2 CPU cores)"
 DEFAULT = False
@@ -63,7 +63,6 @@ def run(device: str, quick: bool) -> dict:
 
     from linearpatch.common.files import write_text_atomically
     from linearpatch.integration.distillation import distill_checkpoint
-    from linearpatch.integration.evaluation.comparison import compare_models
     from linearpatch.integration.pruning import prune_checkpoint
 
     calibration = dict(num_samples=8, seq_len=128) if quick else {}
@@ -103,18 +102,10 @@ def run(device: str, quick: bool) -> dict:
                     str(paths[default_row]), model, distilled, cache_dir=root / "teacher-cache", **training
                 )
                 seconds["distilled"] = round(time.perf_counter() - started, 1)
-                comparison = compare_models(
-                    [str(path) for path in paths.values()],
-                    model,
-                    log=lambda line: None,
-                    tasks=TASKS,
-                    limit=8 if quick else TASK_LIMIT,
-                    device=device,
-                    **evaluation,
-                ).data
-                by_name = {row["name"]: row for row in comparison["models"]}
-                figures = {"dense": _figures(by_name[model])}
-                figures |= {row: _figures(by_name[str(path)]) for row, path in paths.items()}
+                rows, eval_settings = compare_side_by_side(
+                    paths, model, tasks=TASKS, limit=8 if quick else TASK_LIMIT, device=device, **evaluation
+                )
+                figures = {row: _figures(values) for row, values in rows.items()}
                 result = results[f"{model} {cut}"] = dict(
                     model=model,
                     cut=cut,
@@ -125,7 +116,7 @@ def run(device: str, quick: bool) -> dict:
                     steps=report.steps,
                     seconds=seconds,
                     figures=figures,
-                    settings=comparison["settings"],
+                    settings=eval_settings,
                 )
                 done.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomically(done, json.dumps(result))
