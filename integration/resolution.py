@@ -261,15 +261,7 @@ def check_model_files(name_or_path: "str | ModelRef", kind: str | None = None):
     Raises:
         ModelNotFoundError, UnsupportedModelError, CheckpointMismatchError: naming the model and the fix.
     """
-    if isinstance(name_or_path, ModelRef):
-        return name_or_path.checked(kind).config
-    if _is_patch_adapter(name_or_path, kind):
-        return _open_adapter(str(name_or_path)).config
-    config = load_config(name_or_path, kind)
-    path = Path(resolve_model(name_or_path))
-    if path.is_dir():
-        SafetensorsCheckpoint(path)
-    return config
+    return open_model(name_or_path, kind).config
 
 
 def _open_adapter(adapter_dir: str) -> ModelRef:
