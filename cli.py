@@ -155,7 +155,7 @@ def _commands() -> dict[str, tuple]:
         "report": (
             requests.ReportRequest,
             cmd_report,
-            "write the selection heatmap and magnitude plots next to a checkpoint",
+            "write the figures next to a checkpoint: selection heatmap, magnitudes, closeness by cut",
             None,
         ),
         "export": (

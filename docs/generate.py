@@ -34,6 +34,7 @@ FIGURES = {
     "cosine_heatmap.png": "report",
     "layer_magnitudes.png": "report",
     "cut_mismatch.png": "report",
+    "closeness_by_cut.png": "report",
     "depth_curve.png": "prune --target-ppl-ratio",
 }
 
@@ -119,7 +120,7 @@ def generated() -> dict[Path, str]:
 def make_figures(images: Path) -> None:
     """The figures of the guides, from the commands that make them: a quick prune of the embedded model by a
     perplexity budget (its depth curve), then `linearpatch report` on it (the heatmap, the magnitudes, the mismatch at
-    the cut)."""
+    the cut, closeness by cut)."""
     images.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, LINEARPATCH_QUICK="1")
     with tempfile.TemporaryDirectory() as scratch:

@@ -139,6 +139,46 @@ def test_figures_are_labelled(tmp_path):
     assert cut["legend"][-1].startswith("dense")  # drawn last, on top of the patched curve that follows it
 
 
+def test_closeness_by_cut_is_the_whole_pruned_models_closeness(tmp_path):
+    """Issue #46's third figure: for every block of the checkpoint's depth, the held-out KL to the dense model of the
+    plain and the patched cut equals what `eval` measures for that model built and run whole, the patch fitted on
+    the other windows only; the cosine is the calibration's block cosine on them. The checkpoint's cut is marked."""
+    from linearpatch.integration.data import TokenWindows
+    from linearpatch.integration.defaults import TEACHER_TOP_K
+    from linearpatch.integration.measurement.closeness import compare_with, reference_of
+    from linearpatch.integration.pruning import closeness_by_cut, estimate_patch
+
+    dense = tiny_llama(seed=2)
+    rows = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(1))
+    closeness = closeness_by_cut(dense, TokenWindows(rows, "test", "random", 0, rows.numel()), 2)
+    fit, held = rows[:3], rows[3:]
+    assert closeness["windows"] == [3, 1] and closeness["patch"] == "hadamard"
+    assert [(cut["start"], cut["end"]) for cut in closeness["cuts"]] == [(s, s + 2) for s in range(5)]
+    statistics = calibrate(dense, fit, distances=(1, 2), progress=False)
+    reference = reference_of(dense, held, TEACHER_TOP_K)[0]
+    for cut in closeness["cuts"]:
+        layers = list(range(cut["start"], cut["end"]))
+        patch = estimate_patch(statistics, cut["start"], cut["end"], "hadamard")
+        plain, plain_perplexity = compare_with(prune_layers(dense, layers, add_patches=False), reference)
+        patched, patched_perplexity = compare_with(prune_layers(dense, layers, patches=[patch]), reference)
+        assert cut["plain_kl"] == pytest.approx(plain["kl"], rel=1e-5) and cut["plain_kl"] > 1e-4
+        assert cut["patched_kl"] == pytest.approx(patched["kl"], rel=1e-5)
+        assert cut["patched_kl"] != pytest.approx(cut["plain_kl"], rel=1e-3)
+        assert cut["plain_perplexity"] == pytest.approx(plain_perplexity, rel=1e-5)
+        assert cut["patched_perplexity"] == pytest.approx(patched_perplexity, rel=1e-5)
+        assert cut["cosine"] == pytest.approx(statistics.block_cosine(2)[cut["start"]].item(), rel=1e-6)
+
+    data = write_report_plots(
+        dense, prune_layers(dense, [2, 3], patches=[random_patch(64, 4)]), rows, tmp_path, closeness=closeness
+    )
+    assert (tmp_path / "closeness_by_cut.png").stat().st_size > 1000
+    top, bottom = data["closeness_by_cut"]["figure"]["axes"]
+    assert top["legend"] == ["plain cut", "hadamard patch", "this checkpoint's cut"] and "KL" in top["ylabel"]
+    assert bottom["legend"] == ["cos(X_s, X_s+n)", "this checkpoint's cut"]
+    recorded = json.loads((tmp_path / "linearpatch_plots.json").read_text())["closeness_by_cut"]
+    assert recorded["cuts"] == closeness["cuts"]
+
+
 def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capfd, monkeypatch):
     from linearpatch.cli import main
 
@@ -198,6 +238,7 @@ def test_eval_and_report_cli(tiny_checkpoint, tmp_path, capfd, monkeypatch):
     report = ["report", str(pruned), "--dense", str(tiny_checkpoint), "--num-samples", "2", "--seq-len", "32"]
     assert main(report) == 0
     assert (pruned / "cut_mismatch.png").exists() and (pruned / "linearpatch_plots.json").exists()
+    assert (pruned / "closeness_by_cut.png").exists()  # two windows: one to fit, one held out
     assert "calibration" in capfd.readouterr().err  # progress of the long steps
     assert main(report) == 2 and "pass --overwrite" in capfd.readouterr().err
     assert main([*report, "--overwrite"]) == 0

@@ -59,6 +59,7 @@ LAYERS = {
         "linearpatch.integration.pruning.patches",
         "linearpatch.integration.pruning.selection",
         "linearpatch.integration.pruning.search",
+        "linearpatch.integration.pruning.cuts",
         "linearpatch.integration.pruning.streaming",
         "linearpatch.integration.distillation.teacher_cache",
         "linearpatch.integration.distillation.generated",
@@ -333,9 +334,10 @@ def test_package_data_and_packages_exist():
 
 
 # The stages of integration/ (one room each) and the sibling imports declared between them: `distill --export`
-# trains the export's fold maps from its plan.
+# trains the export's fold maps from its plan; `report` draws closeness by cut with pruning's held-out scorer of cuts
+# (`pruning/cuts.py`), the same scoring `--metric loss` chooses by.
 STAGES = ("pruning", "distillation", "evaluation", "export")
-DECLARED_STAGE_EDGES = {("distillation", "export")}
+DECLARED_STAGE_EDGES = {("distillation", "export"), ("evaluation", "pruning")}
 
 
 def stage_of(name: str) -> str | None:

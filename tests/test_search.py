@@ -186,6 +186,8 @@ def test_cli_target_ratio_and_its_depth_curve(tiny_checkpoint, tmp_path, linearp
     plotted = linearpatch_cli("report", output, "--dense", tiny_checkpoint, "--num-samples", "1", "--seq-len", "32")
     assert plotted.returncode == 0, plotted.stderr
     assert (output / "depth_curve.png").stat().st_size > 1000
+    # One window leaves none to hold out: closeness by cut is not drawn, and the summary says why.
+    assert not (output / "closeness_by_cut.png").exists() and "--num-samples 2 or more" in plotted.stdout
     plots = json.loads((output / "linearpatch_plots.json").read_text())["depth_curve"]
     assert plots["target"] == 1.0001 and plots["curve"] == curve
     assert plots["figure"]["axes"][0]["legend"][:3] == [

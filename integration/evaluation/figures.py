@@ -7,18 +7,21 @@ from pathlib import Path
 from linearpatch.common.names import PLOTS_RECORD, PRUNE_RECORD
 
 from ..measurement.figures import (
+    CLOSENESS_FILE,
     DEPTH_CURVE_FILE,
     PLOT_FILES,
     cosine_matrix,
     cut_mismatch,
     kept_positions,
     layer_magnitudes,
+    plot_closeness_by_cut,
     plot_cosine_heatmap,
     plot_cut_mismatch,
     plot_depth_curve,
     plot_layer_magnitudes,
     write_report_plots,
 )
+from ..pruning.cuts import checkpoint_closeness
 from ..requests import ReportRequest
 
 
@@ -31,11 +34,13 @@ class FiguresReport:
         folder (`str`): the checkpoint folder the figures were written beside.
         files (`list[str]`): the figures' file names.
         data (`dict`): what the figures show (as `linearpatch_plots.json` holds it).
+        skipped (`list[str]`): figures not drawn, each with why.
     """
 
     folder: str
     files: list[str]
     data: dict = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     record = PLOTS_RECORD
 
@@ -43,7 +48,7 @@ class FiguresReport:
         return json.dumps(self.data)
 
     def summary(self) -> str:
-        return f"Wrote {', '.join(self.files)} to {self.folder}"
+        return "\n".join([f"Wrote {', '.join(self.files)} to {self.folder}", *self.skipped])
 
 
 def plot_checkpoint(request: ReportRequest | str, **options) -> FiguresReport:
@@ -85,17 +90,29 @@ def plot_checkpoint(request: ReportRequest | str, **options) -> FiguresReport:
         raise LinearPatchError(f"{checkpoint} is not a local folder: pull it first (`linearpatch pull`).")
     report_file = folder / PRUNE_RECORD
     prune_report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    sizes = Sizes.resolve("figures", device, request.num_samples, request.seq_len, config)
     written = list(PLOT_FILES) + ([DEPTH_CURVE_FILE] if prune_report and prune_report.get("depth_curve") else [])
+    skipped = []
+    if sizes.num_samples >= 2:
+        written.append(CLOSENESS_FILE)
+    else:
+        skipped.append(f"Not drawn: {CLOSENESS_FILE}, which holds out windows from the fit (--num-samples 2 or more).")
     for name in written:
         check_output(folder / name, request.overwrite)
-    sizes = Sizes.resolve("figures", device, request.num_samples, request.seq_len, config)
     windows = token_windows(request.data, load_tokenizer(checkpoint), sizes.num_samples, sizes.seq_len, request.seed)
     patched, _ = load_model(checkpoint, device=device, kind="checkpoint")
     dense_model, _ = load_model(dense, device=device, kind="dense")
+    closeness = checkpoint_closeness(dense_model, windows, config.pruned_layers, request.progress)
     data = write_report_plots(
-        dense_model, patched, windows.input_ids, folder, progress=request.progress, prune_report=prune_report
+        dense_model,
+        patched,
+        windows.input_ids,
+        folder,
+        progress=request.progress,
+        prune_report=prune_report,
+        closeness=closeness,
     )
-    return FiguresReport(str(folder), written, data)
+    return FiguresReport(str(folder), written, data, skipped)
 
 
 __all__ = [
@@ -105,6 +122,7 @@ __all__ = [
     "kept_positions",
     "layer_magnitudes",
     "plot_checkpoint",
+    "plot_closeness_by_cut",
     "plot_cosine_heatmap",
     "plot_cut_mismatch",
     "plot_depth_curve",

@@ -253,8 +253,43 @@ def plot_depth_curve(curve: list[dict], target: float | None, path: Path) -> dic
     return dict(curve=curve, target=target, figure=labels)
 
 
+def plot_closeness_by_cut(closeness: dict, path: Path, pruned_layers: list[int] = ()) -> dict:
+    """Plot a `closeness_by_cut` result (`pruning/cuts.py`): per block start, the held-out KL to the dense model of
+    the plain cut and the patched one (log scale), and below it the cosine proxy; the checkpoint's own cut is marked
+    where it is one block of that depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cuts, depth = closeness["cuts"], closeness["num_layers"]
+    starts = [cut["start"] for cut in cuts]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(2, 1))
+    top.plot(starts, [cut["plain_kl"] for cut in cuts], marker="o", color="tab:orange", label="plain cut")
+    top.plot(
+        starts, [cut["patched_kl"] for cut in cuts], marker="s", color="tab:blue", label=f"{closeness['patch']} patch"
+    )
+    bottom.plot(starts, [cut["cosine"] for cut in cuts], marker=".", color="tab:gray", label="cos(X_s, X_s+n)")
+    gaps = contiguous_gaps(list(pruned_layers))
+    if len(gaps) == 1 and gaps[0][1] - gaps[0][0] == depth:
+        for axis in (top, bottom):
+            axis.axvline(gaps[0][0], color="tab:green", linestyle=":", label="this checkpoint's cut")
+    top.set_yscale("log")
+    fit, held = closeness["windows"]
+    top.set_title(f"closeness to the dense model of every {depth}-layer cut ({held} held-out of {fit + held} windows)")
+    top.set_ylabel("KL to dense, nats/token (log)")
+    bottom.set_xlabel("first removed layer s (block [s, s + n))")
+    bottom.set_ylabel("cosine proxy")
+    top.legend()
+    bottom.legend()
+    labels = _save_figure(figure, path)
+    plt.close(figure)
+    return dict(closeness, figure=labels)
+
+
 PLOT_FILES = ("cosine_heatmap.png", "layer_magnitudes.png", "cut_mismatch.png", PLOTS_RECORD)
 DEPTH_CURVE_FILE = "depth_curve.png"
+CLOSENESS_FILE = "closeness_by_cut.png"
 
 
 def write_report_plots(
@@ -264,9 +299,11 @@ def write_report_plots(
     directory: str | Path,
     progress: bool = False,
     prune_report: dict | None = None,
+    closeness: dict | None = None,
 ) -> dict:
     """All three figures (and their data, `linearpatch_plots.json`) for a patched model, written into `directory`;
-    and the depth curve ([`plot_depth_curve`]) when `prune_report` (`linearpatch_report.json`) holds one.
+    the depth curve ([`plot_depth_curve`]) when `prune_report` (`linearpatch_report.json`) holds one; and closeness
+    by cut ([`plot_closeness_by_cut`]) when given `closeness` (from `pruning.cuts.closeness_by_cut`).
 
     Cost: one dense pass with every layer distance, then one forward per window of the plain-pruned and patched
     models (and one more of the patched for the cut mismatch); `progress` shows each step.
@@ -293,15 +330,23 @@ def write_report_plots(
     if prune_report and prune_report.get("depth_curve"):
         target = (prune_report.get("holdout") or {}).get("target_ppl_ratio")
         data["depth_curve"] = plot_depth_curve(prune_report["depth_curve"], target, directory / DEPTH_CURVE_FILE)
+    if closeness is not None:
+        data["closeness_by_cut"] = plot_closeness_by_cut(
+            closeness, directory / CLOSENESS_FILE, patched.config.pruned_layers
+        )
     write_text_atomically(directory / PLOTS_RECORD, json.dumps(data))
     return data
 
 
 __all__ = [
+    "CLOSENESS_FILE",
+    "DEPTH_CURVE_FILE",
+    "PLOT_FILES",
     "cosine_matrix",
     "cut_mismatch",
     "kept_positions",
     "layer_magnitudes",
+    "plot_closeness_by_cut",
     "plot_cosine_heatmap",
     "plot_cut_mismatch",
     "plot_depth_curve",

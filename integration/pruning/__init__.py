@@ -1,6 +1,7 @@
 """Pruning: the calibration pass, block selection, patch estimation (Hadamard and the baselines), `prune`."""
 
 from ..measurement.calibration import CalibrationStatistics, calibrate
+from .cuts import closeness_by_cut
 from .job import PruneReport, prune, prune_checkpoint, prune_model
 from .patches import PATCH_CHOICES, PATCH_KINDS, estimate_patch
 from .plan import check_prune_arguments
@@ -16,6 +17,7 @@ __all__ = [
     "calibrate",
     "candidate_scores",
     "check_prune_arguments",
+    "closeness_by_cut",
     "estimate_patch",
     "parse_layers",
     "prune",

@@ -198,14 +198,17 @@ class InMemoryPrune:
         write_checkpoint_files(staging, self.pruned, self.tokenizer, {report.record: report.to_json()})
         if plot_windows is not None:  # inside the staging folder: the checkpoint appears complete or not at all
             from ..measurement.figures import write_report_plots
+            from .cuts import checkpoint_closeness
 
+            progress = self.request.progress
             write_report_plots(
                 self.dense,
                 self.pruned,
                 plot_windows.input_ids,
                 staging,
-                progress=self.request.progress,
+                progress=progress,
                 prune_report=report.to_dict(),
+                closeness=checkpoint_closeness(self.dense, plot_windows, report.pruned_layers, progress),
             )
 
 
