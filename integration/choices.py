@@ -49,6 +49,21 @@ def gguf_types(types) -> tuple[str, ...]:
     return types
 
 
+# `auto` computes in COMPUTE_DTYPE and writes each output in the dtype its source is stored in (a bf16 model stays
+# bf16 on disk, as `from_pretrained(dtype="auto")` users expect); a named dtype is both the compute and stored one.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPUTE_DTYPE = "float32"
+DTYPE_HELP = (
+    f"compute dtype, and the dtype written (auto: compute in {COMPUTE_DTYPE}, write the source's own dtype; the patch "
+    "stays float32)"
+)
+
+
+def compute_dtype_name(dtype: str) -> str:
+    """The dtype a model computes in, by name: a named `--dtype`, or COMPUTE_DTYPE for `auto`."""
+    return COMPUTE_DTYPE if dtype == "auto" else dtype
+
+
 __all__ = [
     "DENSE_OBJECTIVES",
     "ROTATED_OBJECTIVE",
@@ -63,5 +78,9 @@ __all__ = [
     "PATCH_CHOICES",
     "PATCH_KINDS",
     "SELECTION_METRICS",
+    "COMPUTE_DTYPE",
+    "DTYPES",
+    "DTYPE_HELP",
+    "compute_dtype_name",
     "gguf_types",
 ]

@@ -25,7 +25,7 @@ from .resolution import (
     portable_model_id,
     resolve_model,
 )
-from .shards import refuse_non_finite
+from .shards import compute_dtype, refuse_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ def load_model(
 
     Args:
         name_or_path (`str` or `ModelRef`): `smollm2-135m`, a folder, or a Hub id.
-        dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): the dtype the weights are loaded in.
+        dtype (`torch.dtype` or `str`, *optional*, defaults to `torch.float32`): the dtype the weights are loaded in
+            (`auto`: the compute dtype, float32).
         device (`str`, *optional*): defaults to CUDA when available.
         kind (`str`, *optional*): `dense` or `checkpoint` to refuse the other (see [`load_config`]).
 
@@ -125,8 +126,7 @@ def load_model(
         `tuple[PreTrainedModel, PreTrainedTokenizerBase]`
     """
     device = resolve_device(device)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = compute_dtype(dtype)
     opened = open_model(name_or_path, kind, check_files=False)
     if opened.kind == "adapter":
         return load_patch_adapter(opened.path, base=opened.base, dtype=dtype, device=device)
@@ -236,11 +236,29 @@ def save_checkpoint(
     return Path(output)
 
 
-def write_checkpoint_files(folder: Path, model, tokenizer=None, files: dict[str, str] | None = None) -> None:
+def cast_for_storage(model, dtype: torch.dtype):
+    """Cast `model` in place to the dtype it is written in, its `_keep_in_fp32_modules_strict` (the patches) kept in
+    float32 as `from_pretrained` loads them; the config records the dtype. Returns the model."""
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    # Parameter by parameter, the kept modules' never cast (a round trip through bf16 would round the patch); buffers
+    # (rotary frequencies) are not written and stay as computed.
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    model.config.dtype = dtype
+    return model
+
+
+def write_checkpoint_files(
+    folder: Path, model, tokenizer=None, files: dict[str, str] | None = None, dtype: torch.dtype | None = None
+) -> None:
     """Write a model (safetensors and remote-code files), its tokenizer and text files into an existing (staging)
     folder; see [`save_checkpoint`] for the atomic version. `model` may be `None` when the weights were written
-    otherwise (a sequential prune streams them)."""
+    otherwise (a sequential prune streams them). With `dtype`, the model is first cast to it in place
+    ([`cast_for_storage`]): a job's model, done computing, written in its source's dtype."""
     if model is not None:
+        if dtype is not None:
+            cast_for_storage(model, dtype)
         for name, tensor in model.state_dict().items():
             refuse_non_finite(name, tensor)
         model.save_pretrained(folder, safe_serialization=True)
@@ -255,6 +273,7 @@ __all__ = [
     "EMBEDDED_MODELS",
     "ModelRef",
     "cache_dir",
+    "cast_for_storage",
     "check_model_files",
     "check_same_base",
     "check_same_vocabulary",

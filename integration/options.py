@@ -4,6 +4,16 @@ base, the flag types, and the layer-list syntax. Importable without torch."""
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
+from .choices import COMPUTE_DTYPE, DTYPE_HELP, DTYPES
+
+# The options of every command that opens a model (`compute_dtype`: `--dtype` of one that writes none).
+MODEL_OPTIONS = dict(
+    dtype=dict(choices=DTYPES, help=DTYPE_HELP),
+    compute_dtype=dict(choices=DTYPES, help=f"compute dtype (auto: {COMPUTE_DTYPE})"),
+    device=dict(help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
+    max_memory=dict(help="memory a model may use on the device, e.g. 80GB (default: its free memory)"),
+)
+
 
 def positive_int(text: str) -> int:
     """Flag type: an integer >= 1 (`--num-samples 0` is a mistake, not a request for the default)."""
@@ -64,4 +74,4 @@ class Request:
         return {item.name: getattr(self, item.name) for item in fields(self)}
 
 
-__all__ = ["Request", "non_negative_int", "option", "parse_layers", "positive_int"]
+__all__ = ["MODEL_OPTIONS", "Request", "non_negative_int", "option", "parse_layers", "positive_int"]

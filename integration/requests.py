@@ -16,19 +16,11 @@ from linearpatch.common.names import is_repo_id
 
 from .choices import FOLDS, GGUF_HELP, GGUF_OPTION, OUTCOMES, PATCH_CHOICES, SELECTION_METRICS, gguf_types
 from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS, GENERATION_TOKENS, TASK_LIMIT, TEACHER_TOP_K, describe
-from .options import Request, non_negative_int, option, parse_layers, positive_int
+from .options import MODEL_OPTIONS, Request, non_negative_int, option, parse_layers, positive_int
 
 DEFAULT_CALIBRATION = "wikipedia-calibration"
 DEFAULT_EVAL_CORPORA = ("wikipedia-eval", "lee-news")
 DEFAULT_SHARD_SIZE = "5GB"
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-MODEL_OPTIONS = dict(
-    dtype=dict(choices=DTYPES, help="model dtype"),
-    device=dict(help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
-    max_memory=dict(help="memory a model may use on the device, e.g. 80GB (default: its free memory)"),
-)
 
 
 @dataclass(frozen=True)
@@ -106,7 +98,7 @@ class PruneRequest(Request):
     max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
     output: str | Path | None = option(None, required=True, help="checkpoint folder to create")
     overwrite: bool = option(False, help="replace an existing output folder")
-    dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
+    dtype: str = option("auto", **MODEL_OPTIONS["dtype"])
     device: str | None = option(None, **MODEL_OPTIONS["device"])
     progress: bool = option(True, cli=False)
 
@@ -238,7 +230,7 @@ class DistillRequest(Request):
         "spread with device_map='auto'",
     )
     overwrite: bool = option(False, help="replace an existing output folder")
-    dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
+    dtype: str = option("auto", **MODEL_OPTIONS["dtype"])
     device: str | None = option(None, **MODEL_OPTIONS["device"])
 
     def __post_init__(self):
@@ -321,7 +313,7 @@ class EvalRequest(Request):
         "does not fit --max-memory; lm-eval tasks and generation need models whole)",
     )
     max_memory: str | int | None = option(None, **MODEL_OPTIONS["max_memory"])
-    dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
+    dtype: str = option("float32", **MODEL_OPTIONS["compute_dtype"])
     device: str | None = option(None, **MODEL_OPTIONS["device"])
 
 
@@ -391,7 +383,7 @@ class ExportRequest(Request):
     max_memory: str | int | None = option(None, **MODEL_OPTIONS["max_memory"])
     max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
     gguf: tuple[str, ...] = option((), **GGUF_OPTION)
-    dtype: str = option("float32", **MODEL_OPTIONS["dtype"])
+    dtype: str = option("auto", **MODEL_OPTIONS["dtype"])
     device: str | None = option(None, help="cpu, cuda, ... (default: cuda when available)")
     progress: bool = option(True, cli=False)
 
@@ -438,7 +430,6 @@ class PullRequest(Request):
 __all__ = [
     "DEFAULT_CALIBRATION",
     "DEFAULT_EVAL_CORPORA",
-    "DTYPES",
     "DistillRequest",
     "EvalRequest",
     "ExportRequest",

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from linearpatch.common.errors import CheckpointMismatchError
 from linearpatch.common.names import WEIGHTS_FILE
 
+from .choices import compute_dtype_name
+
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {
     "F64": torch.float64,
@@ -170,6 +172,16 @@ class SafetensorsCheckpoint:
             total += entry.numel * target.itemsize
         return total
 
+    def floating_dtype(self) -> torch.dtype:
+        """The dtype the model is stored in: the floating dtype that holds the most elements (a checkpoint's float32
+        patch beside bf16 weights does not count), float32 when there is no floating tensor."""
+        counts: dict[torch.dtype, int] = {}
+        for entry in self.entries.values():
+            stored = DTYPES[entry.dtype]
+            if stored.is_floating_point:
+                counts[stored] = counts.get(stored, 0) + entry.numel
+        return max(counts, key=counts.get) if counts else torch.float32
+
     def read(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, read from its shard (floating tensors cast to `dtype` when given)."""
         entry = self.entries[name]
@@ -258,12 +270,41 @@ class PendingTensor:
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor | Iterable[torch.Tensor]]
 
+    def cast(self, dtype: torch.dtype) -> "PendingTensor":
+        """The same tensor written in floating `dtype` (cast piece by piece when it is produced)."""
+        if dtype == self.dtype or not self.dtype.is_floating_point:
+            return self
+
+        def produce():
+            made = self.produce()
+            if isinstance(made, torch.Tensor):
+                return made.to(dtype)
+            return (piece.to(dtype) for piece in made)
+
+        return PendingTensor(dtype, self.shape, produce)
+
     @property
     def nbytes(self) -> int:
         count = self.dtype.itemsize
         for size in self.shape:
             count *= size
         return count
+
+
+def compute_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The dtype a model computes in: a named `--dtype` (or a torch dtype), or `COMPUTE_DTYPE` for `auto`."""
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, compute_dtype_name(dtype))
+
+
+def stored_dtype(dtype: str | torch.dtype, source: "SafetensorsCheckpoint") -> torch.dtype:
+    """The dtype an output is written in: a named `--dtype`, or for `auto` the dtype `source` (the model the output
+    comes from) is stored in, so that a bf16 model stays bf16 on disk whatever it computed in."""
+    return source.floating_dtype() if dtype == "auto" else compute_dtype(dtype)
+
+
+def dtype_record(dtype: str | torch.dtype, storage: torch.dtype) -> dict[str, str]:
+    """What a report records of the dtypes: the one computed in, and the one written."""
+    return dict(compute=str(compute_dtype(dtype)).removeprefix("torch."), stored=str(storage).removeprefix("torch."))
 
 
 def refuse_non_finite(name: str, tensor: torch.Tensor) -> None:
@@ -378,13 +419,16 @@ def format_size(count: int) -> str:
 
 
 __all__ = [
-    "refuse_non_finite",
     "DTYPES",
     "PendingTensor",
     "SafetensorsCheckpoint",
     "TensorEntry",
+    "compute_dtype",
+    "dtype_record",
     "format_size",
     "parse_size",
     "read_header",
+    "refuse_non_finite",
+    "stored_dtype",
     "write_sharded_safetensors",
 ]

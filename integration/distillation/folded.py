@@ -108,8 +108,11 @@ class FoldedExport:
         writers = {site: torch.eye(size) for site in self.writers}
         self.handles = attach_fold_maps(student, self.plan.maps, self.plan.frames, writers)
 
-    def write(self, staging: Path, merged, tokenizer, report, windows, request: DistillRequest) -> None:
-        """Fold the trained maps into a stock model, compare it on held-out text, and write it with both records."""
+    def write(
+        self, staging: Path, merged, tokenizer, report, windows, request: DistillRequest, storage: torch.dtype
+    ) -> None:
+        """Fold the trained maps into a stock model, compare it on held-out text, and write it in `storage` (the
+        dtype written) with both records; the GGUF files are measured against the model as written."""
         from ..export.report import ExportReport
         from ..export.stock import plain_model
         from ..measurement.perplexity import held_out_windows, perplexity_table
@@ -149,7 +152,7 @@ class FoldedExport:
                 writer_maps=list(self.writers),
             ),
         )
-        write_checkpoint_files(staging, stock, tokenizer)
+        write_checkpoint_files(staging, stock, tokenizer, dtype=storage)
         if self.gguf is not None:
             measured = (request.eval_corpora, sizes) if sizes is not None and sizes.num_samples else None
             record.gguf = export_gguf(staging, Path(report.output).name, self.gguf, tokenizer, measured, stock)

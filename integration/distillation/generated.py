@@ -100,9 +100,10 @@ def generated_windows(teacher: str, tokenizer, recipe: GenerationRecipe, cache_r
     """The teacher's own text as training windows: read from the cache under `cache_root/generated/<key>`, or
     generated there (the teacher is loaded only then, and released after)."""
     from ..models import load_model, resolve_model
+    from ..shards import compute_dtype
 
     prompts = token_windows(recipe.prompts_from, tokenizer, recipe.num_windows, recipe.prompt_len, seed=recipe.seed)
-    identity = checkpoint_fingerprint(resolve_model(teacher), getattr(torch, dtype))
+    identity = checkpoint_fingerprint(resolve_model(teacher), compute_dtype(dtype))
     key = hashlib.sha256(json.dumps([identity, prompts.fingerprint, asdict(recipe)], sort_keys=True).encode())
     folder = Path(cache_root) / GENERATED / key.hexdigest()[:32]
     input_ids = _read(folder, recipe)

@@ -22,11 +22,12 @@ from linearpatch.common.files import atomic_directory, clean_stale_staging, ledg
 from linearpatch.common.names import TEACHER_CACHE_MANIFEST
 
 from ..adapter import base_identity, patch_weights, write_adapter
+from ..choices import compute_dtype_name
 from ..data import local_text_file
 from ..export.folding import FOLD_HOLDERS
 from ..export.gguf import plan_gguf
 from ..requests import DistillRequest
-from ..shards import SafetensorsCheckpoint
+from ..shards import SafetensorsCheckpoint, compute_dtype, dtype_record, stored_dtype
 from .folded import export_start, target_modules
 from .generated import training_windows
 from .plan import (
@@ -84,6 +85,8 @@ def build_cache_in_subprocess(
         save_file({"input_ids": input_ids.contiguous()}, str(windows))
         # Not `-m ...teacher_cache`: the package imports that module first, and runpy then warns that it runs twice.
         command = [sys.executable, "-c", _CHILD, teacher, str(windows)]
+        # The child computes in the named dtype (`auto`: float32), which keys the cache: `auto` reuses float32's.
+        dtype = compute_dtype_name(dtype)
         command += [str(cache_root), "--top-k", str(top_k), "--dtype", dtype, "--result", str(result)]
         if device:
             command += ["--device", device]
@@ -162,7 +165,9 @@ def distill_checkpoint(
     student_tokenizer = load_tokenizer(job.model)
     check_teacher_matches(teacher, student_config, student_tokenizer)
     gguf = plan_gguf(student_config, request.gguf)  # `--export --gguf`: refused now, not after the training
-    student_bytes = SafetensorsCheckpoint(job.model_path).nbytes(getattr(torch, request.dtype))
+    student_weights = SafetensorsCheckpoint(job.model_path)
+    student_bytes = student_weights.nbytes(compute_dtype(request.dtype))
+    storage = stored_dtype(request.dtype, student_weights)
     generated = training_windows(request, student_tokenizer, student_config, device, cache_root)
     plan = plan_distillation(request, student_tokenizer, student_config, device, student_bytes, generated)
     windows = plan.windows
@@ -201,6 +206,7 @@ def distill_checkpoint(
     if not plan.from_finished:  # a resumed run's finished training is already there
         keep_finished(model, history, plan.finished)
     report = _report(request, windows, cache, history)
+    report.dtype = dtype_record(request.dtype, storage)
     try:
         with atomic_directory(output, request.overwrite) as staging:
             if request.adapter_only:
@@ -214,11 +220,12 @@ def distill_checkpoint(
                 tokenizer.save_pretrained(staging)
                 (staging / report.record).write_text(report.to_json())
             elif folded is not None:
-                folded.write(staging, model.merge_and_unload(), tokenizer, report, windows, request)
+                folded.write(staging, model.merge_and_unload(), tokenizer, report, windows, request, storage)
             else:
                 merged = model.merge_and_unload()
                 merged.config.patch_kind = f"{merged.config.patch_kind or 'hadamard'}+distilled"
-                write_checkpoint_files(staging, merged, tokenizer, {report.record: report.to_json()})
+                files = {report.record: report.to_json()}
+                write_checkpoint_files(staging, merged, tokenizer, files, dtype=storage)
     except OutputWriteError as error:
         if not plan.finished.exists():
             raise

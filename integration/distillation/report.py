@@ -24,6 +24,8 @@ class DistillReport:
         perplexity (`dict`): with `export`, held-out perplexity per corpus of the patched checkpoint, the
             training-free and the distilled export, and plain pruning.
         gguf (`dict`): with `export` and `gguf`, the GGUF files written (as `ExportReport.gguf`).
+        dtype (`dict`): the dtype trained in (`compute`) and the one the weights were written in (`stored`: the
+            checkpoint's own unless `--dtype` named one; an adapter's patches are float32 whatever it says).
     """
 
     teacher: str
@@ -43,6 +45,7 @@ class DistillReport:
     log: list[dict] = field(default_factory=list)
     perplexity: dict = field(default_factory=dict)
     gguf: dict = field(default_factory=dict)
+    dtype: dict = field(default_factory=dict)
 
     record = DISTILL_RECORD
 

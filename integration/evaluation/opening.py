@@ -15,7 +15,7 @@ from linearpatch.common.errors import LinearPatchError
 from ..layerwise import choose_sequential, layerwise_model
 from ..models import ModelRef, load_model, load_tokenizer
 from ..requests import EvalRequest
-from ..shards import SafetensorsCheckpoint
+from ..shards import SafetensorsCheckpoint, compute_dtype
 from .tasks import OFFLINE_TASKS
 
 # (requests, tokens) a document of an offline task costs, roughly: four (context plus one choice) requests of about 60
@@ -32,7 +32,7 @@ def place_models(refs: list[ModelRef], request: EvalRequest, device: str) -> lis
         LinearPatchError: for lm-eval tasks or generation prompts asked of a model run layer by layer, and for an
             adapter folder or a Hub id asked to run layer by layer (naming the fix).
     """
-    dtype = getattr(torch, request.dtype)
+    dtype = compute_dtype(request.dtype)
     placed = []
     for ref in refs:
         if not ref.is_folder or ref.kind == "adapter":
@@ -69,7 +69,7 @@ def opened_model(ref: ModelRef, request: EvalRequest, loaded: tuple | None = Non
         return
     from ..models import resolve_device
 
-    device, dtype = resolve_device(request.device), getattr(torch, request.dtype)
+    device, dtype = resolve_device(request.device), compute_dtype(request.dtype)
     if not ref.layerwise:
         yield load_model(ref, dtype=dtype, device=device)
         return

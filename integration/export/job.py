@@ -19,7 +19,7 @@ from ..layerwise import choose_sequential
 from ..measurement.holdout import split_fit_heldout
 from ..requests import ExportRequest
 from ..resolution import ModelRef
-from ..shards import SafetensorsCheckpoint, parse_size
+from ..shards import SafetensorsCheckpoint, compute_dtype, dtype_record, parse_size, stored_dtype
 from .gguf import export_gguf, plan_gguf
 from .plan import FoldPlan, fold_models, plan_model_folds
 from .report import ExportReport
@@ -75,16 +75,19 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
         if fold == "auto" and dense_model is not None:
             split_fit_heldout(windows.input_ids)  # refuse too few windows before any model is loaded
     weights = SafetensorsCheckpoint(job.model_path)
-    dtype = getattr(torch, request.dtype)
-    sequential = choose_sequential(weights.nbytes(dtype), device, request.sequential, request.max_memory, "checkpoint")
+    storage = stored_dtype(request.dtype, weights)
+    compute = compute_dtype(request.dtype)
+    sequential = choose_sequential(
+        weights.nbytes(compute), device, request.sequential, request.max_memory, "checkpoint"
+    )
     evaluation = {}
     held_out = Sizes.resolve("perplexity", device, request.eval_windows, None, config)
     if held_out.num_samples and not sequential:
         evaluation = held_out_windows(tokenizer, request.eval_corpora, held_out.num_samples, held_out.seq_len)
     pipeline = (
-        SequentialExport(request, weights, config, device)
+        SequentialExport(request, weights, config, device, storage)
         if sequential
-        else InMemoryExport(request, job.model, device)
+        else InMemoryExport(request, job.model, device, storage)
     )
     described = pipeline.fold(windows, dense_model)
     report = ExportReport(
@@ -100,6 +103,7 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
         output=str(job.output),
         num_layers=config.num_hidden_layers,
         dense=dense_model,
+        dtype=dtype_record(request.dtype, storage),
     )
     with atomic_directory(job.output, request.overwrite) as staging:
         pipeline.write(staging, tokenizer, {report.record: report.to_json()})
@@ -149,13 +153,14 @@ def resolve_dense(config, dense: str | None, fold: str) -> str | None:
 
 class InMemoryExport:
     """The export job's pipeline for a checkpoint that fits: loaded whole, folded into a stock model by its
-    [`FoldPlan`], compared side by side with the patched model and plain pruning, saved."""
+    [`FoldPlan`], compared side by side with the patched model and plain pruning, saved in `storage` (the dtype
+    written; the GGUF files are measured against the model as written)."""
 
-    def __init__(self, request: ExportRequest, checkpoint: ModelRef, device: str):
+    def __init__(self, request: ExportRequest, checkpoint: ModelRef, device: str, storage: torch.dtype):
         from ..models import load_model
 
-        self.request, self.device = request, device
-        self.dtype = getattr(torch, request.dtype)
+        self.request, self.device, self.storage = request, device, storage
+        self.dtype = compute_dtype(request.dtype)
         self.patched, _ = load_model(checkpoint, dtype=self.dtype, device=device, kind="checkpoint")
         self.stock: torch.nn.Module | None = None
         self.plan: FoldPlan | None = None
@@ -190,7 +195,7 @@ class InMemoryExport:
     def write(self, staging: Path, tokenizer, records: dict[str, str]) -> None:
         from ..models import write_checkpoint_files
 
-        write_checkpoint_files(staging, self.stock, tokenizer, records)
+        write_checkpoint_files(staging, self.stock, tokenizer, records, dtype=self.storage)
 
 
 class SequentialExport:
@@ -199,7 +204,9 @@ class SequentialExport:
     tensor is read, folded and written in turn, in shards of `max_shard_size`. The held-out comparison, which needs
     whole models, is skipped."""
 
-    def __init__(self, request: ExportRequest, checkpoint: SafetensorsCheckpoint, config, device: str):
+    def __init__(
+        self, request: ExportRequest, checkpoint: SafetensorsCheckpoint, config, device: str, storage: torch.dtype
+    ):
         logger.warning(
             "linearpatch: sequential export: the held-out comparison of patched, export and plain pruning needs whole "
             "models and is skipped; `linearpatch eval OUTPUT CHECKPOINT --baseline DENSE --tasks --max-memory ...` "
@@ -207,7 +214,7 @@ class SequentialExport:
         )
         self.request, self.checkpoint, self.config, self.device = request, checkpoint, config, device
         self.pending, self.stock, self.plan = [], None, None
-        self.dtype = getattr(torch, request.dtype)
+        self.dtype, self.storage = compute_dtype(request.dtype), storage
 
     def fold(self, windows, dense: str | None = None) -> list[dict]:
         checkpoint, config = self.checkpoint, self.config
@@ -223,7 +230,7 @@ class SequentialExport:
         transforms = plan.transforms()
         untie = plan.unties()
         stock = stock_config(config, untie)
-        stock.dtype = self.dtype
+        stock.dtype = self.storage
         with torch.device("meta"):
             expected = stock_model(stock).state_dict().keys()
         sources = {key: key for key in checkpoint.keys() if ".linear_patch." not in key}
@@ -245,7 +252,9 @@ class SequentialExport:
             # The vocabulary matrices' folds act on the stream's axis (their columns), row by row: they are folded in
             # blocks, never in float64 whole (a 128k x 4096 head would take 4 GB).
             by_rows = key in ("model.embed_tokens.weight", "lm_head.weight")
-            self.pending.append((key, checkpoint.pending(sources[key], self.dtype, transform, by_rows)))
+            # Read and folded in the compute dtype, written in the stored one.
+            pending = checkpoint.pending(sources[key], self.dtype, transform, by_rows)
+            self.pending.append((key, pending.cast(self.storage)))
         self.stock = stock
         return plan.described
 

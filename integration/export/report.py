@@ -30,6 +30,8 @@ class ExportReport:
         gguf (`dict`): for `--gguf`, each file (name, type, bytes, llama-perplexity per corpus), what llama.cpp was
             told (`overrides`), its limits (`notes`), and transformers' perplexity of the export on the same text
             scored the same way (`reference`).
+        dtype (`dict`): the dtype folded in (`compute`) and the one written (`stored`: the checkpoint's own unless
+            `--dtype` named one).
     """
 
     source: str | None
@@ -47,6 +49,7 @@ class ExportReport:
     dense: str | None = None
     distilled: dict = field(default_factory=dict)
     gguf: dict = field(default_factory=dict)
+    dtype: dict = field(default_factory=dict)
 
     record = EXPORT_RECORD
 

@@ -22,7 +22,7 @@ from ..measurement.calibration import CalibrationStatistics
 from ..measurement.holdout import split_holdout
 from ..requests import PruneRequest
 from ..resolution import ModelRef
-from ..shards import SafetensorsCheckpoint, parse_size
+from ..shards import SafetensorsCheckpoint, compute_dtype, dtype_record, parse_size, stored_dtype
 from .plan import PruningPlan, check_prune_arguments, patch_check_windows, plan_pruning
 from .report import PruneReport, plan_report
 
@@ -124,8 +124,10 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
     explicit = check_prune_arguments(request, config)
     # Every shard is checked (present, complete) before anything is computed or written.
     checkpoint = SafetensorsCheckpoint(job.model_path)
-    dtype = getattr(torch, request.dtype) if isinstance(request.dtype, str) else request.dtype
-    sequential = choose_sequential(checkpoint.nbytes(dtype), device, request.sequential, request.max_memory)
+    storage = stored_dtype(request.dtype, checkpoint)
+    sequential = choose_sequential(
+        checkpoint.nbytes(compute_dtype(request.dtype)), device, request.sequential, request.max_memory
+    )
     if sequential and (request.eval_windows or request.plots):
         raise LinearPatchError(
             "--eval-windows and --plots run the dense and pruned models whole, which a sequential prune avoids: "
@@ -153,13 +155,14 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
         # The tokenizer is not needed while the layers run: its memory is returned first, and it is loaded again
         # to be saved.
         del tokenizer
-        pipeline = SequentialPrune(request, job.model, checkpoint, device)
+        pipeline = SequentialPrune(request, job.model, checkpoint, device, storage)
     else:
-        pipeline = InMemoryPrune(request, job.model, device)
+        pipeline = InMemoryPrune(request, job.model, device, storage)
     report = pipeline.prune(windows, explicit, base_model, check_windows)
     if evaluation_windows:
         report.evaluation |= pipeline.compare(evaluation_windows)
     report.output, report.plots = str(job.output), request.plots
+    report.dtype = dtype_record(request.dtype, storage)
     with atomic_directory(job.output, request.overwrite) as staging:
         pipeline.write(staging, report, plot_windows)
     return report
@@ -167,12 +170,12 @@ def prune_checkpoint(request: PruneRequest | str, output: str | Path | None = No
 
 class InMemoryPrune:
     """The prune job's pipeline for a model that fits: loaded whole, pruned by [`prune_model`] (every choice by outcome
-    available), compared with the dense model, saved with the figures if asked."""
+    available), compared with the dense model, saved in `storage` (the dtype written) with the figures if asked."""
 
-    def __init__(self, request: PruneRequest, dense: ModelRef, device: str):
+    def __init__(self, request: PruneRequest, dense: ModelRef, device: str, storage: torch.dtype):
         from ..models import load_model
 
-        self.request = request
+        self.request, self.storage = request, storage
         self.dense, self.tokenizer = load_model(dense, dtype=request.dtype, device=device, kind="dense")
         self.pruned = None
 
@@ -195,7 +198,6 @@ class InMemoryPrune:
     def write(self, staging: Path, report: PruneReport, plot_windows: TokenWindows | None) -> None:
         from ..models import write_checkpoint_files
 
-        write_checkpoint_files(staging, self.pruned, self.tokenizer, {report.record: report.to_json()})
         if plot_windows is not None:  # inside the staging folder: the checkpoint appears complete or not at all
             from ..measurement.figures import write_report_plots
             from .cuts import checkpoint_closeness
@@ -210,6 +212,9 @@ class InMemoryPrune:
                 prune_report=report.to_dict(),
                 closeness=checkpoint_closeness(self.dense, plot_windows, report.pruned_layers, progress),
             )
+        # Last: the figures run the pruned model as it computed; the weights are written in the source's dtype.
+        files = {report.record: report.to_json()}
+        write_checkpoint_files(staging, self.pruned, self.tokenizer, files, dtype=self.storage)
 
 
 def _with_base(request: PruneRequest, base_model: str | None) -> PruneRequest:
@@ -224,10 +229,17 @@ class SequentialPrune:
     the shards ([`layerwise_model`]), then the kept tensors and the patches streamed from the dense shards to the
     output. Choosing by outcome, comparing and plotting need the model whole and are refused before this runs."""
 
-    def __init__(self, request: PruneRequest, dense: ModelRef, checkpoint: SafetensorsCheckpoint, device: str):
+    def __init__(
+        self,
+        request: PruneRequest,
+        dense: ModelRef,
+        checkpoint: SafetensorsCheckpoint,
+        device: str,
+        storage: torch.dtype,
+    ):
         self.request, self.dense, self.checkpoint, self.device = request, dense, checkpoint, device
-        self.config = dense.config
-        self.dtype = getattr(torch, request.dtype) if isinstance(request.dtype, str) else request.dtype
+        self.config, self.storage = dense.config, storage
+        self.dtype = compute_dtype(request.dtype)
         self.plan = self.pruned_config = None
 
     def prune(
@@ -277,7 +289,7 @@ class SequentialPrune:
             self.checkpoint,
             self.pruned_config,
             self.plan.patches or [],
-            dtype=self.dtype,
+            dtype=self.storage,
             generation_config=generation_config,
             max_shard_size=parse_size(self.request.max_shard_size),
             progress=self.request.progress,

@@ -44,6 +44,8 @@ class PruneReport:
         plots (`bool`): whether the figures were written beside the checkpoint.
         patch_check (`list[dict]`): for a fixed patch kind, per gap: its perplexity and no patch's on held-out
             calibration windows, and whether it is worse than none (`worse_than_none`).
+        dtype (`dict`): the dtype the job computed in (`compute`) and the one the weights were written in
+            (`stored`: the dense model's own unless `--dtype` named one), when saved by `prune_checkpoint`.
     """
 
     base_model: str | None
@@ -65,6 +67,7 @@ class PruneReport:
     depth_curve: list[dict] = field(default_factory=list)
     plots: bool = False
     patch_check: list[dict] = field(default_factory=list)
+    dtype: dict = field(default_factory=dict)
 
     record = PRUNE_RECORD
 
