@@ -14,6 +14,8 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import json
+import logging
 import os
 import re
 import secrets
@@ -265,7 +267,7 @@ def write_text_atomically(path: str | Path, text: str, overwrite: bool = True) -
     return path
 
 
-def save_tensors_atomically(tensors: dict, path: str | Path) -> Path:
+def save_tensors_atomically(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write one safetensors file through a temporary sibling and a rename (readers never see half a file; a failed
     write leaves nothing behind)."""
     from safetensors.torch import save_file
@@ -273,11 +275,34 @@ def save_tensors_atomically(tensors: dict, path: str | Path) -> Path:
     path = Path(path)
     staging = staging_path(path)
     try:
-        save_file(tensors, str(staging))
+        save_file(tensors, str(staging), metadata=metadata)
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
     return path
+
+
+def rebuilding(what: str, where: str | Path, why: object) -> None:
+    """The one warning line a damaged cache gets before it is rebuilt: what it is, where, and what was wrong. A cache
+    only saves time: a damaged one is never used, and never ends a run."""
+    logging.getLogger("linearpatch").warning("linearpatch: %s %s is damaged (%s): rebuilding it.", what, where, why)
+
+
+def read_cache_record(path: str | Path, what: str, kind: type = dict) -> dict | list | None:
+    """A cache's JSON record (its manifest): `None` when there is none, and also, after one [`rebuilding`] line, when
+    it cannot be read or parsed or is not a `kind`; the caller then rebuilds what it describes."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        rebuilding(what, path, error)
+        return None
+    if not isinstance(record, kind):
+        rebuilding(what, path, f"a JSON {type(record).__name__}, not a {kind.__name__}")
+        return None
+    return record
 
 
 def write_files_atomically(directory: str | Path, files: dict[str, str], overwrite: bool = False) -> None:
@@ -300,6 +325,8 @@ __all__ = [
     "check_output",
     "clean_stale_staging",
     "ledger",
+    "read_cache_record",
+    "rebuilding",
     "refuse_overlap",
     "rename_no_replace",
     "sha256_file",

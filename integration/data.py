@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.files import clean_stale_staging, save_tensors_atomically, write_text_atomically
+from linearpatch.common.files import (
+    clean_stale_staging,
+    read_cache_record,
+    rebuilding,
+    save_tensors_atomically,
+    write_text_atomically,
+)
 
 from .models import cache_dir
 
@@ -45,8 +50,11 @@ def _gensim_data(name: str) -> Path:
 def _wikipedia_articles() -> list[str]:
     """The gensim wheel's Wikipedia articles as plain text, extracted once and cached as JSON."""
     cached = cache_dir() / "corpora" / "wikipedia-articles.json"
-    if cached.exists():
-        return json.loads(cached.read_text())
+    articles = read_cache_record(cached, "the Wikipedia articles cache", list)
+    if articles is not None and articles and all(isinstance(article, str) for article in articles):
+        return articles
+    if articles is not None:
+        rebuilding("the Wikipedia articles cache", cached, "no articles, or not text")
     try:
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
     except ImportError as error:  # pragma: no cover - depends on the install
@@ -205,14 +213,22 @@ def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
     cached = cache_dir() / "tokens" / f"{key}.safetensors"
     if cached.is_file():
         try:
-            return load_file(str(cached))["input_ids"].long()
+            with safe_open(str(cached), framework="pt") as handle:
+                stream, recorded = handle.get_tensor("input_ids").long(), (handle.metadata() or {}).get("sha256")
+            if recorded is None:  # written before entries carried their SHA-256: replaced, not damaged
+                logger.debug("linearpatch: rewriting the token cache %s with its SHA-256", cached)
+            elif recorded != token_fingerprint(stream):  # a file that parses but is not what was written
+                raise ValueError("its tokens do not match their recorded SHA-256")
+            else:
+                return stream
         except Exception as error:  # a damaged cache entry is rebuilt, whatever the damage
-            logger.debug("linearpatch: rebuilding the token cache %s (%s)", cached, error)
+            rebuilding("the token cache", cached, error)
     stream = _tokenize(texts, tokenizer)
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_staging(cached.parent)  # what a killed run left
-        save_tensors_atomically({"input_ids": stream.to(torch.int32)}, cached)
+        metadata = {"sha256": token_fingerprint(stream.long())}
+        save_tensors_atomically({"input_ids": stream.to(torch.int32)}, cached, metadata)
     except (OSError, SafetensorError) as error:
         logger.debug("linearpatch: not caching the token stream at %s (%s)", cached, error)
     return stream

@@ -2,6 +2,7 @@
 content-keyed beside the teacher cache; a cache cut short is generated again, never trained on."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ RECIPE = GenerationRecipe("wikipedia-calibration", 3, 16, 6, temperature=1.0, to
 
 
 def test_the_teacher_continues_calibration_prompts_and_the_text_is_cached(
-    tiny_checkpoint, smollm2_tokenizer, tmp_path, monkeypatch
+    tiny_checkpoint, smollm2_tokenizer, tmp_path, monkeypatch, caplog
 ):
     calls = []
     original = generated.generate
@@ -55,6 +56,14 @@ def test_the_teacher_continues_calibration_prompts_and_the_text_is_cached(
     tokens.write_bytes(tokens.read_bytes()[:40])
     generated_windows(str(tiny_checkpoint), smollm2_tokenizer, RECIPE, tmp_path, "cpu", "float32")
     assert calls == [3, 3, 3, 3]
+    # Issue #44 item 6: a damaged manifest is a cache to rebuild, with one line that names it.
+    (folder / "manifest.json").write_text('{"sha256": ')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="linearpatch"):
+        rebuilt = generated_windows(str(tiny_checkpoint), smollm2_tokenizer, RECIPE, tmp_path, "cpu", "float32")
+    assert calls == [3, 3, 3, 3, 3] and torch.equal(rebuilt.input_ids, windows.input_ids)
+    (line,) = caplog.messages
+    assert "is damaged" in line and str(folder / "manifest.json") in line
 
 
 def test_generated_text_never_starts_from_evaluation_text_and_needs_room():

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from linearpatch.common.errors import LinearPatchError
-from linearpatch.common.files import write_text_atomically
+from linearpatch.common.files import read_cache_record, rebuilding, write_text_atomically
 
 from ..data import TokenWindows, token_fingerprint, token_windows
 from ..defaults import Sizes
@@ -151,18 +151,17 @@ def _read(folder: Path, recipe: GenerationRecipe) -> torch.Tensor | None:
         if folder.exists():
             log.warning("linearpatch: %s holds no complete generated text: generating it again.", folder)
         return None
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_cache_record(manifest_path, "the generated text's manifest")
+    if manifest is None:
+        return None
     try:
         input_ids = load_file(tokens_path)["input_ids"]
-    except Exception:  # a file cut short or missing: safetensors refuses it
-        input_ids = None
+    except Exception as error:  # a file cut short or missing: safetensors refuses it
+        rebuilding("the generated text", tokens_path, error)
+        return None
     expected = (recipe.num_windows, recipe.seq_len)
-    if (
-        input_ids is None
-        or tuple(input_ids.shape) != expected
-        or token_fingerprint(input_ids) != manifest.get("sha256")
-    ):
-        log.warning("linearpatch: the generated text in %s does not match its manifest: generating it again.", folder)
+    if tuple(input_ids.shape) != expected or token_fingerprint(input_ids) != manifest.get("sha256"):
+        rebuilding("the generated text", folder, "its tokens do not match their manifest")
         return None
     return input_ids
 

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from linearpatch.common.files import (
     clean_stale_staging,
+    read_cache_record,
+    rebuilding,
     save_tensors_atomically,
     sha256_file,
     write_text_atomically,
@@ -88,8 +90,8 @@ class TopKTeacherCache:
         manifest_path = path / TEACHER_CACHE_MANIFEST
         if not manifest_path.exists():
             raise ValueError(f"{path} is not a teacher cache (no {TEACHER_CACHE_MANIFEST}).")
-        manifest = json.loads(manifest_path.read_text())
-        if not manifest.get("complete"):
+        manifest = read_cache_record(manifest_path, "the teacher cache's manifest")
+        if manifest is None or not manifest.get("complete"):
             raise ValueError(f"The teacher cache {path} is incomplete; build it again to resume.")
         if verify:
             for shard in manifest["shards"]:
@@ -115,6 +117,29 @@ class TopKTeacherCache:
 
 # The stored log-probabilities' dtype: fp16 halves the cache against fp32, and top-K log-probabilities need no more.
 VALUE_DTYPE = torch.float16
+
+
+def finished_shards(manifest_path: Path) -> dict[str, dict]:
+    """The shards a cache's manifest lists as written (file -> entry), each to be reused only if its SHA-256 still
+    checks out. A damaged manifest, or damaged entries in it, list nothing: one warning line, and those shards are
+    computed again."""
+    manifest = read_cache_record(manifest_path, "the teacher cache's manifest")
+    if manifest is None:
+        return {}
+    shards = manifest.get("shards")
+    entries = shards if isinstance(shards, list) else []
+    valid = [
+        shard
+        for shard in entries
+        if isinstance(shard, dict)
+        and isinstance(shard.get("file"), str)
+        and isinstance(shard.get("windows"), int)
+        and isinstance(shard.get("sha256"), str)
+    ]
+    if len(valid) != len(entries) or not isinstance(shards, list):
+        rebuilding("the teacher cache's manifest", manifest_path, "shard entries without file, windows or sha256")
+        return {}
+    return {shard["file"]: shard for shard in valid}
 
 
 def build_teacher_cache(
@@ -151,8 +176,7 @@ def build_teacher_cache(
     num_windows, seq_len = input_ids.shape
     plan = [(start, min(start + shard_windows, num_windows)) for start in range(0, num_windows, shard_windows)]
     manifest_path = path / TEACHER_CACHE_MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    done = {shard["file"]: shard for shard in manifest.get("shards", [])}
+    done = finished_shards(manifest_path)
     value_bytes = torch.finfo(value_dtype).bits // 8
     index_bytes = torch.iinfo(indices_dtype).bits // 8
     manifest = dict(
@@ -176,15 +200,12 @@ def build_teacher_cache(
         name = f"shard-{number:05d}.safetensors"
         previous = done.get(name)
         file = path / name
-        if (
-            previous
-            and previous["windows"] == end - start
-            and file.exists()
-            and sha256_file(file) == previous["sha256"]
-        ):
-            manifest["shards"].append(previous)
-            bar.update(end - start)
-            continue
+        if previous and previous["windows"] == end - start:
+            if file.exists() and sha256_file(file) == previous["sha256"]:
+                manifest["shards"].append(previous)
+                bar.update(end - start)
+                continue
+            rebuilding("the teacher cache's shard", file, "missing, or its SHA-256 is not the manifest's")
         values, indices = [], []
         with torch.no_grad(), logits_source(teacher, input_ids[start:end]) as logits_of:
             for first in range(start, end, batch_size):
