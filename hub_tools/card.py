@@ -239,18 +239,30 @@ def _gguf_section(gguf: dict, repo_id: str) -> list[str]:
     for entry in gguf["files"]:
         measured = entry.get("perplexity", {})
         shown = [f"{measured[corpus]:.2f}" if corpus in measured else "-" for corpus in corpora]
-        rows.append([f"`{entry['file']}`", entry["type"].upper(), f"{entry['bytes'] / 1e6:.1f} MB", *shown])
+        matrix = "yes" if entry.get("imatrix") else "no"
+        rows.append([f"`{entry['file']}`", entry["type"].upper(), f"{entry['bytes'] / 1e6:.1f} MB", matrix, *shown])
     if reference:
-        rows.append(
-            ["transformers, this repository's safetensors", "F32", "", *(f"{reference[c]:.2f}" for c in corpora)]
-        )
+        stored = "this repository's safetensors"
+        rows.append([f"transformers, {stored}", "", "", "", *(f"{reference[c]:.2f}" for c in corpora)])
+    matrix = gguf.get("imatrix")
+    matrix_line = (
+        f"The files with *yes* under imatrix were quantized with llama.cpp's importance matrix `{matrix['file']}` "
+        f"(in this repository), computed by `llama-imatrix` on {matrix['num_windows']} windows of "
+        f"{matrix['seq_len']} tokens of {matrix['source']} (seed {matrix['seed']}), the text the weights were fitted "
+        "on."
+        if matrix
+        else None
+    )
     measured = (
         f"Perplexity: `llama-perplexity` on {gguf.get('windows')} windows of {gguf.get('seq_len')} tokens per corpus, "
         "each scored on its second half; the last row is transformers on the same text, scored the same way."
         if corpora
         else "The files were not measured."
     )
-    example = next((entry for entry in gguf["files"] if entry["type"] == "q4_k_m"), gguf["files"][0])
+    # The file most users want: 4-bit K-quant, else the smallest i-quant of 4 bits, else the first.
+    example = next(
+        (entry for kind in ("q4_k_m", "iq4_xs") for entry in gguf["files"] if entry["type"] == kind), gguf["files"][0]
+    )
     tag = example["type"].upper()
     return [
         "",
@@ -258,11 +270,14 @@ def _gguf_section(gguf: dict, repo_id: str) -> list[str]:
         "",
         "Converted from these weights by llama.cpp's own `convert_hf_to_gguf.py` and quantized by `llama-quantize`.",
         "",
-        markdown_table(["file", "type", "size", *corpora], rows),
+        markdown_table(["file", "type", "size", "imatrix", *corpora], rows),
         "",
         measured,
+        *(["", matrix_line] if matrix_line else []),
         *([""] if gguf.get("notes") else []),
         *(f"**Note:** {note}" for note in gguf.get("notes", [])),
+        "",
+        f"Recommended: `{example['file']}`.",
         "",
         f"```sh\nllama-server -hf {repo_id}:{tag}\nollama run hf.co/{repo_id}:{tag}\n```",
     ]

@@ -34,19 +34,43 @@ FOLD_OBJECTIVES = ("down-proj", *DENSE_OBJECTIVES)
 # objective fitted and the best on held-out windows kept), or `scalar` (Prune&Comp).
 FOLDS = ("auto", *FOLD_OBJECTIVES, "scalar")
 # The GGUF files `export --gguf` writes (`export/gguf.py`): the converter's float types, then llama-quantize's.
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "iq3_m", "iq2_m")
+# The types of 4 bits and below, quantized with an importance matrix by default; the i-quants are made only with one.
+GGUF_LOW_BIT = ("q4_k_m", "iq4_xs", "iq3_m", "iq2_m")
+GGUF_NEEDS_IMATRIX = ("iq4_xs", "iq3_m", "iq2_m")
 # `--gguf q8_0 --gguf q4_k_m` or `--gguf q8_0 q4_k_m`: llama.cpp files beside the stock export (`export/gguf.py`).
 GGUF_HELP = f"also write OUTPUT/NAME-TYPE.gguf for llama.cpp; TYPE: {', '.join(GGUF_TYPES)}"
 GGUF_OPTION = dict(choices=GGUF_TYPES, nargs="+", action="extend", metavar="TYPE", help=GGUF_HELP)
+IMATRIX_OPTION = dict(
+    negatable=True,
+    help="with --gguf: compute llama.cpp's importance matrix (llama-imatrix) over the calibration windows, write "
+    f"NAME.imatrix and quantize with it (default: for {', '.join(GGUF_LOW_BIT)}; --imatrix: every quantized type)",
+)
 
 
-def gguf_types(types) -> tuple[str, ...]:
-    """`--gguf`'s types as a tuple (one type may be given as a string), each one of `GGUF_TYPES`."""
+def gguf_types(types, imatrix: bool | None = None) -> tuple[str, ...]:
+    """`--gguf`'s types as a tuple (one type may be given as a string), each one of `GGUF_TYPES`, checked against
+    `--imatrix` / `--no-imatrix` (`imatrix`: `None` for the default)."""
     types = (types,) if isinstance(types, str) else tuple(types or ())
     unknown = [kind for kind in types if kind not in GGUF_TYPES]
     if unknown:
         raise LinearPatchError(f"Unknown --gguf type {unknown[0]!r}: choose from {', '.join(GGUF_TYPES)}.")
+    needing = [kind for kind in types if kind in GGUF_NEEDS_IMATRIX]
+    if imatrix is False and needing:
+        raise LinearPatchError(
+            f"--gguf {needing[0]} is made only with an importance matrix: drop --no-imatrix (or choose q4_k_m)."
+        )
+    if imatrix is not None and not types:
+        raise LinearPatchError("--imatrix and --no-imatrix choose how --gguf files are quantized: add --gguf TYPE.")
     return types
+
+
+def uses_imatrix(gguf_type: str, imatrix: bool | None) -> bool:
+    """Whether the file of `gguf_type` is quantized with the importance matrix (`imatrix`: `--imatrix`,
+    `--no-imatrix` or `None`, the default: the types of 4 bits and below). Float files never are."""
+    if gguf_type in ("f32", "f16", "bf16") or imatrix is False:
+        return False
+    return imatrix is True or gguf_type in GGUF_LOW_BIT
 
 
 # `auto` computes in COMPUTE_DTYPE and writes each output in the dtype its source is stored in (a bf16 model stays
@@ -72,7 +96,10 @@ __all__ = [
     "METRICS",
     "METRIC_SCORES",
     "GGUF_HELP",
+    "GGUF_LOW_BIT",
+    "GGUF_NEEDS_IMATRIX",
     "GGUF_OPTION",
+    "IMATRIX_OPTION",
     "GGUF_TYPES",
     "OUTCOMES",
     "PATCH_CHOICES",
@@ -83,4 +110,5 @@ __all__ = [
     "DTYPE_HELP",
     "compute_dtype_name",
     "gguf_types",
+    "uses_imatrix",
 ]

@@ -14,9 +14,19 @@ from pathlib import Path
 from linearpatch.common.errors import LinearPatchError
 from linearpatch.common.names import is_repo_id
 
-from .choices import FOLDS, GGUF_HELP, GGUF_OPTION, OUTCOMES, PATCH_CHOICES, SELECTION_METRICS, gguf_types
+from .choices import (
+    FOLDS,
+    GGUF_HELP,
+    GGUF_OPTION,
+    IMATRIX_OPTION,
+    OUTCOMES,
+    PATCH_CHOICES,
+    SELECTION_METRICS,
+    gguf_types,
+)
 from .defaults import DEFAULT_CANDIDATES, DEFAULT_TASKS, GENERATION_TOKENS, TASK_LIMIT, TEACHER_TOP_K, describe
 from .options import MODEL_OPTIONS, Request, non_negative_int, option, parse_layers, positive_int
+from .service_requests import PullRequest, PushRequest, ServeRequest  # re-exported: every request in one place
 
 DEFAULT_CALIBRATION = "wikipedia-calibration"
 DEFAULT_EVAL_CORPORA = ("wikipedia-eval", "lee-news")
@@ -211,6 +221,7 @@ class DistillRequest(Request):
         "each gap, each folded into its o_proj or down_proj; 0: only the map before the gap",
     )
     gguf: tuple[str, ...] = option((), **GGUF_OPTION | dict(help="with --export: " + GGUF_HELP))
+    imatrix: bool | None = option(None, **IMATRIX_OPTION)
     eval_corpora: tuple[str, ...] = option(
         DEFAULT_EVAL_CORPORA, flag="--eval-corpus", nargs="*", help="with --export: held-out perplexity corpora"
     )
@@ -250,7 +261,7 @@ class DistillRequest(Request):
             raise LinearPatchError(
                 f"--epochs {self.epochs} trains for zero steps: give a number above 0 (or --max-steps N)."
             )
-        object.__setattr__(self, "gguf", gguf_types(self.gguf))
+        object.__setattr__(self, "gguf", gguf_types(self.gguf, self.imatrix))
         if self.gguf and not self.export:
             raise LinearPatchError("--gguf converts the stock export: add --export.")
         if self.export and self.adapter_only:
@@ -383,48 +394,15 @@ class ExportRequest(Request):
     max_memory: str | int | None = option(None, **MODEL_OPTIONS["max_memory"])
     max_shard_size: str | int = option(DEFAULT_SHARD_SIZE, help="weights shard size of a sequential output")
     gguf: tuple[str, ...] = option((), **GGUF_OPTION)
+    imatrix: bool | None = option(None, **IMATRIX_OPTION)
     dtype: str = option("auto", **MODEL_OPTIONS["dtype"])
     device: str | None = option(None, help="cpu, cuda, ... (default: cuda when available)")
     progress: bool = option(True, cli=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "gguf", gguf_types(self.gguf))
+        object.__setattr__(self, "gguf", gguf_types(self.gguf, self.imatrix))
         if self.fold not in FOLDS:
             raise LinearPatchError(f"Unknown fold {self.fold!r}: choose one of {', '.join(FOLDS)}.")
-
-
-@dataclass(frozen=True)
-class ServeRequest(Request):
-    """`linearpatch serve` ([`serve`]): options it does not know go to the server as they are (`extra`)."""
-
-    checkpoint: str = option(positional=True, help="a checkpoint or export folder (vLLM), or a .gguf (llama-server)")
-    vllm: str | None = option(
-        None, help="the vllm executable (default: vllm on PATH, else .venv-serving from `make serving`)"
-    )
-    extra: tuple[str, ...] = option((), cli=False)
-
-
-@dataclass(frozen=True)
-class PushRequest(Request):
-    """`linearpatch push` ([`push_to_hub`])."""
-
-    folder: str = option(positional=True, help="a checkpoint or adapter folder")
-    repo_id: str = option(positional=True, help="org/name")
-    private: bool = option(False, help="create the repository private")
-    revision: str | None = option(None, help="branch (default: main)")
-    commit_message: str | None = option(None, help="commit message (default: says what was uploaded)")
-    base_model: str | None = option(None, help="Hub id of the model it was made from (required for a local adapter)")
-
-
-@dataclass(frozen=True)
-class PullRequest(Request):
-    """`linearpatch pull` ([`pull`])."""
-
-    repo_id: str = option(positional=True, help="org/name")
-    local_dir: str | None = option(
-        None, positional=True, nargs="?", help="copy into this folder instead of only the HF cache"
-    )
-    revision: str | None = option(None, help="branch, tag or commit (default: main)")
 
 
 __all__ = [

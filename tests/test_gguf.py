@@ -118,6 +118,38 @@ def test_quantized_files_run_and_stay_close(dense_models, tmp_path):
         assert abs(files["f16"]["perplexity"][corpus] / want - 1) <= 0.01
 
 
+def test_the_importance_matrix_quantizes_the_low_bit_files_and_makes_the_iquants(dense_models, tmp_path, capsys):
+    """Issue #45: by default the files of 4 bits and below are quantized with llama.cpp's importance matrix, computed
+    by llama-imatrix over the windows `prune` calibrated on (drawn again, checked by their SHA-256) and kept beside
+    them as NAME.imatrix; the i-quants are made with it, and every file runs in llama-perplexity. `--no-imatrix`
+    quantizes the same weights to other bytes, and refuses the i-quants in one line."""
+    record = export_gguf(dense_models["llama"], "2-3", tmp_path / "export", "q8_0", "q4_k_m", "iq4_xs")
+    gguf, folder = record["gguf"], tmp_path / "export"
+    assert {entry["type"]: entry["imatrix"] for entry in gguf["files"]} == dict(q8_0=False, q4_k_m=True, iq4_xs=True)
+    assert (folder / "export.imatrix").read_bytes()[:4] == b"GGUF" and gguf["imatrix"]["file"] == "export.imatrix"
+    calibration = json.loads((tmp_path / "export-pruned" / "linearpatch_report.json").read_text())["calibration"]
+    assert gguf["imatrix"]["sha256"] == calibration["sha256"] and gguf["imatrix"]["source"] == calibration["source"]
+    for entry in gguf["files"]:
+        assert all(0 < value < float("inf") for value in entry["perplexity"].values()), entry
+
+    plain = tmp_path / "plain"
+    command = ["export", str(tmp_path / "export-pruned"), "--dense", str(dense_models["llama"]), *QUICK]
+    assert main([*command, "--eval-windows", "0", "--gguf", "q4_k_m", "--no-imatrix", "--output", str(plain)]) == 0
+    (entry,) = json.loads((plain / "linearpatch_export.json").read_text())["gguf"]["files"]
+    assert entry["imatrix"] is False and not list(plain.glob("*.imatrix"))
+    assert (plain / "plain-Q4_K_M.gguf").read_bytes() != (folder / "export-Q4_K_M.gguf").read_bytes()
+
+    for flags, message in (
+        (["--gguf", "iq3_m", "--no-imatrix"], "made only with an importance matrix"),
+        (["--imatrix"], "add --gguf TYPE"),
+    ):
+        capsys.readouterr()
+        code = main([*command, *flags, "--output", str(tmp_path / "refused")])
+        error = capsys.readouterr().err.strip()
+        assert code == 2 and len(error.splitlines()) == 1 and message in error, error
+        assert not (tmp_path / "refused").exists()
+
+
 def test_a_sequential_export_converts_its_shards(dense_models, tmp_path):
     """Larger than the machine: the export streams its folded tensors into shards and llama.cpp's converter reads
     them (lazily); the held-out comparison needs whole models, so the files are written unmeasured."""
@@ -251,9 +283,13 @@ def test_push_uploads_the_gguf_files_and_lists_them_on_the_card(dense_models, tm
     record = json.loads((tmp_path / "tiny" / "linearpatch_export.json").read_text())
     for entry in record["gguf"]["files"]:
         perplexity = " | ".join(f"{value:.2f}" for value in entry["perplexity"].values())
-        row = f"| `{entry['file']}` | {entry['type'].upper()} | {entry['bytes'] / 1e6:.1f} MB | {perplexity} |"
+        matrix = "yes" if entry["imatrix"] else "no"
+        size = f"{entry['bytes'] / 1e6:.1f} MB"
+        row = f"| `{entry['file']}` | {entry['type'].upper()} | {size} | {matrix} | {perplexity} |"
         assert row in card
     assert "ollama run hf.co/org/tiny-gguf:Q4_K_M" in card and "- gguf" in card
+    assert "Recommended: `tiny-Q4_K_M.gguf`" in card and "`tiny.imatrix`" in card
+    assert "tiny.imatrix" in info.files  # pushed with the files it made
     with open(tmp_path / "tiny" / "tiny-Q8_0.gguf", "r+b") as handle:
         handle.truncate(1000)
     with pytest.raises(InvalidCheckpointError, match="truncated or replaced"):

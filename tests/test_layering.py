@@ -37,6 +37,7 @@ LAYERS = {
         "linearpatch.integration.defaults",
         "linearpatch.integration.options",
         "linearpatch.integration.requests",
+        "linearpatch.integration.service_requests",
     ],
     # Weight I/O: shards, model inputs opened once, models (the embedded one included), the patch adapter,
     # layer-by-layer running.

@@ -100,15 +100,22 @@ def dense_files(folder, windows: int) -> list[dict]:
 
     from transformers import AutoTokenizer
 
+    from linearpatch.integration.data import token_windows
+    from linearpatch.integration.defaults import Sizes
     from linearpatch.integration.export.gguf import GgufPlan, write_ggufs
     from linearpatch.integration.models import resolve_model
+    from linearpatch.integration.requests import DEFAULT_CALIBRATION
 
     source = Path(resolve_model("smollm2-135m"))
     folder.mkdir()
     for path in source.iterdir():
         (folder / path.name).symlink_to(path)
-    entries = write_ggufs(folder, "dense", GgufPlan(TYPES, "f16"))
-    measure(folder, entries, AutoTokenizer.from_pretrained(source), windows)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    # The importance matrix over the windows a prune at the defaults calibrates on, as the exports' is.
+    sizes = Sizes.resolve("calibration", "cpu")
+    calibration = token_windows(DEFAULT_CALIBRATION, tokenizer, sizes.num_samples, sizes.seq_len, seed=0)
+    entries, _ = write_ggufs(folder, "dense", GgufPlan(TYPES, "f16"), calibration, tokenizer)
+    measure(folder, entries, tokenizer, windows)
     return entries
 
 

@@ -155,7 +155,9 @@ class FoldedExport:
         write_checkpoint_files(staging, stock, tokenizer, dtype=storage)
         if self.gguf is not None:
             measured = (request.eval_corpora, sizes) if sizes is not None and sizes.num_samples else None
-            record.gguf = export_gguf(staging, Path(report.output).name, self.gguf, tokenizer, measured, stock)
+            # The importance matrix runs on the windows the maps were trained on.
+            name = Path(report.output).name
+            record.gguf = export_gguf(staging, name, self.gguf, tokenizer, measured, stock, imatrix_windows=windows)
             report.gguf = record.gguf
         for written in (report, record):
             (staging / written.record).write_text(written.to_json())

@@ -164,7 +164,8 @@ def distill_checkpoint(
         raise LinearPatchError(f"--resume: there is no work folder {work_dir} to resume from; run without --resume.")
     student_tokenizer = load_tokenizer(job.model)
     check_teacher_matches(teacher, student_config, student_tokenizer)
-    gguf = plan_gguf(student_config, request.gguf)  # `--export --gguf`: refused now, not after the training
+    # `--export --gguf`: refused now, not after the training.
+    gguf = plan_gguf(student_config, request.gguf, request.imatrix)
     student_weights = SafetensorsCheckpoint(job.model_path)
     student_bytes = student_weights.nbytes(compute_dtype(request.dtype))
     storage = stored_dtype(request.dtype, student_weights)

@@ -13,19 +13,22 @@ converter or llama.cpp assumes the dense model's layer count:
   so the GGUF equals transformers only up to the window's length. Said in one line and on the card.
 """
 
+import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from linearpatch.common.errors import LinearPatchError
+from linearpatch.common.errors import LinearPatchError, first_line
 from linearpatch.modeling import FAMILIES, family_of
 from linearpatch.modeling.families import LlamaCppLayout
 
-from ..data import load_texts
+from ..choices import GGUF_NEEDS_IMATRIX, uses_imatrix
+from ..data import TokenWindows, load_texts
 from ..defaults import Sizes
 from ..llama_cpp import converter_command, gguf_perplexity, llama_tool, read_gguf, run_tool
 from ..measurement.perplexity import half_window_perplexity
@@ -52,12 +55,25 @@ class GgufPlan:
         base (`str`): the float type the converter writes; llama-quantize makes the others from it.
         overrides (`tuple[str, ...]`): `KEY=TYPE:VALUE` metadata written into every file (Gemma 3's period).
         notes (`tuple[str, ...]`): where the files equal transformers only within limits (a sliding window).
+        imatrix (`bool`, *optional*): `--imatrix` (every quantized type with the importance matrix), `--no-imatrix`
+            (none), or `None`: the types of 4 bits and below (see `choices.uses_imatrix`).
     """
 
     types: tuple[str, ...]
     base: str
     overrides: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    imatrix: bool | None = None
+
+    @property
+    def imatrix_types(self) -> tuple[str, ...]:
+        """The files quantized with the importance matrix."""
+        return tuple(kind for kind in self.types if uses_imatrix(kind, self.imatrix))
+
+    @staticmethod
+    def imatrix_name(name: str) -> str:
+        """`NAME.imatrix`: llama.cpp's GGUF-format matrix, named so that no listing takes it for a model."""
+        return f"{name}.imatrix"
 
     @staticmethod
     def file_name(name: str, gguf_type: str) -> str:
@@ -117,8 +133,9 @@ def sliding_window_note(config, model_type: str, facts: LlamaCppLayout) -> str |
     )
 
 
-def plan_gguf(config, types: tuple[str, ...] | list[str]) -> GgufPlan | None:
-    """What `export --gguf TYPES` writes for a checkpoint of `config` (`None` for no files), checked before any work.
+def plan_gguf(config, types: tuple[str, ...] | list[str], imatrix: bool | None = None) -> GgufPlan | None:
+    """What `export --gguf TYPES [--imatrix | --no-imatrix]` writes for a checkpoint of `config` (`None` for no
+    files), checked before any work.
 
     Raises:
         LinearPatchError: for a family llama.cpp does not convert, a Gemma 3 it would run differently, or llama.cpp
@@ -135,33 +152,104 @@ def plan_gguf(config, types: tuple[str, ...] | list[str]) -> GgufPlan | None:
         )
     llama_tool("llama-quantize")  # not built: say so now, not after the fit
     types = tuple(dict.fromkeys(types))
+    plan = GgufPlan(types, "f16", imatrix=imatrix)
+    if plan.imatrix_types:
+        llama_tool("llama-imatrix")
     base = next((kind for kind in FLOAT_TYPES if kind in types), "f16")
     overrides = period_overrides(config, facts) if facts.period_key else ()
     note = None if facts.runs_sliding_window else sliding_window_note(config, model_type, facts)
     if note:
         logger.warning("linearpatch: %s", note)
-    return GgufPlan(types, base, overrides, (note,) if note else ())
+    return GgufPlan(types, base, overrides, (note,) if note else (), imatrix)
 
 
-def write_ggufs(folder: Path, name: str, plan: GgufPlan) -> list[dict]:
-    """Convert the stock model in `folder` with llama.cpp's converter, then make each file of `plan` with
-    llama-quantize, into `folder`. Returns each file's name, type and size."""
+def imatrix_text(windows: TokenWindows, tokenizer, directory: Path) -> Path:
+    """The calibration windows as llama-imatrix reads them: each window's text (special tokens left out: llama.cpp
+    tokenises the text again and puts BOS first in each chunk where the model adds one), one after another."""
+    path = directory / "imatrix-calibration.txt"
+    texts = tokenizer.batch_decode(windows.input_ids.tolist(), skip_special_tokens=True)
+    path.write_text("".join(texts), encoding="utf-8")
+    return path
+
+
+def prune_calibration(folder: str | Path, tokenizer, fallback: Callable[[], TokenWindows]) -> TokenWindows:
+    """The windows the checkpoint in `folder` was calibrated on, as its prune report records them (drawn again from
+    the same text with the same seed, and checked by their SHA-256); `fallback()` after one log line saying why when
+    they cannot be (no report, text not on this machine, other windows)."""
+    from linearpatch.common.names import PRUNE_RECORD
+
+    from ..data import token_windows
+
+    report = Path(folder) / PRUNE_RECORD
+    why = f"{report} records no calibration windows"
+    if report.is_file():
+        calibration = json.loads(report.read_text()).get("calibration") or {}
+        try:
+            source, count, seq_len = calibration["source"], calibration["num_windows"], calibration["seq_len"]
+            windows = token_windows(source, tokenizer, count, seq_len, calibration["seed"])
+            if windows.fingerprint == calibration.get("sha256"):
+                return windows
+            why = f"the windows drawn again from {calibration['source']} are not the ones {report} records"
+        except (KeyError, TypeError):
+            pass
+        except (LinearPatchError, OSError) as error:
+            why = f"{calibration.get('source')} cannot be read here ({first_line(error)})"
+    windows = fallback()
+    logger.warning("linearpatch: --gguf: the importance matrix runs on %s: %s.", windows.source, why)
+    return windows
+
+
+def compute_imatrix(base: Path, target: Path, plan: GgufPlan, windows: TokenWindows, tokenizer) -> dict:
+    """Run llama-imatrix on the float `base` file over `windows` (one chunk per window, of the windows' length),
+    writing `target`; the record of what it was computed on."""
+    overrides = [argument for override in plan.overrides for argument in ("--override-kv", override)]
+    num_windows, seq_len = windows.input_ids.shape
+    with tempfile.TemporaryDirectory(prefix="linearpatch-imatrix-") as directory:
+        text = imatrix_text(windows, tokenizer, Path(directory))
+        command = [str(llama_tool("llama-imatrix")), "-m", str(base), "-f", str(text), "-o", str(target)]
+        command += ["--output-format", "gguf", "-c", str(seq_len), "--chunks", str(num_windows), "--no-ppl"]
+        run_tool(command + overrides, "llama-imatrix")
+    return dict(file=target.name, **windows.describe())
+
+
+def write_ggufs(
+    folder: Path, name: str, plan: GgufPlan, imatrix_windows: TokenWindows | None = None, tokenizer=None
+) -> tuple[list[dict], dict | None]:
+    """Convert the stock model in `folder` with llama.cpp's converter, compute the importance matrix over
+    `imatrix_windows` when a file uses it (`NAME.imatrix`, kept beside the files), then make each file of `plan`
+    with llama-quantize, into `folder`. Returns each file's name, type, size and whether it used the matrix, and the
+    matrix's record (`None` without one).
+
+    Raises:
+        LinearPatchError: when a file needs the matrix and no windows are given.
+    """
+    if plan.imatrix_types and imatrix_windows is None:
+        raise LinearPatchError(
+            f"--gguf {plan.imatrix_types[0]} is quantized with an importance matrix, which needs calibration "
+            "windows; none were given."
+        )
     base = folder / f".{name}-base.gguf"
     command, environment = converter_command(folder, base, plan.base)
     run_tool(command + ["--model-name", name], "llama.cpp's convert_hf_to_gguf.py", environment)
+    matrix = None
+    if plan.imatrix_types:
+        matrix = compute_imatrix(base, folder / plan.imatrix_name(name), plan, imatrix_windows, tokenizer)
     quantize = str(llama_tool("llama-quantize"))
     overrides = [argument for override in plan.overrides for argument in ("--override-kv", override)]
     kept_as_is = plan.base if plan.base in plan.types and not overrides else None
     files = []
     for gguf_type in sorted(plan.types, key=lambda kind: kind == kept_as_is):  # the base file last: it is moved
         target = folder / plan.file_name(name, gguf_type)
+        with_matrix = gguf_type in plan.imatrix_types
         if gguf_type == kept_as_is:
             os.replace(base, target)
         else:
-            run_tool([quantize, *overrides, str(base), str(target), gguf_type.upper()], f"llama-quantize {gguf_type}")
-        files.append(dict(file=target.name, type=gguf_type, bytes=target.stat().st_size))
+            options = ["--imatrix", str(folder / matrix["file"])] if with_matrix else []
+            command = [quantize, *options, *overrides, str(base), str(target), gguf_type.upper()]
+            run_tool(command, f"llama-quantize {gguf_type}")
+        files.append(dict(file=target.name, type=gguf_type, bytes=target.stat().st_size, imatrix=with_matrix))
     base.unlink(missing_ok=True)
-    return sorted(files, key=lambda entry: plan.types.index(entry["type"]))
+    return sorted(files, key=lambda entry: plan.types.index(entry["type"])), matrix
 
 
 def text_for(corpus: str, tokenizer, num_tokens: int, directory: Path) -> tuple[Path, list[int]]:
@@ -202,11 +290,22 @@ def measure_ggufs(folder: Path, files: list[dict], tokenizer, corpora: tuple[str
     return reference
 
 
-def export_gguf(folder: Path, name: str, plan: GgufPlan, tokenizer, measured: tuple | None = None, model=None) -> dict:
-    """Write `plan`'s GGUF files beside the stock model in `folder` and, with `measured` (`(corpora, sizes)`), measure
-    them (see [`measure_ggufs`]): the export report's `gguf` record."""
-    files = write_ggufs(folder, name, plan)
+def export_gguf(
+    folder: Path,
+    name: str,
+    plan: GgufPlan,
+    tokenizer,
+    measured: tuple | None = None,
+    model=None,
+    imatrix_windows: TokenWindows | None = None,
+) -> dict:
+    """Write `plan`'s GGUF files beside the stock model in `folder` (the importance matrix over `imatrix_windows`
+    where a file uses it) and, with `measured` (`(corpora, sizes)`), measure them (see [`measure_ggufs`]): the export
+    report's `gguf` record."""
+    files, matrix = write_ggufs(folder, name, plan, imatrix_windows, tokenizer)
     record = dict(files=files, base=plan.base, overrides=list(plan.overrides), notes=list(plan.notes))
+    if matrix is not None:
+        record["imatrix"] = matrix
     if measured is not None:
         corpora, sizes = measured
         record.update(
@@ -220,11 +319,15 @@ def export_gguf(folder: Path, name: str, plan: GgufPlan, tokenizer, measured: tu
 
 
 __all__ = [
+    "GGUF_NEEDS_IMATRIX",
+    "compute_imatrix",
     "converted_families",
     "export_gguf",
     "GgufPlan",
     "llama_cpp_period",
+    "imatrix_text",
     "measure_ggufs",
+    "prune_calibration",
     "period_overrides",
     "plan_gguf",
     "sliding_window_note",

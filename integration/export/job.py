@@ -20,7 +20,7 @@ from ..measurement.holdout import split_fit_heldout
 from ..requests import ExportRequest
 from ..resolution import ModelRef
 from ..shards import SafetensorsCheckpoint, compute_dtype, dtype_record, parse_size, stored_dtype
-from .gguf import export_gguf, plan_gguf
+from .gguf import export_gguf, plan_gguf, prune_calibration
 from .plan import FoldPlan, fold_models, plan_model_folds
 from .report import ExportReport
 from .stock import apply_folds, plain_model, stock_config, stock_model
@@ -59,7 +59,8 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
         inputs |= {f"evaluation text {corpus}": local_text_file(corpus) for corpus in request.eval_corpora}
     job = open_job(request.checkpoint, "checkpoint", request.output, request.overwrite, request.device, inputs)
     device, config = job.device, job.config
-    gguf_plan = plan_gguf(config, request.gguf)  # refused before any work: a family or pattern llama.cpp cannot run
+    # Refused before any work: a family or pattern llama.cpp cannot run.
+    gguf_plan = plan_gguf(config, request.gguf, request.imatrix)
     needs_fit = fold != "scalar" and any(p > 0 for p in config.patch_positions)
     dense_model = resolve_dense(config, request.dense, fold) if needs_fit else None
     if request.score != "loss" and (fold != "auto" or dense_model is None):
@@ -69,9 +70,13 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
         )
     tokenizer = load_tokenizer(job.model)
     windows = None
-    if needs_fit:
+
+    def calibration_windows():
         sizes = Sizes.resolve("calibration", device, request.num_samples, request.seq_len, config)
-        windows = token_windows(request.calibration, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
+        return token_windows(request.calibration, tokenizer, sizes.num_samples, sizes.seq_len, seed=request.seed)
+
+    if needs_fit:
+        windows = calibration_windows()
         if fold == "auto" and dense_model is not None:
             split_fit_heldout(windows.input_ids)  # refuse too few windows before any model is loaded
     weights = SafetensorsCheckpoint(job.model_path)
@@ -110,7 +115,12 @@ def export_checkpoint(request: ExportRequest | str, output: str | Path | None = 
         if gguf_plan is not None:
             measured = (request.eval_corpora, held_out) if evaluation else None
             stock = pipeline.stock if evaluation else None
-            report.gguf = export_gguf(staging, job.output.name, gguf_plan, tokenizer, measured, stock)
+            matrix_windows = None
+            if gguf_plan.imatrix_types:  # the windows `prune` calibrated on, else this export's calibration text
+                matrix_windows = prune_calibration(job.model.path, tokenizer, lambda: windows or calibration_windows())
+            report.gguf = export_gguf(
+                staging, job.output.name, gguf_plan, tokenizer, measured, stock, imatrix_windows=matrix_windows
+            )
         report.seconds = round(time.perf_counter() - started, 2)
         (staging / report.record).write_text(report.to_json())
     return report

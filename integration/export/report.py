@@ -84,11 +84,16 @@ def gguf_lines(gguf: dict) -> list[str]:
         return []
     corpora = list(gguf.get("reference") or (gguf["files"][0].get("perplexity") or {}))
     rows = [
-        [entry["file"], f"{entry['bytes'] / 1e6:.1f}", *(f"{entry['perplexity'][c]:.2f}" for c in corpora)]
+        [
+            entry["file"],
+            f"{entry['bytes'] / 1e6:.1f}",
+            "yes" if entry.get("imatrix") else "no",
+            *(f"{entry['perplexity'][c]:.2f}" for c in corpora),
+        ]
         for entry in gguf["files"]
     ]
     if gguf.get("reference"):
-        rows.append(["transformers (the export)", "", *(f"{gguf['reference'][c]:.2f}" for c in corpora)])
+        rows.append(["transformers (the export)", "", "", *(f"{gguf['reference'][c]:.2f}" for c in corpora)])
     if corpora:
         title = (
             f"llama.cpp files, perplexity by llama-perplexity's protocol ({gguf['windows']} windows of "
@@ -96,8 +101,13 @@ def gguf_lines(gguf: dict) -> list[str]:
         )
     else:
         title = "llama.cpp files (not measured):"
-    table = markdown_table(["file", "MB", *corpora], rows)
-    return [title, table, *(f"note: {note}" for note in gguf.get("notes", []))]
+    table = markdown_table(["file", "MB", "imatrix", *corpora], rows)
+    matrix = gguf.get("imatrix")
+    used = []
+    if matrix:
+        described = f"{matrix['num_windows']} x {matrix['seq_len']} tokens of {matrix['source']}"
+        used = [f"importance matrix: {matrix['file']} ({described})"]
+    return [title, table, *used, *(f"note: {note}" for note in gguf.get("notes", []))]
 
 
 __all__ = ["ExportReport", "gguf_lines"]
