@@ -230,6 +230,12 @@ class DistillRequest(Request):
         type=non_negative_int,
         help=f"with --export: held-out windows per corpus; 0 skips the comparison (default: {describe('perplexity')})",
     )
+    sequential: bool | None = option(
+        None,
+        negatable=True,
+        help="train the student with its layers read from the shards, forward and backward, one at a time (default: "
+        "when it does not fit --max-memory)",
+    )
     sequential_teacher: bool | None = option(
         None,
         negatable=True,

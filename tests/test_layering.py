@@ -65,6 +65,7 @@ LAYERS = {
         "linearpatch.integration.distillation.teacher_cache",
         "linearpatch.integration.distillation.generated",
         "linearpatch.integration.distillation.trainer",
+        "linearpatch.integration.distillation.streamed",
         "linearpatch.integration.evaluation.tasks",
         "linearpatch.integration.export.folding",
         "linearpatch.integration.export.fitting",
@@ -449,7 +450,8 @@ def test_integration_has_no_loose_file_of_a_stage():
     # Loose modules of integration/ are the shared floors (options, weight I/O, loading); every stage (prune, distill,
     # eval and report, export, serve) is a folder of its own.
     loose = {path.stem for path in (ROOT / "integration").glob("*.py")} - {"__init__"}
-    shared = {"choices", "defaults", "options", "requests", "shards", "adapter", "embedded", "models", "layerwise"}
+    shared = {"choices", "defaults", "options", "requests", "service_requests", "shards", "adapter", "embedded"}
+    shared |= {"models", "layerwise"}
     shared |= {"resolution"}  # what a model input is, opened once (`ModelRef`)
     # llama_cpp: the tools `make gguf` builds, shared by export (--gguf) and serve (a .gguf).
     assert loose == shared | {"data", "opening", "llama_cpp"}, loose

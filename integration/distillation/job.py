@@ -5,6 +5,7 @@ The teacher never enters the training process: it runs in a child that dies with
 `PR_SET_PDEATHSIG`), writing its top-K cache shard by shard, so an interrupted run resumes from the last shard.
 """
 
+import contextlib
 import ctypes
 import logging
 import re
@@ -26,8 +27,8 @@ from ..choices import compute_dtype_name
 from ..data import local_text_file
 from ..export.folding import FOLD_HOLDERS
 from ..export.gguf import plan_gguf
-from ..requests import DistillRequest
-from ..shards import SafetensorsCheckpoint, compute_dtype, dtype_record, stored_dtype
+from ..requests import DEFAULT_SHARD_SIZE, DistillRequest
+from ..shards import SafetensorsCheckpoint, compute_dtype, dtype_record, parse_size, stored_dtype
 from .folded import export_start, target_modules
 from .generated import training_windows
 from .plan import (
@@ -40,6 +41,7 @@ from .plan import (
     work_folder,
 )
 from .report import DistillReport
+from .streamed import streamed_student, write_streamed_checkpoint
 from .teacher_cache import TopKTeacherCache
 from .trainer import distill, get_patch_peft_model
 
@@ -64,13 +66,13 @@ def build_cache_in_subprocess(
     top_k: int,
     device: str | None = None,
     dtype: str = "float32",
-    sequential: bool | None = None,
+    layer_by_layer: bool | None = None,
     max_memory: str | None = None,
 ) -> TopKTeacherCache:
     """Build (or reuse/resume) the teacher cache in a child process, so the teacher never enters this one.
 
-    A teacher larger than `max_memory` (by default the device's free memory), or any teacher with `sequential=True`,
-    is run layer by layer from its safetensors shards.
+    A teacher larger than `max_memory` (by default the device's free memory), or any teacher with
+    `layer_by_layer=True`, is run layer by layer from its safetensors shards.
 
     The child is ended if this process ends (interrupt, kill); the token windows it reads are staged inside
     `cache_root` and removed after, or by the next run if this one was killed.
@@ -90,7 +92,7 @@ def build_cache_in_subprocess(
         command += [str(cache_root), "--top-k", str(top_k), "--dtype", dtype, "--result", str(result)]
         if device:
             command += ["--device", device]
-        command += ["--sequential", {None: "auto", True: "yes", False: "no"}[sequential]]
+        command += ["--sequential", {None: "auto", True: "yes", False: "no"}[layer_by_layer]]
         if max_memory is not None:
             command += ["--max-memory", str(max_memory)]
         child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
@@ -136,7 +138,7 @@ def distill_checkpoint(
     if not isinstance(request, DistillRequest):
         request = DistillRequest(checkpoint=request, teacher=teacher, output=output, **options)
     from ..models import cache_dir as default_cache_dir
-    from ..models import load_model, load_tokenizer, open_model, write_checkpoint_files
+    from ..models import load_model, load_tokenizer, open_model
     from ..opening import open_job
 
     cache_root = Path(request.cache_dir) if request.cache_dir else default_cache_dir() / "teacher-cache"
@@ -187,10 +189,26 @@ def distill_checkpoint(
         request.export
     ):  # the training-free start; the teacher is held only while it is fitted, layer by layer if need be
         folded = export_start(request, job.model, teacher, student_tokenizer, device, plan.device_map, gguf)
-    # The student (pruned checkpoint) is the only model this process trains.
-    student, tokenizer = load_model(
-        job.model, dtype=request.dtype, device=device, kind="checkpoint", **plan.device_map
-    )
+    # The student (pruned checkpoint) is the only model this process trains: whole, or read layer by layer.
+    stack = contextlib.ExitStack()
+    if plan.streamed:
+        opened = streamed_student(job.model.path, compute_dtype(request.dtype), device, request.max_memory)
+        student, tokenizer = stack.enter_context(opened), student_tokenizer
+    else:
+        student, tokenizer = load_model(
+            job.model, dtype=request.dtype, device=device, kind="checkpoint", **plan.device_map
+        )
+    with stack:
+        return _train_and_write(request, job, plan, student, tokenizer, cache, folded, storage)
+
+
+def _train_and_write(
+    request: DistillRequest, job, plan: DistillPlan, student, tokenizer, cache, folded, storage: torch.dtype
+) -> DistillReport:
+    """Train the student's patches (or the export's maps), then write what the request asks for in `storage`."""
+    from ..models import write_checkpoint_files
+
+    output, work_dir, windows = Path(request.output), plan.work_dir, plan.windows
     identity = base_identity(student)
     weights_of = patch_weights
     if folded is not None:
@@ -226,7 +244,13 @@ def distill_checkpoint(
                 merged = model.merge_and_unload()
                 merged.config.patch_kind = f"{merged.config.patch_kind or 'hadamard'}+distilled"
                 files = {report.record: report.to_json()}
-                write_checkpoint_files(staging, merged, tokenizer, files, dtype=storage)
+                if plan.streamed:  # the weights never were in memory: streamed from the shards, patches replaced
+                    source = SafetensorsCheckpoint(job.model_path)
+                    shard_size = parse_size(DEFAULT_SHARD_SIZE)
+                    write_streamed_checkpoint(staging, source, merged, storage, shard_size, progress=True)
+                    write_checkpoint_files(staging, None, tokenizer, files)
+                else:
+                    write_checkpoint_files(staging, merged, tokenizer, files, dtype=storage)
     except OutputWriteError as error:
         if not plan.finished.exists():
             raise

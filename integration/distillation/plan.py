@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from linearpatch.common.errors import CheckpointMismatchError
+from linearpatch.common.errors import CheckpointMismatchError, LinearPatchError
 from linearpatch.common.files import staging_path
 
 from ..data import TokenWindows, token_windows
 from ..defaults import Sizes
-from ..layerwise import available_memory, memory_limit
+from ..layerwise import available_memory, choose_sequential, memory_limit
 from ..requests import DistillRequest
 from ..resolution import ModelRef
 from ..shards import format_size
@@ -65,6 +65,7 @@ class DistillPlan:
         from_finished (`bool`): a resumed run whose training finished: the output is written from it.
         device_map (`dict`): `load_model` arguments for the student (a spread over devices when it does not fit).
         overrides (`dict`): the Trainer's arguments from the recipe.
+        streamed (`bool`): the student is trained with its layers read from the shards ([`streamed_student`]).
     """
 
     windows: TokenWindows
@@ -74,6 +75,7 @@ class DistillPlan:
     from_finished: bool
     device_map: dict
     overrides: dict
+    streamed: bool = False
 
     @property
     def finished(self) -> Path:
@@ -101,10 +103,19 @@ def plan_distillation(
     keep_work = bool(request.save_steps) or request.resume
     output = Path(request.output)
     trainer_dir = work_dir if keep_work else staging_path(output.parent / f"{output.name}.work")
-    device_map = choose_device_map(student_bytes, device, request.max_memory)
-    return DistillPlan(
-        windows, work_dir, trainer_dir, keep_work, from_finished, device_map, trainer_overrides(request, device)
-    )
+    streamed = choose_sequential(student_bytes, device, request.sequential, request.max_memory, "student")
+    if streamed and request.export:
+        raise LinearPatchError(
+            "distill --export trains the export's maps on a student held whole, which does not fit here "
+            "(--max-memory or --sequential): distill without --export (layer by layer), then `linearpatch export` "
+            "the result, which also runs layer by layer."
+        )
+    overrides = trainer_overrides(request, device)
+    if streamed:
+        # The student loads each layer onto the device itself, and checkpoints every layer already.
+        overrides.update(place_model_on_device=False, activation_checkpointing=False)
+    device_map = {} if streamed else choose_device_map(student_bytes, device, request.max_memory)
+    return DistillPlan(windows, work_dir, trainer_dir, keep_work, from_finished, device_map, overrides, streamed)
 
 
 def trainer_overrides(request: DistillRequest, device: str) -> dict:

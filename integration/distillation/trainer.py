@@ -104,9 +104,21 @@ class TopKDistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def distillation_arguments(output_dir: str | Path, **overrides) -> TrainingArguments:
+class _StudentPlacesItself(TrainingArguments):
+    """Arguments for a student that puts its own weights on the device (layer by layer): the Trainer must not move
+    it (its frozen weights are empty until each layer runs)."""
+
+    @property
+    def place_model_on_device(self) -> bool:
+        return False
+
+
+def distillation_arguments(
+    output_dir: str | Path, place_model_on_device: bool = True, **overrides
+) -> TrainingArguments:
     """The paper's recipe as `TrainingArguments`: AdamW lr 1e-4, weight decay 1e-4, cosine decay to lr/20, batch 1,
-    one epoch. Any standard argument can be overridden (gradient accumulation, bf16, checkpointing, logging...)."""
+    one epoch. Any standard argument can be overridden (gradient accumulation, bf16, checkpointing, logging...);
+    `place_model_on_device=False` for a student that loads its layers onto the device itself."""
     values = dict(
         output_dir=str(output_dir),
         learning_rate=1e-4,
@@ -126,7 +138,7 @@ def distillation_arguments(output_dir: str | Path, **overrides) -> TrainingArgum
         disable_tqdm=False,
     )
     values.update(overrides)
-    return TrainingArguments(**values)
+    return (TrainingArguments if place_model_on_device else _StudentPlacesItself)(**values)
 
 
 def distill(

@@ -1,0 +1,157 @@
+"""Distilling a student that does not fit: its decoder layers stay in the safetensors shards, in forward and backward.
+
+Only the patches train, so most of the student is frozen weights that each step needs once forward and once backward,
+one layer at a time. [`streamed_student`] builds the checkpoint's own causal LM with empty weights (as
+[`layerwise_model`] does) and keeps resident only what is small or always needed: the patches (trainable, fp32),
+the final norm and the LM head. Each decoder layer then runs as:
+
+- forward, before the first trainable site: loaded, run without gradients, freed;
+- forward, from the first patch on: loaded, run, freed, under activation checkpointing (`use_reentrant=False`), so
+  that only the layer's input is kept (windows x seq_len x C);
+- backward, in reverse order: the checkpoint runs the layer again, which loads it again, and the gradient goes
+  through it to the patch and to the layer before. The weights the backward needs are the ones the recomputation
+  loaded; they are freed when that layer's backward is done.
+
+So the student's peak memory is about one layer, the head and the kept inputs, whatever its depth, and the
+loss, the gradients and every step equal the in-memory student's (tested to 1e-5). The Trainer still drives the
+optimizer, the schedule, the checkpoints and the PEFT adapter; the model is not moved to the device by it
+(`place_model_on_device=False`): it loads each layer there itself.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..layerwise import LayerwiseModel, layerwise_model
+from ..shards import PendingTensor, SafetensorsCheckpoint, write_sharded_safetensors
+
+# Modules that stay resident: the patches (trained), and what every step's loss reads.
+RESIDENT = ("model.norm", "lm_head")
+
+
+def _frozen_state(layerwise: LayerwiseModel, name: str) -> dict[str, torch.Tensor]:
+    """The frozen weights of module `name` from the shards (its patch, trained in memory, left out)."""
+    prefix = name + "."
+    return {
+        key[len(prefix) :]: layerwise.checkpoint.read(key, layerwise.dtype, layerwise.device)
+        for key in layerwise.checkpoint.keys()
+        if key.startswith(prefix) and ".linear_patch." not in key
+    }
+
+
+def _load_frozen(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for key, tensor in state.items():
+        holder, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(holder) if holder else module
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def _release_frozen(module: torch.nn.Module) -> None:
+    """Put the frozen weights back on the meta device (new Parameter objects: a backward that still holds the loaded
+    tensors keeps them until it is done); the patches, which train, stay."""
+    for name, submodule in module.named_modules():
+        if "linear_patch" in name:  # the patch and its PEFT copies are resident
+            continue
+        for leaf, parameter in list(submodule._parameters.items()):
+            if parameter is not None and not parameter.requires_grad and parameter.device.type != "meta":
+                submodule._parameters[leaf] = torch.nn.Parameter(parameter.to("meta"), requires_grad=False)
+
+
+def _streamed_forward(layerwise: LayerwiseModel, layer: torch.nn.Module, index: int):
+    own_forward = type(layer).forward.__get__(layer)
+    name = f"model.layers.{index}"
+
+    def run(hidden_states, *args, **kwargs):
+        _load_frozen(layer, _frozen_state(layerwise, name))
+        try:
+            return own_forward(hidden_states.to(layerwise.device), *args, **kwargs)
+        finally:
+            _release_frozen(layer)
+
+    def forward(hidden_states, *args, **kwargs):
+        trains = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(parameter.requires_grad for parameter in layer.parameters())
+        )
+        if not trains:  # before the first patch: nothing to carry a gradient back to
+            with torch.no_grad():
+                return run(hidden_states, *args, **kwargs)
+        return checkpoint(run, hidden_states, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def streamed_student(
+    path: str | Path, dtype: torch.dtype, device: str | torch.device, max_memory: str | int | None = None
+) -> Iterator[torch.nn.Module]:
+    r"""
+    The LinearPatch checkpoint in the folder `path` as a trainable student whose decoder layers are read from the
+    shards as they run, forward and backward (see the module docstring).
+
+    Args:
+        path (`str` or `Path`): the checkpoint folder.
+        dtype (`torch.dtype`): compute dtype (the patches stay fp32).
+        device (`str` or `torch.device`): compute device.
+        max_memory (`str` or `int`, *optional*): `--max-memory`, as for [`layerwise_model`].
+
+    Yields:
+        `PreTrainedModel`: the student, its patches loaded and trainable, ready for [`get_patch_peft_model`].
+    """
+    with layerwise_model(path, dtype, device, progress=False, max_memory=max_memory) as model:
+        layerwise = model.layerwise
+        for name in RESIDENT:
+            layerwise.load(name)
+        for name, module in model.named_modules():
+            if name.endswith("linear_patch") and not name.startswith(RESIDENT):
+                prefix = name + "."
+                state = {
+                    key[len(prefix) :]: layerwise.checkpoint.read(key, None, layerwise.device)
+                    for key in layerwise.checkpoint.keys()
+                    if key.startswith(prefix)
+                }
+                module.load_state_dict(state, strict=True, assign=True)
+        for index, layer in enumerate(model.model.layers):
+            layer.forward = _streamed_forward(layerwise, layer, index)
+        # Where the weights are, as big-model inference says it: accelerate's `prepare` then leaves the model where it
+        # is instead of moving its empty layers to the device.
+        model.hf_device_map = {"model.layers": "disk", "": str(layerwise.device)}
+        yield model
+
+
+def write_streamed_checkpoint(
+    folder: Path, source: SafetensorsCheckpoint, merged, storage: torch.dtype, max_shard_size: int, progress: bool
+) -> list[str]:
+    """Write the distilled checkpoint into the (staging) `folder` without holding it: every tensor streamed from the
+    student's shards in `storage`, the trained patches (from `merged`, the student after `merge_and_unload`) in their
+    place, then the config, the remote-code files and the generation config."""
+    from transformers import GenerationConfig
+    from transformers.dynamic_module_utils import custom_object_save
+
+    config = merged.config
+    keep_fp32 = getattr(config, "keep_patch_in_fp32", True)
+    trained = {
+        key: tensor.detach().to("cpu", torch.float32 if keep_fp32 else storage)
+        for key, tensor in merged.state_dict().items()
+        if ".linear_patch." in key
+    }
+    plan = []
+    for key in source.keys():
+        if key in trained:
+            tensor = trained[key]
+            plan.append((key, PendingTensor(tensor.dtype, tuple(tensor.shape), lambda tensor=tensor: tensor)))
+        else:
+            plan.append((key, source.pending(key, storage)))
+    config.dtype = storage
+    custom_object_save(merged, folder, config=config)
+    config.save_pretrained(folder)
+    try:
+        GenerationConfig.from_pretrained(source.folder).save_pretrained(folder)
+    except OSError:
+        pass
+    return write_sharded_safetensors(folder, plan, max_shard_size=max_shard_size, progress=progress)
+
+
+__all__ = ["streamed_student", "write_streamed_checkpoint"]

@@ -1,0 +1,84 @@
+"""Issue #44, items 2 and 3: a student that does not fit trains with its decoder layers read from the shards, forward
+and backward, one at a time ([`streamed_student`]); its loss, its gradients and every step equal the in-memory
+student's."""
+
+import json
+
+import pytest
+import torch
+from helpers import random_patch, tiny_family
+
+from linearpatch.integration.distillation.streamed import streamed_student
+from linearpatch.integration.distillation.trainer import get_patch_peft_model, top_k_kl_loss
+from linearpatch.integration.shards import SafetensorsCheckpoint
+from linearpatch.modeling import prune_layers
+
+# A middle gap, an end gap (the patch before the final norm) and two gaps.
+GAPS = {"middle": [2, 3], "end": [4, 5], "two": [1, 4]}
+
+
+def checkpoint_of(tmp_path, family: str, layers: list[int]):
+    dense = tiny_family(family, seed=1)
+    count = len({(layer - index) for index, layer in enumerate(layers)})  # contiguous runs: one patch each
+    patches = [random_patch(dense.config.hidden_size, seed) for seed in range(3, 3 + count)]
+    pruned = prune_layers(dense, layers, patches=patches)
+    pruned.save_pretrained(tmp_path / "student")
+    return tmp_path / "student", pruned.config.vocab_size
+
+
+def loss_and_gradients(model, input_ids, values, indices):
+    model = get_patch_peft_model(model)
+    loss = top_k_kl_loss(model(input_ids=input_ids, use_cache=False).logits, values, indices)
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("gaps", GAPS)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_streamed_student_has_the_in_memory_loss_and_gradients(tmp_path, family, gaps):
+    from transformers import AutoModelForCausalLM
+
+    folder, vocab = checkpoint_of(tmp_path, family, GAPS[gaps])
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab, (2, 12), generator=generator)
+    values, indices = (
+        torch.randn(2, 12, 8, generator=generator),
+        torch.randint(0, vocab, (2, 12, 8), generator=generator),
+    )
+    whole = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    expected_loss, expected = loss_and_gradients(whole, input_ids, values, indices)
+    with streamed_student(folder, torch.float32, "cpu") as student:
+        loss, gradients = loss_and_gradients(student, input_ids, values, indices)
+        # Between steps only the patches, the final norm and the head hold weights.
+        held = {name for name, p in student.named_parameters() if p.device.type != "meta"}
+        assert all("linear_patch" in name or name.startswith(("model.norm", "lm_head")) for name in held), held
+    assert loss == pytest.approx(expected_loss, abs=1e-5) and gradients.keys() == expected.keys()
+    assert len(gradients) == len({(layer - index) for index, layer in enumerate(GAPS[gaps])})
+    for name, gradient in gradients.items():
+        assert torch.allclose(gradient, expected[name], atol=1e-5) and gradient.abs().max() > 0, name
+
+
+def test_distill_streamed_trains_the_same_patch(tiny_checkpoint, tiny_pruned, tmp_path, linearpatch_cli):
+    """`distill --sequential` (also chosen when the student exceeds --max-memory) trains the same patches as the
+    in-memory student over the same steps, and writes the checkpoint tensor by tensor."""
+    common = ["--teacher", tiny_checkpoint, "--top-k", "8", "--num-samples", "6", "--seq-len", "16", "--device", "cpu"]
+    common += ["--cache-dir", tmp_path / "cache", "--lr", "1e-2"]
+    outputs = {}
+    for route, flags in (("memory", []), ("streamed", ["--sequential"]), ("limited", ["--max-memory", "100KB"])):
+        outputs[route] = tmp_path / route
+        run = linearpatch_cli("distill", tiny_pruned, *common, *flags, "--output", outputs[route])
+        assert run.returncode == 0, run.stderr
+    assert "does not fit" in run.stderr  # the student exceeded --max-memory: chosen by outcome, and said
+    written = {route: SafetensorsCheckpoint(folder) for route, folder in outputs.items()}
+    source = SafetensorsCheckpoint(tiny_pruned)
+    assert written["streamed"].keys() == written["memory"].keys()
+    for name in written["memory"].keys():
+        trained = written["memory"].read(name)
+        for route in ("streamed", "limited"):
+            if ".linear_patch." in name:
+                assert torch.allclose(written[route].read(name), trained, atol=1e-4), (route, name)
+                assert not torch.allclose(trained, source.read(name))  # it trained
+            else:
+                assert torch.equal(written[route].read(name), trained), (route, name)
+    configs = [json.loads((folder / "config.json").read_text()) for folder in outputs.values()]
+    assert all(config["patch_kind"] == configs[0]["patch_kind"] for config in configs)
