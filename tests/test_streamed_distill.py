@@ -82,3 +82,24 @@ def test_distill_streamed_trains_the_same_patch(tiny_checkpoint, tiny_pruned, tm
                 assert torch.equal(written[route].read(name), trained), (route, name)
     configs = [json.loads((folder / "config.json").read_text()) for folder in outputs.values()]
     assert all(config["patch_kind"] == configs[0]["patch_kind"] for config in configs)
+
+
+def test_a_step_reads_each_layer_once_forward_and_once_backward(tmp_path, monkeypatch):
+    """Per step, every decoder layer is read once for the forward and, from the first patch on, once more for the
+    backward, the next one read ahead in a background thread; no read is wasted."""
+    from linearpatch.integration.distillation import streamed
+
+    folder, vocab = checkpoint_of(tmp_path, "llama", [2, 3])  # kept layers 0..3, the patch before kept layer 2
+    reads = []
+    original = streamed._frozen_state
+    monkeypatch.setattr(
+        streamed, "_frozen_state", lambda layerwise, name: reads.append(name) or original(layerwise, name)
+    )
+    input_ids = torch.randint(3, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    values, indices = torch.randn(1, 8, 4), torch.randint(0, vocab, (1, 8, 4))
+    with streamed_student(folder, torch.float32, "cpu") as student:
+        model = get_patch_peft_model(student)
+        for _ in range(2):  # the second step too: what the first read ahead at its end is not left over
+            reads.clear()
+            top_k_kl_loss(model(input_ids=input_ids, use_cache=False).logits, values, indices).backward()
+            assert sorted(reads) == sorted([f"model.layers.{i}" for i in (0, 1, 2, 3, 2, 3)]), reads

@@ -60,14 +60,51 @@ def _release_frozen(module: torch.nn.Module) -> None:
                 submodule._parameters[leaf] = torch.nn.Parameter(parameter.to("meta"), requires_grad=False)
 
 
-def _streamed_forward(layerwise: LayerwiseModel, layer: torch.nn.Module, index: int):
+class _Reader:
+    """The frozen weights of the next layer a step needs, read in a background thread while this one computes (the
+    reads release the GIL): the next layer in the forward, the previous one in the backward. Off when two layers do
+    not fit `--max-memory` (`LayerwiseModel.read_ahead`)."""
+
+    def __init__(self, layerwise: LayerwiseModel, count: int):
+        self.layerwise, self.count = layerwise, count
+        self.pending: tuple[int, object] | None = None
+        self.executor = None
+        self.first_trained = 0  # the first layer the backward runs again (set by the forward)
+        self.trains_before = False  # whether the layer that ran last was trained through
+
+    def state(self, index: int, backward: bool) -> dict[str, torch.Tensor]:
+        state = None
+        if self.pending is not None:
+            wanted, future = self.pending
+            self.pending = None
+            state = future.result() if wanted == index else None
+        if state is None:
+            state = _frozen_state(self.layerwise, f"model.layers.{index}")
+        following = index - 1 if backward else index + 1
+        lowest = self.first_trained if backward else 0  # the backward stops at the first trained layer
+        if self.layerwise.read_ahead and lowest <= following < self.count:
+            if self.executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.executor = ThreadPoolExecutor(1, thread_name_prefix="linearpatch-student-prefetch")
+            name = f"model.layers.{following}"
+            self.pending = (following, self.executor.submit(_frozen_state, self.layerwise, name))
+        return state
+
+    def close(self) -> None:
+        self.pending = None
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+
+def _streamed_forward(reader: _Reader, layer: torch.nn.Module, index: int):
     own_forward = type(layer).forward.__get__(layer)
-    name = f"model.layers.{index}"
+    forward_pass = [False]  # set while the forward runs the layer; a call of `run` outside it is the recomputation
 
     def run(hidden_states, *args, **kwargs):
-        _load_frozen(layer, _frozen_state(layerwise, name))
+        _load_frozen(layer, reader.state(index, backward=not forward_pass[0]))
         try:
-            return own_forward(hidden_states.to(layerwise.device), *args, **kwargs)
+            return own_forward(hidden_states.to(reader.layerwise.device), *args, **kwargs)
         finally:
             _release_frozen(layer)
 
@@ -75,10 +112,17 @@ def _streamed_forward(layerwise: LayerwiseModel, layer: torch.nn.Module, index: 
         trains = torch.is_grad_enabled() and (
             hidden_states.requires_grad or any(parameter.requires_grad for parameter in layer.parameters())
         )
-        if not trains:  # before the first patch: nothing to carry a gradient back to
-            with torch.no_grad():
-                return run(hidden_states, *args, **kwargs)
-        return checkpoint(run, hidden_states, *args, use_reentrant=False, **kwargs)
+        forward_pass[0] = True
+        if trains and (index == 0 or not reader.trains_before):
+            reader.first_trained = index
+        reader.trains_before = trains
+        try:
+            if not trains:  # before the first patch: nothing to carry a gradient back to
+                with torch.no_grad():
+                    return run(hidden_states, *args, **kwargs)
+            return checkpoint(run, hidden_states, *args, use_reentrant=False, **kwargs)
+        finally:
+            forward_pass[0] = False
 
     return forward
 
@@ -113,12 +157,16 @@ def streamed_student(
                     if key.startswith(prefix)
                 }
                 module.load_state_dict(state, strict=True, assign=True)
+        reader = _Reader(layerwise, len(model.model.layers))
         for index, layer in enumerate(model.model.layers):
-            layer.forward = _streamed_forward(layerwise, layer, index)
+            layer.forward = _streamed_forward(reader, layer, index)
         # Where the weights are, as big-model inference says it: accelerate's `prepare` then leaves the model where it
         # is instead of moving its empty layers to the device.
         model.hf_device_map = {"model.layers": "disk", "": str(layerwise.device)}
-        yield model
+        try:
+            yield model
+        finally:
+            reader.close()
 
 
 def write_streamed_checkpoint(
