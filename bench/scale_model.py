@@ -26,6 +26,15 @@ LLAMA_3_8B = dict(
 )
 SHAPES = {
     "llama-3-8b": LLAMA_3_8B,
+    # Llama-3.2-3B's layout (tied head, 28 layers, 6.4 GB of bf16): the "3B-shaped" model of issue #44.
+    "llama-3.2-3b": dict(
+        LLAMA_3_8B,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        tie_word_embeddings=True,
+    ),
     # The same layout at a size the tests can write (the writer's own test).
     "tiny": dict(
         LLAMA_3_8B,
