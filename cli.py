@@ -51,7 +51,7 @@ def add_request_arguments(parser: argparse.ArgumentParser, request_class) -> Non
             parser.add_argument(field.name, **settings, **({"default": default} if meta.get("nargs") == "?" else {}))
             continue
         flag = meta.get("flag", "--" + field.name.replace("_", "-"))
-        if field.type is bool:
+        if field.type is bool and not meta.get("negatable"):
             settings["action"] = "store_true"
         elif meta.get("negatable"):
             settings["action"] = argparse.BooleanOptionalAction

@@ -236,6 +236,12 @@ class DistillRequest(Request):
         help="train the student with its layers read from the shards, forward and backward, one at a time (default: "
         "when it does not fit --max-memory)",
     )
+    stream_cache: bool = option(
+        True,
+        negatable=True,
+        help="store the stream entering the first patch with the teacher cache (its size is printed), so that every "
+        "step starts there instead of running the layers before it",
+    )
     sequential_teacher: bool | None = option(
         None,
         negatable=True,

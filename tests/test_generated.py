@@ -89,3 +89,20 @@ def test_distill_on_generated_text_from_the_cli(tiny_checkpoint, tiny_pruned, tm
     assert any((tmp_path / "cache" / "generated").iterdir())
     card = str(model_card(validate_folder(output), "org/distilled"))
     assert "text the teacher generated itself (prompts of `wikipedia-calibration`" in card
+
+
+@pytest.mark.parametrize("limit", [["--max-memory", "100KB"], ["--sequential-teacher"]])
+def test_generated_text_from_a_teacher_that_does_not_fit_is_refused_in_one_line(
+    tiny_checkpoint, tiny_pruned, tmp_path, capsys, limit
+):
+    """Issue #44 item 7: sampling needs the teacher whole; one that does not fit is refused before it loads, in one
+    line that names --data with a file or corpus. Text already generated needs no teacher and is used."""
+    from linearpatch.cli import main
+
+    arguments = ["distill", str(tiny_pruned), "--teacher", str(tiny_checkpoint), "--data", "generated"]
+    arguments += ["--num-samples", "4", "--seq-len", "16", "--top-k", "8", "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert main([*arguments, *limit, "--output", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--data a text file or corpus" in error, error
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "cache" / "generated").exists()

@@ -209,10 +209,11 @@ def test_layerwise_teacher_cache_equals_in_memory(tmp_path, model_type):
     dense = tiny_family(model_type, 6, tied=model_type == "llama", seed=2)
     dense.save_pretrained(tmp_path / "dense", max_shard_size="100KB")
     ids = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
-    options = dict(top_k=8, shard_windows=2, batch_size=2, progress=False)
+    # With the stream entering layer 3 (issue #44: copied before the layerwise pass overwrites it in place).
+    options = dict(top_k=8, shard_windows=2, batch_size=2, progress=False, stream_layer=3)
     reference = TeacherCacheDataset(build_teacher_cache(dense, ids, tmp_path / "memory", **options))
     with layerwise_model(tmp_path / "dense", progress=False) as teacher:
-        cache = build_teacher_cache(teacher, ids, tmp_path / "layerwise", teacher_fingerprint="layerwise", **options)
+        cache = build_teacher_cache(teacher, ids, tmp_path / "layerwise", **options)
         assert all(p.device.type == "meta" for p in teacher.parameters())
     assert cache.manifest["complete"] and cache.num_windows == 5
     for index in range(5):
@@ -220,6 +221,7 @@ def test_layerwise_teacher_cache_equals_in_memory(tmp_path, model_type):
         assert torch.equal(got["input_ids"], expected["input_ids"])
         assert torch.equal(got["teacher_indices"], expected["teacher_indices"])
         torch.testing.assert_close(got["teacher_values"], expected["teacher_values"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["stream"], expected["stream"], rtol=1e-5, atol=1e-5)
 
 
 def test_cli_distill_with_a_teacher_larger_than_max_memory(tmp_path, sharded_dense, sharded_pruned, linearpatch_cli):

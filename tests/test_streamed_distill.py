@@ -103,3 +103,45 @@ def test_a_step_reads_each_layer_once_forward_and_once_backward(tmp_path, monkey
             reads.clear()
             top_k_kl_loss(model(input_ids=input_ids, use_cache=False).logits, values, indices).backward()
             assert sorted(reads) == sorted([f"model.layers.{i}" for i in (0, 1, 2, 3, 2, 3)]), reads
+
+
+def test_the_stream_cache_starts_every_step_at_the_first_patch(
+    tiny_checkpoint, tiny_pruned, tmp_path, linearpatch_cli
+):
+    """Issue #44 item 1: the teacher cache also holds the dense stream entering the first patch's layer (the student's
+    own stream there: the layers before the gap are the dense model's), and every step starts from it instead of
+    running those layers. In memory and streamed, the trained patch equals the one trained from the tokens."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from linearpatch.integration.measurement.capture import recording
+
+    common = ["--teacher", tiny_checkpoint, "--top-k", "8", "--num-samples", "6", "--seq-len", "16", "--device", "cpu"]
+    common += ["--lr", "1e-2"]
+    outputs = {}
+    for route, flags in (("tokens", ["--no-stream-cache"]), ("stream", []), ("streamed", ["--sequential"])):
+        outputs[route] = tmp_path / route
+        run = linearpatch_cli(
+            "distill", tiny_pruned, *common, *flags, "--cache-dir", tmp_path / "cache", "--output", outputs[route]
+        )
+        assert run.returncode == 0, run.stderr
+        assert ("stream entering layer 2" in run.stdout) == (route == "stream")  # said once, when it is written
+    trained = {route: SafetensorsCheckpoint(folder) for route, folder in outputs.items()}
+    (name,) = [key for key in trained["tokens"].keys() if ".linear_patch." in key]
+    for route in ("stream", "streamed"):
+        assert torch.allclose(trained[route].read(name), trained["tokens"].read(name), atol=1e-4), route
+
+    saved = json.loads((outputs["streamed"] / "linearpatch_distill.json").read_text())
+    assert saved["streamed"] and saved["stream"]["layers_skipped"] == 2 and saved["stream"]["bytes_saved_per_step"] > 0
+    assert json.loads((outputs["tokens"] / "linearpatch_distill.json").read_text())["stream"] == {}
+    (manifest,) = [
+        m for m in (tmp_path / "cache").glob("*/manifest.json") if json.loads(m.read_text()).get("stream_layer")
+    ]
+    assert json.loads(manifest.read_text())["stream_layer"] == 2
+    dense = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    for shard in manifest.parent.glob("shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            input_ids, stream = handle.get_tensor("input_ids").long(), handle.get_tensor("stream")
+        with torch.no_grad(), recording({2: dense.model.layers[2]}) as records:
+            dense(input_ids=input_ids, use_cache=False)
+        assert torch.allclose(stream, torch.cat(records[2]), atol=1e-5)

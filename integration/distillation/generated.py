@@ -93,12 +93,35 @@ def training_windows(request: DistillRequest, tokenizer, config, device: str, ca
         request.seed,
     )
     recipe.check((*DEFAULT_EVAL_CORPORA, *request.eval_corpora))
-    return generated_windows(request.teacher, tokenizer, recipe, cache_root, device, request.dtype)
+    return generated_windows(
+        request.teacher,
+        tokenizer,
+        recipe,
+        cache_root,
+        device,
+        request.dtype,
+        request.max_memory,
+        request.sequential_teacher,
+    )
 
 
-def generated_windows(teacher: str, tokenizer, recipe: GenerationRecipe, cache_root: Path, device: str, dtype: str):
+def generated_windows(
+    teacher: str,
+    tokenizer,
+    recipe: GenerationRecipe,
+    cache_root: Path,
+    device: str,
+    dtype: str,
+    max_memory: str | None = None,
+    layer_by_layer: bool | None = None,
+):
     """The teacher's own text as training windows: read from the cache under `cache_root/generated/<key>`, or
-    generated there (the teacher is loaded only then, and released after)."""
+    generated there (the teacher is loaded only then, and released after).
+
+    Raises:
+        LinearPatchError: when the text must be generated and the teacher does not fit `max_memory` (or is to run
+            `layer_by_layer`): sampling needs it whole.
+    """
     from ..models import load_model, resolve_model
     from ..shards import compute_dtype
 
@@ -108,6 +131,7 @@ def generated_windows(teacher: str, tokenizer, recipe: GenerationRecipe, cache_r
     folder = Path(cache_root) / GENERATED / key.hexdigest()[:32]
     input_ids = _read(folder, recipe)
     if input_ids is None:
+        refuse_unless_whole(teacher, device, dtype, max_memory, layer_by_layer)
         model, _ = load_model(teacher, dtype=dtype, device=device, kind="dense")
         try:
             input_ids = generate(model, prompts.input_ids, recipe)
@@ -142,6 +166,23 @@ def generate(model, prompts: torch.Tensor, recipe: GenerationRecipe, progress: b
             ).cpu()
         )
     return torch.cat(windows)
+
+
+def refuse_unless_whole(teacher: str, device: str, dtype: str, max_memory: str | None, layer_by_layer: bool | None):
+    """Refuse `--data generated` for a teacher that does not fit (or is to run layer by layer), before it loads:
+    sampling continues every prompt token by token, which needs the whole model."""
+    from ..layerwise import memory_limit
+    from ..models import resolve_model
+    from ..shards import SafetensorsCheckpoint, compute_dtype, format_size
+
+    size = SafetensorsCheckpoint(resolve_model(teacher)).nbytes(compute_dtype(dtype))
+    limit = memory_limit(device, max_memory)
+    if layer_by_layer or size > limit:
+        where = "--sequential-teacher" if layer_by_layer else f"{format_size(limit)} ({max_memory or 'free memory'})"
+        raise LinearPatchError(
+            f"--data generated samples the teacher's text with the teacher held whole ({format_size(size)}), which "
+            f"does not fit {where}: give --data a text file or corpus instead (e.g. --data wikipedia-calibration)."
+        )
 
 
 def _read(folder: Path, recipe: GenerationRecipe) -> torch.Tensor | None:

@@ -60,19 +60,18 @@ _CHILD = "from linearpatch.integration.distillation.teacher_cache import run_chi
 
 
 def build_cache_in_subprocess(
-    teacher: str,
+    request: DistillRequest,
     input_ids: torch.Tensor,
     cache_root: str | Path,
-    top_k: int,
     device: str | None = None,
-    dtype: str = "float32",
-    layer_by_layer: bool | None = None,
-    max_memory: str | None = None,
+    stream_layer: int | None = None,
 ) -> TopKTeacherCache:
-    """Build (or reuse/resume) the teacher cache in a child process, so the teacher never enters this one.
+    """Build (or reuse/resume) the teacher cache of `request` (its teacher, K, dtype, `--sequential-teacher` and
+    `--max-memory`) over `input_ids` in a child process, so the teacher never enters this one; with `stream_layer`,
+    the cache also holds the stream entering that layer.
 
-    A teacher larger than `max_memory` (by default the device's free memory), or any teacher with
-    `layer_by_layer=True`, is run layer by layer from its safetensors shards.
+    A teacher larger than `--max-memory` (by default the device's free memory), or any teacher with
+    `--sequential-teacher`, is run layer by layer from its safetensors shards.
 
     The child is ended if this process ends (interrupt, kill); the token windows it reads are staged inside
     `cache_root` and removed after, or by the next run if this one was killed.
@@ -86,15 +85,17 @@ def build_cache_in_subprocess(
         windows, result = scratch / "windows.safetensors", scratch / "cache-path.txt"
         save_file({"input_ids": input_ids.contiguous()}, str(windows))
         # Not `-m ...teacher_cache`: the package imports that module first, and runpy then warns that it runs twice.
-        command = [sys.executable, "-c", _CHILD, teacher, str(windows)]
+        command = [sys.executable, "-c", _CHILD, request.teacher, str(windows), str(cache_root)]
         # The child computes in the named dtype (`auto`: float32), which keys the cache: `auto` reuses float32's.
-        dtype = compute_dtype_name(dtype)
-        command += [str(cache_root), "--top-k", str(top_k), "--dtype", dtype, "--result", str(result)]
+        dtype = compute_dtype_name(request.dtype)
+        command += ["--top-k", str(request.top_k), "--dtype", dtype, "--result", str(result)]
         if device:
             command += ["--device", device]
-        command += ["--sequential", {None: "auto", True: "yes", False: "no"}[layer_by_layer]]
-        if max_memory is not None:
-            command += ["--max-memory", str(max_memory)]
+        command += ["--sequential", {None: "auto", True: "yes", False: "no"}[request.sequential_teacher]]
+        if request.max_memory is not None:
+            command += ["--max-memory", str(request.max_memory)]
+        if stream_layer is not None:
+            command += ["--stream-layer", str(stream_layer)]
         child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         try:
             code = child.wait()
@@ -174,16 +175,8 @@ def distill_checkpoint(
     generated = training_windows(request, student_tokenizer, student_config, device, cache_root)
     plan = plan_distillation(request, student_tokenizer, student_config, device, student_bytes, generated)
     windows = plan.windows
-    cache = build_cache_in_subprocess(
-        request.teacher,
-        windows.input_ids,
-        cache_root,
-        request.top_k,
-        device,
-        request.dtype,
-        request.sequential_teacher,
-        request.max_memory,
-    )
+    stream_layer = first_trained_layer(request, student_config)
+    cache = build_cache_in_subprocess(request, windows.input_ids, cache_root, device, stream_layer)
     folded = None
     if (
         request.export
@@ -200,6 +193,32 @@ def distill_checkpoint(
         )
     with stack:
         return _train_and_write(request, job, plan, student, tokenizer, cache, folded, storage)
+
+
+def stream_savings(cache, student: SafetensorsCheckpoint, request: DistillRequest) -> dict:
+    """What the cached stream saved each step: the layers before it, not run, and their weights, not read."""
+    layer = cache.manifest.get("stream_layer")
+    if layer is None:
+        return {}
+    prefixes = tuple(f"model.layers.{index}." for index in range(layer))
+    numel = sum(entry.numel for name, entry in student.entries.items() if name.startswith(prefixes))
+    tokens = request.batch_size * cache.manifest["seq_len"]
+    return dict(
+        layer=layer,
+        bytes=cache.manifest["stream_bytes_per_token"] * cache.manifest["num_windows"] * cache.manifest["seq_len"],
+        layers_skipped=layer,
+        bytes_saved_per_step=sum(student.nbytes(compute_dtype(request.dtype), prefix) for prefix in prefixes),
+        flops_saved_per_step=2 * numel * tokens,
+    )
+
+
+def first_trained_layer(request: DistillRequest, config) -> int | None:
+    """Where every training step can start: the first patch's layer (the dense model's index: no layer before the
+    first gap is removed), whose input stream the teacher cache then also stores. `None` without `--stream-cache`
+    and for `--export`, whose maps start at the writers before the gap."""
+    if not request.stream_cache or request.export:
+        return None
+    return min(config.patch_positions)
 
 
 def _train_and_write(
@@ -226,6 +245,8 @@ def _train_and_write(
         keep_finished(model, history, plan.finished)
     report = _report(request, windows, cache, history)
     report.dtype = dtype_record(request.dtype, storage)
+    report.streamed = plan.streamed
+    report.stream = stream_savings(cache, SafetensorsCheckpoint(job.model_path), request)
     try:
         with atomic_directory(output, request.overwrite) as staging:
             if request.adapter_only:

@@ -26,6 +26,10 @@ class DistillReport:
         gguf (`dict`): with `export` and `gguf`, the GGUF files written (as `ExportReport.gguf`).
         dtype (`dict`): the dtype trained in (`compute`) and the one the weights were written in (`stored`: the
             checkpoint's own unless `--dtype` named one; an adapter's patches are float32 whatever it says).
+        stream (`dict`): with the stream cache, the layer every step started at, the cached stream's bytes, and what
+            each step saved: the layers before it not run (`layers_skipped`), their weights not read
+            (`bytes_saved_per_step`, in the compute dtype) and their multiply-adds (`flops_saved_per_step`).
+        streamed (`bool`): whether the student was trained with its layers read from the shards.
     """
 
     teacher: str
@@ -46,6 +50,8 @@ class DistillReport:
     perplexity: dict = field(default_factory=dict)
     gguf: dict = field(default_factory=dict)
     dtype: dict = field(default_factory=dict)
+    stream: dict = field(default_factory=dict)
+    streamed: bool = False
 
     record = DISTILL_RECORD
 

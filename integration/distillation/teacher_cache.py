@@ -56,10 +56,20 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def cache_key(teacher_fingerprint: str, input_ids: torch.Tensor, top_k: int, value_dtype: torch.dtype) -> str:
-    """Hash of all the cache's inputs (teacher, exact token windows (so also seed and length), K, value dtype)."""
+def cache_key(
+    teacher_fingerprint: str,
+    input_ids: torch.Tensor,
+    top_k: int,
+    value_dtype: torch.dtype,
+    stream_layer: int | None = None,
+) -> str:
+    """Hash of all the cache's inputs (teacher, exact token windows (so also seed and length), K, value dtype, and the
+    layer whose input stream it also holds, if any)."""
     digest = hashlib.sha256()
-    for part in (teacher_fingerprint, str(tuple(input_ids.shape)), str(top_k), str(value_dtype), str(FORMAT_VERSION)):
+    parts = (teacher_fingerprint, str(tuple(input_ids.shape)), str(top_k), str(value_dtype), str(FORMAT_VERSION))
+    if stream_layer is not None:
+        parts += (f"stream entering layer {stream_layer}",)
+    for part in parts:
         digest.update(part.encode())
     digest.update(input_ids.to(torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
@@ -119,6 +129,26 @@ class TopKTeacherCache:
 VALUE_DTYPE = torch.float16
 
 
+@contextlib.contextmanager
+def stream_recording(teacher, layer: int | None):
+    """While inside, a copy of what enters decoder layer `layer` of `teacher` (in memory or layer by layer, whose
+    activations are overwritten in place) is appended to the yielded list, in the order the windows run."""
+    streams: list[torch.Tensor] = []
+    if layer is None:
+        yield streams
+        return
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        streams.append(hidden.detach().to("cpu", copy=True))
+
+    handle = teacher.model.layers[layer].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield streams
+    finally:
+        handle.remove()
+
+
 def finished_shards(manifest_path: Path) -> dict[str, dict]:
     """The shards a cache's manifest lists as written (file -> entry), each to be reused only if its SHA-256 still
     checks out. A damaged manifest, or damaged entries in it, list nothing: one warning line, and those shards are
@@ -149,10 +179,12 @@ def build_teacher_cache(
     top_k: int = TEACHER_TOP_K,
     shard_windows: int = 64,
     batch_size: int = 1,
-    teacher_fingerprint: str | None = None,
     progress: bool = True,
+    stream_layer: int | None = None,
 ) -> TopKTeacherCache:
-    """Run `teacher` over `input_ids` `[windows, seq_len]` once and store the top-`top_k` log-probabilities.
+    """Run `teacher` over `input_ids` `[windows, seq_len]` once and store the top-`top_k` log-probabilities, and with
+    `stream_layer` the residual stream entering that decoder layer (`stream`, in the teacher's compute dtype): the
+    student's own stream at its first patch, where every training step then starts.
 
     `teacher` may be a [`layerwise_model`] (a teacher larger than the device): each shard's windows then go through
     the decoder layers one layer at a time, and the final norm, the LM head and the top-K run `batch_size` windows
@@ -166,9 +198,13 @@ def build_teacher_cache(
     vocab_size = teacher.config.vocab_size
     if not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k={top_k} must be in 1..{vocab_size} (the vocabulary size).")
-    teacher_fingerprint = teacher_fingerprint or model_fingerprint(teacher)
+    layerwise = getattr(teacher, "layerwise", None)
+    if layerwise is not None:  # its weights are in the shards: their bytes are its identity
+        teacher_fingerprint = checkpoint_fingerprint(layerwise.checkpoint.folder, layerwise.dtype)
+    else:
+        teacher_fingerprint = model_fingerprint(teacher)
     value_dtype = VALUE_DTYPE
-    key = cache_key(teacher_fingerprint, input_ids, top_k, value_dtype)
+    key = cache_key(teacher_fingerprint, input_ids, top_k, value_dtype, stream_layer)
     path = Path(cache_root) / key
     path.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(path)  # half-written shards of a killed build
@@ -195,6 +231,16 @@ def build_teacher_cache(
         shards=[],
         complete=False,
     )
+    if stream_layer is not None:
+        stream_dtype = next(parameter.dtype for parameter in teacher.parameters() if parameter.is_floating_point())
+        per_token = teacher.config.hidden_size * stream_dtype.itemsize
+        manifest.update(stream_layer=stream_layer, stream_bytes_per_token=per_token)
+        if not done:
+            size = per_token * input_ids.numel() / 1e9
+            print(
+                f"teacher cache: also the stream entering layer {stream_layer}, {size:.2f} GB ({num_windows} windows "
+                f"x {seq_len} tokens x {per_token} bytes), written to {path}"
+            )
     bar = tqdm(total=num_windows, desc="teacher top-k cache", unit="window", disable=not progress)
     for number, (start, end) in enumerate(plan):
         name = f"shard-{number:05d}.safetensors"
@@ -207,7 +253,11 @@ def build_teacher_cache(
                 continue
             rebuilding("the teacher cache's shard", file, "missing, or its SHA-256 is not the manifest's")
         values, indices = [], []
-        with torch.no_grad(), logits_source(teacher, input_ids[start:end]) as logits_of:
+        with (
+            torch.no_grad(),
+            stream_recording(teacher, stream_layer) as streams,
+            logits_source(teacher, input_ids[start:end]) as logits_of,
+        ):
             for first in range(start, end, batch_size):
                 batch = slice(first - start, min(first + batch_size, end) - start)
                 log_probs = torch.log_softmax(logits_of(batch).float(), dim=-1)
@@ -220,6 +270,8 @@ def build_teacher_cache(
             "values": torch.cat(values).contiguous(),
             "indices": torch.cat(indices).contiguous(),
         }
+        if stream_layer is not None:
+            tensors["stream"] = torch.cat(streams).contiguous()
         save_tensors_atomically(tensors, file)
         manifest["shards"].append(dict(file=name, windows=end - start, sha256=sha256_file(file)))
         _write_manifest(manifest_path, manifest)  # after each shard: an interrupted build resumes from here
@@ -252,6 +304,7 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: TopKTeacherCache):
         self.cache = cache
+        self.with_stream = cache.manifest.get("stream_layer") is not None
         self.locations = []
         for shard_index, shard in enumerate(cache.manifest["shards"]):
             self.locations.extend((shard_index, row) for row in range(shard["windows"]))
@@ -263,11 +316,14 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         shard_index, row = self.locations[index]
         with safe_open(str(self._files[shard_index]), framework="pt") as shard:
-            return {
+            example = {
                 "input_ids": shard.get_slice("input_ids")[row].to(torch.long),
                 "teacher_values": shard.get_slice("values")[row].float(),
                 "teacher_indices": shard.get_slice("indices")[row].to(torch.long),
             }
+            if self.with_stream:
+                example["stream"] = shard.get_slice("stream")[row]
+            return example
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -286,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", help="write the cache folder's path to this file")
     parser.add_argument("--sequential", choices=["auto", "yes", "no"], default="auto", help="layer by layer")
     parser.add_argument("--max-memory", help="memory the teacher may use on the device, e.g. 200MB")
+    parser.add_argument("--stream-layer", type=int, help="also store the stream entering this decoder layer")
     args = parser.parse_args(argv)
     from ..layerwise import choose_sequential, layerwise_model
     from ..models import load_model, resolve_device, resolve_model
@@ -302,12 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         if sequential:
             teacher = stack.enter_context(layerwise_model(folder, dtype, device, max_memory=args.max_memory))
-            fingerprint = checkpoint_fingerprint(folder, dtype)
         else:
             # `distill_checkpoint` checked the teacher (`kind="dense"`) in the parent, where `register_family` may
             # have added its family; this process only runs it.
             teacher, _ = load_model(args.teacher, dtype=args.dtype, device=device, kind="teacher")
-            fingerprint = None
         cache = build_teacher_cache(
             teacher,
             input_ids,
@@ -315,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
             args.top_k,
             args.shard_windows,
             args.batch_size,
-            teacher_fingerprint=fingerprint,
+            stream_layer=args.stream_layer,
         )
     print(
         f"teacher cache: {cache.path} ({cache.num_windows} windows, {cache.bytes_per_token} bytes/token; "

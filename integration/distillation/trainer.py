@@ -8,6 +8,7 @@ Multi-GPU: the same script runs under `accelerate launch` or `torchrun` (Trainer
 `accelerate launch -m linearpatch.cli distill CKPT --teacher MODEL --output OUT`.
 """
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -88,18 +89,45 @@ def collate_teacher_batch(examples: list[dict[str, torch.Tensor]]) -> dict[str, 
     return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
 
 
+@contextlib.contextmanager
+def starting_at(model, layer: int):
+    """While inside, `model`'s decoder layers before `layer` leave the stream as it is: a forward on
+    `inputs_embeds` = the stream entering `layer` is then the model's from there on."""
+    from ..measurement.capture import pass_through
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    skipped = list(base.model.layers[:layer])
+    own = [layer_module.__dict__.get("forward") for layer_module in skipped]
+    for layer_module in skipped:
+        layer_module.forward = pass_through
+    try:
+        yield
+    finally:
+        for layer_module, forward in zip(skipped, own, strict=True):
+            if forward is None:
+                del layer_module.forward
+            else:
+                layer_module.forward = forward
+
+
 class TopKDistillationTrainer(Trainer):
     """A `Trainer` whose loss is [`top_k_kl_loss`] against the cached teacher (columns `teacher_values`,
     `teacher_indices`); logits predict the next token, aligned with the teacher's per-position distributions."""
 
-    def __init__(self, *args, temperature: float = 1.0, **kwargs):
+    def __init__(self, *args, temperature: float = 1.0, start_layer: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature = temperature
+        self.start_layer = start_layer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher_values = inputs.pop("teacher_values")
         teacher_indices = inputs.pop("teacher_indices")
-        outputs = model(input_ids=inputs["input_ids"], use_cache=False)
+        stream = inputs.pop("stream", None)
+        if stream is None:
+            outputs = model(input_ids=inputs["input_ids"], use_cache=False)
+        else:  # the cached stream entering the first patch: the layers before it are not run
+            with starting_at(model, self.start_layer):
+                outputs = model(inputs_embeds=stream.to(teacher_values.device), use_cache=False)
         loss = top_k_kl_loss(outputs.logits, teacher_values, teacher_indices, self.temperature)
         return (loss, outputs) if return_outputs else loss
 
@@ -179,6 +207,7 @@ def distill(
         data_collator=collate_teacher_batch,
         temperature=temperature,
         callbacks=callbacks,
+        start_layer=cache.manifest.get("stream_layer"),
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return (model, trainer.state.log_history) if return_history else model

@@ -86,7 +86,7 @@ def recording(sites: dict, outputs: bool = False, to_cpu: bool = True):
             handle.remove()
 
 
-def _pass_through(hidden_states, *args, **kwargs):
+def pass_through(hidden_states, *args, **kwargs):
     """A decoder layer's forward that leaves the residual stream as it is (the layers a tail pass skips)."""
     return hidden_states
 
@@ -119,7 +119,7 @@ def logits_source(model, input_ids: torch.Tensor, hidden: torch.Tensor | None = 
         inputs, skipped = dict(inputs_embeds=hidden.to(layerwise.device, copy=True)), list(base.layers[:first_layer])
     own_forwards = [layer.forward for layer in skipped]
     for layer in skipped:
-        layer.forward = _pass_through
+        layer.forward = pass_through
     layerwise.in_place = True  # nothing needs a layer's input once its output is written
     try:
         hidden = capture_input(base, base.norm, **inputs, use_cache=False)
@@ -147,4 +147,13 @@ def logits_source(model, input_ids: torch.Tensor, hidden: torch.Tensor | None = 
         layerwise.release(head)
 
 
-__all__ = ["StopForward", "capture_input", "logits_source", "raise_stop", "recording", "run_until", "stop_before"]
+__all__ = [
+    "StopForward",
+    "capture_input",
+    "logits_source",
+    "pass_through",
+    "raise_stop",
+    "recording",
+    "run_until",
+    "stop_before",
+]
