@@ -5,17 +5,20 @@ one layer at a time. [`streamed_student`] builds the checkpoint's own causal LM 
 [`layerwise_model`] does) and keeps resident only what is small or always needed: the patches (trainable, fp32),
 the final norm and the LM head. Each decoder layer then runs as:
 
-- forward, before the first trainable site: loaded, run without gradients, freed;
+- forward, before the first trainable site: loaded, run without gradients, freed (or not run at all: with the
+  teacher cache's stream, each step starts at the first patch);
 - forward, from the first patch on: loaded, run, freed, under activation checkpointing (`use_reentrant=False`), so
   that only the layer's input is kept (windows x seq_len x C);
 - backward, in reverse order: the checkpoint runs the layer again, which loads it again, and the gradient goes
   through it to the patch and to the layer before. The weights the backward needs are the ones the recomputation
   loaded; they are freed when that layer's backward is done.
 
-So the student's peak memory is about one layer, the head and the kept inputs, whatever its depth, and the
-loss, the gradients and every step equal the in-memory student's (tested to 1e-5). The Trainer still drives the
-optimizer, the schedule, the checkpoints and the PEFT adapter; the model is not moved to the device by it
-(`place_model_on_device=False`): it loads each layer there itself.
+While one layer computes, the next one it needs (the following one forward, the previous one backward) is read in a
+background thread. So the student's peak memory is about two layers, the head and the kept inputs, whatever its
+depth, and the loss, the gradients and every step equal the in-memory student's (tested to 1e-5). The Trainer still
+drives the optimizer, the schedule, the checkpoints and the PEFT adapter; neither it nor accelerate moves the model
+to the device (`place_model_on_device=False`, and an `hf_device_map` that says where the weights are): it loads
+each layer there itself.
 """
 
 import contextlib
