@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import linearpatch.integration.data as data
 from linearpatch.integration.data import load_texts, token_windows
@@ -95,7 +96,7 @@ def test_the_token_stream_is_cached_by_text_and_tokenizer(smollm2_tokenizer, tmp
     source.write_text("\n\n".join(texts))
     entry.write_bytes(b"not safetensors")
     assert torch.equal(token_windows(str(source), smollm2_tokenizer, 4, 16, seed=3).input_ids, cold.input_ids)
-    assert data.load_file(str(entry))["input_ids"].tolist() == stream
+    assert load_file(str(entry))["input_ids"].tolist() == stream
     monkeypatch.setenv("LINEARPATCH_CACHE", "/proc/linearpatch-cache")
     assert torch.equal(token_windows(str(source), smollm2_tokenizer, 4, 16, seed=3).input_ids, cold.input_ids)
 
