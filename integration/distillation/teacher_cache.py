@@ -236,10 +236,12 @@ def build_teacher_cache(
         per_token = teacher.config.hidden_size * stream_dtype.itemsize
         manifest.update(stream_layer=stream_layer, stream_bytes_per_token=per_token)
         if not done:
-            size = per_token * input_ids.numel() / 1e9
+            from ..shards import format_size
+
+            size = format_size(per_token * input_ids.numel())
             print(
-                f"teacher cache: also the stream entering layer {stream_layer}, {size:.2f} GB ({num_windows} windows "
-                f"x {seq_len} tokens x {per_token} bytes), written to {path}"
+                f"teacher cache: also the stream entering layer {stream_layer}, {size} ({num_windows} windows x "
+                f"{seq_len} tokens x {per_token} bytes), written to {path}"
             )
     bar = tqdm(total=num_windows, desc="teacher top-k cache", unit="window", disable=not progress)
     for number, (start, end) in enumerate(plan):
