@@ -7,6 +7,7 @@ every rank writes the cache windows it read to OUT/read-RANK.json.
 """
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from linearpatch.integration.distillation import teacher_cache, trainer
+from linearpatch.integration.distillation.streamed import streamed_student
 from linearpatch.modeling import LinearPatchForCausalLM
 
 
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--streamed", action="store_true", help="the student's layers read from its shards")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", 0))
     output = Path(args.output)
@@ -38,18 +41,23 @@ def main() -> None:
         return original(self, index)
 
     teacher_cache.TeacherCacheDataset.__getitem__ = logged
-    student = LinearPatchForCausalLM.from_pretrained(args.student)
     cache = teacher_cache.TopKTeacherCache.open(args.cache)
-    model = trainer.distill(
-        student,
-        cache,
-        output / "work",
-        per_device_train_batch_size=args.per_device_batch,
-        max_steps=args.steps,
-        learning_rate=1e-2,  # large enough that the patches move measurably in three steps
-        lr_scheduler_type="constant",
-        disable_tqdm=True,
-    )
+    with contextlib.ExitStack() as stack:
+        if args.streamed:
+            student = stack.enter_context(streamed_student(args.student, torch.float32, "cpu"))
+        else:
+            student = LinearPatchForCausalLM.from_pretrained(args.student)
+        model = trainer.distill(
+            student,
+            cache,
+            output / "work",
+            place_model_on_device=not args.streamed,
+            per_device_train_batch_size=args.per_device_batch,
+            max_steps=args.steps,
+            learning_rate=1e-2,  # large enough that the patches move measurably in three steps
+            lr_scheduler_type="constant",
+            disable_tqdm=True,
+        )
     from accelerate import PartialState
 
     state = PartialState()

@@ -39,15 +39,18 @@ def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProc
 
 
 @pytest.mark.skipif(shutil.which(str(ACCELERATE)) is None, reason="accelerate's launcher is not installed")
-def test_distributed_two_processes_match_one(tmp_path, student_and_cache):
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_distributed_two_processes_match_one(tmp_path, student_and_cache, streamed):
+    """With `streamed` (issue #44), each rank reads its student's layers from the shards, forward and backward."""
     student, cache = student_and_cache
     cpu = {"ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
-    arguments = [str(student), str(cache)]
+    arguments = [str(student), str(cache), *(["--streamed"] if streamed else [])]
     run([sys.executable, str(SCRIPT), *arguments, str(tmp_path / "one"), "--per-device-batch", "4"], env=cpu)
     # torchrun's launcher (`--multi_gpu`) with ACCELERATE_USE_CPU: two processes on the CPU with gloo. (`--cpu`
     # alone would start a single process.)
     launch = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    port = "29534" if streamed else "29533"
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
     run([*launch, str(SCRIPT), *arguments, str(tmp_path / "two"), "--per-device-batch", "2"], env=cpu)
 
     one, two = load_file(tmp_path / "one" / "patches.safetensors"), load_file(tmp_path / "two" / "patches.safetensors")

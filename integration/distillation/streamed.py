@@ -22,6 +22,7 @@ each layer there itself.
 """
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,6 +167,10 @@ def streamed_student(
         # Where the weights are, as big-model inference says it: accelerate's `prepare` then leaves the model where it
         # is instead of moving its empty layers to the device.
         model.hf_device_map = {"model.layers": "disk", "": str(layerwise.device)}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Data parallel, each rank with its own streamed student: accelerate refuses a model with a device map
+            # in distributed mode unless told (its own switch) that the map is the model's business, as here.
+            os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
         try:
             yield model
         finally:

@@ -195,6 +195,10 @@ def distill(
     from peft import PeftModel
 
     model = student if isinstance(student, PeftModel) else get_patch_peft_model(student)
+    if any(parameter.device.type == "meta" for parameter in model.parameters()):
+        # A streamed student's frozen weights are read from the same shards on every rank: data parallelism syncs
+        # and reduces only what trains (DDP reads this list; empty weights cannot be broadcast).
+        model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
     if cache.manifest["vocab_size"] != model.config.vocab_size:
         raise CheckpointMismatchError(
             f"The teacher cache has vocabulary {cache.manifest['vocab_size']} but the student has "
