@@ -27,7 +27,9 @@ def student_and_cache(tmp_path_factory):
     student = prune_layers(dense, [2, 3], patches=[random_patch(64, seed=1, scale=0.05)])
     student.save_pretrained(root / "student")
     windows = torch.randint(0, 256, (12, 16), generator=torch.Generator().manual_seed(4))
-    cache = build_teacher_cache(dense, windows, root / "cache", top_k=16, shard_windows=4, progress=False)
+    # With the stream entering the patch's layer, as `distill` builds it: every step starts there, on every rank.
+    options = dict(top_k=16, shard_windows=4, progress=False, stream_layer=2)
+    cache = build_teacher_cache(dense, windows, root / "cache", **options)
     return root / "student", cache.path
 
 

@@ -126,7 +126,7 @@ class TopKDistillationTrainer(Trainer):
         if stream is None:
             outputs = model(input_ids=inputs["input_ids"], use_cache=False)
         else:  # the cached stream entering the first patch: the layers before it are not run
-            with starting_at(model, self.start_layer):
+            with starting_at(self.accelerator.unwrap_model(model), self.start_layer):
                 outputs = model(inputs_embeds=stream.to(teacher_values.device), use_cache=False)
         loss = top_k_kl_loss(outputs.logits, teacher_values, teacher_indices, self.temperature)
         return (loss, outputs) if return_outputs else loss
@@ -183,7 +183,8 @@ def distill(
 
     Args:
         student: the pruned model; it is wrapped by [`get_patch_peft_model`] unless it already is a PEFT model.
-        cache (`TopKTeacherCache`): from [`build_teacher_cache`].
+        cache (`TopKTeacherCache`): from [`build_teacher_cache`]; one that holds the stream entering the first
+            patch (`stream_layer`) starts every step there.
         output_dir: Trainer output (checkpoints).
         temperature (`float`, *optional*, defaults to 1.0).
         resume_from_checkpoint (`str` or `bool`, *optional*): passed to `Trainer.train`.
