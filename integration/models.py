@@ -25,7 +25,7 @@ from .resolution import (
     portable_model_id,
     resolve_model,
 )
-from .shards import compute_dtype, refuse_non_finite
+from .shards import compute_dtype, refuse_non_finite, write_sharded_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +249,35 @@ def cast_for_storage(model, dtype: torch.dtype):
     return model
 
 
+def generation_config_of(folder: str | Path):
+    """The generation config a model folder holds (`GenerationConfig`), or `None` when it holds none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return None
+
+
+def write_streamed_model(
+    folder: Path, config, plan: list, generation_config=None, max_shard_size: int = 5 * 1024**3, progress: bool = True
+) -> list[str]:
+    """What `save_pretrained` writes, for a model whose tensors are streamed (`plan`: `(name, PendingTensor)` pairs)
+    instead of held: the remote-code files and their `auto_map` (for a LinearPatch config), the config, the
+    generation config when given, then the weights in shards of `max_shard_size`. Returns the weight files."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from linearpatch.modeling import family_of
+
+    with torch.device("meta"):
+        skeleton = family_of(config).causal_lm_class(config)
+    custom_object_save(skeleton, folder, config=config)
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    return write_sharded_safetensors(folder, plan, max_shard_size=max_shard_size, progress=progress)
+
+
 def write_checkpoint_files(
     folder: Path, model, tokenizer=None, files: dict[str, str] | None = None, dtype: torch.dtype | None = None
 ) -> None:
@@ -278,6 +307,7 @@ __all__ = [
     "check_same_base",
     "check_same_vocabulary",
     "embedded_name_for",
+    "generation_config_of",
     "load_config",
     "load_model",
     "load_patch_adapter",
@@ -289,4 +319,5 @@ __all__ = [
     "save_checkpoint",
     "save_patch_adapter",
     "write_checkpoint_files",
+    "write_streamed_model",
 ]

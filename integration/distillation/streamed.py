@@ -22,6 +22,7 @@ each layer there itself.
 """
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..layerwise import LayerwiseModel, layerwise_model
-from ..shards import PendingTensor, SafetensorsCheckpoint, write_sharded_safetensors
+from ..shards import PendingTensor, SafetensorsCheckpoint
 
 # Modules that stay resident: the patches (trained), and what every step's loss reads.
 RESIDENT = ("model.norm", "lm_head")
@@ -65,40 +66,23 @@ def _release_frozen(module: torch.nn.Module) -> None:
 
 
 class _Reader:
-    """The frozen weights of the next layer a step needs, read in a background thread while this one computes (the
-    reads release the GIL): the next layer in the forward, the previous one in the backward. Off when two layers do
-    not fit `--max-memory` (`LayerwiseModel.read_ahead`)."""
+    """The frozen weights of the layer a step needs, with the next one it will need read ahead by the layerwise
+    model's reader (`LayerwiseModel.prefetch`): the next layer in the forward, the previous one in the backward,
+    which stops at the first trained layer. Off when two layers do not fit `--max-memory` (`read_ahead`)."""
 
     def __init__(self, layerwise: LayerwiseModel, count: int):
         self.layerwise, self.count = layerwise, count
-        self.pending: tuple[int, object] | None = None
-        self.executor = None
+        self.read = functools.partial(_frozen_state, layerwise)
         self.first_trained = 0  # the first layer the backward runs again (set by the forward)
         self.trains_before = False  # whether the layer that ran last was trained through
 
     def state(self, index: int, backward: bool) -> dict[str, torch.Tensor]:
-        state = None
-        if self.pending is not None:
-            wanted, future = self.pending
-            self.pending = None
-            state = future.result() if wanted == index else None
-        if state is None:
-            state = _frozen_state(self.layerwise, f"model.layers.{index}")
+        state = self.layerwise.take(f"model.layers.{index}", self.read)
         following = index - 1 if backward else index + 1
-        lowest = self.first_trained if backward else 0  # the backward stops at the first trained layer
+        lowest = self.first_trained if backward else 0
         if self.layerwise.read_ahead and lowest <= following < self.count:
-            if self.executor is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self.executor = ThreadPoolExecutor(1, thread_name_prefix="linearpatch-student-prefetch")
-            name = f"model.layers.{following}"
-            self.pending = (following, self.executor.submit(_frozen_state, self.layerwise, name))
+            self.layerwise.prefetch(f"model.layers.{following}", self.read)
         return state
-
-    def close(self) -> None:
-        self.pending = None
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
 
 
 def _streamed_forward(reader: _Reader, layer: torch.nn.Module, index: int):
@@ -171,10 +155,7 @@ def streamed_student(
             # Data parallel, each rank with its own streamed student: accelerate refuses a model with a device map
             # in distributed mode unless told (its own switch) that the map is the model's business, as here.
             os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
-        try:
-            yield model
-        finally:
-            reader.close()
+        yield model
 
 
 def write_streamed_checkpoint(
@@ -183,8 +164,7 @@ def write_streamed_checkpoint(
     """Write the distilled checkpoint into the (staging) `folder` without holding it: every tensor streamed from the
     student's shards in `storage`, the trained patches (from `merged`, the student after `merge_and_unload`) in their
     place, then the config, the remote-code files and the generation config."""
-    from transformers import GenerationConfig
-    from transformers.dynamic_module_utils import custom_object_save
+    from ..models import generation_config_of, write_streamed_model
 
     config = merged.config
     keep_fp32 = getattr(config, "keep_patch_in_fp32", True)
@@ -201,13 +181,7 @@ def write_streamed_checkpoint(
         else:
             plan.append((key, source.pending(key, storage)))
     config.dtype = storage
-    custom_object_save(merged, folder, config=config)
-    config.save_pretrained(folder)
-    try:
-        GenerationConfig.from_pretrained(source.folder).save_pretrained(folder)
-    except OSError:
-        pass
-    return write_sharded_safetensors(folder, plan, max_shard_size=max_shard_size, progress=progress)
+    return write_streamed_model(folder, config, plan, generation_config_of(source.folder), max_shard_size, progress)
 
 
 __all__ = ["streamed_student", "write_streamed_checkpoint"]

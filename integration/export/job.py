@@ -272,19 +272,16 @@ class SequentialExport:
         return {}
 
     def write(self, staging: Path, tokenizer, records: dict[str, str]) -> None:
-        from transformers import GenerationConfig
-
-        from ..models import write_checkpoint_files
+        from ..models import generation_config_of, write_checkpoint_files
         from ..shards import write_sharded_safetensors
 
         max_shard_size = parse_size(self.request.max_shard_size)
         progress = self.request.progress
         write_sharded_safetensors(staging, self.pending, max_shard_size=max_shard_size, progress=progress)
         self.stock.save_pretrained(staging)
-        try:
-            GenerationConfig.from_pretrained(self.checkpoint.folder).save_pretrained(staging)
-        except OSError:
-            pass
+        generation_config = generation_config_of(self.checkpoint.folder)
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
         write_checkpoint_files(staging, None, tokenizer, records)
 
 

@@ -275,22 +275,16 @@ class SequentialPrune:
         return {}
 
     def write(self, staging: Path, report: PruneReport, plot_windows: TokenWindows | None) -> None:
-        from transformers import GenerationConfig
-
-        from ..models import load_tokenizer, write_checkpoint_files
+        from ..models import generation_config_of, load_tokenizer, write_checkpoint_files
         from .streaming import write_pruned_checkpoint
 
-        try:
-            generation_config = GenerationConfig.from_pretrained(self.checkpoint.folder)
-        except OSError:
-            generation_config = None
         write_pruned_checkpoint(
             staging,
             self.checkpoint,
             self.pruned_config,
             self.plan.patches or [],
             dtype=self.storage,
-            generation_config=generation_config,
+            generation_config=generation_config_of(self.checkpoint.folder),
             max_shard_size=parse_size(self.request.max_shard_size),
             progress=self.request.progress,
         )

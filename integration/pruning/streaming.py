@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
-from transformers.dynamic_module_utils import custom_object_save
 
 from linearpatch.common.errors import CheckpointMismatchError
 from linearpatch.modeling import family_of, patch_state_dict, prune_state_dict
 
-from ..shards import PendingTensor, SafetensorsCheckpoint, write_sharded_safetensors
+from ..models import write_streamed_model
+from ..shards import PendingTensor, SafetensorsCheckpoint
 
 logger = logging.getLogger("linearpatch")
 
@@ -87,17 +87,9 @@ def write_pruned_checkpoint(
     Returns:
         `list[str]`: the weight files written.
     """
-    folder = Path(folder)
     plan = pruned_weight_plan(checkpoint, config, patches, config.original_num_hidden_layers, dtype)
     config.dtype = dtype
-    with torch.device("meta"):
-        skeleton = family_of(config).causal_lm_class(config)
-    # What save_pretrained does besides the weights: the remote-code files (and their auto_map), then the configs.
-    custom_object_save(skeleton, folder, config=config)
-    config.save_pretrained(folder)
-    if generation_config is not None:
-        generation_config.save_pretrained(folder)
-    return write_sharded_safetensors(folder, plan, max_shard_size=max_shard_size, progress=progress)
+    return write_streamed_model(Path(folder), config, plan, generation_config, max_shard_size, progress)
 
 
 __all__ = ["pruned_weight_plan", "write_pruned_checkpoint"]
