@@ -180,14 +180,7 @@ class LayerwiseModel:
     def load(self, name: str) -> torch.nn.Module:
         """Load the weights of the module `name` (e.g. `model.norm`, `lm_head`) onto the device; return it."""
         module = self.model.get_submodule(name)
-        state = None
-        if self._prefetched is not None:
-            # Taken if it is the module asked for; else (a pass that stopped early) dropped, once its read ends.
-            prefetched, future = self._prefetched
-            self._prefetched = None
-            state = future.result() if prefetched == name else None
-        if state is None:
-            state = self._read_state(name)
+        state = self.take(name)
         expected = {key for key, _ in module.named_parameters()}
         if set(state) != expected:
             from linearpatch.common.errors import CheckpointMismatchError
@@ -212,15 +205,28 @@ class LayerwiseModel:
             state = {"weight": self.checkpoint.read("model.embed_tokens.weight", self.dtype, self.device)}
         return state
 
-    def prefetch(self, name: str) -> None:
-        """Start reading the weights of module `name` in a background thread, for the next [`load`] of it: the file
-        reads (which release the GIL) overlap with the current layer's compute, at the cost of one more layer in
-        memory."""
+    def take(self, name: str, read=None) -> dict[str, torch.Tensor]:
+        """The weights of module `name` as `read(name)` (default: [`_read_state`]) gives them: the ones [`prefetch`]
+        read ahead with the same `read` if it was this module, else read now. A read ahead of another module (a pass
+        that stopped early) is dropped, once it ends."""
+        read = read or self._read_state
+        if self._prefetched is not None:
+            prefetched, future = self._prefetched
+            self._prefetched = None
+            if prefetched == (name, read):
+                return future.result()
+        return read(name)
+
+    def prefetch(self, name: str, read=None) -> None:
+        """Start `read(name)` (default: [`_read_state`], the weights of module `name`) in a background thread, for
+        the next [`take`] of it: the file reads (which release the GIL) overlap with the current layer's compute, at
+        the cost of one more layer in memory."""
+        read = read or self._read_state
         if self._reader is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="linearpatch-prefetch")
-        self._prefetched = (name, self._reader.submit(self._read_state, name))
+        self._prefetched = ((name, read), self._reader.submit(read, name))
 
     def release(self, module: torch.nn.Module) -> None:
         _release(module)
