@@ -34,7 +34,10 @@ FOLD_OBJECTIVES = ("down-proj", *DENSE_OBJECTIVES)
 # objective fitted and the best on held-out windows kept), or `scalar` (Prune&Comp).
 FOLDS = ("auto", *FOLD_OBJECTIVES, "scalar")
 # The GGUF files `export --gguf` writes (`export/gguf.py`): the converter's float types, then llama-quantize's.
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "iq3_m", "iq2_m")
+# The converter's float types in order of precision: it writes the most precise one asked for (f16 when none is), and
+# llama-quantize makes every other file from it.
+GGUF_FLOAT_TYPES = ("f32", "f16", "bf16")
+GGUF_TYPES = (*GGUF_FLOAT_TYPES, "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_xs", "iq3_m", "iq2_m")
 # The types of 4 bits and below, quantized with an importance matrix by default; the i-quants are made only with one.
 GGUF_LOW_BIT = ("q4_k_m", "iq4_xs", "iq3_m", "iq2_m")
 GGUF_NEEDS_IMATRIX = ("iq4_xs", "iq3_m", "iq2_m")
@@ -68,7 +71,7 @@ def gguf_types(types, imatrix: bool | None = None) -> tuple[str, ...]:
 def uses_imatrix(gguf_type: str, imatrix: bool | None) -> bool:
     """Whether the file of `gguf_type` is quantized with the importance matrix (`imatrix`: `--imatrix`,
     `--no-imatrix` or `None`, the default: the types of 4 bits and below). Float files never are."""
-    if gguf_type in ("f32", "f16", "bf16") or imatrix is False:
+    if gguf_type in GGUF_FLOAT_TYPES or imatrix is False:
         return False
     return imatrix is True or gguf_type in GGUF_LOW_BIT
 
@@ -95,6 +98,7 @@ __all__ = [
     "FOLD_OBJECTIVES",
     "METRICS",
     "METRIC_SCORES",
+    "GGUF_FLOAT_TYPES",
     "GGUF_HELP",
     "GGUF_LOW_BIT",
     "GGUF_NEEDS_IMATRIX",

@@ -27,7 +27,7 @@ from linearpatch.common.errors import LinearPatchError, first_line
 from linearpatch.modeling import FAMILIES, family_of
 from linearpatch.modeling.families import LlamaCppLayout
 
-from ..choices import GGUF_NEEDS_IMATRIX, uses_imatrix
+from ..choices import GGUF_FLOAT_TYPES, GGUF_NEEDS_IMATRIX, uses_imatrix
 from ..data import TokenWindows, load_texts
 from ..defaults import Sizes
 from ..llama_cpp import converter_command, gguf_perplexity, llama_tool, read_gguf, run_tool
@@ -35,9 +35,7 @@ from ..measurement.perplexity import half_window_perplexity
 
 logger = logging.getLogger("linearpatch")
 
-# The float types in order of precision: the converter writes the most precise one asked for (f16 when none is), and
-# llama-quantize makes every other file from it.
-FLOAT_TYPES = ("f32", "f16", "bf16")
+FLOAT_TYPES = GGUF_FLOAT_TYPES  # the converter's, most precise first (`choices.py`)
 
 
 def converted_families() -> tuple[str, ...]:
